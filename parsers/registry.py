@@ -13,10 +13,10 @@ import os
 from types import ModuleType
 from typing import Any
 
-from parsers import lime, raw
+from parsers import elf, lime, raw
 from parsers.base import ImageError, MemoryImage
 
-PARSERS: list[ModuleType] = [lime, raw]
+PARSERS: list[ModuleType] = [elf, lime, raw]
 
 HEAD_BYTES = 4096  # enough for every magic we know
 
