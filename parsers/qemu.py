@@ -1,0 +1,772 @@
+"""QEMU migration streams (``QEVM`` version 3), as written by ``migrate`` to a file, by
+``virsh dump`` without ``--memory-only``, inside libvirt save files and inside qcow2 internal
+snapshots (FORMATS.md section 2).
+
+The walker reads only record headers. Guest pages are never copied: for a file we mmap, each
+``PAGE`` record's payload becomes one extent of a single fixed segment (zero copy); for a
+decompressed stream, the walker runs over bounded windows and each window is a reused segment
+whose extents point at the page payloads inside it. Page offsets inside RAMBlocks are turned
+into guest-physical addresses by :mod:`parsers.qemu_gpa`; blocks without a GPA go to a named
+address space ``block:<name>``.
+
+Handled: the file header, CONFIGURATION (machine type) with its subsections (target page bits,
+capabilities, uuid), START/PART/END/FULL sections, footers, commands, the ``ram`` section's
+records (MEM_SIZE block list, ZERO/fill, PAGE, CONTINUE, EOS, HOOK, MULTIFD_FLUSH, zlib
+COMPRESS_PAGE), the mapped-ram layout (QEMU >= 9.0, libvirt ``sparse``) and the trailing VM
+description JSON. XBZRLE pages and unknown iterative sections stop the walk with a clear error
+naming the offset; what came before is still scanned.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from array import array
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from parsers import qemu_gpa
+from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Segment
+
+FORMATS = ["qemu-migration"]
+
+MAGIC = b"QEVM\x00\x00\x00\x03"  # be32 "QEVM" + be32 QEMU_VM_FILE_VERSION 3
+
+# Top-level "section type" bytes (migration/savevm.c QEMU_VM_*).
+SEC_EOF = 0x00
+SEC_START = 0x01  # be32 section_id, u8 len, idstr, be32 instance_id, be32 version_id, payload
+SEC_PART = 0x02  # be32 section_id, payload
+SEC_END = 0x03  # be32 section_id, payload
+SEC_FULL = 0x04  # header as START, then the device's vmstate
+SEC_SUBSECTION = 0x05  # u8 len, name, be32 version_id, fields
+SEC_VMDESC = 0x06  # be32 json_len, JSON
+SEC_CONFIG = 0x07  # be32 len, machine type name, subsections
+SEC_COMMAND = 0x08  # be16 cmd, be16 len, len bytes
+SEC_FOOTER = 0x7E  # be32 section_id
+
+SECTION_ID = struct.Struct(">I")  # be32 section_id (PART/END/FOOTER)
+START_TAIL = struct.Struct(">II")  # be32 instance_id, be32 version_id (after idstr)
+COMMAND = struct.Struct(">HH")  # be16 command id, be16 payload length
+BE64 = struct.Struct(">Q")  # ram record word: page offset | flags; also lengths
+BE32 = struct.Struct(">I")
+MAPPED_RAM_HDR = struct.Struct(
+    ">I"  # version, 1
+    "Q"  # page_size (bytes)
+    "Q"  # bitmap_offset: absolute file offset of the block's page bitmap
+    "Q"  # pages_offset: absolute file offset of page 0 of the block
+)
+CMD_PACKAGED = 7  # payload is be32 N; the next N bytes are nested sections
+
+# ram record flags (migration/ram.c RAM_SAVE_FLAG_*), in the low bits of the record word.
+F_FULL = 0x001  # obsolete since 2009
+F_ZERO = 0x002  # u8 fill byte: the page is that byte repeated
+F_MEM_SIZE = 0x004  # RAMBlock list follows; the address bits carry the total size
+F_PAGE = 0x008  # one raw page follows
+F_EOS = 0x010  # end of this section's records
+F_CONTINUE = 0x020  # same block as the previous page record: no block name follows
+F_XBZRLE = 0x040  # delta against the previous copy of the page
+F_HOOK = 0x080  # RDMA registration hook, no payload
+F_COMPRESS_PAGE = 0x100  # be32 len + one zlib-compressed page
+F_MULTIFD_FLUSH = 0x200  # multifd sync marker, no payload
+PAGE_KINDS = F_ZERO | F_PAGE | F_XBZRLE | F_COMPRESS_PAGE
+KNOWN_FLAGS = PAGE_KINDS | F_MEM_SIZE | F_EOS | F_CONTINUE | F_HOOK | F_MULTIFD_FLUSH
+
+RAM_SECTION_VERSION = 4
+DEFAULT_PAGE_SIZE = 4096
+MAX_BLOCKS = 4096  # far more RAMBlocks than any machine has
+VMDESC_SEARCH = 16 << 20  # bytes after the RAM searched for the VM description JSON
+WINDOW = 16 << 20  # decompressed bytes walked per window
+INFLATE_BATCH = 4096  # compressed pages inflated per segment
+PEEK = 1 << 20  # decompressed prefix read at open time for the metadata
+
+
+@dataclass
+class _Block:
+    name: str
+    size: int  # used_length, bytes
+    space: int = GPA_SPACE
+    starts: np.ndarray | None = None  # GPA pieces: block offsets, lengths, GPAs
+    lengths: np.ndarray | None = None
+    gpas: np.ndarray | None = None
+    mapped: tuple[int, int] | None = None  # mapped-ram (bitmap_offset, pages_offset)
+
+
+class _Incomplete(Exception):
+    """The buffer ends inside the item being parsed (more bytes are needed)."""
+
+
+@dataclass
+class Walker:
+    """State machine over a QEVM stream, fed buffer by buffer.
+
+    Positions passed to :meth:`walk` are buffer offsets; ``base`` is the stream offset of
+    buffer byte 0 (the driver moves it as windows slide). ``fail(stream_offset, message)``
+    makes the ImageError for this container (file offset or decompressed-stream offset).
+    Page payload positions found in the current buffer accumulate in ``page_pos`` /
+    ``page_addr`` (block offsets) with block switches in ``block_marks``; :meth:`take_extents`
+    turns them into an Extents table and clears them.
+    """
+
+    fail: Callable[[int, str], ImageError]
+    machine: str | None = None
+    max_ram_below_4g: int | None = None
+    file_size: int | None = None  # set when buffer offsets are file offsets (mapped-ram)
+    base: int = 0
+    phase: str = "header"  # header, top, ram, devices, done
+    page_size: int = DEFAULT_PAGE_SIZE
+    capabilities: list[str] = field(default_factory=list)
+    uuid: str | None = None
+    blocks: list[_Block] = field(default_factory=list)
+    mem_total: int = 0  # MEM_SIZE total, bytes
+    sections: dict[int, str] = field(default_factory=dict)
+    last_section: int | None = None
+    ram_ended: bool = False
+    cur_block: int = -1
+    page_pos: array = field(default_factory=lambda: array("q"))
+    page_addr: array = field(default_factory=lambda: array("q"))
+    block_marks: list[tuple[int, int]] = field(default_factory=list)  # (page index, block)
+    compressed: list[tuple[int, int, int, int]] = field(default_factory=list)  # pos,len,blk,addr
+    pages: int = 0
+    zero_pages: int = 0
+    compressed_pages: int = 0
+    layout_notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    end_pos: int = 0  # stream offset where the RAM part ended
+    main_ram: int = 0  # bytes of main RAM (the blocks with a GPA)
+    carried_block: int = -1  # current block when the buffer being walked began
+
+    # ---- driving -------------------------------------------------------------------------
+
+    def walk(self, buf: Any, p: int, n: int, final: bool) -> int:
+        """Walk complete items in ``buf[p:n]``; return where the first incomplete one starts.
+
+        With ``final`` the buffer is the end of the stream: an incomplete item is a truncation
+        error. Raises ImageError for anything undecodable.
+        """
+        while self.phase not in ("devices", "done"):
+            start = p
+            try:
+                if self.phase == "header":
+                    p = self._header(buf, p, n)
+                elif self.phase == "top":
+                    p = self._top(buf, p, n)
+                else:
+                    p = self._ram(buf, p, n)
+            except _Incomplete:
+                p = start
+            if p == start:
+                break
+        if final and self.phase not in ("devices", "done"):
+            where = "inside a record" if p < n else "before the end of guest RAM"
+            raise self.fail(self.base + p, f"truncated: stream ends {where}")
+        return p
+
+    # ---- top level -------------------------------------------------------------------------
+
+    def _need(self, p: int, size: int, n: int) -> None:
+        if p + size > n:
+            raise _Incomplete
+
+    def _header(self, buf: Any, p: int, n: int) -> int:
+        self._need(p, 8, n)
+        if bytes(buf[p : p + 8]) != MAGIC:
+            raise self.fail(self.base + p, "not a QEMU migration stream (no QEVM version 3 magic)")
+        self.phase = "top"
+        return p + 8
+
+    def _name(self, buf: Any, p: int, n: int) -> tuple[str, int]:
+        """u8 length + bytes; returns (name, next position)."""
+        self._need(p, 1, n)
+        ln = buf[p]
+        self._need(p + 1, ln, n)
+        return bytes(buf[p + 1 : p + 1 + ln]).decode("latin-1"), p + 1 + ln
+
+    def _top(self, buf: Any, p: int, n: int) -> int:
+        self._need(p, 1, n)
+        kind = buf[p]
+        at = self.base + p
+        if kind == SEC_CONFIG:
+            return self._configuration(buf, p + 1, n)
+        if kind in (SEC_START, SEC_FULL):
+            self._need(p + 1, 4, n)
+            (sid,) = SECTION_ID.unpack_from(buf, p + 1)
+            idstr, q = self._name(buf, p + 5, n)
+            self._need(q, START_TAIL.size, n)
+            _, version = START_TAIL.unpack_from(buf, q)
+            q += START_TAIL.size
+            self.sections[sid] = idstr
+            self.last_section = sid
+            if idstr == "ram":
+                if version != RAM_SECTION_VERSION:
+                    raise self.fail(at, f"ram section version {version} not supported (need 4)")
+                self.phase = "ram"
+                return q
+            if kind == SEC_FULL:
+                return self._devices(p)
+            raise self.fail(
+                at, f"iterative section {idstr!r} has no known layout; cannot walk past it"
+            )
+        if kind in (SEC_PART, SEC_END):
+            self._need(p + 1, 4, n)
+            (sid,) = SECTION_ID.unpack_from(buf, p + 1)
+            idstr = self.sections.get(sid)
+            if idstr is None:
+                raise self.fail(at, f"section part for unknown section id {sid}")
+            if idstr != "ram":
+                raise self.fail(at, f"iterative section {idstr!r} has no known layout")
+            self.last_section = sid
+            self.ram_ended = kind == SEC_END
+            self.phase = "ram"
+            return p + 5
+        if kind == SEC_FOOTER:
+            self._need(p + 1, 4, n)
+            (sid,) = SECTION_ID.unpack_from(buf, p + 1)
+            if sid != self.last_section:
+                raise self.fail(at, f"section footer for id {sid}, expected {self.last_section}")
+            return p + 5
+        if kind == SEC_COMMAND:
+            self._need(p + 1, COMMAND.size, n)
+            cmd, ln = COMMAND.unpack_from(buf, p + 1)
+            if cmd == CMD_PACKAGED:
+                self._need(p + 1 + COMMAND.size, 4, n)
+                return p + 1 + COMMAND.size + 4  # nested sections follow inline
+            self._need(p + 1 + COMMAND.size, ln, n)
+            return p + 1 + COMMAND.size + ln
+        if kind in (SEC_EOF, SEC_VMDESC):
+            return self._devices(p)
+        raise self.fail(at, f"unknown section type {kind:#04x}")
+
+    def _devices(self, p: int) -> int:
+        """Device state begins: every RAM page came before it."""
+        if not self.ram_ended and self.blocks:
+            self.warnings.append("stream has no final ram section (live migration cut short?)")
+        self.phase = "devices"
+        self.end_pos = self.base + p
+        return p
+
+    def _configuration(self, buf: Any, p: int, n: int) -> int:
+        self._need(p, 4, n)
+        (ln,) = BE32.unpack_from(buf, p)
+        if ln > 255:
+            raise self.fail(self.base + p, f"machine type name of {ln} bytes")
+        self._need(p + 4, ln, n)
+        machine = bytes(buf[p + 4 : p + 4 + ln]).decode("latin-1")
+        p += 4 + ln
+        while True:
+            self._need(p, 1, n)
+            if buf[p] != SEC_SUBSECTION:
+                break
+            at = self.base + p
+            name, p = self._name(buf, p + 1, n)
+            self._need(p, 4, n)
+            p += 4  # version_id
+            if name == "configuration/target-page-bits":
+                self._need(p, 4, n)
+                (bits,) = BE32.unpack_from(buf, p)
+                if not 9 <= bits <= 16:
+                    raise self.fail(at, f"target page bits {bits} out of range")
+                self.page_size = 1 << bits
+                p += 4
+            elif name == "configuration/capabilities":
+                self._need(p, 4, n)
+                (count,) = BE32.unpack_from(buf, p)
+                if count > 256:
+                    raise self.fail(at, f"{count} migration capabilities announced")
+                p += 4
+                caps = []
+                for _ in range(count):
+                    cap, p = self._name(buf, p, n)
+                    caps.append(cap)
+                self.capabilities = caps
+            elif name == "configuration/uuid":
+                self._need(p, 16, n)
+                raw = bytes(buf[p : p + 16]).hex()
+                self.uuid = f"{raw[:8]}-{raw[8:12]}-{raw[12:16]}-{raw[16:20]}-{raw[20:]}"
+                p += 16
+            else:
+                raise self.fail(at, f"unknown configuration subsection {name!r}")
+        self.machine = machine
+        return p
+
+    # ---- ram records -----------------------------------------------------------------------
+
+    def _ram(self, buf: Any, p: int, n: int) -> int:
+        """Records of one ram section part. The two record kinds of a bulk save (a page or a
+        zero page continuing the current block) take the short path: one unpack each."""
+        ps = self.page_size
+        fmask = ps - 1
+        rec = ps + 8
+        unpack = BE64.unpack_from
+        pos_append = self.page_pos.append
+        addr_append = self.page_addr.append
+        page_cont = F_PAGE | F_CONTINUE
+        zero_cont = F_ZERO | F_CONTINUE
+        while p + 8 <= n:
+            (w,) = unpack(buf, p)
+            f = w & fmask
+            if f == page_cont and self.cur_block >= 0:
+                if p + rec > n:
+                    break
+                pos_append(p + 8)
+                addr_append(w - f)
+                p += rec
+            elif f == zero_cont and self.cur_block >= 0:
+                if p + 9 > n:
+                    break
+                self.zero_pages += 1  # a fill page holds no secret: nothing to scan
+                p += 9
+            else:
+                try:
+                    p = self._ram_record(buf, p, n, w - f, f)
+                except _Incomplete:
+                    break
+                if self.phase != "ram":
+                    return p
+        return p
+
+    def _ram_record(self, buf: Any, p: int, n: int, addr: int, f: int) -> int:
+        at = self.base + p
+        if f & ~KNOWN_FLAGS:
+            raise self.fail(at, f"unknown ram record flags {f:#x} (stream desynchronised?)")
+        if f == F_EOS:
+            self.phase = "top"
+            return p + 8
+        if f in (F_HOOK, F_MULTIFD_FLUSH):
+            return p + 8
+        if f == F_MEM_SIZE:
+            return self._block_list(buf, p + 8, n, addr, at)
+        kind = f & PAGE_KINDS
+        if kind not in (F_ZERO, F_PAGE, F_XBZRLE, F_COMPRESS_PAGE) or f & ~(kind | F_CONTINUE):
+            raise self.fail(at, f"ram record with flags {f:#x} cannot be decoded")
+        if kind == F_XBZRLE:
+            raise self.fail(at, "XBZRLE-encoded page: delta pages are not supported")
+        q = p + 8
+        blk = self.cur_block
+        if not f & F_CONTINUE:
+            name, q = self._name(buf, q, n)
+            blk = self._block_index(name, at)
+        elif blk < 0:
+            raise self.fail(at, "page record continues a block but no block was named yet")
+        if addr + self.page_size > self.blocks[blk].size:
+            raise self.fail(at, f"page offset {addr:#x} beyond RAM block {self.blocks[blk].name!r}")
+        if kind == F_ZERO:
+            self._need(q, 1, n)
+            end = q + 1
+        elif kind == F_PAGE:
+            self._need(q, self.page_size, n)
+            end = q + self.page_size
+        else:
+            self._need(q, 4, n)
+            (clen,) = BE32.unpack_from(buf, q)
+            if clen > 2 * self.page_size + 64:
+                raise self.fail(at, f"compressed page of {clen} bytes")
+            self._need(q + 4, clen, n)
+            end = q + 4 + clen
+        # Commit state only now that the whole record is in the buffer.
+        if blk != self.cur_block:
+            self.block_marks.append((len(self.page_pos), blk))
+            self.cur_block = blk
+        if kind == F_ZERO:
+            self.zero_pages += 1
+        elif kind == F_PAGE:
+            self.page_pos.append(q)
+            self.page_addr.append(addr)
+        else:
+            self.compressed.append((q + 4, clen, blk, addr))
+            self.compressed_pages += 1
+        return end
+
+    def _block_index(self, name: str, at: int) -> int:
+        for i, b in enumerate(self.blocks):
+            if b.name == name:
+                return i
+        raise self.fail(at, f"page for RAM block {name!r} not in the stream's block list")
+
+    def _block_list(self, buf: Any, p: int, n: int, total: int, at: int) -> int:
+        """MEM_SIZE: (name, used_length[, mr_addr][, mapped-ram header]) until the sizes add up
+        to ``total``. Parsed whole before any state changes."""
+        ignore_shared = "x-ignore-shared" in self.capabilities
+        mapped = "mapped-ram" in self.capabilities
+        blocks: list[_Block] = []
+        seen = 0
+        while seen < total:
+            if len(blocks) >= MAX_BLOCKS:
+                raise self.fail(at, "RAM block list does not end")
+            name, p = self._name(buf, p, n)
+            self._need(p, 8, n)
+            (size,) = BE64.unpack_from(buf, p)
+            p += 8
+            if size == 0 or size % self.page_size or seen + size > total:
+                raise self.fail(at, f"RAM block {name!r}: size {size:#x} does not fit the list")
+            if ignore_shared:
+                self._need(p, 8, n)
+                p += 8  # mr_addr: parent-relative, not a GPA
+            block = _Block(name, size)
+            if mapped:
+                self._need(p, MAPPED_RAM_HDR.size, n)
+                block.mapped, p = self._mapped_header(buf, p, size, at)
+            blocks.append(block)
+            seen += size
+        self.blocks = blocks
+        self.mem_total = total
+        self._map_blocks()
+        return p
+
+    def _mapped_header(self, buf: Any, p: int, size: int, at: int) -> tuple[tuple[int, int], int]:
+        version, page_size, bitmap_off, pages_off = MAPPED_RAM_HDR.unpack_from(buf, p)
+        if self.file_size is None:
+            raise self.fail(at, "mapped-ram stream inside a compressed or embedded container")
+        if version != 1 or page_size != self.page_size:
+            raise self.fail(at, f"mapped-ram header version {version}, page size {page_size}")
+        bitmap_len = (size // page_size + 63) // 64 * 8
+        if (
+            pages_off < self.base + p + MAPPED_RAM_HDR.size  # the stream must move forward
+            or pages_off % page_size
+            or bitmap_off + bitmap_len > self.file_size
+            or pages_off + size > self.file_size
+        ):
+            raise self.fail(at, "mapped-ram bitmap or pages lie outside the file")
+        # The writer seeks past the block's page area before writing the next stream bytes.
+        return (bitmap_off, pages_off), pages_off + size - self.base
+
+    def _map_blocks(self) -> None:
+        if self.machine is None:
+            self.layout_notes.append("no machine type: every RAM block reported by name")
+            return
+        lay = qemu_gpa.layout(
+            self.machine, [(b.name, b.size) for b in self.blocks], self.max_ram_below_4g
+        )
+        self.layout_notes = lay.notes
+        self.main_ram = lay.main_ram
+        for b in self.blocks:
+            pieces = lay.pieces.get(b.name)
+            if pieces:
+                b.starts = np.array([pc.start for pc in pieces], np.int64)
+                b.lengths = np.array([pc.length for pc in pieces], np.int64)
+                b.gpas = np.array([pc.gpa for pc in pieces], np.int64)
+
+    # ---- results ---------------------------------------------------------------------------
+
+    def assign_spaces(self, image: MemoryImage) -> None:
+        """Give every block without a GPA its named space in ``image``."""
+        for b in self.blocks:
+            if b.gpas is None:
+                b.space = image.space_id(f"block:{b.name}")
+
+    def addresses(self, blk: np.ndarray, addr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(address, space) of pages given block indexes and block offsets (bytes)."""
+        out = addr.copy()
+        space = np.zeros(addr.size, np.int64)
+        for b in np.unique(blk):
+            block = self.blocks[int(b)]
+            sel = blk == b
+            space[sel] = block.space
+            if block.gpas is not None:
+                a = addr[sel]
+                k = np.searchsorted(block.starts, a, side="right") - 1
+                out[sel] = block.gpas[k] + (a - block.starts[k])
+        return out, space
+
+    def take_extents(self, file_offset_base: int | None) -> Extents:
+        """Extents of the page payloads found since the last call (buffer offsets), and clear.
+
+        ``file_offset_base``: file offset of buffer byte 0 when the buffer is the file itself,
+        None for a decompression window (file offsets -1)."""
+        pos = np.array(self.page_pos, np.int64)
+        addr = np.array(self.page_addr, np.int64)
+        # Block of each page: the block current when the buffer began, then each switch.
+        blk = np.full(pos.size, self.carried_block, np.int64)
+        if self.block_marks and pos.size:
+            first = np.array([m[0] for m in self.block_marks], np.int64)
+            value = np.array([m[1] for m in self.block_marks], np.int64)
+            owner = np.searchsorted(first, np.arange(pos.size), side="right") - 1
+            blk = np.where(owner >= 0, value[np.maximum(owner, 0)], blk)
+        self.page_pos = array("q")
+        self.page_addr = array("q")
+        self.block_marks = []
+        self.carried_block = self.cur_block
+        sizes = np.array([b.size for b in self.blocks], np.int64)
+        ok = (blk >= 0) & (addr + self.page_size <= sizes[np.maximum(blk, 0)])
+        if not ok.all():
+            self.warnings.append(f"{int((~ok).sum())} page records lie beyond their RAM block")
+            pos, addr, blk = pos[ok], addr[ok], blk[ok]
+        addr_out, space = self.addresses(blk, addr)
+        self.pages += pos.size
+        fo = None if file_offset_base is None else pos + file_offset_base
+        return Extents.build(pos, addr_out, np.full(pos.size, self.page_size), fo, space)
+
+    def mapped_extents(self, data: np.ndarray, warn: Callable[[str], None]) -> Extents:
+        """Extents of the pages a mapped-ram file stores (bitmap bit set), in file offsets."""
+        ps = self.page_size
+        parts = []
+        for i, b in enumerate(self.blocks):
+            if b.mapped is None:
+                continue
+            bitmap_off, pages_off = b.mapped
+            npages = b.size // ps
+            words = data[bitmap_off : bitmap_off + (npages + 63) // 64 * 8]
+            bits = np.unpackbits(words, bitorder="little")[:npages].astype(bool)
+            if not bits.any():
+                warn(
+                    f"mapped-ram block {b.name!r} has an empty page bitmap (interrupted save?): "
+                    "its whole page area is scanned"
+                )
+                bits[:] = True
+            idx = np.flatnonzero(bits).astype(np.int64) * ps
+            addr, space = self.addresses(np.full(idx.size, i, np.int64), idx)
+            parts.append((pages_off + idx, addr, space))
+            self.pages += idx.size
+        if not parts:
+            return Extents.build([], [], [])
+        pos = np.concatenate([p[0] for p in parts])
+        return Extents.build(
+            pos, np.concatenate([p[1] for p in parts]), np.full(pos.size, ps), pos,
+            np.concatenate([p[2] for p in parts]),
+        )
+
+    def inflate(
+        self, buf: Any, records: list[tuple[int, int, int, int]], file: str
+    ) -> Iterator[Segment]:
+        """Segments of COMPRESS_PAGE pages (``records``: buffer position, compressed length,
+        block, block offset), INFLATE_BATCH pages per reused buffer. A record that does not
+        inflate to exactly one page is an ImageError."""
+        ps = self.page_size
+        out = np.zeros(min(INFLATE_BATCH, max(1, len(records))) * ps, np.uint8)
+        for start in range(0, len(records), INFLATE_BATCH):
+            part = records[start : start + INFLATE_BATCH]
+            for k, (pos, clen, _, _) in enumerate(part):
+                d = zlib.decompressobj()
+                try:
+                    page = d.decompress(bytes(buf[pos : pos + clen]), ps + 1)
+                except zlib.error as exc:
+                    msg = f"compressed page does not inflate: {exc}"
+                    raise self.fail(self.base + pos, msg) from None
+                if len(page) != ps or not d.eof:
+                    raise self.fail(self.base + pos, "compressed page is not one page long")
+                out[k * ps : (k + 1) * ps] = np.frombuffer(page, np.uint8)
+            blk = np.array([c[2] for c in part], np.int64)
+            addr, space = self.addresses(blk, np.array([c[3] for c in part], np.int64))
+            pos = np.arange(len(part), dtype=np.int64) * ps
+            ext = Extents.build(pos, addr, np.full(len(part), ps), None, space)
+            yield Segment(out[: len(part) * ps], ext, file, reused=True)
+
+    def meta(self) -> dict[str, Any]:
+        """What the stream says about the guest (for MemoryImage.meta)."""
+        blocks = []
+        for b in self.blocks:
+            entry: dict[str, Any] = {"name": b.name, "size": b.size}
+            if b.gpas is None:
+                entry["gpa"] = None
+            else:  # [block offset, GPA, length] per piece
+                pieces = zip(b.starts, b.gpas, b.lengths, strict=True)
+                entry["gpa"] = [[int(s), int(g), int(ln)] for s, g, ln in pieces]
+            blocks.append(entry)
+        out: dict[str, Any] = {"blocks": blocks, "page_size": self.page_size}
+        if self.machine:
+            out["machine"] = self.machine
+        if self.main_ram:
+            out["ram_size"] = self.main_ram
+        if self.capabilities:
+            out["capabilities"] = self.capabilities
+        if self.uuid:
+            out["stream_uuid"] = self.uuid
+        if "mapped-ram" in self.capabilities:
+            out["mapped_ram"] = True
+        if self.layout_notes:
+            out["gpa_notes"] = self.layout_notes
+        return out
+
+
+def parse_vmdesc(tail: bytes) -> dict[str, Any] | None:
+    """The VM description JSON at the end of a stream (``0x06``, be32 length, JSON), found in
+    ``tail`` (the bytes after the RAM). Returns a summary, or None when absent/unreadable."""
+    at = tail.find(b'{"page_size"')
+    while at >= 5:
+        if tail[at - 5] == SEC_VMDESC:
+            (ln,) = BE32.unpack_from(tail, at - 4)
+            try:
+                desc = json.loads(tail[at : at + ln])
+            except (ValueError, UnicodeDecodeError):
+                return None
+            devices = desc.get("devices") if isinstance(desc, dict) else None
+            if not isinstance(devices, list):
+                return None
+            return {
+                "page_size": desc.get("page_size"),
+                "devices": len(devices),
+                "device_names": sorted({str(d.get("name")) for d in devices[:4096]
+                                        if isinstance(d, dict)}),
+            }
+        at = tail.find(b'{"page_size"', at + 1)
+    return None
+
+
+# ---- the two ways to feed the walker ---------------------------------------------------------
+
+
+def open_mapped(
+    ev: Evidence, start: int, image: MemoryImage, machine: str | None, options: dict[str, Any]
+) -> Walker:
+    """Walk the stream that starts at file offset ``start`` of the mmapped ``ev`` and make
+    ``image`` scan its pages in place: one fixed segment (zero copy), plus inflated windows
+    when the stream holds zlib-compressed pages. Problems after a readable prefix become
+    warnings; a stream unreadable from the start is an ImageError."""
+    path = ev.path
+
+    def fail(off: int, msg: str) -> ImageError:
+        return ImageError(path, off, msg)
+
+    walker = Walker(fail, machine=machine, file_size=ev.size)
+    walker.max_ram_below_4g = options.get("max_ram_below_4g")
+    buf = memoryview(ev.data)
+    try:
+        end = walker.walk(buf, start, ev.size, final=True)
+    except ImageError as err:
+        if not walker.blocks:
+            raise
+        image.warnings.append(err)
+        end = ev.size
+    walker.assign_spaces(image)
+    for note in walker.warnings:
+        image.warnings.append(ImageError(path, None, note))
+    if "mapped-ram" in walker.capabilities:
+        ext = walker.mapped_extents(
+            ev.data, lambda m: image.warnings.append(ImageError(path, None, m))
+        )
+    else:
+        ext = walker.take_extents(0)
+    main = Segment(ev.data, ext, path)
+    if walker.compressed:
+        records = walker.compressed
+
+        def stream() -> Iterator[Segment]:
+            yield main
+            yield from walker.inflate(buf, records, path)
+
+        image.stream = stream
+    else:
+        image.fixed_segments = [main]
+    image.meta.update(walker.meta())
+    image.meta["compressed_pages"] = walker.compressed_pages
+    image.meta["pages"] = walker.pages + walker.compressed_pages
+    image.meta["zero_pages"] = walker.zero_pages
+    if walker.phase in ("devices", "done"):
+        desc = parse_vmdesc(ev.data[end : end + VMDESC_SEARCH].tobytes())
+        if desc:
+            image.meta["vmdesc"] = desc
+    return walker
+
+
+class StreamSource:
+    """A byte source for :func:`stream_segments`: ``read(n)`` returns up to n bytes (b"" at
+    the end); ``close()`` releases it. ``fail(stream_offset, message)`` makes the ImageError
+    for an offset in the (decompressed) stream."""
+
+    def read(self, n: int) -> bytes:  # pragma: no cover - interface
+        raise ImageError("", None, "stream source without a reader")
+
+    def close(self) -> None:
+        return None
+
+    def fail(self, offset: int, message: str) -> ImageError:  # pragma: no cover - interface
+        return ImageError("", None, f"stream offset {offset:#x}: {message}")
+
+
+def stream_segments(
+    open_source: Callable[[], StreamSource],
+    image: MemoryImage,
+    machine: str | None,
+    options: dict[str, Any],
+    limit: Callable[[int], int],
+    window: int = WINDOW,
+) -> Iterator[Segment]:
+    """Walk a stream read from ``open_source()`` in bounded windows, yielding one reused
+    segment per window (its extents point at page payloads inside it) plus inflated windows
+    for compressed pages. ``limit(mem_total)`` is the most stream bytes allowed given the RAM
+    size the stream declared (0 if not yet known): past it the stream is a decompression
+    bomb. Raises ImageError after yielding what was readable."""
+    src = open_source()
+    walker = Walker(src.fail, machine=machine)
+    walker.max_ram_below_4g = options.get("max_ram_below_4g")
+    slack = 1 << 20  # one record larger than this is refused
+    arr = np.zeros(window + slack, np.uint8)
+    buf = memoryview(arr)
+    fill = 0
+    eof = False
+    try:
+        while True:
+            while fill < arr.size and not eof:
+                data = src.read(arr.size - fill)
+                if not data:
+                    eof = True
+                    break
+                arr[fill : fill + len(data)] = np.frombuffer(data, np.uint8)
+                fill += len(data)
+                if walker.base + fill > limit(walker.mem_total):
+                    raise src.fail(
+                        walker.base + fill,
+                        f"stream expands past {limit(walker.mem_total)} bytes, far more than "
+                        "the guest RAM it declares (decompression bomb?)",
+                    )
+            p = walker.walk(buf, 0, fill, final=eof)
+            walker.assign_spaces(image)
+            ext = walker.take_extents(None)
+            if len(ext):
+                yield Segment(arr[:fill], ext, image.path, reused=True)
+            if walker.compressed:
+                yield from walker.inflate(buf, walker.compressed, image.path)
+                walker.compressed = []
+            if walker.phase in ("devices", "done") or eof:
+                break
+            if p == 0 and fill == arr.size:
+                raise src.fail(walker.base, "record larger than the decode window")
+            arr[: fill - p] = arr[p:fill].copy()
+            walker.base += p
+            fill -= p
+        if walker.phase in ("devices", "done"):
+            tail = arr[p:fill].tobytes()
+            while len(tail) < VMDESC_SEARCH and not eof:
+                data = src.read(VMDESC_SEARCH - len(tail))
+                eof = not data
+                tail += data
+            desc = parse_vmdesc(tail)
+            if desc:
+                image.meta["vmdesc"] = desc
+        for note in walker.warnings:
+            image.warnings.append(ImageError(image.path, None, note))
+    finally:
+        src.close()
+
+
+def peek_meta(prefix: bytes, fail: Callable[[int, str], ImageError], machine: str | None,
+              options: dict[str, Any]) -> Walker:
+    """Walk the first bytes of a stream for its metadata (machine, blocks); pages ignored.
+    Raises ImageError when the stream is unreadable from the start."""
+    walker = Walker(fail, machine=machine)
+    walker.max_ram_below_4g = options.get("max_ram_below_4g")
+    walker.walk(memoryview(prefix), 0, len(prefix), final=False)
+    return walker
+
+
+# ---- the format module interface ------------------------------------------------------------
+
+
+def probe(head: bytes, path: str) -> str | None:
+    return "qemu-migration" if head.startswith(MAGIC) else None
+
+
+def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
+    """Map a raw QEVM stream file: pages scanned in place through mmap."""
+    ev = Evidence(path)
+    image = MemoryImage(path=path, format="qemu-migration", files=[path], closers=[ev.close])
+    try:
+        open_mapped(ev, 0, image, options.get("machine"), options)
+    except ImageError:
+        ev.close()
+        raise
+    image.meta["compression"] = "none"
+    return image
