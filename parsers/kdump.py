@@ -1,0 +1,695 @@
+"""kdump-compressed dumps ("diskdump" format): QEMU ``dump-guest-memory`` with a kdump format,
+``virsh dump --memory-only --format kdump-*``, makedumpfile. Both the plain file (``KDUMP``
+signature) and makedumpfile's *flattened* stream (``makedumpfile`` signature, what QEMU
+writes to a file), which is read through an interval map without reassembling it.
+
+Layout (offsets in blocks of ``block_size`` bytes): header, sub header (+ notes), two bitmaps
+(PFNs that are RAM; PFNs stored in the file), one 24-byte page descriptor per stored PFN, page
+data. A page is stored raw (read zero-copy from the mmap) or compressed with zlib, LZO,
+snappy or zstd (decoded one page at a time into bounded windows). GPA = PFN * block_size.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.elf import note_meta, vmcoreinfo_meta
+
+FORMATS = ["kdump"]
+
+SIGNATURES = (b"KDUMP   ", b"DISKDUMP")  # makedumpfile / QEMU; the older diskdump
+FLAT_SIGNATURE = b"makedumpfile\0\0\0\0"
+
+# disk_dump_header up to the timestamp, then the timestamp (a struct timeval in the dumping
+# kernel's layout: 22 bytes for 64-bit guests, 10 for 32-bit), then HDR_TAIL.
+HDR_HEAD = (
+    "8s"  # signature "KDUMP   "
+    "I"  # header_version (QEMU writes 6)
+    "65s 65s 65s 65s 65s 65s"  # utsname: sysname nodename release version machine domainname
+)
+TIMESTAMP_SIZE = {64: 22, 32: 10}
+HDR_TAIL = (
+    "I"  # status: compression of the pages (STATUS_*), 0x8 incomplete dump
+    "I"  # block_size: page size in bytes; every offset below counts in blocks
+    "I"  # sub_hdr_size: blocks of the sub header (+ notes), right after block 0
+    "I"  # bitmap_blocks: blocks of both bitmaps together, half each
+    "I"  # max_mapnr: PFNs covered by the bitmaps (32-bit; max_mapnr_64 from version 6)
+    "I"  # total_ram_blocks
+    "I"  # device_blocks
+    "I"  # written_blocks
+    "I"  # current_cpu
+    "I"  # nr_cpus
+)
+# kdump_sub_header at offset block_size, 64-bit guests.
+SUB64 = (
+    "Q"  # phys_base
+    "I"  # dump_level
+    "I"  # split: this file holds only PFNs start_pfn..end_pfn of a split dump
+    "Q"  # start_pfn (v2-5)
+    "Q"  # end_pfn (v2-5)
+    "Q"  # offset_vmcoreinfo (v3+): file offset of the VMCOREINFO text
+    "Q"  # size_vmcoreinfo
+    "Q"  # offset_note (v4+): file offset of the ELF notes
+    "Q"  # note_size
+    "Q"  # offset_eraseinfo (v5+)
+    "Q"  # size_eraseinfo
+    "Q"  # start_pfn_64 (v6+)
+    "Q"  # end_pfn_64 (v6+)
+    "Q"  # max_mapnr_64 (v6+)
+)
+# The same for 32-bit guests: sizes are u32, file offsets u64, packed.
+SUB32 = "I I I I I Q I Q I Q I Q Q Q"
+
+# Page descriptor: one per set bit of the 2nd bitmap, in PFN order.
+PAGE_DESC = np.dtype(
+    [
+        ("offset", "u8"),  # file offset of the page data (0 = lost, in an incomplete dump)
+        ("size", "u4"),  # bytes stored
+        ("flags", "u4"),  # PAGE_* compression of this page; 0 = raw, size == block_size
+        ("page_flags", "u8"),  # the guest kernel's struct page flags (unused)
+    ]
+)
+
+# Flattened stream: a 4096-byte header, then records (be64 offset, be64 size, data) that
+# belong at ``offset`` of the assembled file; offset = size = -1 ends the stream.
+FLAT_HEADER = struct.Struct(">16s q q")  # signature, type (1), version (1)
+FLAT_HEADER_SIZE = 4096
+FLAT_RECORD = struct.Struct(">q q")
+FLAT_END = -1
+
+STATUS_INCOMPLETE = 0x8
+PAGE_ZLIB, PAGE_LZO, PAGE_SNAPPY, PAGE_ZSTD = 0x1, 0x2, 0x4, 0x20
+CODEC_NAMES = {PAGE_ZLIB: "zlib", PAGE_LZO: "lzo", PAGE_SNAPPY: "snappy", PAGE_ZSTD: "zstd"}
+CODEC_BITS = PAGE_ZLIB | PAGE_LZO | PAGE_SNAPPY | PAGE_ZSTD
+
+BITS32_MACHINES = ("i386", "i486", "i586", "i686", "arm", "armv7l", "ppc", "mips", "s390")
+MAX_NOTES = 16 << 20  # notes and VMCOREINFO are read for metadata only, up to this size
+BATCH_BYTES = 64 << 10  # 2nd-bitmap bytes per batch = 512 Ki PFNs, 12 MiB of descriptors
+WINDOW_BYTES = 4 << 20  # decompression window, bytes
+
+
+def probe(head: bytes, path: str) -> str | None:
+    """``kdump`` for a plain kdump header or a makedumpfile flattened stream."""
+    if head[:8] in SIGNATURES or head[:16] == FLAT_SIGNATURE:
+        return "kdump"
+    return None
+
+
+def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
+    """Read the headers and bitmaps of ``path`` (counts only) and return a streaming image:
+    decompression windows for compressed pages, then one mmapped segment with the raw pages
+    as zero-copy extents. Raises ImageError when the headers or bitmaps are unreadable; bad
+    pages become warnings (the rest is still scanned)."""
+    ev = Evidence(path)
+    try:
+        image = MemoryImage(path=path, format="kdump", files=[path], closers=[ev.close])
+        src: _Source = _Plain(ev, path)
+        if ev.read(0, 16) == FLAT_SIGNATURE:
+            src = _Flat(ev, path, image)
+            image.meta["container"] = "makedumpfile flattened"
+        dump = _Dump.read(src, path, image)
+    except ImageError:
+        ev.close()
+        raise
+    image.stream = lambda: _pages(dump, image)
+    return image
+
+
+# --------------------------------------------------------------------------- sources
+
+
+class _Source:
+    """The assembled kdump file: ``view`` its bytes, ``locate`` page data in the real file."""
+
+    ev: Evidence
+    path: str
+    size: int  # bytes of the assembled file
+
+    def view(self, offset: int, size: int, what: str) -> np.ndarray:
+        """Exactly ``size`` bytes at assembled ``offset`` (zero-copy when possible)."""
+        raise ImageError(self.path, None, "abstract source")
+
+    def locate(self, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
+        """File positions of assembled ranges stored in one piece; -1 for the others."""
+        raise ImageError(self.path, None, "abstract source")
+
+
+class _Plain(_Source):
+    """A plain kdump file: assembled offset == file offset."""
+
+    def __init__(self, ev: Evidence, path: str) -> None:
+        self.ev, self.path, self.size = ev, path, ev.size
+
+    def view(self, offset: int, size: int, what: str) -> np.ndarray:
+        if offset < 0 or size < 0 or offset + size > self.size:
+            raise ImageError(self.path, offset, f"truncated: {what} ({size} bytes) past EOF")
+        return self.ev.data[offset : offset + size]
+
+    def locate(self, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
+        return np.where((offset >= 0) & (offset + size <= self.size), offset, -1)
+
+
+class _Flat(_Source):
+    """A makedumpfile flattened stream, mapped as sorted non-overlapping intervals
+    ``[start, end)`` of the assembled file stored at file position ``pos`` (last writer
+    wins where records overlap)."""
+
+    def __init__(self, ev: Evidence, path: str, image: MemoryImage) -> None:
+        self.ev, self.path = ev, path
+        _sig, ftype, version = FLAT_HEADER.unpack(ev.need(0, FLAT_HEADER.size, "flat header"))
+        if ftype != 1 or version != 1:
+            raise ImageError(path, 16, f"flattened header type {ftype} version {version} unknown")
+        starts, sizes, poss = _flat_records(ev, path, image)
+        self.start, self.end, self.pos = _resolve_overlaps(starts, sizes, poss)
+        self.size = int(self.end[-1]) if self.end.size else 0
+        image.meta["flat_records"] = int(starts.size)
+
+    def view(self, offset: int, size: int, what: str) -> np.ndarray:
+        if size == 0:
+            return np.zeros(0, np.uint8)
+        i = int(np.searchsorted(self.end, offset, side="right"))
+        if i < self.start.size and self.start[i] <= offset and offset + size <= self.end[i]:
+            p = int(self.pos[i] + offset - self.start[i])
+            return self.ev.data[p : p + size]
+        # Spread over several records: copy the pieces (callers ask for bounded sizes).
+        out = np.zeros(size, np.uint8)
+        have = 0
+        while i < self.start.size and self.start[i] < offset + size:
+            lo, hi = max(offset, int(self.start[i])), min(offset + size, int(self.end[i]))
+            p = int(self.pos[i] + lo - self.start[i])
+            out[lo - offset : hi - offset] = self.ev.data[p : p + hi - lo]
+            have += hi - lo
+            i += 1
+        if have != size:
+            raise ImageError(
+                self.path,
+                None,
+                f"{what} ({size} bytes at assembled offset {offset:#x}) is not in the "
+                "flattened stream (truncated or damaged)",
+            )
+        return out
+
+    def locate(self, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
+        i = np.searchsorted(self.end, offset, side="right")
+        j = np.minimum(i, max(self.start.size - 1, 0))
+        if self.start.size == 0:
+            return np.full(offset.shape, -1, np.int64)
+        ok = (i < self.start.size) & (self.start[j] <= offset) & (offset + size <= self.end[j])
+        return np.where(ok, self.pos[j] + offset - self.start[j], -1)
+
+
+def _flat_records(
+    ev: Evidence, path: str, image: MemoryImage
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Walk the flattened records (headers only): assembled offset, size, file position."""
+    starts, sizes, poss = [], [], []
+    pos = FLAT_HEADER_SIZE
+    buf = ev.data
+    while True:
+        if pos + FLAT_RECORD.size > ev.size:
+            image.warnings.append(
+                ImageError(path, pos, "truncated: flattened stream ends without its end record")
+            )
+            break
+        offset, size = FLAT_RECORD.unpack_from(buf, pos)
+        if offset == FLAT_END and size == FLAT_END:
+            break
+        if offset < 0 or size < 0:
+            image.warnings.append(
+                ImageError(path, pos, f"bad flattened record (offset {offset}, size {size})")
+            )
+            break
+        if pos + FLAT_RECORD.size + size > ev.size:
+            image.warnings.append(
+                ImageError(path, pos, f"truncated: flattened record of {size} bytes past EOF")
+            )
+            size = ev.size - pos - FLAT_RECORD.size
+        if size:
+            starts.append(offset)
+            sizes.append(size)
+            poss.append(pos + FLAT_RECORD.size)
+        pos += FLAT_RECORD.size + size
+    if not starts:
+        raise ImageError(path, FLAT_HEADER_SIZE, "flattened stream holds no data")
+    return (np.asarray(starts, np.int64), np.asarray(sizes, np.int64),
+            np.asarray(poss, np.int64))  # fmt: skip
+
+
+def _resolve_overlaps(
+    start: np.ndarray, size: np.ndarray, pos: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Sorted non-overlapping (start, end, pos) where the latest record wins. Records that
+    overlap nothing pass through vectorized; overlapping clusters are swept with a heap."""
+    import heapq
+
+    rank = np.arange(start.size)
+    order = np.lexsort((rank, start))
+    s, e, p, r = start[order], start[order] + size[order], pos[order], rank[order]
+    runmax = np.maximum.accumulate(e)
+    new = np.concatenate(([True], s[1:] >= runmax[:-1]))
+    bounds = np.flatnonzero(np.concatenate((new, [True])))
+    lone = np.diff(bounds) == 1
+    out_s, out_e, out_p = [s[bounds[:-1][lone]]], [e[bounds[:-1][lone]]], [p[bounds[:-1][lone]]]
+    for a, b in zip(bounds[:-1][~lone], bounds[1:][~lone], strict=True):
+        cs, ce, cp, cr = s[a:b].tolist(), e[a:b].tolist(), p[a:b].tolist(), r[a:b].tolist()
+        edges = sorted(set(cs) | set(ce))
+        heap: list[tuple[int, int]] = []
+        k = 0
+        ps, pe, pp = [], [], []
+        for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+            while k < len(cs) and cs[k] <= lo:
+                heapq.heappush(heap, (-cr[k], k))
+                k += 1
+            while heap and ce[heap[0][1]] <= lo:
+                heapq.heappop(heap)
+            if heap:
+                w = heap[0][1]
+                fp = cp[w] + lo - cs[w]
+                if pe and pe[-1] == lo and pp[-1] + (lo - ps[-1]) == fp:
+                    pe[-1] = hi  # the same record continues: one interval
+                else:
+                    ps.append(lo)
+                    pe.append(hi)
+                    pp.append(fp)
+        out_s.append(np.asarray(ps, np.int64))
+        out_e.append(np.asarray(pe, np.int64))
+        out_p.append(np.asarray(pp, np.int64))
+    s2, e2, p2 = np.concatenate(out_s), np.concatenate(out_e), np.concatenate(out_p)
+    order = np.argsort(s2, kind="stable")
+    return s2[order], e2[order], p2[order]
+
+
+# --------------------------------------------------------------------------- headers
+
+
+@dataclass
+class _Dump:
+    """What the headers say, validated against the (assembled) file size."""
+
+    src: _Source
+    order: str  # "<" or ">"
+    block_size: int  # bytes per page
+    max_mapnr: int  # PFNs covered by the bitmaps
+    bitmap2: int  # assembled offset of the 2nd bitmap (PFNs stored in the file)
+    descs: int  # assembled offset of the first page descriptor
+    ndesc: int  # descriptors the 2nd bitmap asks for
+    incomplete: bool
+    tally: dict[str, list[int]] = field(default_factory=dict)
+
+    @classmethod
+    def read(cls, src: _Source, path: str, image: MemoryImage) -> _Dump:
+        order, bits, head, tail = _header(src, path)
+        version, uts = head[1], [u.split(b"\0", 1)[0].decode("ascii", "replace") for u in head[2:]]
+        status, bs, sub_blocks, bm_blocks, mapnr32 = tail[:5]
+        nr_cpus = tail[9]
+        sub = struct.Struct(order + (SUB64 if bits == 64 else SUB32))
+        sub_fields = sub.unpack(src.view(bs, sub.size, "kdump sub header").tobytes())
+        max_mapnr = mapnr32
+        if version >= 6 and sub_fields[13]:
+            max_mapnr = sub_fields[13]
+        image.meta.update(
+            {
+                "kdump_version": version,
+                "guest_bits": bits,
+                "byte_order": "little" if order == "<" else "big",
+                "utsname_release": uts[2],
+                "utsname_machine": uts[4],
+                "block_size": bs,
+                "compression": _compression_names(status),
+                "nr_cpus": nr_cpus,
+                "dump_level": sub_fields[1],
+            }
+        )
+        image.meta = {k: v for k, v in image.meta.items() if v not in ("", None)}
+        if sub_fields[2]:
+            image.meta["split_pfns"] = [sub_fields[11], sub_fields[12]]
+        _sub_meta(src, path, image, version, sub_fields, order)
+        incomplete = bool(status & STATUS_INCOMPLETE)
+        if incomplete:
+            image.warnings.append(
+                ImageError(path, None, "dump marked incomplete (status 0x8): some pages are lost")
+            )
+        bm_off = (1 + sub_blocks) * bs
+        half = bm_blocks * bs // 2
+        need = -(-max_mapnr // 8)
+        if need > half:
+            image.warnings.append(
+                ImageError(
+                    path,
+                    None,
+                    f"max_mapnr {max_mapnr} needs {need} bitmap bytes but the bitmaps hold "
+                    f"{half}; PFNs past {half * 8} ignored",
+                )
+            )
+            max_mapnr = half * 8
+        dump = cls(src, order, bs, max_mapnr, bm_off + half, (1 + sub_blocks + bm_blocks) * bs,
+                   0, incomplete)  # fmt: skip
+        ram = dump._popcount(bm_off, "1st bitmap")
+        dump.ndesc = dump._popcount(dump.bitmap2, "2nd bitmap")
+        image.meta["ram_size"] = ram * bs
+        image.meta["pages_stored"] = dump.ndesc
+        if ram > dump.ndesc:
+            image.meta["pages_excluded"] = ram - dump.ndesc  # left out by the dump level
+        return dump
+
+    def _popcount(self, offset: int, what: str) -> int:
+        """Set bits among the first max_mapnr of the bitmap at ``offset``, read in batches."""
+        total = 0
+        nbytes = -(-self.max_mapnr // 8)
+        for lo in range(0, nbytes, BATCH_BYTES):
+            chunk = self.src.view(offset + lo, min(BATCH_BYTES, nbytes - lo), what)
+            total += int(np.bitwise_count(_mask_tail(chunk, lo, self.max_mapnr)).sum())
+        return total
+
+    def warn(self, what: str, at: int) -> None:
+        """Count one bad page of kind ``what`` (first descriptor offset kept for the report)."""
+        entry = self.tally.setdefault(what, [0, at])
+        entry[0] += 1
+
+    def flush_warnings(self, image: MemoryImage) -> None:
+        for what, (count, at) in self.tally.items():
+            where = at if isinstance(self.src, _Plain) else None
+            image.warnings.append(ImageError(self.src.path, where, f"{count} page(s) {what}"))
+        self.tally.clear()
+
+
+def _header(src: _Source, path: str) -> tuple[str, int, tuple, tuple]:
+    """Byte order, guest bits (64/32) and the fields of the disk_dump_header. The layout is
+    not stated in the file: take the first reading whose version and block size make sense,
+    trying the utsname machine's word size first."""
+    head_s = {o: struct.Struct(o + HDR_HEAD) for o in "<>"}
+    size = head_s["<"].size + TIMESTAMP_SIZE[64] + struct.calcsize("<" + HDR_TAIL)
+    raw = src.view(0, min(size, src.size), "kdump header").tobytes()
+    if len(raw) < size:
+        raise ImageError(path, 0, "truncated: kdump header")
+    machine = raw[12 + 4 * 65 : 12 + 5 * 65].split(b"\0", 1)[0].decode("ascii", "replace")
+    bits_order = (32, 64) if machine.startswith(BITS32_MACHINES) else (64, 32)
+    for order in "<>":
+        head = head_s[order].unpack_from(raw)
+        if head[0] not in SIGNATURES or not 0 < head[1] < 64:
+            continue
+        for bits in bits_order:
+            at = head_s[order].size + TIMESTAMP_SIZE[bits]
+            tail = struct.unpack_from(order + HDR_TAIL, raw, at)
+            bs = tail[1]
+            if 512 <= bs <= 1 << 20 and bs & (bs - 1) == 0 and tail[3] > 0:
+                return order, bits, head, tail
+    raise ImageError(path, 0, "not a readable kdump header (no plausible version/block size)")
+
+
+def _sub_meta(
+    src: _Source, path: str, image: MemoryImage, version: int, sub: tuple, order: str
+) -> None:
+    """VMCOREINFO (v3+) and ELF notes (v4+) named by the sub header: metadata only."""
+    parts = []
+    if version >= 3:
+        parts.append(("VMCOREINFO", sub[5], sub[6]))
+    if version >= 4:
+        parts.append(("notes", sub[7], sub[8]))
+    for what, offset, size in parts:
+        if not size:
+            continue
+        try:
+            if size > MAX_NOTES:
+                raise ImageError(path, None, f"{what} of {size} bytes is implausibly large")
+            blob = src.view(offset, size, what).tobytes()
+        except ImageError as err:
+            image.warnings.append(err)
+            continue
+        if what == "VMCOREINFO":
+            image.meta.update(vmcoreinfo_meta(blob))
+        else:
+            meta, _ = note_meta(blob, order)
+            if "vcpus" in meta:
+                image.meta["vcpus"] = meta.pop("vcpus")
+            image.meta.update(meta)
+
+
+def _compression_names(status: int) -> str:
+    names = [n for bit, n in CODEC_NAMES.items() if status & bit]
+    return "+".join(names) if names else "none"
+
+
+def _mask_tail(chunk: np.ndarray, lo: int, max_mapnr: int) -> np.ndarray:
+    """The bitmap bytes of ``chunk`` (starting at bitmap byte ``lo``) with bits >= max_mapnr
+    cleared."""
+    last_bit = max_mapnr - lo * 8
+    if last_bit >= chunk.size * 8:
+        return chunk
+    bits = np.unpackbits(chunk, bitorder="little")
+    bits[last_bit:] = 0
+    return np.packbits(bits, bitorder="little")
+
+
+# --------------------------------------------------------------------------- pages
+
+
+class _BadPage(Exception):
+    """A compressed page that does not decode to exactly one block."""
+
+
+def _codecs() -> dict[int, tuple[Callable[[Any, int], bytes] | None, str]]:
+    """Decoder per PAGE_* flag: a function (data, block_size) -> page bytes raising _BadPage,
+    or None and the reason it is missing (optional packages are imported here, at scan time).
+    Every decoder writes into a buffer of one block, so no page can expand past it."""
+    out: dict[int, tuple[Callable[[Any, int], bytes] | None, str]] = {PAGE_ZLIB: (_zlib, "")}
+    try:
+        import lzokay
+
+        def lzo(data: Any, bs: int) -> bytes:
+            try:
+                return bytes(lzokay.decompress(bytes(data), bs))
+            except lzokay.LzokayError as exc:
+                raise _BadPage(str(exc)) from None
+
+        out[PAGE_LZO] = (lzo, "")
+    except ImportError:
+        out[PAGE_LZO] = (None, "python package 'lzokay' is not installed (pip install lzokay)")
+    try:
+        import cramjam
+
+        def into(fn: Callable[[bytes, bytearray], int]) -> Callable[[Any, int], bytes]:
+            def decode(data: Any, bs: int) -> bytes:
+                page = bytearray(bs)
+                try:
+                    n = fn(bytes(data), page)
+                except cramjam.DecompressionError as exc:
+                    raise _BadPage(str(exc)) from None
+                return bytes(page[:n])
+
+            return decode
+
+        out[PAGE_SNAPPY] = (into(cramjam.snappy.decompress_raw_into), "")
+        out[PAGE_ZSTD] = (into(cramjam.zstd.decompress_into), "")
+    except ImportError:
+        reason = "python package 'cramjam' is not installed (pip install cramjam)"
+        out[PAGE_SNAPPY] = (None, reason)
+        out[PAGE_ZSTD] = (None, reason)
+    return out
+
+
+def _zlib(data: Any, bs: int) -> bytes:
+    d = zlib.decompressobj()
+    try:
+        page = d.decompress(data, bs)
+    except zlib.error as exc:
+        raise _BadPage(str(exc)) from None
+    if d.unconsumed_tail or not d.eof:
+        raise _BadPage("zlib stream longer than one block or unfinished")
+    return page
+
+
+class _Window:
+    """A reusable decompression buffer of whole pages and the PFNs decoded into it."""
+
+    def __init__(self, bs: int) -> None:
+        self.bs = bs
+        self.slots = max(1, WINDOW_BYTES // bs)
+        self.buf = np.zeros(self.slots * bs, np.uint8)
+        self.pfns: list[int] = []
+
+    def put(self, pfn: int, page: Any) -> bool:
+        """Store one page; True when the window is full."""
+        k = len(self.pfns)
+        self.buf[k * self.bs : (k + 1) * self.bs] = np.frombuffer(page, np.uint8)
+        self.pfns.append(pfn)
+        return len(self.pfns) == self.slots
+
+    def segment(self, path: str) -> Segment:
+        n = len(self.pfns)
+        ext = Extents.build(
+            np.arange(n, dtype=np.int64) * self.bs,
+            np.asarray(self.pfns, np.int64) * self.bs,
+            np.full(n, self.bs, np.int64),
+        )
+        self.pfns = []
+        return Segment(self.buf, ext, path, reused=True)
+
+
+# (pfn, file position or -1, stored size, codec flag, assembled offset, descriptor offset)
+_Page = tuple[int, int, int, int, int, int]
+
+
+def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
+    """Decode the pages in PFN order: compressed (and oddly placed raw) pages through
+    windows, yielded as they fill; raw pages collected as extents of the mmap, yielded last
+    as one zero-copy segment. Problems are counted and reported in image.warnings at the end."""
+    src, bs, path = dump.src, dump.block_size, image.path
+    codecs = _codecs()
+    window = _Window(bs)
+    raw_parts: list[Extents] = []
+    state = _RawState()
+    desc_dtype = PAGE_DESC.newbyteorder(dump.order)
+    nbytes = -(-dump.max_mapnr // 8)
+    k = 0  # descriptor index of the batch's first PFN
+    try:
+        for lo in range(0, nbytes, BATCH_BYTES):
+            chunk = src.view(dump.bitmap2 + lo, min(BATCH_BYTES, nbytes - lo), "2nd bitmap")
+            bits = np.unpackbits(_mask_tail(chunk, lo, dump.max_mapnr), bitorder="little")
+            pfns = np.flatnonzero(bits) + lo * 8
+            if pfns.size == 0:
+                continue
+            at = dump.descs + k * PAGE_DESC.itemsize
+            have = max(0, min(pfns.size, (src.size - at) // PAGE_DESC.itemsize))
+            if have < pfns.size:
+                what = "without a page descriptor (truncated dump)"
+                dump.tally[what] = [dump.ndesc - k - have, at + have * PAGE_DESC.itemsize]
+            table = src.view(at, have * PAGE_DESC.itemsize, "page descriptors")
+            desc = np.frombuffer(table, desc_dtype)
+            raw, copy = _classify(dump, desc, pfns[:have], at, state)
+            if raw is not None:
+                raw_parts.append(raw)
+            for page in copy:
+                data = _decode(dump, codecs, page)
+                if data is not None and window.put(page[0], data):
+                    yield window.segment(path)
+            if have < pfns.size:
+                break
+            k += have
+        if window.pfns:
+            yield window.segment(path)
+        if raw_parts:
+            yield Segment(src.ev.data, _concat(raw_parts), path)
+    finally:
+        dump.flush_warnings(image)
+
+
+def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
+    """The bytes of one page (a view for raw pages), or None after counting why not."""
+    _pfn, fpos, size, codec, asm_off, desc_at = page
+    src, bs = dump.src, dump.block_size
+    try:
+        data = src.ev.data[fpos : fpos + size] if fpos >= 0 else src.view(asm_off, size, "page")
+    except ImageError:
+        dump.warn("whose data is missing from the flattened stream", desc_at)
+        return None
+    if codec == 0:
+        return data
+    fn, reason = codecs[codec]
+    if fn is None:
+        dump.warn(f"compressed with {CODEC_NAMES[codec]} not readable: {reason}", desc_at)
+        return None
+    try:
+        out = fn(data, bs)
+    except _BadPage:
+        out = b""
+    if len(out) != bs:
+        dump.warn(f"whose {CODEC_NAMES[codec]} data does not decode to one page", desc_at)
+        return None
+    return out
+
+
+@dataclass
+class _RawState:
+    """Carried across batches: where the zero-copy raw pages end, and which repeated page
+    positions hold all-zero data (bounded cache)."""
+
+    last_end: int = -1
+    zero: dict[int, bool] = field(default_factory=dict)
+
+
+def _classify(
+    dump: _Dump, desc: np.ndarray, pfns: np.ndarray, desc_at: int, state: _RawState
+) -> tuple[Extents | None, list[_Page]]:
+    """Split a batch of descriptors: raw pages stored in one piece at increasing file
+    positions become zero-copy extents (so no two extents share file bytes); raw pages that
+    repeat earlier data (QEMU points every zero page at one shared zero page) are dropped
+    when all zero; everything else is returned for copying/decoding. Bad descriptors are
+    counted in dump.tally."""
+    src, bs = dump.src, dump.block_size
+    n = pfns.size
+    dat = desc_at + np.arange(n, dtype=np.int64) * PAGE_DESC.itemsize
+    size = desc["size"].astype(np.int64)
+    codec = desc["flags"].astype(np.int64) & CODEC_BITS
+    big = desc["offset"] >= np.uint64(1 << 62)
+    off = np.where(big, 0, desc["offset"]).astype(np.int64)
+    lost = (off == 0) & ~big
+    one_codec = (codec & (codec - 1)) == 0
+    bad = ~lost & (big | (size <= 0) | (size > bs) | ~one_codec | ((codec == 0) & (size != bs)))
+    past = ~lost & ~bad & (off + size > src.size)
+    good = ~lost & ~bad & ~past
+    lost_what = (
+        "lost (page data offset 0, incomplete dump)"
+        if dump.incomplete
+        else "with page data offset 0 (damaged descriptor)"
+    )
+    for mask, what in (
+        (lost, lost_what),
+        (bad, "with an impossible page descriptor (size or flags)"),
+        (past, "with data past the end of the file (truncated dump)"),
+    ):
+        cnt = int(mask.sum())
+        if cnt:
+            dump.tally.setdefault(what, [0, int(dat[np.argmax(mask)])])[0] += cnt
+    fpos = np.full(n, -1, np.int64)
+    if good.any():
+        fpos[good] = src.locate(off[good], size[good])
+    ri = np.flatnonzero(good & (codec == 0) & (fpos >= 0))
+    raw_ext = None
+    taken = np.zeros(n, bool)
+    if ri.size:
+        ends = fpos[ri] + bs
+        prev = np.maximum.accumulate(np.concatenate(([state.last_end], ends)))[:-1]
+        ok = fpos[ri] >= prev
+        state.last_end = max(state.last_end, int(ends.max()))
+        sel = ri[ok]
+        taken[sel] = True
+        raw_ext = Extents.build(
+            fpos[sel], pfns[sel] * bs, np.full(sel.size, bs), file_offset=fpos[sel]
+        )
+        for i in ri[~ok]:
+            p = int(fpos[i])
+            if p not in state.zero:
+                if len(state.zero) >= 4096:
+                    state.zero.clear()
+                state.zero[p] = not src.ev.data[p : p + bs].any()
+            taken[i] = state.zero[p]  # a repeat of an all-zero page: nothing to scan
+    rest = np.flatnonzero(good & ~taken)
+    copy = list(
+        zip(
+            pfns[rest].tolist(),
+            fpos[rest].tolist(),
+            size[rest].tolist(),
+            codec[rest].tolist(),
+            off[rest].tolist(),
+            dat[rest].tolist(),
+            strict=True,
+        )
+    )
+    return raw_ext, copy
+
+
+def _concat(parts: list[Extents]) -> Extents:
+    return Extents.build(
+        np.concatenate([p.buf_offset for p in parts]),
+        np.concatenate([p.addr for p in parts]),
+        np.concatenate([p.length for p in parts]),
+        file_offset=np.concatenate([p.file_offset for p in parts]),
+    )
