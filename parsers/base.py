@@ -194,9 +194,7 @@ class Evidence:
             if not _is_regular_or_block(st.st_mode):
                 raise ImageError(path, None, "not a regular file")
             self.size = st.st_size if st.st_size else _device_size(fd)
-            self._mmap = (
-                mmap.mmap(fd, self.size, access=mmap.ACCESS_READ) if self.size else None
-            )
+            self._mmap = mmap.mmap(fd, self.size, access=mmap.ACCESS_READ) if self.size else None
         except OSError as exc:
             raise ImageError(path, None, exc.strerror or str(exc)) from None
         finally:
@@ -216,7 +214,9 @@ class Evidence:
     def need(self, offset: int, size: int, what: str) -> bytes:
         """Exactly ``size`` bytes at ``offset``, or an ImageError naming ``what`` and offset."""
         if offset < 0 or size < 0 or offset + size > self.size:
-            raise ImageError(self.path, offset, f"truncated: {what} ({size} bytes) past end of file")
+            raise ImageError(
+                self.path, offset, f"truncated: {what} ({size} bytes) past end of file"
+            )
         return self.data[offset : offset + size].tobytes()
 
     def close(self) -> None:

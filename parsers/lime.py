@@ -46,7 +46,9 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
             if magic != MAGIC or version != VERSION:
                 raise ImageError(path, pos, f"bad LiME range header (magic {magic:#x})")
             if end < start:
-                raise ImageError(path, pos, f"LiME range ends before it starts ({start:#x}>{end:#x})")
+                raise ImageError(
+                    path, pos, f"LiME range ends before it starts ({start:#x}>{end:#x})"
+                )
             length = end - start + 1
             if pos + HEADER.size + length > ev.size:
                 raise ImageError(

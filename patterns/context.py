@@ -1,0 +1,90 @@
+"""Confidence from the text around a match (runs once per reported match, never per byte).
+
+Real memory is full of digit strings that pass Luhn by chance (locale tables, hex dumps, IDs,
+timestamps). Context separates them: a card or SSN keyword shortly before, an expiry date
+shortly after, raise confidence; hex digits or a longer numeric structure glued to the match
+lower it. The result is ``details.confidence`` in [0, 1] (``--min-confidence`` filters on it)
+and ``details.keyword`` when a keyword was seen.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from patterns.base import Hit
+
+CARD_WORDS = re.compile(
+    r"(card|visa|master ?card|amex|american express|discover|credit|debit|"
+    r"\bpan\b|\bcc\b|ccnum|cc_?number|acct|account|payment|expir|\bexp\b|cvv|cvc|jcb|maestro)",
+    re.I,
+)
+SSN_WORDS = re.compile(
+    r"(\bssn\b|ss#|s\.s\.n|social security|soc\.? ?sec|\bsin\b|tax ?id|\btin\b)", re.I
+)
+EXPIRY = re.compile(r"^.{0,24}?\b(0[1-9]|1[0-2]) ?[/-] ?(\d\d|20\d\d)\b", re.S)
+HEXISH = re.compile(r"[0-9a-fA-F]")
+HEX_LETTER = re.compile(r"[a-fA-F]")
+
+
+def text_around(hit: Hit) -> tuple[str, str]:
+    """The context before and after a match, decoded like the match itself."""
+    if hit.encoding == "utf-16le":
+        b, a = hit.before, hit.after
+        b = b[len(b) % 2 :]
+        a = a[: len(a) - len(a) % 2]
+        return b.decode("utf-16-le", "replace"), a.decode("utf-16-le", "replace")
+    return hit.before.decode("latin-1"), hit.after.decode("latin-1")
+
+
+def _glued(before: str, after: str) -> tuple[bool, bool]:
+    """(hex context, long-number context) right at the match's edges."""
+    b1, a1 = before[-1:], after[:1]
+    b2, a2 = before[-2:], after[:2]
+    hexy = bool(HEX_LETTER.match(b1) or HEX_LETTER.match(a1)) or b2.lower() == "0x"
+    hexy = hexy or (len(b2) == 2 and HEXISH.fullmatch(b2) is not None and b1 in "0123456789")
+    numeric = bool(re.fullmatch(r"\d[.,:/_+]", b2) or re.fullmatch(r"[.,:/_+]\d", a2))
+    return hexy, numeric
+
+
+def _score(base: float, *adjust: float) -> float:
+    return round(min(0.99, max(0.05, base + sum(adjust))), 2)
+
+
+def card_confidence(hit: Hit, grouped: bool) -> dict[str, Any]:
+    """Confidence for a PAN-like match: keyword before (+0.3), expiry after (+0.15),
+    digit grouping (+0.1), hex (-0.35) or longer-number (-0.25) context."""
+    before, after = text_around(hit)
+    out: dict[str, Any] = {}
+    kw = list(CARD_WORDS.finditer(before[-48:]))
+    hexy, numeric = _glued(before, after)
+    if kw:
+        out["keyword"] = kw[-1].group(0).lower()
+    out["confidence"] = _score(
+        0.5,
+        0.3 if kw else 0.0,
+        0.15 if EXPIRY.match(after) else 0.0,
+        0.1 if grouped else 0.0,
+        -0.35 if hexy else 0.0,
+        -0.25 if numeric else 0.0,
+    )
+    return out
+
+
+def ssn_confidence(hit: Hit, separated: bool) -> dict[str, Any]:
+    """Confidence for an SSN-like match: keyword before (+0.3); dashes (+0.1);
+    hex (-0.35) or longer-number (-0.25) context."""
+    before, after = text_around(hit)
+    out: dict[str, Any] = {}
+    kw = list(SSN_WORDS.finditer(before[-32:]))
+    hexy, numeric = _glued(before, after)
+    if kw:
+        out["keyword"] = kw[-1].group(0).lower()
+    out["confidence"] = _score(
+        0.45,
+        0.35 if kw else 0.0,
+        0.1 if separated and "-" in hit.text() else 0.0,
+        -0.35 if hexy else 0.0,
+        -0.25 if numeric else 0.0,
+    )
+    return out

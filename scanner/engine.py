@@ -1,0 +1,514 @@
+"""The scanning engine: runs detectors over an image's segments and stitches guest memory back
+together, so every secret is reported once, at its true guest address.
+
+Per segment:
+
+1. **Main scan.** The buffer is cut into cache-sized chunks; each chunk is handed to the
+   detectors with ``margin`` extra bytes on each side (their longest match plus context), and a
+   match counts only if it *starts* in the chunk's own range — so chunking never splits or
+   duplicates a match. Matches are mapped to extents (``np.searchsorted``); a match that
+   crosses an extent boundary is dropped (those bytes are not adjacent in the guest), and so is
+   one that touches an extent edge (what lies beyond the edge in the buffer is not its guest
+   neighbour, so its boundary checks would be wrong) — the edge pass finds those.
+2. **Edge pass.** Every extent edge gets a small window: the last/first ``W`` bytes before and
+   after the edge *in guest order*. Where the guest neighbour of an edge is elsewhere (another
+   page of a QEMU stream, the next decompression window, the far side of a VMware region), its
+   bytes are joined on (a seam); where there is none (end of RAM, a hole), zeros stand in. The
+   windows of many edges are gathered (``sliding_window_view`` rows) into one batch buffer and
+   scanned once; a match counts if it touches its window's edge.
+
+Detectors are grouped into tiers by margin, so a detector with long matches (a PEM block) does
+not make the digit detectors rescan kilobytes around every seam. Duplicates (a page stored
+twice, a match seen by both passes) are removed; a finding lying inside one of a subsuming
+detector's (a PAN inside its Track 2) is dropped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+from parsers.base import GPA_SPACE, ImageError, MemoryImage, Segment
+from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
+from scanner.findings import Finding, fingerprint
+
+DEFAULT_CHUNK = 256 * 1024  # fits L2 with the detectors' temporaries (PERFORMANCE.md)
+EDGE_BATCH = 4096  # edge windows scanned per batch (bounded memory)
+PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across segments
+
+
+@dataclass
+class ScanConfig:
+    """What to look for and how: detectors, fingerprint key, unmasking, chunk size (bytes),
+    minimum ``details.confidence`` to report."""
+
+    detectors: list[Detector]
+    key: bytes
+    unmask: bool = False
+    chunk_size: int = DEFAULT_CHUNK
+    min_confidence: float = 0.0
+
+
+@dataclass
+class ScanResult:
+    """Findings and problems of one image. ``errors`` are problems that stopped part of the
+    image from being read (exit status 2); ``warnings`` are remarks (scan went on)."""
+
+    image: str
+    format: str = ""
+    findings: list[Finding] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+    bytes_scanned: int = 0
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class _Tier:
+    detectors: list[tuple[int, Detector]]  # (index in config, detector)
+    margin: int  # bytes of context each side of a chunk and each side of an edge
+
+
+def _tiers(detectors: list[Detector]) -> list[_Tier]:
+    by_margin: dict[int, list[tuple[int, Detector]]] = {}
+    for i, d in enumerate(detectors):
+        need = d.max_len + d.context
+        margin = 64
+        while margin < need:
+            margin *= 2
+        by_margin.setdefault(margin, []).append((i, d))
+    return [_Tier(v, m) for m, v in sorted(by_margin.items())]
+
+
+@dataclass
+class _EdgeSet:
+    """Edge windows: per edge its address space, the guest address of the edge, the file and
+    file offset of the byte at the edge (-1: not stored plainly), and ``rows``, an object
+    whose ``[idx]`` gives the edges' ``width``-byte windows."""
+
+    space: np.ndarray
+    addr: np.ndarray
+    fo: np.ndarray
+    fid: np.ndarray
+    rows: Any
+
+    @classmethod
+    def empty(cls, width: int) -> _EdgeSet:
+        z = np.zeros(0, np.int64)
+        return cls(z, z, z, z, np.zeros((0, width), np.uint8))
+
+    def __len__(self) -> int:
+        return int(self.addr.size)
+
+    def subset(self, idx: np.ndarray) -> _EdgeSet:
+        """A copy of the chosen edges (rows materialised: they must outlive the buffer)."""
+        return _EdgeSet(
+            self.space[idx], self.addr[idx], self.fo[idx], self.fid[idx], self.rows[idx]
+        )
+
+    def plus(self, other: _EdgeSet) -> _EdgeSet:
+        return _EdgeSet(
+            np.concatenate((self.space, other.space)),
+            np.concatenate((self.addr, other.addr)),
+            np.concatenate((self.fo, other.fo)),
+            np.concatenate((self.fid, other.fid)),
+            _RowSource(self.rows, other.rows),
+        )
+
+
+class Engine:
+    """Scans MemoryImages with one configuration (see module docstring)."""
+
+    def __init__(self, config: ScanConfig) -> None:
+        self.config = config
+        self.tiers = _tiers(config.detectors)
+        self.subsumes = {d.name: set(d.subsumes) for d in config.detectors}
+        self._files: list[str] = []
+
+    # ----------------------------------------------------------------- public entry points
+
+    def scan_image(
+        self, image: MemoryImage, progress: Callable[[int], None] | None = None
+    ) -> ScanResult:
+        """Scan every segment of ``image`` (main scan and edges), in this process."""
+        result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
+        pending = {id(t): [_EdgeSet.empty(t.margin), _EdgeSet.empty(t.margin)] for t in self.tiers}
+        raw: list[Finding] = []
+        try:
+            for seg in image.segments():
+                n = seg.data.size
+                raw += self.scan_range(image, seg, 0, n)
+                for tier in self.tiers:
+                    raw += self._segment_edges(image, seg, tier, pending[id(tier)], result)
+                result.bytes_scanned += seg.extents.total()
+                if progress:
+                    progress(seg.extents.total())
+        except ImageError as err:
+            result.errors.append(str(err))
+        for tier in self.tiers:
+            raw += self._lonely_edges(image, tier, pending[id(tier)])
+        result.warnings += [str(w) for w in image.warnings]
+        result.findings = finalize(raw, self.subsumes)
+        return result
+
+    def scan_range(self, image: MemoryImage, seg: Segment, lo: int, hi: int) -> list[Finding]:
+        """Main scan of buffer bytes ``[lo, hi)`` of ``seg`` (matches starting there)."""
+        data = seg.data
+        n = data.size
+        step = self.config.chunk_size
+        found: list[Finding] = []
+        for tier in self.tiers:
+            parts: list[list[Hits]] = [[] for _ in tier.detectors]
+            m = tier.margin
+            for cs in range(lo, hi, step):
+                ce = min(cs + step, hi)
+                a = max(0, cs - m)
+                chunk = Chunk(data[a : min(n, ce + m)])
+                for k, (_, det) in enumerate(tier.detectors):
+                    h = det.find(chunk)
+                    if len(h):
+                        h.start += a
+                        parts[k].append(h.select((h.start >= cs) & (h.start < ce)))
+            for k, (_, det) in enumerate(tier.detectors):
+                hits = Hits.concat(parts[k])
+                if len(hits):
+                    found += self._place(image, seg, det, hits)
+        return found
+
+    # ----------------------------------------------------------------- main-scan placement
+
+    def _place(self, image: MemoryImage, seg: Segment, det: Detector, hits: Hits) -> list[Finding]:
+        """Findings for buffer hits lying strictly inside one extent (not touching an edge)."""
+        ext = seg.extents
+        if len(ext) == 0:
+            return []
+        i = np.searchsorted(ext.buf_offset, hits.start, side="right") - 1
+        ok = i >= 0
+        i = np.maximum(i, 0)
+        e_lo = ext.buf_offset[i]
+        e_hi = e_lo + ext.length[i]
+        end = hits.start + hits.length
+        ok &= (hits.start > e_lo) & (end < e_hi)
+        out = []
+        for j in np.flatnonzero(ok).tolist():
+            s, ln, x = int(hits.start[j]), int(hits.length[j]), int(i[j])
+            lo, hi = int(e_lo[j]), int(e_hi[j])
+            rel = s - lo
+            fo = int(ext.file_offset[x])
+            f = self._finding(
+                image,
+                det,
+                seg.data,
+                s,
+                ln,
+                int(hits.encoding[j]),
+                0 if hits.tag is None else int(hits.tag[j]),
+                lo,
+                hi,
+                int(ext.space[x]),
+                int(ext.addr[x]) + rel,
+                seg.file,
+                fo + rel if fo >= 0 else None,
+            )
+            if f:
+                out.append(f)
+        return out
+
+    def _finding(
+        self,
+        image: MemoryImage,
+        det: Detector,
+        buf: np.ndarray,
+        s: int,
+        ln: int,
+        enc: int,
+        tag: int,
+        lo: int,
+        hi: int,
+        space: int,
+        addr: int,
+        file: str,
+        offset: int | None,
+    ) -> Finding | None:
+        """Describe one match (context clipped to ``[lo, hi)`` of ``buf``) into a Finding."""
+        c = det.context
+        hit = Hit(
+            raw=buf[s : s + ln].tobytes(),
+            encoding=ENCODINGS[enc],
+            before=buf[max(lo, s - c) : s].tobytes(),
+            after=buf[s + ln : min(hi, s + ln + c)].tobytes(),
+            tag=tag,
+        )
+        d = det.describe(hit)
+        if d is None:
+            return None
+        details = dict(d.details)
+        if float(details.get("confidence", 1.0)) < self.config.min_confidence:
+            return None
+        if self.config.unmask:
+            details["value"] = d.value.decode("latin-1")
+        gpa = addr if space == GPA_SPACE else None
+        if space != GPA_SPACE:
+            details["block"] = image.spaces[space]
+            details["block_offset"] = addr
+        return Finding(
+            image=image.path,
+            format=image.format,
+            detector=det.name,
+            gpa=gpa,
+            file=file,
+            offset=offset,
+            length=ln,
+            encoding=ENCODINGS[enc],
+            masked=d.masked,
+            fingerprint=fingerprint(self.config.key, det.name, d.value),
+            details=details,
+            space=space,
+            addr=addr,
+        )
+
+    # ----------------------------------------------------------------- edges and seams
+
+    def _file_id(self, name: str) -> int:
+        if name not in self._files:
+            self._files.append(name)
+        return self._files.index(name)
+
+    def _segment_edges(
+        self,
+        image: MemoryImage,
+        seg: Segment,
+        tier: _Tier,
+        pending: list[_EdgeSet],
+        result: ScanResult,
+    ) -> list[Finding]:
+        """Edge windows of one segment: pair its edges with each other and with edges left
+        from earlier segments, scan the pairs, keep the unpaired (copied) for later."""
+        w = tier.margin
+        if len(seg.extents) == 0:
+            return []
+        tails, heads = _edge_sets(seg, w, self._file_id(seg.file))
+        tails, heads = pending[0].plus(tails), pending[1].plus(heads)
+        ti, hi = _pair(tails, heads)
+        found = self._scan_windows(image, tier, tails, ti, heads, hi)
+        t_left = np.setdiff1d(np.arange(len(tails)), ti, assume_unique=True)
+        h_left = np.setdiff1d(np.arange(len(heads)), hi, assume_unique=True)
+        pending[0], pending[1] = tails.subset(t_left), heads.subset(h_left)
+        if pending[0].rows.nbytes + pending[1].rows.nbytes > PENDING_LIMIT:
+            result.warnings.append(
+                f"{image.path}: too many unmatched page edges; scanning them unstitched "
+                "(a secret straddling two far-apart pages may be missed)"
+            )
+            found += self._lonely_edges(image, tier, pending)
+        return found
+
+    def _lonely_edges(
+        self, image: MemoryImage, tier: _Tier, pending: list[_EdgeSet]
+    ) -> list[Finding]:
+        """Edges with no guest neighbour: scan each against zeros."""
+        w = tier.margin
+        tails, heads = pending
+        pending[0], pending[1] = _EdgeSet.empty(w), _EdgeSet.empty(w)
+        found = []
+        if len(heads):
+            lonely = _EdgeSet(
+                heads.space,
+                heads.addr,
+                np.full(len(heads), -1),
+                heads.fid,
+                np.zeros((len(heads), w), np.uint8),
+            )
+            idx = np.arange(len(heads))
+            found += self._scan_windows(image, tier, lonely, idx, heads, idx)
+        if len(tails):
+            lonely = _EdgeSet(
+                tails.space,
+                tails.addr,
+                np.full(len(tails), -1),
+                tails.fid,
+                np.zeros((len(tails), w), np.uint8),
+            )
+            idx = np.arange(len(tails))
+            found += self._scan_windows(image, tier, tails, idx, lonely, idx)
+        return found
+
+    def _scan_windows(
+        self,
+        image: MemoryImage,
+        tier: _Tier,
+        tails: _EdgeSet,
+        ti: np.ndarray,
+        heads: _EdgeSet,
+        hi: np.ndarray,
+    ) -> list[Finding]:
+        """Scan windows made of tail row ``ti[k]`` + head row ``hi[k]``, joined at the head's
+        address; keep matches that touch the join (or whose context reaches across it)."""
+        w = tier.margin
+        found: list[Finding] = []
+        for b in range(0, ti.size, EDGE_BATCH):
+            tb, hb = ti[b : b + EDGE_BATCH], hi[b : b + EDGE_BATCH]
+            flat = np.concatenate((tails.rows[tb], heads.rows[hb]), axis=1).reshape(-1)
+            chunk = Chunk(flat)
+            for _, det in tier.detectors:
+                h = det.find(chunk)
+                if not len(h):
+                    continue
+                row = h.start // (2 * w)
+                rel = h.start - row * (2 * w)
+                c = det.context
+                keep = (h.start + h.length - 1) // (2 * w) == row
+                keep &= (rel < w + c) & (rel + h.length > w - c)
+                for k in np.flatnonzero(keep).tolist():
+                    r, x = int(row[k]), int(rel[k])
+                    t, hh = int(tb[r]), int(hb[r])
+                    if x >= w:  # first byte on the head side of the join
+                        fo, fid = int(heads.fo[hh]), int(heads.fid[hh])
+                        fo = fo + (x - w) if fo >= 0 else -1
+                    else:
+                        fo, fid = int(tails.fo[t]), int(tails.fid[t])
+                        fo = fo - (w - x) if fo >= 0 else -1
+                    base = r * 2 * w
+                    f = self._finding(
+                        image,
+                        det,
+                        flat,
+                        int(h.start[k]),
+                        int(h.length[k]),
+                        int(h.encoding[k]),
+                        0 if h.tag is None else int(h.tag[k]),
+                        base,
+                        base + 2 * w,
+                        int(heads.space[hh]),
+                        int(heads.addr[hh]) + x - w,
+                        self._files[fid],
+                        fo if fo >= 0 else None,
+                    )
+                    if f:
+                        found.append(f)
+        return found
+
+
+class _RowSource:
+    """Rows from two sources (earlier pending copies, then this segment's lazy rows), fetched
+    by index without concatenating them."""
+
+    def __init__(self, first: Any, second: Any) -> None:
+        self.first = first
+        self.second = second
+        self.n1 = first.shape[0]
+        self.shape = (self.n1 + second.shape[0], first.shape[1])
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        out = np.empty((idx.size, self.shape[1]), np.uint8)
+        a = idx < self.n1
+        if a.any():
+            out[a] = self.first[idx[a]]
+        if (~a).any():
+            out[~a] = self.second[idx[~a] - self.n1]
+        return out
+
+
+class _LazyRows:
+    """``w``-byte rows of a segment buffer at given offsets, of which only ``[lo, hi)`` are
+    real guest bytes (an extent shorter than ``w``); fetched on demand through a
+    sliding-window view (no copy until indexed). The rest of a row reads as zeros."""
+
+    def __init__(self, data: np.ndarray, starts: np.ndarray, valid: np.ndarray, w: int) -> None:
+        self.w = w
+        self.starts = starts
+        self.valid = valid
+        self.view = sliding_window_view(data, w) if data.size >= w else None
+        self.data = data
+        self.shape = (starts.size, w)
+
+    @property
+    def nbytes(self) -> int:
+        return self.shape[0] * self.shape[1]
+
+    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
+        st = self.starts[idx]
+        lo, hi = self.valid[idx, 0], self.valid[idx, 1]
+        full = (lo == 0) & (hi == self.w)
+        out = np.zeros((idx.size, self.w), np.uint8)
+        if self.view is not None and full.any():
+            out[full] = self.view[st[full]]
+        for k in np.flatnonzero(~full).tolist():  # short extents only: rare
+            a, b = int(lo[k]), int(hi[k])
+            out[k, a:b] = self.data[int(st[k]) + a : int(st[k]) + b]
+        return out
+
+
+def _edge_sets(seg: Segment, w: int, fid: int) -> tuple[_EdgeSet, _EdgeSet]:
+    """(tails, heads) of a segment's extents: the ``w`` bytes before each extent's end and
+    from its start. An extent shorter than ``w`` fills only part of its rows (zeros)."""
+    ext = seg.extents
+    lo, ln = ext.buf_offset, ext.length
+    n = ln.size
+    ids = np.full(n, fid, np.int64)
+    t_valid = np.stack((np.maximum(0, w - ln), np.full(n, w)), axis=1)
+    h_valid = np.stack((np.zeros(n, np.int64), np.minimum(ln, w)), axis=1)
+    t_fo = np.where(ext.file_offset >= 0, ext.file_offset + ln, -1)
+    tails = _EdgeSet(
+        ext.space, ext.addr + ln, t_fo, ids, _LazyRows(seg.data, lo + ln - w, t_valid, w)
+    )
+    heads = _EdgeSet(ext.space, ext.addr, ext.file_offset, ids, _LazyRows(seg.data, lo, h_valid, w))
+    return tails, heads
+
+
+def _pair(tails: _EdgeSet, heads: _EdgeSet) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (tail k, head k) of edges that meet: a tail ending where a head starts, in the
+    same space. Each head takes at most one tail (the last one stored) and vice versa."""
+    if len(tails) == 0 or len(heads) == 0:
+        z = np.zeros(0, np.int64)
+        return z, z
+    tk = tails.space * (1 << 56) + tails.addr  # spaces are few; addresses < 2**56
+    hk = heads.space * (1 << 56) + heads.addr
+    t_order = np.argsort(tk, kind="stable")
+    tks = tk[t_order]
+    # last tail with that key: searchsorted right - 1
+    pos = np.searchsorted(tks, hk, side="right") - 1
+    ok = (pos >= 0) & (tks[np.maximum(pos, 0)] == hk)
+    hi = np.flatnonzero(ok)
+    ti = t_order[pos[ok]]
+    # a tail matched by several heads (duplicated pages): keep its last head only
+    _, last = np.unique(ti[::-1], return_index=True)
+    keep = np.sort(ti.size - 1 - last)
+    return ti[keep], hi[keep]
+
+
+def finalize(found: Iterable[Finding], subsumes: dict[str, set[str]]) -> list[Finding]:
+    """Sort, drop duplicates (same detector, address, length, value) and findings inside a
+    subsuming detector's finding (a PAN inside its track)."""
+    uniq: dict[tuple, Finding] = {}
+    for f in found:
+        key = (f.detector, f.space, f.addr, f.length, f.fingerprint)
+        if key in uniq:
+            # Prefer the copy that has a file offset (main scan) and the higher confidence.
+            old = uniq[key]
+            if (old.offset is None and f.offset is not None) or f.confidence > old.confidence:
+                uniq[key] = f
+        else:
+            uniq[key] = f
+    out = sorted(uniq.values(), key=lambda f: (f.space, f.addr, f.detector))
+    containers = [f for f in out if subsumes.get(f.detector)]
+    if not containers:
+        return out
+    drop = set()
+    for c in containers:
+        for f in out:
+            if (
+                f.detector in subsumes[c.detector]
+                and f.space == c.space
+                and c.addr <= f.addr
+                and f.addr + f.length <= c.addr + c.length
+            ):
+                drop.add(id(f))
+    return [f for f in out if id(f) not in drop]
