@@ -229,7 +229,7 @@ def read_checkpoint(path: str, ev: Evidence | None = None) -> Checkpoint:
         table = ev.data[HEADER.size : HEADER.size + numgroups * GROUP.size].tobytes()
         for k in range(numgroups):
             raw, position, size = GROUP.unpack_from(table, k * GROUP.size)
-            gname = raw.split(b"\0", 1)[0].decode("ascii", "replace")
+            gname = _printable(raw.split(b"\0", 1)[0])
             ck.groups.append(Group(gname, position, size, HEADER.size + k * GROUP.size))
         # The memory group first, so a tag budget spent on device groups cannot hide it.
         order = sorted(ck.groups, key=lambda g: g.name != "memory")
@@ -238,8 +238,12 @@ def read_checkpoint(path: str, ev: Evidence | None = None) -> Checkpoint:
             if budget[0] <= 0:
                 warn.add(
                     "tag budget",
-                    ImageError(path, group.position, f"group {group.name!r}: not walked, "
-                               f"more than {MAX_TAGS} tags in this checkpoint"),
+                    ImageError(
+                        path,
+                        group.position,
+                        f"group {group.name!r}: not walked, "
+                        f"more than {MAX_TAGS} tags in this checkpoint",
+                    ),
                 )
                 continue
             for tag in _walk_group(ev, ck, group, warn, budget):
@@ -251,16 +255,25 @@ def read_checkpoint(path: str, ev: Evidence | None = None) -> Checkpoint:
             ev.close()
 
 
-def _walk_group(
-    ev: Evidence, ck: Checkpoint, group: Group, warn: _Warnings, budget: list[int]
-):
+def _printable(raw: bytes) -> str:
+    """A name from the file, safe in a one-line message: non-printable bytes as \\xNN."""
+    if raw.isascii() and raw.decode().isprintable() and b"\\" not in raw:
+        return raw.decode()
+    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in raw)
+
+
+def _walk_group(ev: Evidence, ck: Checkpoint, group: Group, warn: _Warnings, budget: list[int]):
     """Yield the tags of ``group``; stops with a warning at anything outside the group."""
     path = ck.path
     if group.position >= ev.size or group.position < HEADER.size:
         warn.add(
             "group outside file",
-            ImageError(path, group.entry_offset, f"group {group.name!r} starts at "
-                       f"{group.position:#x}, outside the file ({ev.size:#x} bytes)"),
+            ImageError(
+                path,
+                group.entry_offset,
+                f"group {group.name!r} starts at "
+                f"{group.position:#x}, outside the file ({ev.size:#x} bytes)",
+            ),
         )
         return
     end = group.position + group.size
@@ -268,8 +281,12 @@ def _walk_group(
         if group.size:
             warn.add(
                 "group past end",
-                ImageError(path, group.entry_offset, f"group {group.name!r} of {group.size} "
-                           f"bytes runs past end of file (truncated checkpoint?)"),
+                ImageError(
+                    path,
+                    group.entry_offset,
+                    f"group {group.name!r} of {group.size} "
+                    f"bytes runs past end of file (truncated checkpoint?)",
+                ),
             )
         end = ev.size
     data = ev.data
@@ -279,8 +296,12 @@ def _walk_group(
         if pos + TAG_HEAD.size > end:
             warn.add(
                 "tag list",
-                ImageError(path, pos, f"group {group.name!r}: tag list runs past the group's "
-                           "end without an end marker (truncated?)"),
+                ImageError(
+                    path,
+                    pos,
+                    f"group {group.name!r}: tag list runs past the group's "
+                    "end without an end marker (truncated?)",
+                ),
             )
             return
         b0, namelen = int(data[pos]), int(data[pos + 1])
@@ -298,18 +319,27 @@ def _walk_group(
         p = pos + TAG_HEAD.size
         fixed = namelen + nindx * INDEX
         if p + fixed > end:
-            warn.add("tag list", ImageError(path, pos, f"group {group.name!r}: tag runs past "
-                                                        "the group's end"))
+            warn.add(
+                "tag list",
+                ImageError(path, pos, f"group {group.name!r}: tag runs past the group's end"),
+            )
             return
-        name = data[p : p + namelen].tobytes().decode("ascii", "replace")
+        name = _printable(data[p : p + namelen].tobytes())
         p += namelen
         indices = struct.unpack_from(f"<{nindx}I", data[p : p + nindx * INDEX].tobytes())
         p += nindx * INDEX
         tag = Tag(name, indices, pos, valsize)
         if tag.is_block:
             if p + head.size > end:
-                warn.add("tag list", ImageError(path, pos, f"group {group.name!r}: block "
-                                                f"{tag.label()} header runs past the group's end"))
+                warn.add(
+                    "tag list",
+                    ImageError(
+                        path,
+                        pos,
+                        f"group {group.name!r}: block "
+                        f"{tag.label()} header runs past the group's end",
+                    ),
+                )
                 return
             nbytes, inmem, pad = head.unpack(data[p : p + head.size].tobytes())
             tag.data_offset = p + head.size + pad
@@ -318,9 +348,13 @@ def _walk_group(
             if nxt > end:
                 warn.add(
                     "block past end",
-                    ImageError(path, pos, f"group {group.name!r}: block {tag.label()} of "
-                               f"{nbytes} bytes at {tag.data_offset:#x} runs past the group's "
-                               f"end ({end:#x})"),
+                    ImageError(
+                        path,
+                        pos,
+                        f"group {group.name!r}: block {tag.label()} of "
+                        f"{nbytes} bytes at {tag.data_offset:#x} runs past the group's "
+                        f"end ({end:#x})",
+                    ),
                 )
                 tag.data_size = max(0, end - tag.data_offset)
                 group.tags += 1
@@ -329,8 +363,14 @@ def _walk_group(
         else:
             nxt = p + valsize
             if nxt > end:
-                warn.add("tag list", ImageError(path, pos, f"group {group.name!r}: value of "
-                                                f"{tag.label()} runs past the group's end"))
+                warn.add(
+                    "tag list",
+                    ImageError(
+                        path,
+                        pos,
+                        f"group {group.name!r}: value of {tag.label()} runs past the group's end",
+                    ),
+                )
                 return
             if valsize <= 8:
                 tag.value = int.from_bytes(data[p:nxt].tobytes(), "little")
@@ -382,8 +422,14 @@ def _regions(ck: Checkpoint, warn: _Warnings) -> list[Region] | None:
     for t in tags:
         if t.name in parts and t.indices and not t.is_block:
             if t.value is None:
-                warn.add("region tag", ImageError(ck.path, t.offset, f"{t.label()} has a "
-                                                  f"{t.valsize}-byte value, not an integer"))
+                warn.add(
+                    "region tag",
+                    ImageError(
+                        ck.path,
+                        t.offset,
+                        f"{t.label()} has a {t.valsize}-byte value, not an integer",
+                    ),
+                )
                 continue
             parts[t.name].setdefault(t.indices[0], t)
     out = []
@@ -394,14 +440,23 @@ def _regions(ck: Checkpoint, warn: _Warnings) -> list[Region] | None:
             continue
         ppn = parts["regionPPN"][i]
         out.append(
-            Region(i, ppn.value, parts["regionPageNum"][i].value,
-                   parts["regionSize"][i].value, ppn.offset)
+            Region(
+                i,
+                ppn.value,
+                parts["regionPageNum"][i].value,
+                parts["regionSize"][i].value,
+                ppn.offset,
+            )
         )
     if len(out) < wanted:
         warn.add(
             "region count",
-            ImageError(ck.path, count_tag.offset, f"regionsCount is {wanted} but only "
-                       f"{len(out)} regions have all of regionPPN/regionPageNum/regionSize"),
+            ImageError(
+                ck.path,
+                count_tag.offset,
+                f"regionsCount is {wanted} but only "
+                f"{len(out)} regions have all of regionPPN/regionPageNum/regionSize",
+            ),
         )
     return out
 
@@ -426,27 +481,47 @@ def _region_extents(
         if length == 0:
             continue
         if off >= data_len:
-            warn.add("region outside", ImageError(path, r.tag_offset, f"{label} lies outside "
-                                                  f"the {data_len}-byte memory data; dropped"))
+            warn.add(
+                "region outside",
+                ImageError(
+                    path,
+                    r.tag_offset,
+                    f"{label} lies outside the {data_len}-byte memory data; dropped",
+                ),
+            )
             continue
         if off + length > data_len:
-            warn.add("region cut", ImageError(path, r.tag_offset, f"{label} runs past the end "
-                                              f"of the {data_len}-byte memory data "
-                                              "(truncated?); cut"))
+            warn.add(
+                "region cut",
+                ImageError(
+                    path,
+                    r.tag_offset,
+                    f"{label} runs past the end "
+                    f"of the {data_len}-byte memory data "
+                    "(truncated?); cut",
+                ),
+            )
             length = data_len - off
         if _overlaps(gpa_used, gpa, gpa + length):
-            warn.add("region overlap", ImageError(path, r.tag_offset, f"{label} overlaps "
-                                                  "another region's GPAs; dropped"))
+            warn.add(
+                "region overlap",
+                ImageError(path, r.tag_offset, f"{label} overlaps another region's GPAs; dropped"),
+            )
             continue
         if _overlaps(data_used, off, off + length):
-            warn.add("region overlap", ImageError(path, r.tag_offset, f"{label} maps memory "
-                                                  "data another region maps; dropped"))
+            warn.add(
+                "region overlap",
+                ImageError(
+                    path, r.tag_offset, f"{label} maps memory data another region maps; dropped"
+                ),
+            )
             continue
         bisect.insort(gpa_used, (gpa, gpa + length))
         bisect.insort(data_used, (off, off + length))
         rows.append((data_base + off, gpa, length))
-        accepted.append({"index": r.index, "gpa": gpa, "length": length,
-                         "file_offset": data_base + off})
+        accepted.append(
+            {"index": r.index, "gpa": gpa, "length": length, "file_offset": data_base + off}
+        )
     return rows, accepted
 
 
@@ -686,7 +761,9 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
             vmem = _sibling(path, MEMORY_EXT)
             if vmem is None:
                 raise ImageError(
-                    path, None, "this checkpoint holds no memory (no Memory block) and its "
+                    path,
+                    None,
+                    "this checkpoint holds no memory (no Memory block) and its "
                     f"companion {os.path.basename(os.path.splitext(path)[0])}.vmem is not "
                     "beside it",
                 )
@@ -699,9 +776,16 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
                 ck = read_checkpoint(ck_path)
                 warnings.extend(ck.warnings)
                 if ck.memory_block() is not None:
-                    warn.add("pairing", ImageError(ck_path, None, "this checkpoint embeds its "
-                                                   "own memory, so it does not describe "
-                                                   f"{os.path.basename(path)}"))
+                    warn.add(
+                        "pairing",
+                        ImageError(
+                            ck_path,
+                            None,
+                            "this checkpoint embeds its "
+                            "own memory, so it does not describe "
+                            f"{os.path.basename(path)}",
+                        ),
+                    )
                     ck = None
             except ImageError as err:
                 warn.add("pairing", err)
@@ -730,9 +814,13 @@ def _separate(
     if ck is None:
         warn.add(
             "flat",
-            ImageError(vmem, None, "no .vmss/.vmsn checkpoint describes this .vmem: scanned "
-                       "as flat memory (GPA = file offset); addresses above the first region "
-                       "(past the PCI hole, usually from 3 GiB) may be wrong"),
+            ImageError(
+                vmem,
+                None,
+                "no .vmss/.vmsn checkpoint describes this .vmem: scanned "
+                "as flat memory (GPA = file offset); addresses above the first region "
+                "(past the PCI hole, usually from 3 GiB) may be wrong",
+            ),
         )
     meta = {"memory": "vmem"}
     return _build(path, fmt, ev, vmem, ck, 0, ev.size, meta, warn)
@@ -745,19 +833,26 @@ def _embedded(
     if block.compressed:
         ev.close()
         raise ImageError(
-            path, block.offset, f"the embedded memory block {block.label()} is compressed; "
+            path,
+            block.offset,
+            f"the embedded memory block {block.label()} is compressed; "
             "its algorithm is not documented (crash refuses it too), so it cannot be scanned",
         )
     if block.data_size == 0:
         ev.close()
-        raise ImageError(path, block.offset, f"the embedded memory block {block.label()} "
-                         "holds no data")
+        raise ImageError(
+            path, block.offset, f"the embedded memory block {block.label()} holds no data"
+        )
     if block.mem_size != block.data_size:
         warn.add(
             "block size",
-            ImageError(path, block.offset, f"memory block {block.label()}: {block.data_size} "
-                       f"bytes on disk but {block.mem_size} in memory; mapping the bytes on "
-                       "disk"),
+            ImageError(
+                path,
+                block.offset,
+                f"memory block {block.label()}: {block.data_size} "
+                f"bytes on disk but {block.mem_size} in memory; mapping the bytes on "
+                "disk",
+            ),
         )
     meta = {"memory": "embedded", "memory_block_offset": block.data_offset}
     return _build(path, fmt, ev, path, ck, block.data_offset, block.data_size, meta, warn)
@@ -792,8 +887,12 @@ def _build(
         meta["layout"] = "regions"
         if not rows:
             ev.close()
-            raise ImageError(ck_path, None, "no usable memory region (every region lies "
-                             "outside the memory data or overlaps another)")
+            raise ImageError(
+                ck_path,
+                None,
+                "no usable memory region (every region lies "
+                "outside the memory data or overlaps another)",
+            )
     offs = [r[0] for r in rows]
     addrs = [r[1] for r in rows]
     lens = [r[2] for r in rows]
@@ -804,16 +903,28 @@ def _build(
         # secret), addressed by their offset in the memory data, in their own space.
         space = image.space_id("vmware:unmapped")
         unmapped = sum(g[1] for g in gaps)
-        warn.add("unmapped", ImageError(mem_file, gaps[0][0], f"{unmapped} bytes of memory data "
-                                        "are in no region: scanned without a GPA (space "
-                                        "'vmware:unmapped', address = offset in the data)"))
+        warn.add(
+            "unmapped",
+            ImageError(
+                mem_file,
+                gaps[0][0],
+                f"{unmapped} bytes of memory data "
+                "are in no region: scanned without a GPA (space "
+                "'vmware:unmapped', address = offset in the data)",
+            ),
+        )
         for off, ln in gaps:
             offs.append(off)
             addrs.append(off - base)
             lens.append(ln)
             spaces.append(space)
-    ext = Extents.build(offs, addrs, lens, file_offset=np.asarray(offs, np.int64),
-                        space=np.asarray(spaces, np.int64))
+    ext = Extents.build(
+        offs,
+        addrs,
+        lens,
+        file_offset=np.asarray(offs, np.int64),
+        space=np.asarray(spaces, np.int64),
+    )
     image.fixed_segments = [Segment(ev.data, ext, mem_file)]
     gpa_bytes = int(ext.length[ext.space == 0].sum())
     meta.update({"ram_size": gpa_bytes, "regions": accepted, "memory_file": mem_file})
@@ -832,8 +943,13 @@ def _checkpoint_meta(ck: Checkpoint) -> dict[str, Any]:
         "checkpoint_magic": f"{ck.magic:#010x} ({ck.magic_name})",
         "checkpoint_version": ck.version,
         "groups": [
-            {"name": g.name, "offset": g.position, "size": g.size, "tags": g.tags,
-             "complete": g.complete}
+            {
+                "name": g.name,
+                "offset": g.position,
+                "size": g.size,
+                "tags": g.tags,
+                "complete": g.complete,
+            }
             for g in ck.groups
         ],
         "checkpoint_tags": dict(ck.checkpoint_tags),

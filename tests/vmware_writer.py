@@ -98,8 +98,11 @@ def memory_group(regions: list[Region] | None, memory: Block | None = None) -> l
     regions = regions or []
     tags.append(u32("regionsCount", len(regions)))
     for i, r in enumerate(regions):
-        tags += [u32("regionPageNum", r.pagenum, i), u32("regionPPN", r.ppn, i),
-                 u32("regionSize", r.pages, i)]
+        tags += [
+            u32("regionPageNum", r.pagenum, i),
+            u32("regionPPN", r.ppn, i),
+            u32("regionSize", r.pages, i),
+        ]
     if memory is not None:
         tags.append(memory)
     return tags
@@ -180,8 +183,12 @@ def write_vmem(path: str | os.PathLike, size: int, plants: dict[int, bytes]) -> 
 
 
 def write_vmx(path: str | os.PathLike, display_name: str, uuid_bios: str, **extra: str) -> None:
-    lines = ['.encoding = "UTF-8"', 'config.version = "8"', f'displayName = "{display_name}"',
-             f'uuid.bios = "{uuid_bios}"']
+    lines = [
+        '.encoding = "UTF-8"',
+        'config.version = "8"',
+        f'displayName = "{display_name}"',
+        f'uuid.bios = "{uuid_bios}"',
+    ]
     lines += [f'{k} = "{v}"' for k, v in extra.items()]
     with open(path, "w", encoding="utf-8") as fh:
         fh.write("\n".join(lines) + "\n")
@@ -215,8 +222,11 @@ def standard_groups(
         ckpt.append(u32("memSize", mem_mib))
     if platform is not None:
         ckpt.append(u32("Platform", platform))
-    cpu = [u32("cpu:numVCPUs", 1), u64("rip", 0xFFFFFFFF81000000, 0),
-           Block("gpregs", (0,), data=bytes(range(128)))]
+    cpu = [
+        u32("cpu:numVCPUs", 1),
+        u64("rip", 0xFFFFFFFF81000000, 0),
+        Block("gpregs", (0,), data=bytes(range(128))),
+    ]
     mem = memory_group(regions, memory)
     if padded_block_in_memory_group:
         mem.insert(0, Block("hotplug", (), data=b"\x01" * 24, pad=padded_block_in_memory_group))
@@ -253,8 +263,12 @@ def make_vm(
     """
     directory = os.fspath(directory)
     data_plants = {gpa_to_data(regions, g): b for g, b in plants.items()}
-    out: dict[str, str | int | None] = {"checkpoint": None, "vmem": None, "vmx": None,
-                                        "memory_base": 0}
+    out: dict[str, str | int | None] = {
+        "checkpoint": None,
+        "vmem": None,
+        "vmx": None,
+        "memory_base": 0,
+    }
     memory = None
     if embedded:
         memory = Block("Memory", (0, 0), size=memory_size, plants=data_plants, align=PAGE)
@@ -266,9 +280,14 @@ def make_vm(
         ck = os.path.join(directory, stem + ext)
         offsets = write_checkpoint(
             ck,
-            standard_groups(regions, memory, screenshot=screenshot,
-                            padded_block_in_memory_group=padded_block_in_memory_group,
-                            platform=platform, mem_mib=memory_size >> 20),
+            standard_groups(
+                regions,
+                memory,
+                screenshot=screenshot,
+                padded_block_in_memory_group=padded_block_in_memory_group,
+                platform=platform,
+                mem_mib=memory_size >> 20,
+            ),
             magic=magic,
         )
         out["checkpoint"] = ck
