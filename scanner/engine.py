@@ -135,23 +135,48 @@ class Engine:
         self, image: MemoryImage, progress: Callable[[int], None] | None = None
     ) -> ScanResult:
         """Scan every segment of ``image`` (main scan and edges), in this process."""
+        return self._scan(image, main=True, edges=True, progress=progress)
+
+    def scan_part(self, image: MemoryImage, part: tuple) -> ScanResult:
+        """One unit of a split random-access image: ``("range", segment, lo, hi)`` main-scans
+        buffer bytes ``[lo, hi)`` of one segment; ``("edges",)`` does every segment's edges."""
+        if part[0] == "edges":
+            return self._scan(image, main=False, edges=True)
+        _, k, lo, hi = part
+        seg = (image.fixed_segments or [])[k]
+        result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
+        result.findings = finalize(self.scan_range(image, seg, lo, hi), self.subsumes)
+        ext = seg.extents
+        overlap = np.minimum(ext.buf_offset + ext.length, hi) - np.maximum(ext.buf_offset, lo)
+        result.bytes_scanned = int(np.clip(overlap, 0, None).sum())
+        return result
+
+    def _scan(
+        self,
+        image: MemoryImage,
+        main: bool,
+        edges: bool,
+        progress: Callable[[int], None] | None = None,
+    ) -> ScanResult:
         result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
         pending = {id(t): [_EdgeSet.empty(t.margin), _EdgeSet.empty(t.margin)] for t in self.tiers}
         raw: list[Finding] = []
         try:
             for seg in image.segments():
-                n = seg.data.size
-                raw += self.scan_range(image, seg, 0, n)
-                for tier in self.tiers:
-                    raw += self._segment_edges(image, seg, tier, pending[id(tier)], result)
-                result.bytes_scanned += seg.extents.total()
+                if main:
+                    raw += self.scan_range(image, seg, 0, seg.data.size)
+                    result.bytes_scanned += seg.extents.total()
+                if edges:
+                    for tier in self.tiers:
+                        raw += self._segment_edges(image, seg, tier, pending[id(tier)], result)
                 if progress:
                     progress(seg.extents.total())
         except ImageError as err:
             result.errors.append(str(err))
-        for tier in self.tiers:
-            raw += self._lonely_edges(image, tier, pending[id(tier)])
-        result.warnings += [str(w) for w in image.warnings]
+        if edges:
+            for tier in self.tiers:
+                raw += self._lonely_edges(image, tier, pending[id(tier)])
+            result.warnings += [str(w) for w in image.warnings]
         result.findings = finalize(raw, self.subsumes)
         return result
 
