@@ -233,7 +233,7 @@ def _dedup(off: np.ndarray, gpa: np.ndarray, length: np.ndarray) -> Extents:
     off, gpa, length = off[order], gpa[order], length[order]
     end = gpa + length
     covered = np.maximum.accumulate(end)
-    prev = np.concatenate(([np.iinfo(np.int64).min], covered[:-1]))
+    prev = np.concatenate((gpa[:1], covered[:-1]))  # nothing precedes the first piece
     skip = np.clip(prev - gpa, 0, None)
     keep = skip < length
     skip, off, gpa, length = skip[keep], off[keep], gpa[keep], length[keep]
@@ -243,11 +243,10 @@ def _dedup(off: np.ndarray, gpa: np.ndarray, length: np.ndarray) -> Extents:
 def _read_notes(
     ev: Evidence, path: str, image: MemoryImage, phdrs: np.ndarray, phoff: int, order: str
 ) -> None:
-    """Cheap metadata from the PT_NOTE segments: vCPU count (CORE/NT_PRSTATUS notes) and,
-    when the guest published VMCOREINFO, its kernel release. Bad notes are only a warning."""
-    nhdr = struct.Struct(order + NHDR)
-    vcpus = 0
+    """Cheap metadata from the PT_NOTE segments (see :func:`note_meta`). Bad notes are only a
+    warning."""
     budget = MAX_NOTE_BYTES
+    vcpus = 0
     for i in np.flatnonzero(phdrs["p_type"] == PT_NOTE):
         start, size = int(phdrs["p_offset"][i]), int(phdrs["p_filesz"][i])
         if size > budget or start + size > ev.size:
@@ -257,34 +256,51 @@ def _read_notes(
             )
             continue
         budget -= size
-        blob = ev.read(start, size)
-        pos = 0
-        while pos + nhdr.size <= len(blob):
-            namesz, descsz, ntype = nhdr.unpack_from(blob, pos)
-            name_at = pos + nhdr.size
-            desc_at = name_at + _align4(namesz)
-            end = desc_at + _align4(descsz)
-            if end > len(blob):
-                image.warnings.append(
-                    ImageError(path, start + pos, "ELF note runs past its PT_NOTE; rest skipped")
-                )
-                break
-            name = blob[name_at : name_at + namesz].rstrip(b"\0")
-            if name == b"CORE" and ntype == NT_PRSTATUS:
-                vcpus += 1
-            elif name == b"VMCOREINFO":
-                _vmcoreinfo(image, blob[desc_at : desc_at + descsz])
-            pos = end
+        meta, bad_at = note_meta(ev.read(start, size), order)
+        vcpus += meta.pop("vcpus", 0)
+        image.meta.update(meta)
+        if bad_at is not None:
+            image.warnings.append(
+                ImageError(path, start + bad_at, "ELF note runs past its PT_NOTE; rest skipped")
+            )
     if vcpus:
         image.meta["vcpus"] = vcpus
 
 
-def _vmcoreinfo(image: MemoryImage, text: bytes) -> None:
-    """Keep the guest kernel release and page size from a VMCOREINFO note's KEY=value lines."""
-    for key, meta in ((b"OSRELEASE", "guest_os_release"), (b"PAGESIZE", "guest_page_size")):
+def note_meta(blob: bytes, order: str) -> tuple[dict[str, Any], int | None]:
+    """Metadata from a run of ELF notes (``order`` "<" or ">"): ``vcpus`` (CORE/NT_PRSTATUS
+    notes) and, from a VMCOREINFO note, the guest kernel release and page size. Returns the
+    metadata and the byte offset in ``blob`` of a note that runs past its end (else None)."""
+    nhdr = struct.Struct(order + NHDR)
+    meta: dict[str, Any] = {}
+    vcpus = 0
+    pos = 0
+    while pos + nhdr.size <= len(blob):
+        namesz, descsz, ntype = nhdr.unpack_from(blob, pos)
+        name_at = pos + nhdr.size
+        desc_at = name_at + _align4(namesz)
+        end = desc_at + _align4(descsz)
+        if end > len(blob):
+            return meta, pos
+        name = blob[name_at : name_at + namesz].rstrip(b"\0")
+        if name == b"CORE" and ntype == NT_PRSTATUS:
+            vcpus += 1
+        elif name == b"VMCOREINFO":
+            meta.update(vmcoreinfo_meta(blob[desc_at : desc_at + descsz]))
+        pos = end
+    if vcpus:
+        meta["vcpus"] = vcpus
+    return meta, None
+
+
+def vmcoreinfo_meta(text: bytes) -> dict[str, str]:
+    """The guest kernel release and page size from VMCOREINFO ``KEY=value`` lines."""
+    meta = {}
+    for key, name in ((b"OSRELEASE", "guest_os_release"), (b"PAGESIZE", "guest_page_size")):
         m = re.search(rb"(?m)^" + key + rb"=([^\n\0]{1,64})", text)
         if m:
-            image.meta[meta] = m.group(1).decode("ascii", "replace")
+            meta[name] = m.group(1).decode("ascii", "replace")
+    return meta
 
 
 def _align4(n: int) -> int:
