@@ -523,3 +523,80 @@ def test_hostile_tag_budget_keeps_the_memory_group(tmp_path, monkeypatch):
     with open_any(str(path)) as image:
         assert read_gpa(image, ABOVE, 2) == b"hi"
         assert any("stopped after 500 tags" in str(x) for x in image.warnings)
+
+
+# --- end to end through the engine ------------------------------------------------------
+
+PAN_BELOW = b"4111111111111111"  # well-known test PANs (reported with details.test)
+PAN_ABOVE = b"5555555555554444"
+PAN_LOW = b"4012888888881881"
+
+
+def _scan(path: str, fmt: str | None = None):
+    from patterns import registry as detectors
+    from scanner.engine import Engine, ScanConfig
+
+    engine = Engine(ScanConfig(detectors=detectors.select("pan"), key=b"test-key"))
+    with registry.open_image(path, fmt) as image:
+        return engine.scan_image(image)
+
+
+def _found(result) -> dict[int, tuple[str, str, int]]:
+    return {f.gpa: (f.masked, f.file, f.offset) for f in result.findings if f.detector == "pan"}
+
+
+@pytest.mark.parametrize(
+    "ext, embedded",
+    [(".vmss", False), (".vmsn", False), (".vmss", True), (".vmsn", True)],
+    ids=["vmss+vmem", "vmsn+vmem", "embedded-vmss", "embedded-vmsn"],
+)
+def test_scan_reports_pans_at_gpas_around_the_pci_hole(tmp_path, ext, embedded):
+    plants = {BELOW: PAN_BELOW, ABOVE: PAN_ABOVE, 0x2000: PAN_LOW}
+    out = w.make_vm(
+        tmp_path,
+        "vm-Snapshot1",
+        memory_size=4 * MiB,
+        plants=plants,
+        regions=layout(),
+        ext=ext,
+        embedded=embedded,
+    )
+    holder = out["checkpoint"] if embedded else out["vmem"]
+    base = out["memory_base"]
+    for path in filter(None, (out["checkpoint"], out["vmem"])):
+        result = _scan(path)
+        assert result.errors == [] and result.warnings == []
+        assert _found(result) == {
+            BELOW: ("411111******1111", holder, base + BELOW),
+            ABOVE: ("555555******4444", holder, base + LOW_PAGES * w.PAGE),
+            0x2000: ("401288******1881", holder, base + 0x2000),
+        }
+
+
+def test_scan_never_joins_the_two_sides_of_the_hole(tmp_path):
+    # 8 digits end region 0 and 8 digits start region 1: adjacent in the .vmem, a valid PAN
+    # there, but 4 GiB - 3 MiB apart in the guest.
+    plants = {LOW_PAGES * w.PAGE - 8: PAN_BELOW[:8], ABOVE: PAN_BELOW[8:]}
+    out = w.make_vm(tmp_path, "split", memory_size=4 * MiB, plants=plants, regions=layout())
+    assert _found(_scan(out["checkpoint"])) == {}
+    raw = _found(_scan(out["vmem"], "raw"))  # the same file without its region map
+    assert list(raw) == [LOW_PAGES * w.PAGE - 8]
+
+
+def test_scan_lone_vmem_flat_with_warning(tmp_path):
+    plants = {BELOW: PAN_BELOW, LOW_PAGES * w.PAGE + 64: PAN_ABOVE}  # data offsets
+    out = w.make_vm(
+        tmp_path, "lone", memory_size=4 * MiB, plants=plants, regions=None, with_checkpoint=False
+    )
+    result = _scan(out["vmem"])
+    assert result.format == "vmware-vmem"
+    assert set(_found(result)) == set(plants)  # GPA = file offset
+    assert len(result.warnings) == 1 and "may be wrong" in result.warnings[0]
+
+
+def test_scan_checkpoint_declaring_flat_memory(tmp_path):
+    plants = {BELOW: PAN_BELOW, LOW_PAGES * w.PAGE + 64: PAN_ABOVE}
+    out = w.make_vm(tmp_path, "flat", memory_size=4 * MiB, plants=plants, regions=None)
+    result = _scan(out["vmem"])
+    assert result.warnings == []
+    assert set(_found(result)) == set(plants)
