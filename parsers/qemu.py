@@ -25,7 +25,7 @@ import zlib
 from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -524,7 +524,10 @@ class Walker:
             return Extents.build([], [], [])
         pos = np.concatenate([p[0] for p in parts])
         return Extents.build(
-            pos, np.concatenate([p[1] for p in parts]), np.full(pos.size, ps), pos,
+            pos,
+            np.concatenate([p[1] for p in parts]),
+            np.full(pos.size, ps),
+            pos,
             np.concatenate([p[2] for p in parts]),
         )
 
@@ -598,8 +601,9 @@ def parse_vmdesc(tail: bytes) -> dict[str, Any] | None:
             return {
                 "page_size": desc.get("page_size"),
                 "devices": len(devices),
-                "device_names": sorted({str(d.get("name")) for d in devices[:4096]
-                                        if isinstance(d, dict)}),
+                "device_names": sorted(
+                    {str(d.get("name")) for d in devices[:4096] if isinstance(d, dict)}
+                ),
             }
         at = tail.find(b'{"page_size"', at + 1)
     return None
@@ -661,44 +665,44 @@ def open_mapped(
     return walker
 
 
-class StreamSource:
+class StreamSource(Protocol):
     """A byte source for :func:`stream_segments`: ``read(n)`` returns up to n bytes (b"" at
-    the end); ``close()`` releases it. ``fail(stream_offset, message)`` makes the ImageError
-    for an offset in the (decompressed) stream."""
+    the end or at the first unreadable byte, then ``problem`` says why); ``close()`` releases
+    it; ``fail(stream_offset, message)`` makes the ImageError for an offset in the
+    (decompressed) stream."""
 
-    def read(self, n: int) -> bytes:  # pragma: no cover - interface
-        raise ImageError("", None, "stream source without a reader")
+    problem: ImageError | None
 
-    def close(self) -> None:
-        return None
+    def read(self, n: int) -> bytes: ...
 
-    def fail(self, offset: int, message: str) -> ImageError:  # pragma: no cover - interface
-        return ImageError("", None, f"stream offset {offset:#x}: {message}")
+    def close(self) -> None: ...
+
+    def fail(self, offset: int, message: str) -> ImageError: ...
 
 
 def stream_segments(
-    open_source: Callable[[], StreamSource],
+    src: StreamSource,
     image: MemoryImage,
     machine: str | None,
     options: dict[str, Any],
     limit: Callable[[int], int],
     window: int = WINDOW,
 ) -> Iterator[Segment]:
-    """Walk a stream read from ``open_source()`` in bounded windows, yielding one reused
-    segment per window (its extents point at page payloads inside it) plus inflated windows
-    for compressed pages. ``limit(mem_total)`` is the most stream bytes allowed given the RAM
-    size the stream declared (0 if not yet known): past it the stream is a decompression
-    bomb. Raises ImageError after yielding what was readable."""
-    src = open_source()
+    """Walk the stream ``src`` in bounded windows, yielding one reused segment per window (its
+    extents point at page payloads inside it) plus inflated windows for compressed pages.
+    ``limit(mem_total)`` is the most stream bytes allowed given the RAM size the stream
+    declared (0 if not yet known): past it the stream is a decompression bomb. Raises
+    ImageError after yielding what was readable. Closes ``src``."""
     walker = Walker(src.fail, machine=machine)
     walker.max_ram_below_4g = options.get("max_ram_below_4g")
     slack = 1 << 20  # one record larger than this is refused
     arr = np.zeros(window + slack, np.uint8)
     buf = memoryview(arr)
-    fill = 0
+    fill = p = 0
     eof = False
+    err: ImageError | None = None
     try:
-        while True:
+        while err is None:
             while fill < arr.size and not eof:
                 data = src.read(arr.size - fill)
                 if not data:
@@ -706,13 +710,18 @@ def stream_segments(
                     break
                 arr[fill : fill + len(data)] = np.frombuffer(data, np.uint8)
                 fill += len(data)
-                if walker.base + fill > limit(walker.mem_total):
-                    raise src.fail(
+                cap = limit(walker.mem_total)
+                if walker.base + fill > cap:
+                    err = src.fail(
                         walker.base + fill,
-                        f"stream expands past {limit(walker.mem_total)} bytes, far more than "
-                        "the guest RAM it declares (decompression bomb?)",
+                        f"stream expands past {cap} bytes, far more than the guest RAM it "
+                        "declares (decompression bomb?)",
                     )
-            p = walker.walk(buf, 0, fill, final=eof)
+                    break
+            try:
+                p = walker.walk(buf, 0, fill, final=False)
+            except ImageError as exc:
+                err = exc
             walker.assign_spaces(image)
             ext = walker.take_extents(None)
             if len(ext):
@@ -720,14 +729,19 @@ def stream_segments(
             if walker.compressed:
                 yield from walker.inflate(buf, walker.compressed, image.path)
                 walker.compressed = []
-            if walker.phase in ("devices", "done") or eof:
+            if err is not None or walker.phase in ("devices", "done"):
+                break
+            if eof:
+                where = "inside a record" if p < fill else "before the end of guest RAM"
+                err = src.problem or src.fail(walker.base + p, f"truncated: stream ends {where}")
                 break
             if p == 0 and fill == arr.size:
-                raise src.fail(walker.base, "record larger than the decode window")
+                err = src.fail(walker.base, "record larger than the decode window")
+                break
             arr[: fill - p] = arr[p:fill].copy()
             walker.base += p
             fill -= p
-        if walker.phase in ("devices", "done"):
+        if err is None:
             tail = arr[p:fill].tobytes()
             while len(tail) < VMDESC_SEARCH and not eof:
                 data = src.read(VMDESC_SEARCH - len(tail))
@@ -738,12 +752,18 @@ def stream_segments(
                 image.meta["vmdesc"] = desc
         for note in walker.warnings:
             image.warnings.append(ImageError(image.path, None, note))
+        if err is not None:
+            raise err
     finally:
         src.close()
 
 
-def peek_meta(prefix: bytes, fail: Callable[[int, str], ImageError], machine: str | None,
-              options: dict[str, Any]) -> Walker:
+def peek_meta(
+    prefix: bytes,
+    fail: Callable[[int, str], ImageError],
+    machine: str | None,
+    options: dict[str, Any],
+) -> Walker:
     """Walk the first bytes of a stream for its metadata (machine, blocks); pages ignored.
     Raises ImageError when the stream is unreadable from the start."""
     walker = Walker(fail, machine=machine)

@@ -1,0 +1,317 @@
+"""libvirt save images (``virsh save``, ``virsh managedsave``, external memory snapshots):
+a ``LibvirtQemudSave`` header, the domain XML, then a QEMU migration stream, raw, compressed
+with the ``save_image_format`` of qemu.conf, or in mapped-ram form (``sparse``). FORMATS.md 1.
+
+A raw or sparse stream is scanned in place through mmap (zero copy). A compressed one is
+decompressed in bounded windows (never whole in memory): gzip, bzip2 and xz with the Python
+standard library, lzop and zstd through the ``lzop`` / ``zstd`` programs (the same ones
+libvirt itself runs to restore), read through a pipe. Decompression stops with an error when
+the stream grows past twice the guest RAM it declares (plus a margin): a decompression bomb.
+"""
+
+from __future__ import annotations
+
+import bz2
+import lzma
+import shutil
+import struct
+import subprocess
+import tempfile
+import xml.etree.ElementTree as ET
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from parsers import qemu
+from parsers.base import Evidence, ImageError, MemoryImage, Segment
+
+FORMATS = ["libvirt-save"]
+
+MAGIC_SAVE = b"LibvirtQemudSave"  # complete save
+MAGIC_PART = b"LibvirtQemudPart"  # header never finalised: the save was interrupted
+# Header after the magic, host byte order (src/qemu/qemu_saveimage.h virQEMUSaveHeader):
+HEADER_FIELDS = (
+    "I"  # version: 2 today, 1 for very old images
+    "I"  # data_len: bytes of XML + cookie + padding after the header
+    "I"  # was_running: 1 if the domain ran when saved
+    "I"  # format: compression, table below ("compressed" in old libvirt)
+    "I"  # cookieOffset: cookie offset inside the data area (0: none)
+    "56x"  # 14 unused u32
+)
+HEADER_LE = struct.Struct("<16s" + HEADER_FIELDS)
+HEADER_BE = struct.Struct(">16s" + HEADER_FIELDS)  # image written on a host of other endianness
+HEADER_SIZE = HEADER_LE.size  # 92: the data area starts here
+VERSIONS = (1, 2)
+
+# format enum (qemu_saveimage_format.h, on-disk ABI) -> name
+FORMAT_NAMES = {0: "raw", 1: "gzip", 2: "bzip2", 3: "xz", 4: "lzop", 5: "zstd", 6: "sparse"}
+# Payload magics, to check the header's claim (and to decide for version 1 images).
+PAYLOAD_MAGICS = {
+    "raw": qemu.MAGIC,
+    "gzip": b"\x1f\x8b",
+    "bzip2": b"BZh",
+    "xz": b"\xfd7zXZ\x00",
+    "lzop": b"\x89LZO\x00\r\n\x1a\n",
+    "zstd": b"\x28\xb5\x2f\xfd",
+}
+PIPE_TOOLS = {"lzop": ["lzop", "-dc", "--ignore-warn"], "zstd": ["zstd", "-dcq"]}
+READ_CHUNK = 1 << 20  # compressed bytes read at a time
+BOMB_MARGIN = 64 << 20  # bytes of stream allowed beyond twice the declared RAM
+MAX_XML = 16 << 20  # a domain XML larger than this is not parsed
+MEMORY_UNITS = {
+    "b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
+    "mb": 1000**2, "g": 1 << 30, "gib": 1 << 30, "gb": 1000**3, "t": 1 << 40, "tib": 1 << 40,
+    "tb": 1000**4,
+}
+
+
+def probe(head: bytes, path: str) -> str | None:
+    return "libvirt-save" if head[:16] in (MAGIC_SAVE, MAGIC_PART) else None
+
+
+def read_header(ev: Evidence) -> dict[str, Any]:
+    """The header fields (version, data_len, was_running, format, cookie_offset, complete,
+    byte_order). Tries the host order first, then the other one, as libvirt does."""
+    raw = ev.need(0, HEADER_SIZE, "libvirt save header")
+    fields = HEADER_LE.unpack(raw)
+    order = "little"
+    if fields[1] not in VERSIONS:
+        fields = HEADER_BE.unpack(raw)
+        order = "big"
+    magic, version, data_len, running, fmt, cookie = fields
+    if version not in VERSIONS:
+        raise ImageError(ev.path, 16, f"unsupported libvirt save header version {fields[1]}")
+    if magic not in (MAGIC_SAVE, MAGIC_PART):
+        raise ImageError(ev.path, 0, "not a libvirt save image")
+    if HEADER_SIZE + data_len > ev.size:
+        raise ImageError(ev.path, 20, f"data length {data_len} runs past end of file (truncated)")
+    return {
+        "version": version, "data_len": data_len, "was_running": bool(running), "format": fmt,
+        "cookie_offset": cookie, "complete": magic == MAGIC_SAVE, "byte_order": order,
+    }
+
+
+def _memory_bytes(elem: ET.Element | None) -> int | None:
+    if elem is None or not (elem.text or "").strip().isdigit():
+        return None
+    unit = MEMORY_UNITS.get(elem.get("unit", "KiB").lower())
+    return int(elem.text.strip()) * unit if unit else None
+
+
+def parse_domain_xml(xml: bytes) -> dict[str, Any]:
+    """Guest name, UUID, memory (bytes), machine type and NUMA cells from the domain XML."""
+    root = ET.fromstring(xml)
+    out: dict[str, Any] = {}
+    for key, path in (("guest_name", "name"), ("guest_uuid", "uuid")):
+        text = root.findtext(path)
+        if text:
+            out[key] = text.strip()
+    mem = _memory_bytes(root.find("memory"))
+    if mem:
+        out["declared_memory"] = mem
+    ostype = root.find("os/type")
+    if ostype is not None and ostype.get("machine"):
+        out["machine"] = ostype.get("machine")
+    cells = root.findall("cpu/numa/cell")
+    if cells:
+        out["numa_cells"] = [
+            {"id": c.get("id"), "memory": _memory_bytes(c) or c.get("memory")} for c in cells
+        ]
+    return out
+
+
+class _PyDecompressor:
+    """gzip / bzip2 / xz payload decompressed with the standard library, bounded output per
+    read; concatenated members (pigz, pbzip2, multi-stream xz) are followed."""
+
+    def __init__(self, ev: Evidence, start: int, kind: str) -> None:
+        self.ev, self.pos, self.kind = ev, start, kind
+        self.back = b""  # input read but not yet given to a decompressor
+        self.dec = self._new()
+        self.problem: ImageError | None = None
+        self.done = False
+        self.start = start
+
+    def _new(self) -> Any:
+        if self.kind == "gzip":
+            return zlib.decompressobj(wbits=31)
+        if self.kind == "bzip2":
+            return bz2.BZ2Decompressor()
+        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+
+    def _input(self) -> bytes:
+        if self.back:
+            data, self.back = self.back, b""
+            return data
+        data = self.ev.read(self.pos, READ_CHUNK)
+        self.pos += len(data)
+        return data
+
+    def fail(self, offset: int, message: str) -> ImageError:
+        where = f"{self.kind} stream offset {offset:#x}"
+        return ImageError(self.ev.path, self.start, f"{where}: {message}")
+
+    def read(self, n: int) -> bytes:
+        while not self.done:
+            d = self.dec
+            if self.kind == "gzip":
+                data = d.unconsumed_tail or self._input()
+            else:
+                data = self._input() if d.needs_input else b""
+            if not data and (self.kind == "gzip" or d.needs_input):
+                self._stop("compressed data ends before its end marker (truncated)")
+                break
+            try:
+                out = d.decompress(data, n)
+            except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
+                self._stop(f"compressed data is corrupt ({exc})")
+                break
+            if d.eof:
+                self._next_member(d.unused_data)
+            if out:
+                return out
+        return b""
+
+    def _next_member(self, rest: bytes) -> None:
+        following = rest or self._input()
+        magic = PAYLOAD_MAGICS[self.kind]
+        if following.startswith(magic):
+            self.back = following
+            self.dec = self._new()
+        else:
+            self.done = True  # trailing zero padding or garbage after the last member
+
+    def _stop(self, message: str) -> None:
+        at = self.pos - len(self.back)
+        self.problem = ImageError(self.ev.path, at, f"{self.kind} payload: {message}")
+        self.done = True
+
+    def close(self) -> None:
+        self.dec = None
+
+
+class _PipeDecompressor:
+    """lzop / zstd payload decompressed by the external program, the file given as its stdin
+    (positioned at the payload) and its output read through a pipe a chunk at a time."""
+
+    def __init__(self, ev: Evidence, start: int, kind: str) -> None:
+        self.ev, self.start, self.kind = ev, start, kind
+        self.problem: ImageError | None = None
+        tool = PIPE_TOOLS[kind]
+        if shutil.which(tool[0]) is None:
+            raise ImageError(ev.path, start, f"{kind} payload needs the {tool[0]!r} program")
+        self.fh = open(ev.path, "rb")  # noqa: SIM115 - closed in close()
+        self.fh.seek(start)
+        self.err = tempfile.TemporaryFile()
+        self.proc = subprocess.Popen(
+            tool, stdin=self.fh, stdout=subprocess.PIPE, stderr=self.err
+        )
+
+    def fail(self, offset: int, message: str) -> ImageError:
+        where = f"{self.kind} stream offset {offset:#x}"
+        return ImageError(self.ev.path, self.start, f"{where}: {message}")
+
+    def read(self, n: int) -> bytes:
+        data = self.proc.stdout.read(n) if self.proc.stdout else b""
+        if not data and self.problem is None and self.proc.wait() != 0:
+            self.err.seek(0)
+            msg = self.err.read(400).decode("utf-8", "replace").strip().splitlines()
+            detail = msg[-1] if msg else f"exit status {self.proc.returncode}"
+            self.problem = ImageError(self.ev.path, self.start, f"{self.kind} payload: {detail}")
+        return data
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        if self.proc.stdout:
+            self.proc.stdout.close()
+        self.fh.close()
+        self.err.close()
+
+
+def _sniff(ev: Evidence, start: int) -> str | None:
+    head = ev.read(start, 16)
+    for name, magic in PAYLOAD_MAGICS.items():
+        if head.startswith(magic):
+            return name
+    return None
+
+
+def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
+    """Read the header and XML, then map (raw, sparse) or stream (compressed) the payload."""
+    ev = Evidence(path)
+    image = MemoryImage(path=path, format="libvirt-save", files=[path], closers=[ev.close])
+    try:
+        _open(ev, image, options)
+    except ImageError:
+        ev.close()
+        raise
+    return image
+
+
+def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
+    path = ev.path
+    hdr = read_header(ev)
+    start = HEADER_SIZE + hdr["data_len"]
+    meta = image.meta
+    meta.update(
+        libvirt_header_version=hdr["version"], was_running=hdr["was_running"],
+        byte_order=hdr["byte_order"], payload_offset=start,
+    )
+    if not hdr["complete"]:
+        image.warnings.append(ImageError(path, 0, "LibvirtQemudPart: the save was interrupted; "
+                                         "the stream may end early"))
+    xml_len = hdr["cookie_offset"] or hdr["data_len"]
+    if hdr["cookie_offset"] > hdr["data_len"]:
+        image.warnings.append(ImageError(path, 32, "cookie offset beyond the data area"))
+        xml_len = hdr["data_len"]
+    xml = ev.read(HEADER_SIZE, min(xml_len, MAX_XML)).split(b"\0", 1)[0]
+    try:
+        meta.update(parse_domain_xml(xml))
+    except ET.ParseError as exc:
+        image.warnings.append(ImageError(path, HEADER_SIZE, f"domain XML unreadable: {exc}"))
+    machine = meta.get("machine")
+    declared = FORMAT_NAMES.get(hdr["format"])
+    if declared is None:
+        raise ImageError(path, 28, f"unknown save image format {hdr['format']}")
+    found = _sniff(ev, start)
+    if declared == "sparse":
+        kind = "sparse"
+    elif found is None:
+        raise ImageError(path, start, f"no {declared} stream at the payload offset")
+    else:
+        kind = found
+        if hdr["version"] == 2 and found != declared:
+            image.warnings.append(ImageError(
+                path, 28, f"header says {declared} but the payload is {found}; read as {found}"
+            ))
+    meta["compression"] = kind
+    if kind in ("raw", "sparse"):
+        qemu.open_mapped(ev, start, image, machine, options)
+        meta.setdefault("ram_size", meta.get("declared_memory"))
+        return
+    opener = _PipeDecompressor if kind in PIPE_TOOLS else _PyDecompressor
+    declared_ram = meta.get("declared_memory") or 0
+
+    def limit(mem_total: int) -> int:
+        return 2 * max(declared_ram, mem_total) + qemu.WINDOW + BOMB_MARGIN
+
+    first = opener(ev, start, kind)
+    try:
+        prefix = b""
+        while len(prefix) < qemu.PEEK and (data := first.read(qemu.PEEK - len(prefix))):
+            prefix += data
+        walker = qemu.peek_meta(prefix, first.fail, machine, options)
+    finally:
+        first.close()
+    if not walker.blocks and first.problem is not None:
+        raise first.problem
+    walker.assign_spaces(image)
+    meta.update(walker.meta())
+    meta.setdefault("ram_size", declared_ram or None)
+
+    def stream() -> Iterator[Segment]:
+        return qemu.stream_segments(opener(ev, start, kind), image, machine, options, limit)
+
+    image.stream = stream
