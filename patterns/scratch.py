@@ -42,9 +42,14 @@ def buffer(name: str, n: int, dtype: type | np.dtype) -> np.ndarray:
 
 def _shifted(data: np.ndarray) -> np.ndarray:
     """``data[1:]`` copied to an aligned buffer (for odd-offset uint16 compares)."""
-    out = np.empty(data.size - 1, np.uint8)
+    out = np.empty(max(data.size - 1, 0), np.uint8)
     np.copyto(out, data[1:])
     return out
+
+
+def shifted(chunk: Chunk) -> np.ndarray:
+    """``chunk.data[1:]`` as an aligned copy, made once per chunk for every detector."""
+    return chunk.memo("scratch.shifted", lambda c: _shifted(c.data))
 
 
 def u16_hits(data: np.ndarray, pair: bytes, shifted: np.ndarray | None = None) -> np.ndarray:
@@ -91,7 +96,7 @@ class Stream:
 
 def _make_streams(chunk: Chunk) -> list[Stream]:
     d = chunk.data
-    out = [Stream(d, _shifted(d) if d.size > 1 else d[:0], ASCII, 1, 0)]
+    out = [Stream(d, shifted(chunk), ASCII, 1, 0)]
     for parity in (0, 1):
         chars = np.ascontiguousarray(d[parity::2])
         if chars.size > 1:
