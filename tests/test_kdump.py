@@ -1,0 +1,247 @@
+"""kdump-compressed parser: real QEMU dumps (samples/dumps) and written variants."""
+
+from __future__ import annotations
+
+import builtins
+import gzip
+import json
+import shutil
+import struct
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import pytest
+from dumpwriter import Kdump, assemble_kdump, elf_note, flatten, read_ranges, write_kdump
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parsers import kdump, registry
+from parsers.base import ImageError
+
+DUMPS = Path(__file__).resolve().parent.parent / "samples" / "dumps"
+MANIFEST = json.loads((DUMPS / "manifest.json").read_text())
+PAGE = 4096
+
+
+def unpack(entry: dict, tmp: Path) -> Path:
+    out = tmp / entry["file"].removesuffix(".gz")
+    with gzip.open(DUMPS / entry["file"]) as fin, open(out, "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    return out
+
+
+def scan_all(image) -> None:
+    """Walk every segment and check its extents lie inside its buffer."""
+    for seg in image.segments():
+        ext = seg.extents
+        assert (ext.buf_offset >= 0).all()
+        assert (ext.buf_offset + ext.length <= seg.data.size).all()
+
+
+@pytest.mark.parametrize(
+    "entry", [d for d in MANIFEST["dumps"] if d["format"] == "kdump"], ids=lambda d: d["file"]
+)
+def test_real_qemu_kdump_planted_values_at_their_gpas(entry: dict, tmp_path: Path) -> None:
+    path = unpack(entry, tmp_path)
+    with registry.open_image(str(path)) as image:
+        assert image.format == "kdump" and not image.random_access
+        assert image.meta["compression"] == "zlib"
+        assert image.meta["ram_size"] >= 64 << 20
+        assert ("container" in image.meta) == entry["file"].endswith(".flat.gz")
+        plants = entry["plants"]
+        got = read_ranges(image, [(p["gpa"], len(p["hex"]) // 2) for p in plants])
+        for p, data in zip(plants, got, strict=True):
+            assert data == bytes.fromhex(p["hex"]), p["name"]
+        assert not image.warnings
+
+
+def test_real_raw_pages_are_zero_copy(tmp_path: Path) -> None:
+    """The planted incompressible page is stored raw: it must come from the mmap segment
+    with its true file offset, not from a decompression window."""
+    entry = next(d for d in MANIFEST["dumps"] if d["file"] == "pc-64M.kdump-zlib.gz")
+    path = unpack(entry, tmp_path)
+    noise = next(p for p in entry["plants"] if p["name"] == "noise_page")
+    raw = path.read_bytes()
+    with registry.open_image(str(path)) as image:
+        segs = [(s.reused, s.extents) for s in image.segments()]
+    mapped = [e for reused, e in segs if not reused]
+    assert len(mapped) == 1
+    ext = mapped[0]
+    i = list(ext.addr).index(noise["gpa"])
+    fo = int(ext.file_offset[i])
+    assert raw[fo : fo + PAGE].hex() == noise["hex"]
+
+
+def pages_for_test() -> dict[int, bytes]:
+    """PFN -> page: text pages (compressible), a random page (stored raw), zero pages."""
+    import random
+
+    rnd = random.Random(7)
+    pages = {pfn: bytes(PAGE) for pfn in range(0, 64)}
+    pages[3] = b"card 4111111111111111 ".ljust(PAGE, b".")
+    pages[4] = b"x" * (PAGE - 8) + b"40128888"
+    pages[5] = b"88881881" + b"y" * (PAGE - 8)
+    pages[40] = rnd.randbytes(PAGE)
+    pages[100] = b"far page".ljust(PAGE, b"-")
+    return pages
+
+
+@pytest.mark.parametrize("codec", ["zlib", "lzo", "snappy", "zstd", "none"])
+@pytest.mark.parametrize("bits,order", [(64, "<"), (32, "<"), (64, ">"), (32, ">")])
+@pytest.mark.parametrize("flat", [False, True])
+def test_written_codecs_layouts(tmp_path: Path, codec: str, bits: int, order: str, flat: bool):
+    if codec == "lzo":
+        pytest.importorskip("lzokay", reason="LZO pages need the lzokay package")
+    if codec in ("snappy", "zstd"):
+        pytest.importorskip("cramjam", reason="snappy/zstd pages need the cramjam package")
+    pages = pages_for_test()
+    path = tmp_path / "dump"
+    machine = b"i686" if bits == 32 else b"x86_64"
+    write_kdump(str(path), pages, Kdump(bits=bits, order=order, codec=codec, machine=machine),
+                flat=flat, chunk=5000, shuffle=3 if flat else None)  # fmt: skip
+    with registry.open_image(str(path)) as image:
+        assert image.meta["guest_bits"] == bits
+        assert image.meta["byte_order"] == ("little" if order == "<" else "big")
+        assert image.meta["pages_stored"] == len(pages)
+        want = sorted(pfn for pfn, page in pages.items() if any(page))
+        got = read_ranges(image, [(pfn * PAGE, PAGE) for pfn in want])
+        assert got == [pages[pfn] for pfn in want]
+        assert not image.warnings
+
+
+def test_zero_pages_share_one_stored_page_and_are_skipped(tmp_path: Path) -> None:
+    pages = {pfn: bytes(PAGE) for pfn in range(2000)}
+    pages[1500] = b"z".ljust(PAGE, b"!")
+    path = tmp_path / "dump"
+    write_kdump(str(path), pages)
+    with registry.open_image(str(path)) as image:
+        rows = sum(len(s.extents) for s in image.segments())
+    assert rows <= 3  # not one extent per zero page
+
+
+def test_metadata_from_sub_header(tmp_path: Path) -> None:
+    notes = elf_note(b"CORE", 1, bytes(336)) * 3
+    opt = Kdump(vmcoreinfo=b"OSRELEASE=6.1.0-test\nPAGESIZE=4096\n", notes=notes)
+    path = tmp_path / "dump"
+    write_kdump(str(path), pages_for_test(), opt)
+    with registry.open_image(str(path)) as image:
+        assert image.meta["guest_os_release"] == "6.1.0-test"
+        assert image.meta["vcpus"] == 3
+        assert image.meta["utsname_release"] == "6.1.0-test"
+
+
+def test_flattened_overwrites_last_writer_wins(tmp_path: Path) -> None:
+    pages = pages_for_test()
+    path = tmp_path / "dump"
+    write_kdump(str(path), pages, flat=True, chunk=3000, overwrite=True)
+    with registry.open_image(str(path)) as image:
+        assert read_ranges(image, [(3 * PAGE, PAGE)]) == [pages[3]]
+        assert not image.warnings
+
+
+def test_incomplete_dump_lost_pages_reported(tmp_path: Path) -> None:
+    pages = pages_for_test()
+    path = tmp_path / "dump"
+    write_kdump(str(path), pages, Kdump(lost={4, 5}, incomplete=True))
+    with registry.open_image(str(path)) as image:
+        got = read_ranges(image, [(3 * PAGE, PAGE), (4 * PAGE, PAGE)])
+        text = " | ".join(str(w) for w in image.warnings)
+    assert got == [pages[3], None]
+    assert "incomplete" in text and "2 page(s) lost" in text
+
+
+def test_missing_codec_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("cramjam", reason="writing snappy pages needs cramjam")
+    pages = pages_for_test()
+    path = tmp_path / "dump"
+    write_kdump(str(path), pages, Kdump(codec="snappy"))
+    real_import = builtins.__import__
+
+    def no_cramjam(name, *args, **kwargs):
+        if name == "cramjam":
+            raise ImportError("hidden by the test")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_cramjam)
+    with registry.open_image(str(path)) as image:
+        got = read_ranges(image, [(40 * PAGE, PAGE), (3 * PAGE, PAGE)])
+        text = " | ".join(str(w) for w in image.warnings)
+    assert got == [pages[40], None]  # the raw page is still read
+    assert "snappy not readable" in text and "cramjam" in text
+
+
+def test_page_expanding_past_block_is_rejected(tmp_path: Path) -> None:
+    pages = pages_for_test()
+    blob = bytearray(assemble_kdump(pages, Kdump()))
+    bomb = zlib.compress(bytes(64 << 20))  # 64 MiB of zeros in ~64 KiB
+    # Point the descriptor of PFN 3 (the 4th stored page) at the bomb appended to the file.
+    desc_at = (1 + 1 + 2) * PAGE + 3 * 24
+    struct.pack_into("<QII", blob, desc_at, len(blob), len(bomb) if len(bomb) < PAGE else 4000,
+                     1)  # fmt: skip
+    blob += bomb
+    path = tmp_path / "dump"
+    path.write_bytes(bytes(blob))
+    tracemalloc.start()
+    with registry.open_image(str(path)) as image:
+        got = read_ranges(image, [(3 * PAGE, PAGE), (100 * PAGE, PAGE)])
+        text = " | ".join(str(w) for w in image.warnings)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert got == [None, pages[100]]
+    assert "does not decode to one page" in text
+    assert peak < 32 << 20
+
+
+def test_absurd_header_sizes(tmp_path: Path) -> None:
+    blob = bytearray(assemble_kdump(pages_for_test(), Kdump()))
+    struct.pack_into("<I", blob, 0x1B4, 0x7FFFFFFF)  # bitmap_blocks: 8 TiB of bitmaps
+    path = tmp_path / "dump"
+    path.write_bytes(bytes(blob))
+    with pytest.raises(ImageError, match="bitmap") as err:
+        kdump.open_image(str(path), "kdump", {})
+    assert str(err.value).startswith(str(path))
+
+
+def test_truncated_descriptors_and_data(tmp_path: Path) -> None:
+    pages = pages_for_test()
+    full = assemble_kdump(pages, Kdump())
+    desc_at = (1 + 1 + 2) * PAGE
+    path = tmp_path / "dump"
+    path.write_bytes(full[: desc_at + 24 * 10])  # 10 of 65 descriptors, no page data
+    with registry.open_image(str(path)) as image:
+        scan_all(image)
+        text = " | ".join(str(w) for w in image.warnings)
+    assert "55 page(s) without a page descriptor" in text
+    assert "past the end of the file" in text
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), flat=st.booleans())
+def test_corrupted_dumps_fail_cleanly(tmp_path: Path, data: st.DataObject, flat: bool) -> None:
+    blob = bytearray(assemble_kdump(pages_for_test(), Kdump()))
+    regions = [(0, 0x1E0), (PAGE, PAGE + 0x70), (2 * PAGE, 4 * PAGE), (4 * PAGE, 4 * PAGE + 1600)]
+    for _ in range(data.draw(st.integers(0, 6))):
+        lo, hi = data.draw(st.sampled_from(regions))
+        pos = data.draw(st.integers(lo, hi - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    if flat:
+        blob = bytearray(flatten(bytes(blob), chunk=3000))
+        for _ in range(data.draw(st.integers(0, 3))):
+            pos = data.draw(st.integers(4096, len(blob) - 1))
+            blob[pos] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(blob)))
+    path = tmp_path / "fuzzed"
+    path.write_bytes(bytes(blob[:cut]))
+    tracemalloc.start()
+    try:
+        with kdump.open_image(str(path), "kdump", {}) as image:
+            scan_all(image)
+    except ImageError as err:
+        assert str(err).startswith(str(path))
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    assert peak < 96 << 20
