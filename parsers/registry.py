@@ -13,10 +13,10 @@ import os
 from types import ModuleType
 from typing import Any
 
-from parsers import elf, kdump, libvirt, lime, qemu, raw, vmware
+from parsers import elf, kdump, libvirt, lime, qcow2, qemu, raw, vmware
 from parsers.base import ImageError, MemoryImage
 
-PARSERS: list[ModuleType] = [elf, kdump, libvirt, lime, qemu, vmware, raw]
+PARSERS: list[ModuleType] = [elf, kdump, libvirt, lime, qcow2, qemu, vmware, raw]
 
 HEAD_BYTES = 4096  # enough for every magic we know
 

@@ -1,0 +1,284 @@
+"""qcow2 disks holding internal snapshots with VM state (``savevm``, ``virsh snapshot-create``
+internal): each snapshot's vmstate is a QEMU migration stream stored in the image's guest
+address space just past the disk data, reached through the snapshot's own L1/L2 tables
+(FORMATS.md section 3). The vmstate is read cluster by cluster (compressed clusters inflated)
+and walked by :mod:`parsers.qemu` in bounded windows.
+
+Every snapshot with VM state is scanned in turn, or only the one named by
+``options["snapshot"]`` (its name or id). All qcow2 integers are big-endian.
+"""
+
+from __future__ import annotations
+
+import struct
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+from parsers import qemu
+from parsers.base import Evidence, ImageError, MemoryImage, Segment
+
+FORMATS = ["qcow2-snapshot"]
+
+MAGIC = b"QFI\xfb"
+HEADER = struct.Struct(
+    ">4s"  # magic
+    "I"  # version, 2 or 3
+    "Q"  # backing_file_offset
+    "I"  # backing_file_size
+    "I"  # cluster_bits
+    "Q"  # size: virtual disk size, bytes
+    "I"  # crypt_method: 0 none, 1 AES, 2 LUKS
+    "I"  # l1_size (active table), entries
+    "Q"  # l1_table_offset (active)
+    "Q"  # refcount_table_offset
+    "I"  # refcount_table_clusters
+    "I"  # nb_snapshots
+    "Q"  # snapshots_offset
+)
+HEADER_V3 = struct.Struct(
+    ">Q"  # incompatible_features
+    "Q"  # compatible_features
+    "Q"  # autoclear_features
+    "I"  # refcount_order
+    "I"  # header_length
+)
+V3_AT = HEADER.size  # 0x48
+COMPRESSION_TYPE_AT = 0x68  # u8, present when header_length > 0x68
+SNAPSHOT = struct.Struct(
+    ">Q"  # l1_table_offset of this snapshot
+    "I"  # l1_size, entries
+    "H"  # id_str_size
+    "H"  # name_size
+    "I"  # date_sec
+    "I"  # date_nsec
+    "Q"  # vm_clock_nsec
+    "I"  # vm_state_size (32-bit; the extra data's 64-bit field wins)
+    "I"  # extra_data_size
+)
+EXTRA_VMSTATE = struct.Struct(">Q")  # extra data bytes 0-7: 64-bit vm_state_size
+EXTRA_DISK = struct.Struct(">Q")  # extra data bytes 8-15: disk size at snapshot time
+INCOMPAT_DATA_FILE = 1 << 2  # guest data in an external file
+INCOMPAT_EXTENDED_L2 = 1 << 4  # 16-byte L2 entries with subcluster bitmaps
+L1_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55: L2 table offset
+L2_OFFSET_MASK = 0x00FFFFFFFFFFFE00  # bits 9-55: host cluster offset
+L2_COMPRESSED = 1 << 62
+L2_ZERO = 1  # bit 0: reads as zeros (v3)
+MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
+READ_RUN = 1 << 20  # vmstate bytes handed to the walker per read
+SUBCLUSTERS = 32
+
+
+def probe(head: bytes, path: str) -> str | None:
+    """A qcow2 image is ours only when it has snapshots (else it is a disk, not memory)."""
+    if len(head) < HEADER.size or not head.startswith(MAGIC):
+        return None
+    return "qcow2-snapshot" if HEADER.unpack_from(head)[11] > 0 else None
+
+
+class Qcow2:
+    """The header, snapshot table and cluster translation of one qcow2 file."""
+
+    def __init__(self, ev: Evidence) -> None:
+        self.ev = ev
+        path = ev.path
+        (magic, version, _, _, cbits, size, crypt, _, _, _, _, nsnap, snap_off) = HEADER.unpack(
+            ev.need(0, HEADER.size, "qcow2 header")
+        )
+        if magic != MAGIC or version not in (2, 3):
+            raise ImageError(path, 0, f"not a qcow2 image of version 2 or 3 ({version})")
+        if not 9 <= cbits <= 21:
+            raise ImageError(path, 0x14, f"cluster_bits {cbits} out of range")
+        if crypt:
+            raise ImageError(path, 0x20, "encrypted qcow2: the VM state is encrypted too")
+        self.version, self.cluster_bits, self.size = version, cbits, size
+        self.cluster_size = 1 << cbits
+        self.incompat = 0
+        self.compression = "deflate"
+        if version == 3:
+            incompat, _, _, _, hlen = HEADER_V3.unpack(ev.need(V3_AT, HEADER_V3.size, "v3 header"))
+            self.incompat = incompat
+            if incompat & INCOMPAT_DATA_FILE:
+                raise ImageError(path, V3_AT, "qcow2 with an external data file is not supported")
+            if hlen > COMPRESSION_TYPE_AT and ev.need(COMPRESSION_TYPE_AT, 1, "compression")[0]:
+                self.compression = "zstd"
+        self.extended = bool(self.incompat & INCOMPAT_EXTENDED_L2)
+        self.l2_entry = 16 if self.extended else 8
+        self.l2_bits = cbits - (4 if self.extended else 3)
+        if nsnap > MAX_SNAPSHOTS:
+            raise ImageError(path, 0x3C, f"{nsnap} snapshots announced")
+        self.snapshots = self._snapshot_table(snap_off, nsnap)
+
+    def _snapshot_table(self, offset: int, count: int) -> list[dict[str, Any]]:
+        out = []
+        pos = offset
+        for _ in range(count):
+            (l1_off, l1_size, id_len, name_len, sec, nsec, clock, vm32, extra_len) = (
+                SNAPSHOT.unpack(self.ev.need(pos, SNAPSHOT.size, "snapshot header"))
+            )
+            extra = self.ev.need(pos + SNAPSHOT.size, extra_len, "snapshot extra data")
+            vmstate = EXTRA_VMSTATE.unpack_from(extra)[0] if extra_len >= 8 else vm32
+            disk = EXTRA_DISK.unpack_from(extra, 8)[0] if extra_len >= 16 else self.size
+            strings = pos + SNAPSHOT.size + extra_len
+            ident = self.ev.need(strings, id_len, "snapshot id").decode("utf-8", "replace")
+            name = self.ev.need(strings + id_len, name_len, "snapshot name")
+            out.append({
+                "id": ident, "name": name.decode("utf-8", "replace"), "date": sec,
+                "vm_clock_ns": clock, "vm_state_size": vmstate, "disk_size": disk,
+                "l1_offset": l1_off, "l1_size": l1_size, "table_offset": pos,
+            })
+            pos = (strings + id_len + name_len + 7) // 8 * 8
+        return out
+
+    def vmstate_offset(self, snap: dict[str, Any]) -> int:
+        """Guest offset of the vmstate: the first L1 entry past the disk data (bytes)."""
+        span = 1 << (self.cluster_bits + self.l2_bits)
+        return (snap["disk_size"] + span - 1) // span * span
+
+    def cluster(self, snap: dict[str, Any], guest: int) -> bytes:
+        """The cluster at guest offset ``guest`` (cluster aligned) as the snapshot saw it."""
+        ev, cs = self.ev, self.cluster_size
+        l1_index = guest >> (self.cluster_bits + self.l2_bits)
+        if l1_index >= snap["l1_size"]:
+            raise ImageError(ev.path, snap["table_offset"], "vmstate runs past the snapshot's L1")
+        at = snap["l1_offset"] + 8 * l1_index
+        l2_off = struct.unpack(">Q", ev.need(at, 8, "L1 entry"))[0] & L1_OFFSET_MASK
+        if l2_off == 0:
+            return bytes(cs)
+        l2_index = (guest >> self.cluster_bits) & ((1 << self.l2_bits) - 1)
+        at = l2_off + self.l2_entry * l2_index
+        entry, bitmap = struct.unpack(">QQ", ev.need(at, 16, "L2 entry")) if self.extended else (
+            struct.unpack(">Q", ev.need(at, 8, "L2 entry"))[0], None
+        )
+        if entry & L2_COMPRESSED:
+            return self._compressed(entry, at)
+        host = entry & L2_OFFSET_MASK
+        if host == 0 or (entry & L2_ZERO and not self.extended):
+            return bytes(cs)
+        data = ev.need(host, cs, "data cluster")
+        if bitmap is None or bitmap & 0xFFFFFFFF == 0xFFFFFFFF:
+            return data
+        sub = cs // SUBCLUSTERS
+        out = bytearray(cs)  # unallocated or zero subclusters read as zeros
+        for i in range(SUBCLUSTERS):
+            if bitmap >> i & 1 and not bitmap >> (32 + i) & 1:
+                out[i * sub : (i + 1) * sub] = data[i * sub : (i + 1) * sub]
+        return bytes(out)
+
+    def _compressed(self, entry: int, at: int) -> bytes:
+        x = 62 - (self.cluster_bits - 8)
+        host = entry & ((1 << x) - 1)
+        sectors = (entry >> x) & ((1 << (self.cluster_bits - 8)) - 1)
+        end = min((host // 512 + sectors + 1) * 512, self.ev.size)
+        if host >= end:
+            raise ImageError(self.ev.path, at, "compressed cluster outside the file")
+        raw = self.ev.read(host, end - host)
+        try:
+            if self.compression == "zstd":
+                out = _zstd_cluster(raw, self.cluster_size, self.ev.path, host)
+            else:
+                out = zlib.decompressobj(wbits=-15).decompress(raw, self.cluster_size)
+        except zlib.error as exc:
+            raise ImageError(self.ev.path, host, f"compressed cluster corrupt: {exc}") from None
+        if len(out) != self.cluster_size:
+            raise ImageError(self.ev.path, host, "compressed cluster is not one cluster long")
+        return out
+
+
+def _zstd_cluster(raw: bytes, size: int, path: str, at: int) -> bytes:
+    try:
+        import zstandard
+    except ImportError:
+        msg = "zstd-compressed cluster needs the 'zstandard' package"
+        raise ImageError(path, at, msg) from None
+    try:
+        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)[:size]
+    except zstandard.ZstdError as exc:
+        raise ImageError(path, at, f"compressed cluster corrupt: {exc}") from None
+
+
+class _VmstateReader:
+    """The vmstate bytes of one snapshot as a :class:`qemu.StreamSource`."""
+
+    def __init__(self, img: Qcow2, snap: dict[str, Any]) -> None:
+        self.img, self.snap = img, snap
+        self.start = img.vmstate_offset(snap)
+        self.pos = 0  # bytes of vmstate delivered
+        self.problem: ImageError | None = None
+
+    def fail(self, offset: int, message: str) -> ImageError:
+        where = f"snapshot {self.snap['name']!r} vmstate offset {offset:#x}"
+        return ImageError(self.img.ev.path, self.snap["table_offset"], f"{where}: {message}")
+
+    def read(self, n: int) -> bytes:
+        cs = self.img.cluster_size
+        out = []
+        got = 0
+        want = min(n, READ_RUN, self.snap["vm_state_size"] - self.pos)
+        while got < want and self.problem is None:
+            guest = self.start + self.pos + got
+            base = guest - guest % cs
+            try:
+                data = self.img.cluster(self.snap, base)
+            except ImageError as exc:
+                self.problem = exc
+                break
+            piece = data[guest - base : guest - base + want - got]
+            out.append(piece)
+            got += len(piece)
+        self.pos += got
+        return b"".join(out)
+
+    def close(self) -> None:
+        return None
+
+
+def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
+    """List the snapshots and stream the vmstate of each selected one."""
+    ev = Evidence(path)
+    image = MemoryImage(path=path, format="qcow2-snapshot", files=[path], closers=[ev.close])
+    try:
+        img = Qcow2(ev)
+        chosen = _select(img, options.get("snapshot"), path)
+        first = _VmstateReader(img, chosen[0])
+        prefix = first.read(qemu.PEEK)
+        walker = qemu.peek_meta(prefix, first.fail, options.get("machine"), options)
+    except ImageError:
+        ev.close()
+        raise
+    walker.assign_spaces(image)
+    image.meta.update(walker.meta())
+    image.meta.update(
+        compression=f"qcow2 v{img.version} ({img.compression} clusters)",
+        snapshots=[{k: s[k] for k in ("id", "name", "date", "vm_clock_ns", "vm_state_size")}
+                   for s in img.snapshots],
+        snapshot=options.get("snapshot") or "all",
+        scanned_snapshots=[s["name"] for s in chosen],
+    )
+
+    def limit(mem_total: int) -> int:
+        return 2 * mem_total + qemu.WINDOW + (64 << 20)
+
+    def stream() -> Iterator[Segment]:
+        for snap in chosen:
+            yield from qemu.stream_segments(
+                _VmstateReader(img, snap), image, options.get("machine"), options, limit
+            )
+
+    image.stream = stream
+    return image
+
+
+def _select(img: Qcow2, wanted: str | None, path: str) -> list[dict[str, Any]]:
+    with_state = [s for s in img.snapshots if s["vm_state_size"] > 0]
+    if wanted:
+        chosen = [s for s in img.snapshots if wanted in (s["name"], s["id"])]
+        if not chosen:
+            names = ", ".join(repr(s["name"]) for s in img.snapshots) or "none"
+            raise ImageError(path, None, f"no snapshot {wanted!r} (snapshots: {names})")
+        if chosen[0]["vm_state_size"] == 0:
+            raise ImageError(path, None, f"snapshot {wanted!r} is disk-only (no VM state)")
+        return chosen[:1]
+    if not with_state:
+        raise ImageError(path, None, "no snapshot with VM state (all are disk-only)")
+    return with_state
