@@ -31,6 +31,7 @@ from __future__ import annotations
 import bisect
 import os
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -262,7 +263,9 @@ def _printable(raw: bytes) -> str:
     return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in raw)
 
 
-def _walk_group(ev: Evidence, ck: Checkpoint, group: Group, warn: _Warnings, budget: list[int]):
+def _walk_group(
+    ev: Evidence, ck: Checkpoint, group: Group, warn: _Warnings, budget: list[int]
+) -> Iterator[Tag]:
     """Yield the tags of ``group``; stops with a warning at anything outside the group."""
     path = ck.path
     if group.position >= ev.size or group.position < HEADER.size:
@@ -380,13 +383,17 @@ def _walk_group(ev: Evidence, ck: Checkpoint, group: Group, warn: _Warnings, bud
 
 
 def _note_tag(ev: Evidence, ck: Checkpoint, group: Group, tag: Tag) -> None:
-    """Keep what the image needs from one tag (the memory group whole; a few others)."""
+    """Keep what the image needs from one tag: the memory group whole, the Checkpoint group's
+    integers, and screen images: every block of an MKS* (screen) group, and any other block
+    whose data is a PNG (a thumbnail kept elsewhere is then still reported)."""
     if group.name == "memory":
         ck.memory_tags.append(tag)
     elif group.name == "Checkpoint" and tag.value is not None and not tag.indices:
         ck.checkpoint_tags.setdefault(tag.name, tag.value)
-    elif group.name.startswith("MKS") and tag.is_block:
-        start = ev.data[tag.data_offset : tag.data_offset + len(PNG_SIGNATURE)].tobytes()
+    if group.name == "memory" or not tag.is_block:
+        return
+    start = ev.data[tag.data_offset : tag.data_offset + len(PNG_SIGNATURE)].tobytes()
+    if group.name.startswith("MKS") or start == PNG_SIGNATURE:
         ck.screen.append(
             {
                 "group": group.name,
@@ -634,15 +641,16 @@ def read_vmx(path: str) -> dict[str, str]:
 
 
 def companions(path: str) -> list[str]:
-    """The other files an image opened from ``path`` would use, by VMware naming only:
-    for a checkpoint its ``.vmem`` (when present), for a ``.vmem`` its checkpoint, and the
-    VM's ``.vmx``. Paths that exist; ``path`` itself is not listed."""
+    """The other files an image opened from ``path`` uses, paired by VMware naming: for a
+    checkpoint its ``.vmem``, for a ``.vmem`` its checkpoint (neither when the checkpoint
+    embeds its own memory: it then describes no .vmem), and the VM's ``.vmx``. Paths that
+    exist; ``path`` itself is not listed."""
     out = []
     if _has_ext(path, MEMORY_EXT):
         ck = companion_checkpoint(path)
-        if ck:
+        if ck and not _embeds_memory(ck):
             out.append(ck)
-    else:
+    elif read_magic(path) is not None and not _embeds_memory(path):
         vmem = _sibling(path, MEMORY_EXT)
         if vmem:
             out.append(vmem)

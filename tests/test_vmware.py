@@ -600,3 +600,24 @@ def test_scan_checkpoint_declaring_flat_memory(tmp_path):
     result = _scan(out["vmem"])
     assert result.warnings == []
     assert set(_found(result)) == set(plants)
+
+
+def test_png_block_outside_mks_groups_is_reported(tmp_path):
+    groups = w.standard_groups(None, screenshot=None)
+    groups.append(
+        ("gui", [w.Block("thumb", (0,), data=w.TINY_PNG), w.Block("blob", (), data=b"x" * 9)])
+    )
+    path = tmp_path / "t.vmss"
+    w.write_checkpoint(path, groups)
+    w.write_vmem(tmp_path / "t.vmem", w.PAGE, {})
+    with open_any(str(path)) as image:
+        assert image.meta["screenshot"] is False
+        (shot,) = image.meta["screen_blocks"]
+        assert (shot["group"], shot["tag"], shot["png"]) == ("gui", "thumb[0]", True)
+
+
+def test_companions_of_an_embedded_checkpoint_exclude_the_vmem(tmp_path):
+    out = w.make_vm(tmp_path, "emb", memory_size=MiB, plants={}, regions=None, embedded=True)
+    w.write_vmem(tmp_path / "emb.vmem", MiB, {})
+    assert vmware.companions(out["checkpoint"]) == []
+    assert vmware.companions(str(tmp_path / "emb.vmem")) == []
