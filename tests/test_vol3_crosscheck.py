@@ -151,11 +151,11 @@ def test_kdump_against_volatility3_on_the_same_guests_elf(tmp_path: Path, name: 
             gpa, n = gpa + take, n - take
     with registry.open_image(str(path)) as image:
         ours = read_ranges(image, ranges)
-    skipped = 0
+    compared = 0
     for (gpa, n), mine in zip(ranges, ours, strict=True):
         theirs = layer.read(gpa, n)
         if mine is None:
-            skipped += 1
             mine = bytes(n)  # zero pages are not materialised by the kdump parser
+        compared += any(theirs)
         assert mine == theirs, hex(gpa)
-    assert skipped < len(ranges) / 2
+    assert compared >= len(entry["plants"])
