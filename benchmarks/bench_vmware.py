@@ -23,13 +23,12 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path[:0] = [os.path.dirname(HERE), os.path.join(os.path.dirname(HERE), "tests")]
-
-import vmware_writer as w  # noqa: E402  (the test-only checkpoint writer)
+sys.path.insert(0, os.path.dirname(HERE))
 
 from parsers import registry  # noqa: E402
 from patterns import registry as detectors  # noqa: E402
 from scanner.engine import Engine, ScanConfig  # noqa: E402
+from tests import vmware_writer as w  # noqa: E402  (the test-only checkpoint writer)
 
 HOLE_PPN = 0x100000  # the high region starts at 4 GiB
 PANS = [b"4111111111111111", b"5555555555554444", b"4012888888881881", b"378282246310005"]

@@ -10,12 +10,12 @@ import tempfile
 
 import numpy as np
 import pytest
-import vmware_writer as w
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parsers import registry, vmware
 from parsers.base import ImageError, MemoryImage
+from tests import vmware_writer as w
 
 MiB = 1 << 20
 LOW_PAGES = 0x300  # 3 MiB below the hole
@@ -621,3 +621,52 @@ def test_companions_of_an_embedded_checkpoint_exclude_the_vmem(tmp_path):
     w.write_vmem(tmp_path / "emb.vmem", MiB, {})
     assert vmware.companions(out["checkpoint"]) == []
     assert vmware.companions(str(tmp_path / "emb.vmem")) == []
+
+
+# --- the command line ---------------------------------------------------------------------
+
+
+def _vmleak(*args: str):
+    import subprocess
+    import sys
+
+    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
+    return subprocess.run(
+        [sys.executable, "-m", "scanner", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+
+
+def test_cli_scan_finds_pans_at_gpas_and_exit_1(tmp_path):
+    import json
+
+    out = w.make_vm(
+        tmp_path, "vm", memory_size=4 * MiB, plants={ABOVE: PAN_ABOVE}, regions=layout()
+    )
+    run = _vmleak("scan", "--format", "jsonl", out["checkpoint"])
+    assert run.returncode == 1, run.stderr
+    (row,) = [json.loads(x) for x in run.stdout.splitlines()]
+    assert (row["gpa"], row["file"], row["format"]) == (ABOVE, out["vmem"], "vmware-vmss")
+
+
+def test_cli_checkpoint_without_memory_exits_2_with_one_line(tmp_path):
+    out = w.make_vm(tmp_path, "vm", memory_size=MiB, plants={}, regions=layout())
+    os.remove(out["vmem"])
+    run = _vmleak("scan", out["checkpoint"])
+    assert run.returncode == 2
+    lines = [x for x in run.stderr.splitlines() if out["checkpoint"] in x]
+    assert len(lines) == 1 and "vm.vmem is not beside it" in lines[0]
+    assert "Traceback" not in run.stderr
+
+
+def test_cli_info_lists_regions_and_groups(tmp_path):
+    out = w.make_vm(
+        tmp_path, "vm", memory_size=4 * MiB, plants={}, regions=layout(), vmx=("Guest X", UUID)
+    )
+    run = _vmleak("info", out["vmem"])
+    assert run.returncode == 0, run.stderr
+    for text in ("vmware-vmem", "Guest X", "MKSVMX", "screenshot", "0x000100000000"):
+        assert text in run.stdout

@@ -13,10 +13,10 @@ import contextlib
 import random
 
 import pytest
-import vmware_writer as w
-from test_vmware import read_gpa
 
 from parsers import registry, vmware
+from tests import vmware_writer as w
+from tests.test_vmware import read_gpa
 
 MiB = 1 << 20
 
