@@ -233,3 +233,31 @@ def read_ranges(image, ranges: list[tuple[int, int]], space: int = 0) -> list[by
                 got[k][lo - g : hi - g] = piece
                 prev[:] = True
     return [bytes(b) if s.all() else None for b, s in zip(got, seen, strict=True)]
+
+
+def scan(path: str, detectors: str = "pan") -> list:
+    """Findings of a full engine scan of the image at ``path`` (format detected)."""
+    from parsers import registry
+    from patterns.registry import select
+    from scanner.engine import Engine, ScanConfig
+
+    engine = Engine(ScanConfig(select(detectors), key=b"k" * 32, chunk_size=64 * 1024))
+    with registry.open_image(path) as image:
+        result = engine.scan_image(image)
+    assert not result.errors, result.errors
+    return result.findings
+
+
+def planted_pans(plants: list[dict]) -> set[tuple[int, str]]:
+    """(GPA, encoding) of every 13-19 digit run in the planted values (ASCII and UTF-16LE),
+    i.e. where a PAN detector must report them."""
+    import re
+
+    out = set()
+    for p in plants:
+        data = bytes.fromhex(p["hex"])
+        for m in re.finditer(rb"(?<![0-9])[0-9]{13,19}(?![0-9])", data):
+            out.add((p["gpa"] + m.start(), "ascii"))
+        for m in re.finditer(rb"(?<![0-9]\0)(?:[0-9]\0){13,19}(?![0-9]\0)", data):
+            out.add((p["gpa"] + m.start(), "utf-16le"))
+    return out

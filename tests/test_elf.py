@@ -9,7 +9,7 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
-from dumpwriter import Load, elf_note, read_ranges, write_elf
+from dumpwriter import Load, elf_note, planted_pans, read_ranges, scan, write_elf
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -174,3 +174,10 @@ def test_corrupted_cores_fail_cleanly(tmp_path: Path, data: st.DataObject) -> No
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 64 << 20
+
+
+@pytest.mark.parametrize("entry", fixtures("elf-core"), ids=lambda d: d["file"])
+def test_scan_real_elf_finds_planted_pans_once_at_their_gpas(entry: dict, tmp_path: Path) -> None:
+    path = unpack(entry, tmp_path)
+    found = [(f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan"]
+    assert sorted(found) == sorted(planted_pans(entry["plants"]))

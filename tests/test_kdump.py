@@ -12,7 +12,16 @@ import zlib
 from pathlib import Path
 
 import pytest
-from dumpwriter import Kdump, assemble_kdump, elf_note, flatten, read_ranges, write_kdump
+from dumpwriter import (
+    Kdump,
+    assemble_kdump,
+    elf_note,
+    flatten,
+    planted_pans,
+    read_ranges,
+    scan,
+    write_kdump,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -245,3 +254,22 @@ def test_corrupted_dumps_fail_cleanly(tmp_path: Path, data: st.DataObject, flat:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 96 << 20
+
+
+@pytest.mark.parametrize(
+    "entry", [d for d in MANIFEST["dumps"] if d["format"] == "kdump"], ids=lambda d: d["file"]
+)
+def test_scan_real_kdump_finds_planted_pans_once(entry: dict, tmp_path: Path) -> None:
+    path = unpack(entry, tmp_path)
+    found = [(f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan"]
+    assert sorted(found) == sorted(planted_pans(entry["plants"]))
+
+
+@pytest.mark.parametrize("codec", ["zlib", "none"])
+def test_scan_pan_straddling_raw_and_compressed_pages(tmp_path: Path, codec: str) -> None:
+    """PFN 4 ends with '40128888' and PFN 5 starts with '88881881': one PAN across a page
+    seam, found once at its GPA whether the pages come from windows or the mmap."""
+    path = tmp_path / "dump"
+    write_kdump(str(path), pages_for_test(), Kdump(codec=codec))
+    found = sorted((f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan")
+    assert found == [(3 * PAGE + 5, "ascii"), (5 * PAGE - 8, "ascii")]
