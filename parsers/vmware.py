@@ -95,6 +95,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PLATFORM_ARM64 = 3
 ARM64_RAM_BASE = 0x80000000
 
+MAX_GROUPS = 1 << 16  # group table entries read: real checkpoints have a few hundred at most
 MAX_TAGS = 1 << 21  # total tags walked per checkpoint: real files hold far fewer
 MAX_WARNINGS_PER_KIND = 8  # then one summary line, so a hostile table cannot flood output
 VMX_MAX_BYTES = 1 << 20  # a .vmx is a few KiB of text
@@ -227,6 +228,12 @@ def read_checkpoint(path: str, ev: Evidence | None = None) -> Checkpoint:
                 ),
             )
             numgroups = fits
+        if numgroups > MAX_GROUPS:
+            warn.add(
+                "group table",
+                ImageError(path, 8, f"{numgroups} groups claimed; reading the first {MAX_GROUPS}"),
+            )
+            numgroups = MAX_GROUPS
         table = ev.data[HEADER.size : HEADER.size + numgroups * GROUP.size].tobytes()
         for k in range(numgroups):
             raw, position, size = GROUP.unpack_from(table, k * GROUP.size)

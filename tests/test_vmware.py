@@ -670,3 +670,13 @@ def test_cli_info_lists_regions_and_groups(tmp_path):
     assert run.returncode == 0, run.stderr
     for text in ("vmware-vmem", "Guest X", "MKSVMX", "screenshot", "0x000100000000"):
         assert text in run.stdout
+
+
+def test_hostile_group_count_is_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(vmware, "MAX_GROUPS", 3)
+    groups = [(f"dev{k}", [w.u32("x", k)]) for k in range(6)]
+    path = tmp_path / "g.vmss"
+    w.write_checkpoint(path, [("memory", w.memory_group(None)), *groups])
+    ck = vmware.read_checkpoint(str(path))
+    assert [g.name for g in ck.groups] == ["memory", "dev0", "dev1"]
+    assert any("7 groups claimed" in str(x) for x in ck.warnings)
