@@ -180,7 +180,7 @@ def migration_fixtures(out: Path, work: Path, manifest: dict) -> None:
     for name, machine, ram, compress, extra, keep_raw in specs:
         planted = plants(ram, name.split(".")[0])
         if name.startswith("q35-numa"):
-            text = f"numa1 {luhn_complete('491761000000000')}".encode()
+            text = f"numa node one card={luhn_complete('491748203715902')};".encode()
             planted.append((32 * MIB + 0x7000, text))  # in node 1
         proc, qmp = run_qemu(work, machine, ram, loader_args(work, planted) + extra)
         try:
