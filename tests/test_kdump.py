@@ -273,3 +273,43 @@ def test_scan_pan_straddling_raw_and_compressed_pages(tmp_path: Path, codec: str
     write_kdump(str(path), pages_for_test(), Kdump(codec=codec))
     found = sorted((f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan")
     assert found == [(3 * PAGE + 5, "ascii"), (5 * PAGE - 8, "ascii")]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    records=st.lists(
+        st.tuples(st.integers(0, 300), st.binary(min_size=0, max_size=80)), min_size=1,
+        max_size=25,
+    )
+)
+def test_flattened_interval_map_equals_naive_reassembly(records: list) -> None:
+    """Any records, overlapping or not: the interval map reads what writing the records in
+    order into one buffer gives (last writer wins), and says 'missing' for holes."""
+    want: list[int | None] = [None] * 400
+    for off, data in records:
+        for k, b in enumerate(data):
+            want[off + k] = b
+    blob = b"makedumpfile".ljust(16, b"\0") + struct.pack(">qq", 1, 1)
+    blob = blob.ljust(4096, b"\0")
+    for off, data in records:
+        blob += struct.pack(">qq", off, len(data)) + data
+    blob += struct.pack(">qq", -1, -1)
+    import tempfile
+
+    with tempfile.NamedTemporaryFile() as fh:
+        fh.write(blob)
+        fh.flush()
+        if not any(data for _, data in records):
+            with pytest.raises(ImageError, match="no data"):
+                kdump.open_image(fh.name, "kdump", {})
+            return
+        ev = kdump.Evidence(fh.name)
+        src = kdump._Flat(ev, fh.name, kdump.MemoryImage(path=fh.name, format="kdump"))
+        for lo in range(0, 400, 7):
+            for n in (1, 9, 40):
+                piece = want[lo : lo + n]
+                if lo + n > 400 or None in piece:
+                    with pytest.raises(ImageError):
+                        src.view(lo, n, "test")
+                else:
+                    assert src.view(lo, n, "test").tobytes() == bytes(piece)
