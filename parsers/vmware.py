@@ -97,6 +97,7 @@ ARM64_RAM_BASE = 0x80000000
 
 MAX_GROUPS = 1 << 16  # group table entries read: real checkpoints have a few hundred at most
 MAX_TAGS = 1 << 21  # total tags walked per checkpoint: real files hold far fewer
+MAX_REGIONS = 1024  # regions used: crash keeps 3, LeechCore 64; more is a hostile table
 MAX_WARNINGS_PER_KIND = 8  # then one summary line, so a hostile table cannot flood output
 VMX_MAX_BYTES = 1 << 20  # a .vmx is a few KiB of text
 
@@ -462,7 +463,17 @@ def _regions(ck: Checkpoint, warn: _Warnings) -> list[Region] | None:
                 ppn.offset,
             )
         )
-    if len(out) < wanted:
+    if len(out) > MAX_REGIONS:
+        warn.add(
+            "region count",
+            ImageError(
+                ck.path,
+                count_tag.offset,
+                f"{len(out)} regions; using the first {MAX_REGIONS}",
+            ),
+        )
+        out = out[:MAX_REGIONS]
+    elif len(out) < wanted:
         warn.add(
             "region count",
             ImageError(

@@ -680,3 +680,13 @@ def test_hostile_group_count_is_capped(tmp_path, monkeypatch):
     ck = vmware.read_checkpoint(str(path))
     assert [g.name for g in ck.groups] == ["memory", "dev0", "dev1"]
     assert any("7 groups claimed" in str(x) for x in ck.warnings)
+
+
+def test_hostile_region_count_is_capped(tmp_path, monkeypatch):
+    monkeypatch.setattr(vmware, "MAX_REGIONS", 4)
+    regions = [w.Region(2 * k, k, 1) for k in range(10)]  # one page each, holes between
+    out = w.make_vm(tmp_path, "many", memory_size=10 * w.PAGE, plants={}, regions=regions)
+    with open_any(out["checkpoint"]) as image:
+        assert len(image.meta["regions"]) == 4
+        assert any("10 regions; using the first 4" in str(x) for x in image.warnings)
+        assert_sane(image)
