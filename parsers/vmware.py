@@ -730,6 +730,9 @@ def _embeds_memory(path: str) -> bool:
 def probe(head: bytes, path: str) -> str | None:
     """A checkpoint by its magic; a ``.vmem`` (no magic) by its companion checkpoint's magic.
 
+    Suspend and snapshot checkpoints share their magics, so the name only labels one: a
+    ``*.vmsn`` is ``vmware-vmsn``, any other checkpoint ``vmware-vmss``.
+
     A ``.vmem`` alone is claimed too when it is a whole number of 4 KiB pages (what the raw
     parser would take): its bytes are mapped exactly as raw would, but the user is told that
     without the checkpoint's region table GPAs above the first region (past the PCI hole) may
