@@ -214,18 +214,24 @@ def generate(out: Path, keep_raw: bool) -> list[dict]:
                                    stdout=subprocess.DEVNULL)  # fmt: skip
                 keep(plain, plain.name, "kdump", "makedumpfile -R of the flattened "
                      "kdump-zlib dump (plain kdump)", machine, "64M", plants)  # fmt: skip
-        # A guest larger than 4 GiB (RAM above the 4 GiB boundary); the dump is filtered
-        # to a window around the planted values so the file stays small. The unfiltered
-        # mappings appear as PT_LOADs with p_offset -1 or clipped.
-        plants = plants_high()
-        guest = Guest(work, "pc", "5G", plants)
-        try:
-            elf = work / "pc-5G-filtered.elf"
-            guest.dump(elf, "elf", begin=0x140000000, length=0x10000)
-            keep(elf, elf.name, "elf-core", "qemu dump-guest-memory format=elf "
-                 "begin=0x140000000 length=0x10000", "pc", "5G", plants)  # fmt: skip
-        finally:
-            guest.close()
+        # Guests larger than 4 GiB (RAM above the 4 GiB boundary). The ELF dumps are
+        # filtered to a window around the planted values so the files stay small; the kdump
+        # one holds all 5 GiB (zero pages share one stored page; gzip shrinks the rest).
+        for machine in ("pc", "q35"):
+            plants = plants_high()
+            guest = Guest(work, machine, "5G", plants)
+            try:
+                elf = work / f"{machine}-5G-filtered.elf"
+                guest.dump(elf, "elf", begin=0x140000000, length=0x10000)
+                keep(elf, elf.name, "elf-core", "qemu dump-guest-memory format=elf "
+                     "begin=0x140000000 length=0x10000", machine, "5G", plants)  # fmt: skip
+                if machine == "q35":
+                    flat = work / f"{machine}-5G.kdump-zlib.flat"
+                    guest.dump(flat, "kdump-zlib")
+                    keep(flat, flat.name, "kdump", "qemu dump-guest-memory format=kdump-zlib "
+                         "(makedumpfile flattened)", machine, "5G", plants)  # fmt: skip
+            finally:
+                guest.close()
     return made
 
 

@@ -68,7 +68,9 @@ def vol3_spans(layer) -> list[tuple[int, int]]:
     return [(m[0], m[1]) for m in layer.mapping(0, layer.maximum_address + 1, ignore_errors=True)]
 
 
-@pytest.mark.parametrize("name", ["pc-64M.elf.gz", "q35-64M.elf.gz", "pc-5G-filtered.elf.gz"])
+@pytest.mark.parametrize(
+    "name", [d["file"] for d in MANIFEST["dumps"] if d["format"] == "elf-core"]
+)
 def test_real_elf_against_volatility3(tmp_path: Path, name: str) -> None:
     path, entry = unpack(name, tmp_path)
     layer = vol3_layer(path, "elf")
