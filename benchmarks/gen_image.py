@@ -648,27 +648,27 @@ def _heap_payload(r: random.Random, words: list[str]) -> bytes:
     """One heap allocation's contents: pointers, small ints, a string, a hex dump line, a
     UUID, a decimal ID or a timestamp, the way they sit in a process heap."""
     k = r.random()
-    if k < 0.25:  # pointers into the heap / libraries, and NULLs
+    if k < 0.30:  # pointers into the heap / libraries, and NULLs
         vals = [r.choice((0x555555550000 + (r.getrandbits(24) << 4),
                           0x7F0000000000 + (r.getrandbits(36) << 3), 0))
                 for _ in range(r.randint(2, 16))]
         return struct.pack(f"<{len(vals)}Q", *vals)
-    if k < 0.37:  # small integers: counts, flags, lengths, fds
+    if k < 0.46:  # small integers: counts, flags, lengths, fds
         vals = [r.choice((r.randint(0, 64), r.randint(0, 4096), 1 << r.randint(0, 30)))
                 for _ in range(r.randint(2, 16))]
         return struct.pack(f"<{len(vals)}I", *vals)
-    if k < 0.57:
+    if k < 0.74:
         return " ".join(r.choices(words, k=r.randint(1, 8))).encode() + b"\0"
-    if k < 0.65:  # hex dump line
+    if k < 0.83:  # hex dump line
         raw = r.randbytes(16)
         asc = "".join(chr(b) if 32 <= b < 127 else "." for b in raw)
         return (f"{r.getrandbits(28) << 4:08x}  " + " ".join(f"{b:02x}" for b in raw)
                 + f"  |{asc}|\n").encode() + b"\0"
-    if k < 0.72:
+    if k < 0.90:
         u = r.getrandbits(128)
         h = f"{u:032x}"
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}".encode() + b"\0"
-    if k < 0.82:  # decimal IDs: snowflake-style 18-19 digits, database keys, hashCodes
+    if k < 0.94:  # decimal IDs: snowflake-style 18-19 digits, database keys, hashCodes
         ts = r.randint(1_300_000_000_000, 1_800_000_000_000) - 1_288_834_974_657
         ident = r.choice((
             f"id={(ts << 22) | r.getrandbits(22)}",
@@ -679,12 +679,12 @@ def _heap_payload(r: random.Random, words: list[str]) -> bytes:
         return ident.encode() + b"\0"
     # timestamps: epoch seconds / milliseconds, ISO 8601, HTTP dates
     s = r.randint(1_600_000_000, 1_800_000_000)
-    stamp = r.choice((
+    stamp = r.choices((
         f"ts={s}",
         f"ts_ms={s}{r.randint(0, 999):03d}",
         time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(s)) + f".{r.randint(0, 999999):06d}Z",
         time.strftime("Date: %a, %d %b %Y %H:%M:%S GMT", time.gmtime(s)),
-    ))
+    ), (35, 10, 35, 20))[0]
     return stamp.encode() + b"\0"
 
 
