@@ -15,7 +15,7 @@ import struct
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
@@ -35,6 +35,23 @@ HDR_HEAD = (
     "65s 65s 65s 65s 65s 65s"  # utsname: sysname nodename release version machine domainname
 )
 TIMESTAMP_SIZE = {64: 22, 32: 10}
+
+
+class HeaderTail(NamedTuple):
+    """The disk_dump_header fields after the timestamp (layout HDR_TAIL)."""
+
+    status: int
+    block_size: int
+    sub_hdr_size: int
+    bitmap_blocks: int
+    max_mapnr: int
+    total_ram_blocks: int
+    device_blocks: int
+    written_blocks: int
+    current_cpu: int
+    nr_cpus: int
+
+
 HDR_TAIL = (
     "I"  # status: compression of the pages (STATUS_*), 0x8 incomplete dump
     "I"  # block_size: page size in bytes; every offset below counts in blocks
@@ -66,6 +83,26 @@ SUB64 = (
 )
 # The same for 32-bit guests: sizes are u32, file offsets u64, packed.
 SUB32 = "I I I I I Q I Q I Q I Q Q Q"
+
+
+class SubHeader(NamedTuple):
+    """kdump_sub_header fields (layout SUB64 / SUB32)."""
+
+    phys_base: int
+    dump_level: int
+    split: int
+    start_pfn: int
+    end_pfn: int
+    offset_vmcoreinfo: int
+    size_vmcoreinfo: int
+    offset_note: int
+    note_size: int
+    offset_eraseinfo: int
+    size_eraseinfo: int
+    start_pfn_64: int
+    end_pfn_64: int
+    max_mapnr_64: int
+
 
 # Page descriptor: one per set bit of the 2nd bitmap, in PFN order.
 PAGE_DESC = np.dtype(
@@ -125,7 +162,7 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
 # --------------------------------------------------------------------------- sources
 
 
-class _Source:
+class _Source(Protocol):
     """The assembled kdump file: ``view`` its bytes, ``locate`` page data in the real file."""
 
     ev: Evidence
@@ -133,15 +170,16 @@ class _Source:
     size: int  # bytes of the assembled file
 
     def view(self, offset: int, size: int, what: str) -> np.ndarray:
-        """Exactly ``size`` bytes at assembled ``offset`` (zero-copy when possible)."""
-        raise ImageError(self.path, None, "abstract source")
+        """Exactly ``size`` bytes at assembled ``offset`` (zero-copy when possible), else
+        ImageError naming ``what``."""
+        ...
 
     def locate(self, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
         """File positions of assembled ranges stored in one piece; -1 for the others."""
-        raise ImageError(self.path, None, "abstract source")
+        ...
 
 
-class _Plain(_Source):
+class _Plain:
     """A plain kdump file: assembled offset == file offset."""
 
     def __init__(self, ev: Evidence, path: str) -> None:
@@ -156,7 +194,7 @@ class _Plain(_Source):
         return np.where((offset >= 0) & (offset + size <= self.size), offset, -1)
 
 
-class _Flat(_Source):
+class _Flat:
     """A makedumpfile flattened stream, mapped as sorted non-overlapping intervals
     ``[start, end)`` of the assembled file stored at file position ``pos`` (last writer
     wins where records overlap)."""
@@ -305,15 +343,12 @@ class _Dump:
 
     @classmethod
     def read(cls, src: _Source, path: str, image: MemoryImage) -> _Dump:
-        order, bits, head, tail = _header(src, path)
+        order, bits, head, hdr = _header(src, path)
         version, uts = head[1], [u.split(b"\0", 1)[0].decode("ascii", "replace") for u in head[2:]]
-        status, bs, sub_blocks, bm_blocks, mapnr32 = tail[:5]
-        nr_cpus = tail[9]
-        sub = struct.Struct(order + (SUB64 if bits == 64 else SUB32))
-        sub_fields = sub.unpack(src.view(bs, sub.size, "kdump sub header").tobytes())
-        max_mapnr = mapnr32
-        if version >= 6 and sub_fields[13]:
-            max_mapnr = sub_fields[13]
+        bs = hdr.block_size
+        layout = struct.Struct(order + (SUB64 if bits == 64 else SUB32))
+        sub = SubHeader._make(layout.unpack(src.view(bs, layout.size, "sub header").tobytes()))
+        max_mapnr = sub.max_mapnr_64 if version >= 6 and sub.max_mapnr_64 else hdr.max_mapnr
         image.meta.update(
             {
                 "kdump_version": version,
@@ -322,22 +357,23 @@ class _Dump:
                 "utsname_release": uts[2],
                 "utsname_machine": uts[4],
                 "block_size": bs,
-                "compression": _compression_names(status),
-                "nr_cpus": nr_cpus,
-                "dump_level": sub_fields[1],
+                "compression": _compression_names(hdr.status),
+                "nr_cpus": hdr.nr_cpus,
+                "dump_level": sub.dump_level,
             }
         )
         image.meta = {k: v for k, v in image.meta.items() if v not in ("", None)}
-        if sub_fields[2]:
-            image.meta["split_pfns"] = [sub_fields[11], sub_fields[12]]
-        _sub_meta(src, path, image, version, sub_fields, order)
-        incomplete = bool(status & STATUS_INCOMPLETE)
+        if sub.split:
+            # One part of a split dump: the other PFN ranges are in other files.
+            image.meta["split_pfns"] = [sub.start_pfn_64, sub.end_pfn_64]
+        _sub_meta(src, image, version, sub, order)
+        incomplete = bool(hdr.status & STATUS_INCOMPLETE)
         if incomplete:
             image.warnings.append(
                 ImageError(path, None, "dump marked incomplete (status 0x8): some pages are lost")
             )
-        bm_off = (1 + sub_blocks) * bs
-        half = bm_blocks * bs // 2
+        bm_off = (1 + hdr.sub_hdr_size) * bs
+        half = hdr.bitmap_blocks * bs // 2
         need = -(-max_mapnr // 8)
         if need > half:
             image.warnings.append(
@@ -349,8 +385,8 @@ class _Dump:
                 )
             )
             max_mapnr = half * 8
-        dump = cls(src, order, bs, max_mapnr, bm_off + half, (1 + sub_blocks + bm_blocks) * bs,
-                   0, incomplete)  # fmt: skip
+        descs = (1 + hdr.sub_hdr_size + hdr.bitmap_blocks) * bs
+        dump = cls(src, order, bs, max_mapnr, bm_off + half, descs, 0, incomplete)
         ram = dump._popcount(bm_off, "1st bitmap")
         dump.ndesc = dump._popcount(dump.bitmap2, "2nd bitmap")
         image.meta["ram_size"] = ram * bs
@@ -368,19 +404,22 @@ class _Dump:
             total += int(np.bitwise_count(_mask_tail(chunk, lo, self.max_mapnr)).sum())
         return total
 
-    def warn(self, what: str, at: int) -> None:
-        """Count one bad page of kind ``what`` (first descriptor offset kept for the report)."""
-        entry = self.tally.setdefault(what, [0, at])
-        entry[0] += 1
+    def warn(self, what: str, at: int, count: int = 1) -> None:
+        """Count ``count`` bad pages of kind ``what``; ``at`` is the (assembled) offset of
+        the first one's descriptor, kept for the report."""
+        self.tally.setdefault(what, [0, at])[0] += count
 
     def flush_warnings(self, image: MemoryImage) -> None:
+        """One warning per kind of bad page (a rerun of the stream adds none twice)."""
         for what, (count, at) in self.tally.items():
             where = at if isinstance(self.src, _Plain) else None
-            image.warnings.append(ImageError(self.src.path, where, f"{count} page(s) {what}"))
+            err = ImageError(self.src.path, where, f"{count} page(s) {what}")
+            if str(err) not in {str(w) for w in image.warnings}:
+                image.warnings.append(err)
         self.tally.clear()
 
 
-def _header(src: _Source, path: str) -> tuple[str, int, tuple, tuple]:
+def _header(src: _Source, path: str) -> tuple[str, int, tuple, HeaderTail]:
     """Byte order, guest bits (64/32) and the fields of the disk_dump_header. The layout is
     not stated in the file: take the first reading whose version and block size make sense,
     trying the utsname machine's word size first."""
@@ -397,28 +436,26 @@ def _header(src: _Source, path: str) -> tuple[str, int, tuple, tuple]:
             continue
         for bits in bits_order:
             at = head_s[order].size + TIMESTAMP_SIZE[bits]
-            tail = struct.unpack_from(order + HDR_TAIL, raw, at)
-            bs = tail[1]
-            if 512 <= bs <= 1 << 20 and bs & (bs - 1) == 0 and tail[3] > 0:
+            tail = HeaderTail._make(struct.unpack_from(order + HDR_TAIL, raw, at))
+            bs = tail.block_size
+            if 512 <= bs <= 1 << 20 and bs & (bs - 1) == 0 and tail.bitmap_blocks > 0:
                 return order, bits, head, tail
     raise ImageError(path, 0, "not a readable kdump header (no plausible version/block size)")
 
 
-def _sub_meta(
-    src: _Source, path: str, image: MemoryImage, version: int, sub: tuple, order: str
-) -> None:
+def _sub_meta(src: _Source, image: MemoryImage, version: int, sub: SubHeader, order: str) -> None:
     """VMCOREINFO (v3+) and ELF notes (v4+) named by the sub header: metadata only."""
     parts = []
     if version >= 3:
-        parts.append(("VMCOREINFO", sub[5], sub[6]))
+        parts.append(("VMCOREINFO", sub.offset_vmcoreinfo, sub.size_vmcoreinfo))
     if version >= 4:
-        parts.append(("notes", sub[7], sub[8]))
+        parts.append(("notes", sub.offset_note, sub.note_size))
     for what, offset, size in parts:
         if not size:
             continue
         try:
             if size > MAX_NOTES:
-                raise ImageError(path, None, f"{what} of {size} bytes is implausibly large")
+                raise ImageError(src.path, None, f"{what} of {size} bytes is implausibly large")
             blob = src.view(offset, size, what).tobytes()
         except ImageError as err:
             image.warnings.append(err)
@@ -559,8 +596,8 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
             at = dump.descs + k * PAGE_DESC.itemsize
             have = max(0, min(pfns.size, (src.size - at) // PAGE_DESC.itemsize))
             if have < pfns.size:
-                what = "without a page descriptor (truncated dump)"
-                dump.tally[what] = [dump.ndesc - k - have, at + have * PAGE_DESC.itemsize]
+                dump.warn("without a page descriptor (truncated dump)",
+                          at + have * PAGE_DESC.itemsize, dump.ndesc - k - have)  # fmt: skip
             table = src.view(at, have * PAGE_DESC.itemsize, "page descriptors")
             desc = np.frombuffer(table, desc_dtype)
             raw, copy = _classify(dump, desc, pfns[:have], at, state)
@@ -647,7 +684,7 @@ def _classify(
     ):
         cnt = int(mask.sum())
         if cnt:
-            dump.tally.setdefault(what, [0, int(dat[np.argmax(mask)])])[0] += cnt
+            dump.warn(what, int(dat[np.argmax(mask)]), cnt)
     fpos = np.full(n, -1, np.int64)
     if good.any():
         fpos[good] = src.locate(off[good], size[good])
