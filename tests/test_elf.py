@@ -139,20 +139,22 @@ def test_absurd_phnum_is_bounded(tmp_path: Path) -> None:
     assert str(err.value).startswith(str(path))
 
 
-def _base_core(tmp: Path) -> bytes:
+def _base_core(tmp: Path, bits: int, order: str, xnum: bool) -> bytes:
     path = tmp / "base"
-    notes = elf_note(b"CORE", 1, b"\0" * 16)
-    write_elf(str(path), [Load(0, PAGE_A), Load(0x3000, None, 4096), Load(0x8000, PAGE_B)],
-              notes=notes)  # fmt: skip
+    notes = elf_note(b"CORE", 1, b"\0" * 16, order)
+    loads = [Load(0, PAGE_A), Load(0x3000, None, 4096), Load(0x8000, PAGE_B)]
+    write_elf(str(path), loads, notes=notes, bits=bits, order=order, xnum=xnum)
     return path.read_bytes()
 
 
 @settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(data=st.data())
 def test_corrupted_cores_fail_cleanly(tmp_path: Path, data: st.DataObject) -> None:
-    base = _base_core(tmp_path)
+    bits = data.draw(st.sampled_from([32, 64]))
+    order = data.draw(st.sampled_from(["<", ">"]))
+    base = _base_core(tmp_path, bits, order, xnum=data.draw(st.booleans()))
     blob = bytearray(base)
     cut = data.draw(st.integers(0, len(blob)))
     flips = data.draw(st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), max_size=6))
