@@ -10,6 +10,7 @@ specific magic first; ``raw`` is last because flat memory has no magic.
 from __future__ import annotations
 
 import os
+import stat
 from types import ModuleType
 from typing import Any
 
@@ -29,10 +30,13 @@ def formats() -> list[str]:
 def detect(path: str) -> tuple[ModuleType, str]:
     """Find the parser for ``path`` by its content; ImageError when nothing recognises it."""
     try:
+        st = os.stat(path)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageError(path, None, "is a directory")
+        if not (stat.S_ISREG(st.st_mode) or stat.S_ISBLK(st.st_mode)):
+            raise ImageError(path, None, "not a regular file")  # a FIFO would block reads
         with open(path, "rb") as fh:
             head = fh.read(HEAD_BYTES)
-    except IsADirectoryError:
-        raise ImageError(path, None, "is a directory") from None
     except OSError as exc:
         raise ImageError(path, None, exc.strerror or str(exc)) from None
     if not head:
@@ -64,3 +68,15 @@ def open_image(
         raise ImageError(path, None, f"unknown input format {input_format!r}")
     mod, fmt = detect(path)
     return mod.open_image(path, fmt, options)
+
+
+def primaries(paths: list[str]) -> list[str]:
+    """``paths`` without the companion files of other listed paths (a ``.vmem`` whose
+    ``.vmss`` is listed too): one entry per memory state, never the same memory twice."""
+    drop: set[str] = set()
+    for mod in PARSERS:
+        grouping = getattr(mod, "primary", None)
+        if grouping:
+            for group in grouping(paths):
+                drop.update(group[1:])
+    return [p for p in paths if p not in drop]

@@ -12,13 +12,13 @@ from __future__ import annotations
 import os
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
 
 from parsers.base import ImageError
-from parsers.registry import detect, open_image
+from parsers.registry import detect, open_image, primaries
 from scanner.engine import Engine, ScanConfig, ScanResult, finalize
 
 SPLIT_MIN = 64 * 1024 * 1024  # images smaller than this are one unit
@@ -58,30 +58,34 @@ class RunSummary:
         return bool(self.errors) or any(r.errors for r in self.results)
 
 
-def expand_inputs(paths: list[str], summary: RunSummary) -> Iterator[str]:
-    """Files named directly, and the memory images found (by content) below directories.
-    Non-images inside directories are skipped and counted; a directory with no image at all
-    is an error naming it."""
+def expand_inputs(paths: list[str], summary: RunSummary) -> list[str]:
+    """Files named directly, and the memory images found (by content) below directories,
+    companion files folded into their image (a ``.vmem`` beside its ``.vmss`` is scanned
+    once, through the ``.vmss``). Non-images inside directories are skipped and counted; a
+    directory with no image at all is an error naming it. Symlinks inside directories are
+    not followed."""
+    out: list[str] = []
     for p in paths:
         if not os.path.isdir(p):
-            yield p
+            out.append(p)
             continue
-        found = 0
+        found: list[str] = []
         for root, dirs, files in os.walk(p):
             dirs.sort()
             for name in sorted(files):
                 fp = os.path.join(root, name)
-                if os.path.islink(fp) or not os.path.isfile(fp):
+                if os.path.islink(fp):
                     continue
                 try:
                     detect(fp)
                 except ImageError:
                     summary.skipped += 1
                     continue
-                found += 1
-                yield fp
+                found.append(fp)
         if not found:
             summary.errors.append(f"{p}: no memory images found in directory")
+        out += found
+    return primaries(out)
 
 
 # --------------------------------------------------------------------------- worker side

@@ -1,0 +1,5 @@
+"""``python -m scanner`` is ``vmleak``."""
+
+from scanner.cli import main
+
+main()

@@ -1,0 +1,64 @@
+"""Test helpers: generate valid and invalid secrets, and build images with them planted."""
+
+from __future__ import annotations
+
+import random
+import struct
+
+from patterns.pan import IIN_TABLE
+
+PAGE = 4096
+LIME_MAGIC = 0x4C694D45
+
+
+def luhn_digit(body: str) -> str:
+    """The check digit that makes ``body + digit`` Luhn-valid."""
+    total = 0
+    for i, ch in enumerate(reversed(body)):
+        v = int(ch)
+        if i % 2 == 0:
+            v = v * 2 - 9 if v > 4 else v * 2
+        total += v
+    return str((10 - total % 10) % 10)
+
+
+def make_pan(rng: random.Random, row: int | None = None, length: int | None = None) -> str:
+    """A Luhn-valid PAN from IIN table row ``row`` (random if None) at a valid length."""
+    brand, lo, hi, plen, lengths = IIN_TABLE[rng.randrange(len(IIN_TABLE)) if row is None else row]
+    n = length or rng.choice(lengths)
+    prefix = str(rng.randint(lo, hi)).zfill(plen)
+    body = prefix + "".join(rng.choice("0123456789") for _ in range(n - 1 - len(prefix)))
+    return body + luhn_digit(body)
+
+
+def group(pan: str, sep: str) -> str:
+    """The PAN in a grouping the detector accepts (4-4-4-4..., or 4-6-5 / 4-6-4)."""
+    if len(pan) in (14, 15) and sep:
+        parts = [pan[:4], pan[4:10], pan[10:]]
+    else:
+        parts = [pan[i : i + 4] for i in range(0, len(pan), 4)]
+    return sep.join(parts)
+
+
+def make_ssn(rng: random.Random) -> str:
+    while True:
+        area = rng.randint(1, 899)
+        if area == 666:
+            continue
+        s = f"{area:03d}{rng.randint(1, 99):02d}{rng.randint(1, 9999):04d}"
+        if s not in ("078051120", "219099999", "457555462", "123456789"):
+            return s
+
+
+def encode(text: str, encoding: str) -> bytes:
+    return text.encode("utf-16-le" if encoding == "utf-16le" else "ascii")
+
+
+def lime(memory: bytes, order: list[int]) -> bytes:
+    """A LiME file holding ``memory`` page by page, pages stored in ``order``."""
+    out = bytearray()
+    for pg in order:
+        start = pg * PAGE
+        out += struct.pack("<IIQQ8x", LIME_MAGIC, 1, start, start + PAGE - 1)
+        out += memory[start : start + PAGE]
+    return bytes(out)

@@ -1,0 +1,199 @@
+"""Engine + detector properties: any valid secret planted anywhere, in either encoding, with
+any chunk size and any out-of-order page layout, is found exactly once at its GPA; invalid
+ones never are."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parsers.base import Extents, MemoryImage, Segment
+from patterns.registry import select
+from scanner.engine import Engine, ScanConfig
+from tests.plant import PAGE, encode, group, make_pan, make_ssn
+
+NPAGES = 8
+SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def background(seed: int, kind: str) -> bytearray:
+    rng = np.random.default_rng(seed)
+    if kind == "zeros":
+        return bytearray(NPAGES * PAGE)
+    if kind == "text":
+        words = np.frombuffer(b"lorem ipsum dolor sit amet card holder ", np.uint8)
+        return bytearray(words[rng.integers(0, words.size, NPAGES * PAGE)].tobytes())
+    data = rng.integers(0, 256, NPAGES * PAGE, dtype=np.uint8)
+    data[(data >= 0x30) & (data <= 0x39)] = 0x41  # no stray digits glued to the plant
+    return bytearray(data.tobytes())
+
+
+def image_of(memory: bytes, order: list[int]) -> MemoryImage:
+    """A MemoryImage whose buffer holds the pages in ``order``, 8 junk bytes between pages
+    (like a QEMU stream), so GPA-adjacent pages are never buffer-adjacent unless in order."""
+    stride = PAGE + 8
+    buf = np.full(len(order) * stride, 0x37, np.uint8)  # '7': junk a detector would glue on
+    for k, pg in enumerate(order):
+        buf[k * stride : k * stride + PAGE] = np.frombuffer(
+            memory[pg * PAGE : (pg + 1) * PAGE], np.uint8
+        )
+    ext = Extents.build(
+        [k * stride for k in range(len(order))], [pg * PAGE for pg in order], [PAGE] * len(order)
+    )
+    return MemoryImage(
+        path="mem", format="test", files=["mem"], fixed_segments=[Segment(buf, ext, "mem")]
+    )
+
+
+def scan(memory: bytes, order: list[int], chunk: int, detectors: str = "all"):
+    eng = Engine(ScanConfig(select(detectors), key=b"k" * 32, chunk_size=chunk))
+    return eng.scan_image(image_of(memory, order)).findings
+
+
+plant_args = dict(
+    seed=st.integers(0, 2**32 - 1),
+    where=st.integers(0, NPAGES * PAGE - 64),
+    enc=st.sampled_from(["ascii", "utf-16le"]),
+    chunk=st.sampled_from([4096, 4104, 8192 + 8, 65536, 262144]),
+    kind=st.sampled_from(["zeros", "text", "random"]),
+    shuffle=st.booleans(),
+)
+
+
+def plant(seed, where, enc, kind, text):
+    mem = background(seed, kind)
+    raw = encode(f" {text} ", enc)
+    where = min(where, len(mem) - len(raw))
+    mem[where : where + len(raw)] = raw
+    return bytes(mem), where + len(encode(" ", enc)), len(encode(text, enc))
+
+
+def layout(seed, shuffle):
+    order = list(range(NPAGES))
+    if shuffle:
+        random.Random(seed).shuffle(order)
+    return order
+
+
+@SETTINGS
+@given(sep=st.sampled_from(["", " ", "-"]), **plant_args)
+def test_any_valid_pan_found_once_at_its_gpa(seed, where, enc, chunk, kind, shuffle, sep):
+    pan = make_pan(random.Random(seed))
+    mem, gpa, length = plant(seed, where, enc, kind, group(pan, sep))
+    found = [f for f in scan(mem, layout(seed, shuffle), chunk) if f.detector == "pan"]
+    assert [(f.gpa, f.length, f.encoding) for f in found] == [(gpa, length, enc)]
+    assert found[0].masked.endswith(pan[-4:]) and pan not in found[0].masked
+
+
+@SETTINGS
+@given(sep=st.sampled_from(["-", " "]), bare=st.booleans(), **plant_args)
+def test_any_valid_ssn_found_once_at_its_gpa(seed, where, enc, chunk, kind, shuffle, sep, bare):
+    ssn = make_ssn(random.Random(seed))
+    text = f"SSN: {ssn}" if bare else f"{ssn[:3]}{sep}{ssn[3:5]}{sep}{ssn[5:]}"
+    mem, gpa, length = plant(seed, where, enc, kind, text)
+    if bare:
+        w = 2 if enc == "utf-16le" else 1
+        gpa, length = gpa + 5 * w, 9 * w
+    found = [f for f in scan(mem, layout(seed, shuffle), chunk) if f.detector == "ssn"]
+    assert [(f.gpa, f.length) for f in found] == [(gpa, length)]
+    assert found[0].masked == "***-**-" + ssn[-4:]
+
+
+@SETTINGS
+@given(track=st.sampled_from(["track1", "track2"]), sentinels=st.booleans(), **plant_args)
+def test_any_valid_track_found_once_and_subsumes_its_pan(
+    seed, where, enc, chunk, kind, shuffle, track, sentinels
+):
+    rng = random.Random(seed)
+    pan = make_pan(rng)
+    exp = f"{rng.randint(20, 39):02d}{rng.randint(1, 12):02d}"
+    if track == "track1":
+        text = f"B{pan}^DOE/JANE^{exp}101000000000"
+        text = f"%{text}?" if sentinels else text
+    else:
+        text = f"{pan}={exp}1011234567"
+        text = f";{text}?" if sentinels else text
+    mem, gpa, length = plant(seed, where, enc, kind, text)
+    found = scan(mem, layout(seed, shuffle), chunk)
+    assert [(f.detector, f.gpa, f.length) for f in found] == [(track, gpa, length)]
+    assert pan not in found[0].masked
+
+
+def _found(text: str, detectors: str, enc: str) -> list:
+    mem, _, _ = plant(1, 5000, enc, "text", text)
+    return scan(mem, list(range(NPAGES)), 4096 + 8, detectors)
+
+
+def _absent(text: str, detectors: str):
+    for enc in ("ascii", "utf-16le"):
+        found = _found(text, detectors, enc)
+        assert found == [], (text, enc, found)
+
+
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), change=st.integers(1, 9))
+def test_luhn_invalid_pan_never_reported(seed, change):
+    pan = make_pan(random.Random(seed))
+    bad = pan[:-1] + str((int(pan[-1]) + change) % 10)
+    _absent(bad, "cards")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    lead=st.sampled_from("0789"),
+    extra=st.sampled_from("0123456789"),
+)
+def test_wrong_iin_and_overlong_runs_never_reported(seed, lead, extra):
+    from tests.plant import luhn_digit
+
+    rng = random.Random(seed)
+    body = (
+        lead + ("0" if lead in "89" else "") + "".join(rng.choice("0123456789") for _ in range(13))
+    )
+    _absent(body + luhn_digit(body), "pan")  # no issuer starts so
+    pan = make_pan(rng)
+    for longer in (extra + pan, pan + extra):  # embedded in a longer digit run
+        for enc in ("ascii", "utf-16le"):
+            # the longer run may itself be a valid PAN; the embedded one never is reported
+            assert all(f.length != len(encode(pan, enc)) for f in _found(longer, "pan", enc))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    area=st.sampled_from([0, 666, 900, 950, 999, 123]),
+    grp=st.integers(0, 99),
+    serial=st.integers(0, 9999),
+)
+def test_invalid_ssn_never_reported(area, grp, serial):
+    if area == 123:  # otherwise valid area: make the group or serial the invalid part
+        grp, serial = (0, serial) if serial % 2 else (grp, 0)
+    _absent(f"{area:03d}-{grp:02d}-{serial:04d}", "ssn")
+
+
+def test_known_invalid_and_unkeyed_bare_ssn_not_reported():
+    for s in ("078-05-1120", "219-09-9999", "123-45-6789", "1234-56-7890", "12-345-6789-0"):
+        _absent(s, "ssn")
+    _absent("order 234567890 shipped", "ssn")
+
+
+def test_duplicate_pages_reported_once():
+    mem = bytearray(NPAGES * PAGE)
+    mem[100:118] = b" 4111111111111111 "
+    found = scan(bytes(mem), [0, 1, 0, 2, 3, 4, 5, 6, 7, 0], 8192)
+    assert [(f.detector, f.gpa) for f in found] == [("pan", 101)]
+
+
+def test_confidence_from_context():
+    def conf(text: str) -> float:
+        mem, _, _ = plant(3, 3000, "ascii", "zeros", text)
+        (f,) = scan(mem, list(range(NPAGES)), 65536, "pan")
+        return f.confidence
+
+    plain = conf("4556737586899855")
+    assert conf("card number: 4556737586899855 exp 09/27") > plain
+    assert conf("0x4556737586899855") < plain
+    assert conf("ff4556737586899855") < plain
