@@ -893,13 +893,15 @@ def _cut(pool: np.ndarray, rng: np.random.Generator, k: int) -> np.ndarray:
 
 @dataclass
 class Result:
-    """What :func:`generate` wrote: paths, size (bytes), seconds taken, truth items."""
+    """What :func:`generate` wrote: paths, size (bytes), seconds taken, truth items, and
+    the number of pages of each background kind (before planting)."""
 
     path: str
     truth_path: str
     size: int
     seconds: float
     truth: list[dict[str, Any]] = field(default_factory=list)
+    pages: dict[str, int] = field(default_factory=dict)
 
 
 def _page_kinds(rng: np.random.Generator, npages: int,
@@ -998,7 +1000,9 @@ def generate(kind: str, size: int, seed: int, out: str, counts: Counts | None = 
     with open(truth_path, "w") as fh:
         for t in truth:
             fh.write(json.dumps(t, sort_keys=True) + "\n")
-    return Result(out, truth_path, size, time.perf_counter() - t0, truth)
+    pages = {name: int(np.count_nonzero(page_kinds == code))
+             for code, (name, _) in enumerate(kinds)}
+    return Result(out, truth_path, size, time.perf_counter() - t0, truth, pages)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1029,8 +1033,8 @@ def main(argv: list[str] | None = None) -> int:
     by_kind: dict[str, int] = {}
     for t in res.truth:
         by_kind[t["kind"]] = by_kind.get(t["kind"], 0) + 1
-    log(f"wrote {res.path} ({res.size / 2**20:.0f} MiB) in {res.seconds:.1f} s; "
-        f"truth {res.truth_path}: {by_kind}")
+    log(f"wrote {res.path} ({res.size / 2**20:.0f} MiB) in {res.seconds:.1f} s; pages: "
+        f"{res.pages}; truth {res.truth_path}: {by_kind}")
     return 0
 
 
