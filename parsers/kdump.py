@@ -409,14 +409,15 @@ class _Dump:
         the first one's descriptor, kept for the report."""
         self.tally.setdefault(what, [0, at])[0] += count
 
-    def flush_warnings(self, image: MemoryImage) -> None:
-        """One warning per kind of bad page (a rerun of the stream adds none twice)."""
-        for what, (count, at) in self.tally.items():
-            where = at if isinstance(self.src, _Plain) else None
-            err = ImageError(self.src.path, where, f"{count} page(s) {what}")
-            if str(err) not in {str(w) for w in image.warnings}:
-                image.warnings.append(err)
+    def problems(self) -> list[ImageError]:
+        """One error per kind of bad page counted so far (and the count cleared)."""
+        where = isinstance(self.src, _Plain)
+        out = [
+            ImageError(self.src.path, at if where else None, f"{count} page(s) {what}")
+            for what, (count, at) in self.tally.items()
+        ]
         self.tally.clear()
+        return out
 
 
 def _header(src: _Source, path: str) -> tuple[str, int, tuple, HeaderTail]:
@@ -577,7 +578,9 @@ _Page = tuple[int, int, int, int, int, int]
 def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     """Decode the pages in PFN order: compressed (and oddly placed raw) pages through
     windows, yielded as they fill; raw pages collected as extents of the mmap, yielded last
-    as one zero-copy segment. Problems are counted and reported in image.warnings at the end."""
+    as one zero-copy segment. Bad pages are counted; once everything readable has been
+    yielded, the first kind is raised as ImageError (part of the dump was unreadable) and the
+    other kinds are added to image.warnings."""
     src, bs, path = dump.src, dump.block_size, image.path
     codecs = _codecs()
     window = _Window(bs)
@@ -614,8 +617,18 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
             yield window.segment(path)
         if raw_parts:
             yield Segment(src.ev.data, _concat(raw_parts), path)
-    finally:
-        dump.flush_warnings(image)
+    except ImageError:
+        _add_warnings(image, dump.problems())
+        raise
+    problems = dump.problems()
+    _add_warnings(image, problems[1:])
+    if problems:
+        raise problems[0]
+
+
+def _add_warnings(image: MemoryImage, problems: list[ImageError]) -> None:
+    seen = {str(w) for w in image.warnings}  # a rerun of the stream adds none twice
+    image.warnings += [p for p in problems if str(p) not in seen]
 
 
 def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:

@@ -209,14 +209,30 @@ def write_kdump(path: str, pages: dict[int, bytes], opt: Kdump | None = None, *,
         fh.write(data)
 
 
-def read_ranges(image, ranges: list[tuple[int, int]], space: int = 0) -> list[bytes | None]:
+def read_ranges(
+    image, ranges: list[tuple[int, int]], space: int = 0, errors: list | None = None
+) -> list[bytes | None]:
     """Bytes of each (GPA, length) range, read through the image's extent tables (copied out
     of reused windows); None for a range not wholly present. Also checks that no guest byte
-    is given twice with different values (extents must not overlap in the guest)."""
+    is given twice with different values (extents must not overlap in the guest). With an
+    ``errors`` list, an ImageError raised by a streaming image after its readable segments
+    is appended there instead of propagating."""
     import numpy as np
+
+    from parsers.base import ImageError
 
     got = [bytearray(n) for _, n in ranges]
     seen = [np.zeros(n, bool) for _, n in ranges]
+    try:
+        _collect(image, ranges, space, got, seen)
+    except ImageError as err:
+        if errors is None:
+            raise
+        errors.append(err)
+    return [bytes(b) if s.all() else None for b, s in zip(got, seen, strict=True)]
+
+
+def _collect(image, ranges, space, got, seen) -> None:
     for seg in image.segments():
         e = seg.extents
         for b, a, ln, sp in zip(e.buf_offset.tolist(), e.addr.tolist(), e.length.tolist(),
@@ -232,7 +248,6 @@ def read_ranges(image, ranges: list[tuple[int, int]], space: int = 0) -> list[by
                 assert not prev.any() or bytes(got[k][lo - g : hi - g]) == piece
                 got[k][lo - g : hi - g] = piece
                 prev[:] = True
-    return [bytes(b) if s.all() else None for b, s in zip(got, seen, strict=True)]
 
 
 def scan(path: str, detectors: str = "pan") -> list:

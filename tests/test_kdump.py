@@ -40,6 +40,11 @@ def unpack(entry: dict, tmp: Path) -> Path:
     return out
 
 
+def problems(image, errors: list) -> str:
+    """Every problem of a read: the error the stream raised at its end, then the warnings."""
+    return " | ".join(str(e) for e in errors + image.warnings)
+
+
 def scan_all(image) -> None:
     """Walk every segment and check its extents lie inside its buffer."""
     for seg in image.segments():
@@ -153,11 +158,14 @@ def test_incomplete_dump_lost_pages_reported(tmp_path: Path) -> None:
     pages = pages_for_test()
     path = tmp_path / "dump"
     write_kdump(str(path), pages, Kdump(lost={4, 5}, incomplete=True))
+    errors: list = []
     with registry.open_image(str(path)) as image:
-        got = read_ranges(image, [(3 * PAGE, PAGE), (4 * PAGE, PAGE)])
-        text = " | ".join(str(w) for w in image.warnings)
+        got = read_ranges(image, [(3 * PAGE, PAGE), (4 * PAGE, PAGE)], errors=errors)
+        text = problems(image, errors)
     assert got == [pages[3], None]
-    assert "incomplete" in text and "2 page(s) lost" in text
+    assert len(errors) == 1 and "2 page(s) lost" in str(errors[0])
+    assert str(errors[0]).startswith(f"{path} at offset 0x")  # the first lost descriptor
+    assert "marked incomplete" in text
 
 
 def test_missing_codec_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -173,9 +181,10 @@ def test_missing_codec_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPa
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_cramjam)
+    errors: list = []
     with registry.open_image(str(path)) as image:
-        got = read_ranges(image, [(40 * PAGE, PAGE), (3 * PAGE, PAGE)])
-        text = " | ".join(str(w) for w in image.warnings)
+        got = read_ranges(image, [(40 * PAGE, PAGE), (3 * PAGE, PAGE)], errors=errors)
+        text = problems(image, errors)
     assert got == [pages[40], None]  # the raw page is still read
     assert "snappy not readable" in text and "cramjam" in text
 
@@ -192,9 +201,10 @@ def test_page_expanding_past_block_is_rejected(tmp_path: Path) -> None:
     path = tmp_path / "dump"
     path.write_bytes(bytes(blob))
     tracemalloc.start()
+    errors: list = []
     with registry.open_image(str(path)) as image:
-        got = read_ranges(image, [(3 * PAGE, PAGE), (100 * PAGE, PAGE)])
-        text = " | ".join(str(w) for w in image.warnings)
+        got = read_ranges(image, [(3 * PAGE, PAGE), (100 * PAGE, PAGE)], errors=errors)
+        text = problems(image, errors)
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert got == [None, pages[100]]
@@ -219,8 +229,9 @@ def test_truncated_descriptors_and_data(tmp_path: Path) -> None:
     path = tmp_path / "dump"
     path.write_bytes(full[: desc_at + 24 * 10])  # 10 of 65 descriptors, no page data
     with registry.open_image(str(path)) as image:
-        scan_all(image)
-        text = " | ".join(str(w) for w in image.warnings)
+        with pytest.raises(ImageError) as err:
+            scan_all(image)
+        text = problems(image, [err.value])
     assert "55 page(s) without a page descriptor" in text
     assert "past the end of the file" in text
 
@@ -313,3 +324,24 @@ def test_flattened_interval_map_equals_naive_reassembly(records: list) -> None:
                         src.view(lo, n, "test")
                 else:
                     assert src.view(lo, n, "test").tobytes() == bytes(piece)
+
+
+def test_cli_truncated_real_dump_reports_what_was_readable_and_exits_2(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    entry = next(d for d in MANIFEST["dumps"] if d["file"] == "pc-64M.kdump-zlib.gz")
+    path = unpack(entry, tmp_path)
+    path.write_bytes(path.read_bytes()[:-30000])  # the tail of the page data is cut off
+    run = subprocess.run(
+        [sys.executable, "-m", "scanner", "scan", "--format", "jsonl", str(path)],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parent.parent,
+        timeout=120,
+    )
+    assert run.returncode == 2
+    gpas = sorted(json.loads(line)["gpa"] for line in run.stdout.splitlines())
+    assert gpas == sorted(g for g, _ in planted_pans(entry["plants"]))
+    errors = [ln for ln in run.stderr.splitlines() if str(path) in ln]
+    assert len(errors) == 1 and f"{path} at offset 0x" in errors[0] and "truncated" in errors[0]
