@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Segment
 
 FORMATS = ["elf-core"]
 
@@ -175,7 +175,8 @@ def _parse(ev: Evidence, path: str) -> MemoryImage:
 def _load_extents(
     ev: Evidence, path: str, image: MemoryImage, phdrs: np.ndarray, phoff: int, unstored: int
 ) -> Extents:
-    """Extents (file offset -> GPA) of the bytes the PT_LOADs store, overlaps kept once."""
+    """Extents (file offset -> GPA) of the bytes the PT_LOADs store, overlaps kept once.
+    A core without any physical address gets its virtual addresses, in space 'virtual'."""
     index = np.flatnonzero(phdrs["p_type"] == PT_LOAD)
     loads = phdrs[index]
     if loads.size == 0:
@@ -184,6 +185,16 @@ def _load_extents(
     # Python ints: the fields are unsigned 64-bit and must not wrap in the checks below.
     offset = loads["p_offset"].astype(object)
     paddr = loads["p_paddr"].astype(object)
+    space = GPA_SPACE
+    if loads.size > 1 and not loads["p_paddr"].any() and loads["p_vaddr"].any():
+        # No physical addresses at all: a process core (gdb, kernel coredump), not a
+        # guest dump. Its bytes are still scanned, addressed by virtual address.
+        paddr = loads["p_vaddr"].astype(object)
+        space = image.space_id("virtual")
+        image.warnings.append(
+            ImageError(path, phoff, "no PT_LOAD has a physical address (a process core?): "
+                       "addresses reported are virtual, in address space 'virtual'")  # fmt: skip
+        )
     filesz = loads["p_filesz"].astype(object)
     memsz = loads["p_memsz"].astype(object)
     image.meta["pt_load"] = int(loads.size)
@@ -222,8 +233,10 @@ def _load_extents(
         if image.warnings:
             raise image.warnings[0]
         raise ImageError(path, phoff, "no PT_LOAD stores any bytes in this file")
-    return _dedup(np.asarray(starts, np.int64), np.asarray(addrs, np.int64),
-                  np.asarray(lens, np.int64))  # fmt: skip
+    ext = _dedup(np.asarray(starts, np.int64), np.asarray(addrs, np.int64),
+                 np.asarray(lens, np.int64))  # fmt: skip
+    ext.space[:] = space
+    return ext
 
 
 def _dedup(off: np.ndarray, gpa: np.ndarray, length: np.ndarray) -> Extents:

@@ -183,3 +183,14 @@ def test_scan_real_elf_finds_planted_pans_once_at_their_gpas(entry: dict, tmp_pa
     path = unpack(entry, tmp_path)
     found = [(f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan"]
     assert sorted(found) == sorted(planted_pans(entry["plants"]))
+
+
+def test_process_core_without_physical_addresses(tmp_path: Path) -> None:
+    path = tmp_path / "core"
+    loads = [Load(0, PAGE_A, vaddr=0x400000), Load(0, PAGE_B, vaddr=0x7FFF0000)]
+    write_elf(str(path), loads)
+    with registry.open_image(str(path)) as image:
+        space = image.spaces.index("virtual")
+        assert read_ranges(image, [(0x7FFF0000, 4096)], space=space) == [PAGE_B]
+        assert read_ranges(image, [(0, 1)]) == [None]
+        assert "virtual" in str(image.warnings[0])
