@@ -198,7 +198,10 @@ def _stage2(buf: np.ndarray, idx: np.ndarray) -> list[tuple[int, int, int]]:
                 continue
             w = buf[r : r + 4 * m].view(np.uint32)
             rel = w[nk:] == (w[nk - 1 : -1] ^ w[:-nk])  # rel[j]: word j + nk obeys it
-            ok = np.ones(ns, np.bool_)
+            # the key words must be nonzero (zero runs obey every XOR relation trivially)
+            ok = w[:ns] != 0
+            for i in range(1, nk):
+                ok &= w[i : i + ns] != 0
             for i in _FREE[nk]:
                 ok &= rel[i - nk : i - nk + ns]
             s = np.flatnonzero(ok)

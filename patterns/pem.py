@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 
 from patterns import der
-from patterns.base import BINARY, Chunk, Described, Detector, Hit, Hits
-from patterns.scratch import Stream, literal_hits, streams, utf16_clean
+from patterns.base import ASCII, BINARY, Chunk, Described, Detector, Hit, Hits
+from patterns.scratch import literal_hits, register_anchor, utf16_clean
 
 MAX_CHARS = 8192  # longest block we parse (an 8192-bit RSA PEM is ~6.4k characters)
 
@@ -311,46 +311,46 @@ def parse_ppk(text: bytes) -> tuple[Found, int] | None:
 # --- detectors -------------------------------------------------------------------------------
 
 
+register_anchor(b"--", 10)  # "-----BEGIN"
+register_anchor(b"TY", 18)  # "PuTTY-User-Key-File-2" from the TY
+register_anchor(b"y-", 4)  # "openssh-key-v1" from the y
+
+
 def _text_blocks(chunk: Chunk) -> list[tuple[int, int, int, str, Found]]:
     """Verified text key blocks of a chunk: (chunk offset, byte length, encoding index,
     detector name, key)."""
-    out = []
-    for st in streams(chunk):
-        out.extend(_blocks_in(chunk, st))
-    return out
-
-
-def _blocks_in(chunk: Chunk, st: Stream) -> list[tuple[int, int, int, str, Found]]:
     found = []
-    pem = literal_hits(st, b"-----BEGIN ", 0)
-    ppk = literal_hits(st, b"PuTTY-User-Key-File-", 3)
-    for kind, positions in (("pem", pem), ("ppk", ppk)):
-        for pos in positions.tolist():
-            text = st.data[pos : pos + MAX_CHARS].tobytes()
-            if kind == "pem":
-                res = parse_pem(text)
-            else:
-                r = parse_ppk(text)
-                res = None if r is None else (r[0], r[1], "ssh-key")
-            if res is None:
-                continue
-            key, length, name = res
-            p, ln = np.array([pos]), np.array([length])
-            if not utf16_clean(chunk, st, p, ln)[0]:
-                continue
-            found.append((int(st.offsets(p)[0]), length * st.step, st.encoding, name, key))
+    for kind, literal, anchor in (("pem", b"-----BEGIN ", 0), ("ppk", b"PuTTY-User-Key-File-", 3)):
+        for st, positions in literal_hits(chunk, literal, anchor):
+            for pos in positions.tolist():
+                res = _parse_text(kind, st.data[pos : pos + MAX_CHARS].tobytes())
+                if res is None:
+                    continue
+                key, length, name = res
+                p, ln = np.array([pos]), np.array([length])
+                if utf16_clean(chunk, st, p, ln)[0]:
+                    found.append((int(st.offsets(p)[0]), length * st.step, st.encoding, name, key))
     return found
 
 
+def _parse_text(kind: str, text: bytes) -> tuple[Found, int, str] | None:
+    if kind == "pem":
+        return parse_pem(text)
+    res = parse_ppk(text)
+    return None if res is None else (res[0], res[1], "ssh-key")
+
+
 def _binary_openssh(chunk: Chunk) -> list[tuple[int, int, int, str, Found]]:
-    st = streams(chunk)[0]
     out = []
-    for pos in literal_hits(st, OPENSSH_MAGIC, 10).tolist():
-        try:
-            key, length = parse_openssh_v1(st.data[pos : pos + MAX_OPENSSH_BINARY].tobytes())
-        except SshError:
+    for st, positions in literal_hits(chunk, OPENSSH_MAGIC, 10):
+        if st.encoding != ASCII:
             continue
-        out.append((pos, length, BINARY, "ssh-key", key))
+        for pos in positions.tolist():
+            try:
+                key, length = parse_openssh_v1(st.data[pos : pos + MAX_OPENSSH_BINARY].tobytes())
+            except SshError:
+                continue
+            out.append((pos, length, BINARY, "ssh-key", key))
     return out
 
 

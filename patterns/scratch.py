@@ -109,17 +109,74 @@ def streams(chunk: Chunk) -> list[Stream]:
     return chunk.memo("scratch.streams", _make_streams)
 
 
-def literal_hits(stream: Stream, literal: bytes, anchor: int) -> np.ndarray:
-    """Stream positions where ``literal`` starts; ``anchor`` is the index in ``literal`` of a
-    rare 2-byte pair used as the prefilter (e.g. ``b"eyJ"`` with anchor 1 for ``yJ``)."""
-    pos = u16_hits(stream.data, literal[anchor : anchor + 2], stream.shifted) - anchor
-    n = stream.data.size
-    pos = pos[(pos >= 0) & (pos + len(literal) <= n)]
-    if pos.size == 0:
-        return pos
+#: registered 2-byte anchors -> the shortest run of TOKEN characters that must start there
+_ANCHORS: dict[bytes, int] = {}
+
+
+def register_anchor(pair: bytes, min_run: int) -> None:
+    """Declare a 2-byte anchor (at import time): :func:`anchor_hits` finds every registered
+    anchor in one shared pass per chunk, keeping hits where at least ``min_run`` TOKEN
+    characters (see :data:`TOKEN`) start at the anchor."""
+    _ANCHORS[pair] = min(min_run, _ANCHORS.get(pair, min_run))
+
+
+def _anchor_pass(chunk: Chunk) -> dict[bytes, list[tuple[Stream, np.ndarray]]]:
+    pairs = list(_ANCHORS)
+    values = [p[0] | (p[1] << 8) for p in pairs]
+    out: dict[bytes, list[tuple[Stream, np.ndarray]]] = {p: [] for p in pairs}
+    for st in streams(chunk):
+        found: list[tuple[np.ndarray, np.ndarray]] = []  # (byte offsets, uint16 values)
+        n = st.data.size
+        for off, src in ((0, st.data), (1, st.shifted)):
+            m = (n - off) // 2
+            if m <= 0 or not values:
+                continue
+            words = src[: 2 * m].view(np.uint16)
+            hot = buffer("anchor.hot", m, np.bool_)
+            tmp = buffer("anchor.tmp", m, np.bool_)
+            np.equal(words, values[0], out=hot)
+            for v in values[1:]:  # every anchor, then one flatnonzero for all of them
+                np.equal(words, v, out=tmp)
+                np.logical_or(hot, tmp, out=hot)
+            if hot.any():
+                idx = np.flatnonzero(hot)
+                found.append((idx * 2 + off, words[idx]))
+        if not found:
+            continue
+        pos = np.concatenate([f[0] for f in found])
+        val = np.concatenate([f[1] for f in found])
+        order = np.argsort(pos, kind="stable")
+        pos, val = pos[order], val[order]
+        need = np.zeros(pos.size, np.int64)
+        for pair, v in zip(pairs, values, strict=True):
+            need[val == v] = _ANCHORS[pair]
+        keep = run_lengths(st.data, pos, _TOKEN_TABLE, int(need.max())) >= need
+        pos, val = pos[keep], val[keep]
+        for pair, v in zip(pairs, values, strict=True):
+            sel = pos[val == v]
+            if sel.size:
+                out[pair].append((st, sel))
+    return out
+
+
+def anchor_hits(chunk: Chunk, pair: bytes) -> list[tuple[Stream, np.ndarray]]:
+    """(stream, positions) of a registered anchor in every stream of the chunk."""
+    return chunk.memo("scratch.anchors", _anchor_pass)[pair]
+
+
+def literal_hits(chunk: Chunk, literal: bytes, anchor: int) -> list[tuple[Stream, np.ndarray]]:
+    """(stream, positions) where ``literal`` starts; ``literal[anchor:anchor+2]`` must be a
+    registered anchor (e.g. ``b"eyJ"`` with anchor 1 for ``yJ``)."""
     lit = np.frombuffer(literal, np.uint8)
-    win = gather(stream.data, pos, len(literal))
-    return pos[(win == lit).all(axis=1)]
+    out = []
+    for st, hits in anchor_hits(chunk, literal[anchor : anchor + 2]):
+        pos = hits - anchor
+        pos = pos[(pos >= 0) & (pos + len(literal) <= st.data.size)]
+        if pos.size:
+            pos = pos[(gather(st.data, pos, len(literal)) == lit).all(axis=1)]
+        if pos.size:
+            out.append((st, pos))
+    return out
 
 
 def gather(data: np.ndarray, pos: np.ndarray, width: int, fill: int = 0) -> np.ndarray:
@@ -142,6 +199,9 @@ def charset(chars: bytes) -> np.ndarray:
 
 ALNUM = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 BASE64URL = ALNUM + b"-_"
+#: characters of every token the anchors lead into (secrets, PEM armour words)
+TOKEN = BASE64URL + b"."
+_TOKEN_TABLE = charset(TOKEN)
 
 
 def run_lengths(data: np.ndarray, pos: np.ndarray, table: np.ndarray, limit: int) -> np.ndarray:
