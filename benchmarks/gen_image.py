@@ -659,23 +659,33 @@ def _heap_payload(r: random.Random, words: list[str]) -> bytes:
         return struct.pack(f"<{len(vals)}I", *vals)
     if k < 0.74:
         return " ".join(r.choices(words, k=r.randint(1, 8))).encode() + b"\0"
-    if k < 0.83:  # hex dump line
+    if k < 0.83:  # hex dump line, ``hexdump -C`` or ``xxd`` style
         raw = r.randbytes(16)
         asc = "".join(chr(b) if 32 <= b < 127 else "." for b in raw)
-        return (f"{r.getrandbits(28) << 4:08x}  " + " ".join(f"{b:02x}" for b in raw)
-                + f"  |{asc}|\n").encode() + b"\0"
+        addr = r.getrandbits(28) << 4
+        if r.random() < 0.5:
+            line = f"{addr:08x}  " + " ".join(f"{b:02x}" for b in raw) + f"  |{asc}|\n"
+        else:
+            line = f"{addr:08x}: " + " ".join(raw[i:i + 2].hex() for i in range(0, 16, 2))
+            line += f"  {asc}\n"
+        return line.encode() + b"\0"
     if k < 0.90:
         u = r.getrandbits(128)
         h = f"{u:032x}"
         return f"{h[:8]}-{h[8:12]}-4{h[13:16]}-a{h[17:20]}-{h[20:]}".encode() + b"\0"
-    if k < 0.94:  # decimal IDs: snowflake-style 18-19 digits, database keys, hashCodes
+    if k < 0.94:
+        # decimal numbers: snowflake IDs (18-19 digits), database keys, hashCodes, random
+        # 64-bit trace IDs and double reprs (17 significant digits). The last two are where
+        # accidental Luhn-valid, IIN-valid 13-19 digit runs come from, as in real heaps.
         ts = r.randint(1_300_000_000_000, 1_800_000_000_000) - 1_288_834_974_657
-        ident = r.choice((
+        ident = r.choices((
             f"id={(ts << 22) | r.getrandbits(22)}",
             f"user_id={r.randint(1, 10**9)}",
             f"order {r.randint(10**5, 10**8)}",
             f"hash={r.randint(-2**31, 2**31 - 1)}",
-        ))
+            f"trace_id={r.getrandbits(64)}",
+            f'"score":{r.random()!r}',
+        ), (30, 25, 15, 15, 3, 12))[0]
         return ident.encode() + b"\0"
     # timestamps: epoch seconds / milliseconds, ISO 8601, HTTP dates
     s = r.randint(1_600_000_000, 1_800_000_000)
