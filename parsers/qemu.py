@@ -82,6 +82,8 @@ VMDESC_SEARCH = 16 << 20  # bytes after the RAM searched for the VM description 
 WINDOW = 16 << 20  # decompressed bytes walked per window
 INFLATE_BATCH = 4096  # compressed pages inflated per segment
 PEEK = 1 << 20  # decompressed prefix read at open time for the metadata
+RUN_PROBE = 16  # same-kind records in a row before a run is decoded with numpy
+RUN_MAX = 1 << 16  # records decoded per numpy batch
 
 
 @dataclass
@@ -296,7 +298,8 @@ class Walker:
 
     def _ram(self, buf: Any, p: int, n: int) -> int:
         """Records of one ram section part. The two record kinds of a bulk save (a page or a
-        zero page continuing the current block) take the short path: one unpack each."""
+        zero page continuing the current block) take the short path: one unpack each, and
+        after RUN_PROBE of the same kind in a row, whole runs are decoded with numpy."""
         ps = self.page_size
         fmask = ps - 1
         rec = ps + 8
@@ -305,21 +308,28 @@ class Walker:
         addr_append = self.page_addr.append
         page_cont = F_PAGE | F_CONTINUE
         zero_cont = F_ZERO | F_CONTINUE
+        last, same = -1, 0
         while p + 8 <= n:
             (w,) = unpack(buf, p)
             f = w & fmask
-            if f == page_cont and self.cur_block >= 0:
-                if p + rec > n:
+            if (f == page_cont or f == zero_cont) and self.cur_block >= 0:
+                same = same + 1 if f == last else 0
+                last = f
+                size = rec if f == page_cont else 9
+                if same >= RUN_PROBE:
+                    p = self._run(buf, p, n, size, f)
+                    same = 0
+                    continue
+                if p + size > n:
                     break
-                pos_append(p + 8)
-                addr_append(w - f)
-                p += rec
-            elif f == zero_cont and self.cur_block >= 0:
-                if p + 9 > n:
-                    break
-                self.zero_pages += 1  # a fill page holds no secret: nothing to scan
-                p += 9
+                if f == page_cont:
+                    pos_append(p + 8)
+                    addr_append(w - f)
+                else:
+                    self.zero_pages += 1  # a fill page holds no secret: nothing to scan
+                p += size
             else:
+                last = -1
                 try:
                     p = self._ram_record(buf, p, n, w - f, f)
                 except _Incomplete:
@@ -327,6 +337,29 @@ class Walker:
                 if self.phase != "ram":
                     return p
         return p
+
+    def _run(self, buf: Any, p: int, n: int, size: int, code: int) -> int:
+        """Consume the run of ``size``-byte records with flags ``code`` starting at ``p`` (at
+        least one), probing geometrically growing batches; returns the next position."""
+        batch = RUN_PROBE
+        while True:
+            k = min(batch, (n - p) // size)
+            if k == 0:
+                return p
+            words = np.ndarray((k,), ">u8", buffer=buf, offset=p, strides=(size,))
+            flags = words & np.uint64(self.page_size - 1)
+            bad = np.flatnonzero(flags != code)
+            m = int(bad[0]) if bad.size else k
+            if code & F_PAGE:
+                pos = np.arange(p + 8, p + 8 + m * size, size, dtype=np.int64)
+                self.page_pos.frombytes(pos.tobytes())
+                self.page_addr.frombytes((words[:m] - np.uint64(code)).astype(np.int64).tobytes())
+            else:
+                self.zero_pages += m
+            p += m * size
+            if m < k or k < batch:
+                return p
+            batch = min(batch * 8, RUN_MAX)
 
     def _ram_record(self, buf: Any, p: int, n: int, addr: int, f: int) -> int:
         at = self.base + p

@@ -1,0 +1,269 @@
+"""libvirt save images: real ``virsh save`` files from libvirt 9.0 in every compression it
+writes (samples/qemu), and written containers for what it does not (zstd, sparse/mapped-ram,
+version 1, byte-swapped headers, interrupted saves, bombs), plus hypothesis robustness."""
+
+from __future__ import annotations
+
+import bz2
+import gzip
+import lzma
+import shutil
+import struct
+import subprocess
+import tracemalloc
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qemu_writer import (
+    MANIFEST,
+    MIB,
+    PAGE,
+    Qevm,
+    libvirt_head,
+    libvirt_save,
+    mapped_ram_stream,
+    pan_gpas,
+    ram_stream,
+    read_gpa,
+    sample,
+    scan_pans,
+)
+
+from parsers import libvirt, registry
+from parsers.base import ImageError
+
+SAVES = sorted(k for k, v in MANIFEST.items() if v["kind"] == "libvirt-save")
+PAGES = {0x1000: b"guest page one", 0x5000: b"x" * PAGE, 0xF000: b"last"}
+# long runs of pages and of zero pages (decoded in numpy batches), cut by windows below
+PAGES.update({0x20000 + i * PAGE: b"run page %d" % i for i in range(60)})
+STREAM = ram_stream(PAGES, 256 * PAGE)
+
+
+def write(tmp_path: Path, data: bytes, name: str = "g.save") -> str:
+    p = tmp_path / name
+    p.write_bytes(data)
+    return str(p)
+
+
+def tool_compress(tool: str, data: bytes) -> bytes:
+    if shutil.which(tool) is None:
+        pytest.skip(f"the {tool} program is not installed")
+    return subprocess.run([tool, "-c"], input=data, capture_output=True, check=True).stdout
+
+
+COMPRESSORS = {
+    0: lambda d: d,
+    1: gzip.compress,
+    2: bz2.compress,
+    3: lambda d: lzma.compress(d, format=lzma.FORMAT_XZ),
+    4: lambda d: tool_compress("lzop", d),
+    5: lambda d: tool_compress("zstd", d),
+}
+
+
+# ---- real virsh save files --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SAVES)
+def test_real_save_metadata_and_plants(name: str) -> None:
+    entry = MANIFEST[name]
+    with registry.open_image(str(sample(name, Path("."))), None) as image:
+        m = image.meta
+        assert image.format == "libvirt-save"
+        assert m["guest_name"] == entry["guest_name"]
+        assert m["guest_uuid"] == entry["guest_uuid"]
+        assert m["machine"].startswith("pc-q35-")
+        assert m["ram_size"] == entry["ram_size"] == m["declared_memory"]
+        assert m["compression"] == entry["compression"]
+        assert any(b["name"] == "pc.ram" and b["gpa"] for b in m["blocks"])
+        for plant in entry["plants"]:
+            assert read_gpa(image, plant["gpa"], len(plant["text"])) == plant["text"].encode()
+        assert not image.warnings
+        assert image.random_access == (entry["compression"] == "raw")
+
+
+@pytest.mark.parametrize("name", SAVES)
+def test_real_save_scan(name: str) -> None:
+    with registry.open_image(str(sample(name, Path(".")))) as image:
+        found = scan_pans(image)
+        if not image.random_access:
+            assert all(f.offset is None for f in found)  # bytes not stored plainly in the file
+    assert [f.gpa for f in found] == pan_gpas(MANIFEST[name]["plants"])
+
+
+def test_raw_save_is_mapped_with_file_offsets() -> None:
+    path = sample("libvirt-raw.save", Path("."))
+    raw = path.read_bytes()
+    with registry.open_image(str(path)) as image:
+        (seg,) = image.fixed_segments
+        e = seg.extents
+        assert np.array_equal(e.file_offset, e.buf_offset)
+        assert e.file_offset.min() > image.meta["payload_offset"]
+        plant = MANIFEST["libvirt-raw.save"]["plants"][0]
+        found = scan_pans(image)
+    first = min(found, key=lambda f: f.gpa)
+    assert raw[first.offset : first.offset + 6] == plant["text"].split("=")[1][:6].encode()
+
+
+# ---- written containers -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", sorted(COMPRESSORS))
+def test_every_compression(tmp_path: Path, fmt: int) -> None:
+    data = libvirt_save(COMPRESSORS[fmt](STREAM), fmt, 256 * PAGE)
+    with registry.open_image(write(tmp_path, data)) as image:
+        assert image.meta["compression"] == libvirt.FORMAT_NAMES[fmt]
+        assert image.meta["guest_name"] == "written-guest"
+        for off, content in PAGES.items():
+            assert read_gpa(image, off, len(content)) == content
+        assert not image.warnings
+
+
+def test_small_windows_split_records_and_pages(tmp_path: Path) -> None:
+    """Windows far smaller than the stream: records cut at every place still decode."""
+    from parsers import qemu
+
+    data = libvirt_save(gzip.compress(STREAM), 1, 256 * PAGE)
+    path = write(tmp_path, data)
+    image = registry.open_image(path)
+    for window in (PAGE + 1, 3 * PAGE + 7, 5 * PAGE - 3, 40 * PAGE + 11):
+        def stream(window=window):
+            src = libvirt._PyDecompressor(libvirt.Evidence(path), image.meta["payload_offset"],
+                                          "gzip")
+            return qemu.stream_segments(src, image, None, {}, lambda _: 1 << 30, window=window)
+
+        image.stream = stream
+        for off, content in PAGES.items():
+            assert read_gpa(image, off, len(content)) == content
+
+
+def test_multi_member_gzip(tmp_path: Path) -> None:
+    half = len(STREAM) // 2
+    payload = gzip.compress(STREAM[:half]) + gzip.compress(STREAM[half:])
+    with registry.open_image(write(tmp_path, libvirt_save(payload, 1, 256 * PAGE))) as image:
+        assert read_gpa(image, 0xF000, 4) == b"last"
+
+
+def test_version1_byte_swapped_and_interrupted(tmp_path: Path) -> None:
+    data = libvirt_save(STREAM, 0, 256 * PAGE, version=1)
+    with registry.open_image(write(tmp_path, data, "v1.save")) as image:
+        assert image.meta["libvirt_header_version"] == 1
+        assert read_gpa(image, 0x1000, 14) == PAGES[0x1000]
+    data = libvirt_save(gzip.compress(STREAM), 1, 256 * PAGE, order=">")
+    with registry.open_image(write(tmp_path, data, "be.save")) as image:
+        assert image.meta["byte_order"] == "big"
+        assert read_gpa(image, 0x1000, 14) == PAGES[0x1000]
+    data = libvirt_save(STREAM[: len(STREAM) // 2], 0, 256 * PAGE, magic=b"LibvirtQemudPart")
+    with registry.open_image(write(tmp_path, data, "part.save")) as image:
+        msgs = " | ".join(w.message for w in image.warnings)
+        assert "interrupted" in msgs and "truncated" in msgs
+        assert read_gpa(image, 0x1000, 14) == PAGES[0x1000]
+
+
+def test_header_format_disagreeing_with_payload(tmp_path: Path) -> None:
+    data = libvirt_save(bz2.compress(STREAM), 1, 256 * PAGE)  # says gzip, is bzip2
+    with registry.open_image(write(tmp_path, data)) as image:
+        assert image.meta["compression"] == "bzip2"
+        assert "payload is bzip2" in image.warnings[0].message
+        assert read_gpa(image, 0xF000, 4) == b"last"
+
+
+def test_bad_headers(tmp_path: Path) -> None:
+    data = libvirt_save(STREAM, 0, 256 * PAGE, version=7)
+    with pytest.raises(ImageError, match="header version"):
+        registry.open_image(write(tmp_path, data))
+    data = libvirt_save(STREAM, 0, 256 * PAGE, data_len=1 << 31)
+    with pytest.raises(ImageError, match="past end of file"):
+        registry.open_image(write(tmp_path, data))
+    data = libvirt_save(STREAM, 9, 256 * PAGE)
+    with pytest.raises(ImageError, match="unknown save image format 9"):
+        registry.open_image(write(tmp_path, data))
+    data = libvirt_save(b"\0" * 100, 1, 256 * PAGE)
+    with pytest.raises(ImageError, match="no gzip stream"):
+        registry.open_image(write(tmp_path, data))
+
+
+def test_sparse_mapped_ram_save(tmp_path: Path) -> None:
+    head, start = libvirt_head(6, 4 * MIB, machine="pc-q35-9.2")
+    stream = mapped_ram_stream([("pc.ram", 4 * MIB, {7: b"sparse page"})], prefix=start)
+    with registry.open_image(write(tmp_path, head + stream)) as image:
+        assert image.meta["compression"] == "sparse"
+        assert image.meta["mapped_ram"] is True
+        (seg,) = image.fixed_segments
+        assert np.array_equal(seg.extents.file_offset, seg.extents.buf_offset)
+        assert read_gpa(image, 7 * PAGE, 11) == b"sparse page"
+
+
+def test_decompression_bomb_stops_bounded(tmp_path: Path) -> None:
+    """A stream that declares 1 MiB of RAM then expands to ~100 MB of zero-page records."""
+    w = Qevm()
+    w.start()
+    w.blocks([("pc.ram", MIB)])
+    w.page("pc.ram", 0, b"readable before the bomb")
+    record = struct.pack(">Q", 0x22) + b"\0"  # ZERO|CONTINUE at offset 0, again and again
+    comp = zlib.compressobj(1, zlib.DEFLATED, 31)
+    payload = comp.compress(bytes(w.out))
+    chunk = record * (1 << 20)
+    for _ in range(11):  # ~100 MB, past the 2 x 1 MiB + 80 MiB allowance
+        payload += comp.compress(chunk)
+    payload += comp.flush()
+    data = libvirt_save(payload, 1, MIB)
+    tracemalloc.start()
+    with registry.open_image(write(tmp_path, data)) as image:
+        got = []
+        with pytest.raises(ImageError, match="decompression bomb"):
+            for seg in image.segments():
+                got.append(seg.extents.total())
+        assert sum(got) == PAGE  # the page before the bomb was scanned
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 200 * MIB  # windows, not the whole expansion
+
+
+def test_missing_tool_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
+    data = libvirt_save(COMPRESSORS[4](STREAM), 4, 256 * PAGE)
+    path = write(tmp_path, data)
+    monkeypatch.setattr(libvirt.shutil, "which", lambda _: None)
+    with pytest.raises(ImageError, match="needs the 'lzop' program"):
+        registry.open_image(path)
+
+
+# ---- robustness ---------------------------------------------------------------------------------
+
+HYPO = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+
+
+def _drain(path: str) -> None:
+    try:
+        with registry.open_image(path, "libvirt-save") as image:
+            for seg in image.segments():
+                e = seg.extents
+                assert np.all(e.buf_offset + e.length <= seg.data.size)
+    except ImageError as err:
+        assert str(err).startswith(path)
+
+
+@settings(max_examples=30, **HYPO)
+@given(fmt=st.sampled_from([0, 1, 2, 3, 4]), frac=st.floats(0, 1),
+       flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=3))
+def test_truncated_or_corrupted_saves(tmp_path: Path, fmt: int, frac: float, flips: list) -> None:
+    full = libvirt_save(COMPRESSORS[fmt](STREAM), fmt, 256 * PAGE)
+    data = bytearray(full[: int(len(full) * frac)])
+    for f, x in flips:
+        if data:
+            data[int(f * (len(data) - 1))] ^= x
+    _drain(write(tmp_path, bytes(data), "h.save"))
+
+
+@settings(max_examples=15, **HYPO)
+@given(name=st.sampled_from(SAVES), frac=st.floats(0.0, 1.0), flip=st.floats(0, 1))
+def test_truncated_or_corrupted_real_saves(tmp_path: Path, name: str, frac: float,
+                                           flip: float) -> None:
+    real = sample(name, tmp_path).read_bytes()
+    data = bytearray(real[: max(1, int(len(real) * frac))])
+    data[int(flip * (len(data) - 1))] ^= 0x5A
+    _drain(write(tmp_path, bytes(data), "r.save"))
