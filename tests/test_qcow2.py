@@ -1,0 +1,131 @@
+"""qcow2 internal snapshots: a real disk with two ``savevm`` snapshots from QEMU 7.2
+(samples/qemu/savevm.qcow2.xz), the same disk with its vmstate clusters rewritten compressed,
+snapshot selection, hostile tables and hypothesis robustness."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from qemu_writer import MANIFEST, compress_qcow2_vmstate, pan_gpas, read_gpa, sample, scan_pans
+
+from parsers import qcow2, registry
+from parsers.base import ImageError
+
+NAME = "savevm.qcow2.xz"
+ENTRY = MANIFEST[NAME]
+
+
+@pytest.fixture(scope="module")
+def disk(tmp_path_factory) -> Path:
+    return sample(NAME, tmp_path_factory.mktemp("qcow2"))
+
+
+def check_snapshot(image, snap: str) -> None:
+    for plant in ENTRY["snapshots"][snap]:
+        assert read_gpa(image, plant["gpa"], len(plant["text"])) == plant["text"].encode()
+
+
+def test_snapshot_list_and_metadata(disk: Path) -> None:
+    with registry.open_image(str(disk)) as image:
+        assert image.format == "qcow2-snapshot"
+        snaps = image.meta["snapshots"]
+        assert [s["name"] for s in snaps] == ["first", "second"]
+        assert all(s["vm_state_size"] > 0 for s in snaps)
+        assert image.meta["machine"].startswith("pc-i440fx-")
+        assert image.meta["ram_size"] == ENTRY["ram_size"]
+        assert image.meta["scanned_snapshots"] == ["first", "second"]
+
+
+@pytest.mark.parametrize("snap", ["first", "second"])
+def test_one_snapshot_by_name_or_id(disk: Path, snap: str) -> None:
+    with registry.open_image(str(disk), options={"snapshot": snap}) as image:
+        assert image.meta["snapshot"] == snap
+        check_snapshot(image, snap)
+        found = scan_pans(image)
+    assert [f.gpa for f in found] == pan_gpas(ENTRY["snapshots"][snap])
+    ident = {"first": "1", "second": "2"}[snap]
+    with registry.open_image(str(disk), options={"snapshot": ident}) as image:
+        check_snapshot(image, snap)
+
+
+def test_every_snapshot_is_scanned_by_default(disk: Path) -> None:
+    seen = set()
+    with registry.open_image(str(disk)) as image:
+        for seg in image.segments():
+            blob = seg.data.tobytes()
+            seen |= {snap for snap in ("first", "second") if f"{snap} card=".encode() in blob}
+    assert seen == {"first", "second"}
+
+
+def test_unknown_snapshot(disk: Path) -> None:
+    with pytest.raises(ImageError, match="no snapshot 'third'.*'first', 'second'"):
+        registry.open_image(str(disk), options={"snapshot": "third"})
+
+
+def test_compressed_vmstate_clusters(disk: Path, tmp_path: Path) -> None:
+    out = tmp_path / "compressed.qcow2"
+    n = compress_qcow2_vmstate(disk, out)
+    assert n > 4
+    for snap in ("first", "second"):
+        with registry.open_image(str(out), options={"snapshot": snap}) as image:
+            check_snapshot(image, snap)
+
+
+def test_disk_without_snapshots_is_not_memory(tmp_path: Path) -> None:
+    path = tmp_path / "empty.qcow2"
+    head = struct.pack(">4sIQIIQIIQQIIQ", b"QFI\xfb", 3, 0, 0, 16, 1 << 20, 0, 0, 0, 0, 0, 0, 0)
+    path.write_bytes(head + bytes(512 - len(head)))
+    assert qcow2.probe(path.read_bytes()[:4096], str(path)) is None
+    with pytest.raises(ImageError, match="no snapshot with VM state"):
+        qcow2.open_image(str(path), "qcow2-snapshot", {})
+
+
+def test_encrypted_and_bad_cluster_bits(disk: Path, tmp_path: Path) -> None:
+    data = bytearray(disk.read_bytes())
+    struct.pack_into(">I", data, 0x20, 2)
+    (tmp_path / "enc.qcow2").write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="encrypted"):
+        registry.open_image(str(tmp_path / "enc.qcow2"))
+    data = bytearray(disk.read_bytes())
+    struct.pack_into(">I", data, 0x14, 40)
+    (tmp_path / "cb.qcow2").write_bytes(bytes(data))
+    with pytest.raises(ImageError, match="cluster_bits"):
+        registry.open_image(str(tmp_path / "cb.qcow2"))
+
+
+# ---- robustness ---------------------------------------------------------------------------------
+
+HYPO = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
+
+
+def _drain(path: str) -> None:
+    try:
+        with registry.open_image(path, "qcow2-snapshot") as image:
+            for seg in image.segments():
+                e = seg.extents
+                assert np.all(e.buf_offset + e.length <= seg.data.size)
+    except ImageError as err:
+        assert str(err).startswith(path)
+
+
+@settings(max_examples=25, **HYPO)
+@given(frac=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)),
+                                            max_size=3),
+       meta_flip=st.tuples(st.integers(0, 0x2FF), st.integers(1, 255)))
+def test_truncated_or_corrupted_disk(disk: Path, tmp_path: Path, frac: float, flips: list,
+                                    meta_flip: tuple) -> None:
+    real = disk.read_bytes()
+    data = bytearray(real[: max(1, int(len(real) * frac))])
+    for f, x in flips:
+        data[int(f * (len(data) - 1))] ^= x
+    pos, x = meta_flip  # the header and the start of the tables, where lies hurt most
+    if pos < len(data):
+        data[pos] ^= x
+    path = tmp_path / "h.qcow2"
+    path.write_bytes(bytes(data))
+    _drain(str(path))
