@@ -130,6 +130,11 @@ BITS32_MACHINES = ("i386", "i486", "i586", "i686", "arm", "armv7l", "ppc", "mips
 MAX_NOTES = 16 << 20  # notes and VMCOREINFO are read for metadata only, up to this size
 BATCH_BYTES = 64 << 10  # 2nd-bitmap bytes per batch = 512 Ki PFNs, 12 MiB of descriptors
 WINDOW_BYTES = 4 << 20  # decompression window, bytes
+# Raw pages stored back to back form zero-copy segments of the mmap when at least MIN_RUN
+# long (shorter runs are copied into windows: cheaper than a segment, and the engine then
+# never scans the compressed bytes around them); a segment spans at most MAX_RUN pages.
+MIN_RUN = 16
+MAX_RUN = 1 << 16
 
 
 def probe(head: bytes, path: str) -> str | None:
@@ -577,14 +582,14 @@ _Page = tuple[int, int, int, int, int, int]
 
 def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     """Decode the pages in PFN order: compressed (and oddly placed raw) pages through
-    windows, yielded as they fill; raw pages collected as extents of the mmap, yielded last
-    as one zero-copy segment. Bad pages are counted; once everything readable has been
+    windows, yielded as they fill; runs of raw pages stored back to back as zero-copy views
+    of the mmap (see _Runs). Bad pages are counted; once everything readable has been
     yielded, the first kind is raised as ImageError (part of the dump was unreadable) and the
     other kinds are added to image.warnings."""
     src, bs, path = dump.src, dump.block_size, image.path
     codecs = _codecs()
     window = _Window(bs)
-    raw_parts: list[Extents] = []
+    runs = _Runs(src, bs, path)
     state = _RawState()
     desc_dtype = PAGE_DESC.newbyteorder(dump.order)
     nbytes = -(-dump.max_mapnr // 8)
@@ -603,9 +608,13 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                           at + have * PAGE_DESC.itemsize, dump.ndesc - k - have)  # fmt: skip
             table = src.view(at, have * PAGE_DESC.itemsize, "page descriptors")
             desc = np.frombuffer(table, desc_dtype)
-            raw, copy = _classify(dump, desc, pfns[:have], at, state)
-            if raw is not None:
-                raw_parts.append(raw)
+            raw_fp, raw_pfn, copy = _classify(dump, desc, pfns[:have], at, state)
+            last = have < pfns.size or lo + BATCH_BYTES >= nbytes
+            segments, short = runs.add(raw_fp, raw_pfn, last)
+            yield from segments
+            for pfn, fp in short:
+                if window.put(pfn, src.ev.data[fp : fp + bs]):
+                    yield window.segment(path)
             for page in copy:
                 data = _decode(dump, codecs, page)
                 if data is not None and window.put(page[0], data):
@@ -613,10 +622,13 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
             if have < pfns.size:
                 break
             k += have
+        segments, short = runs.add(np.zeros(0, np.int64), np.zeros(0, np.int64), True)
+        yield from segments
+        for pfn, fp in short:
+            if window.put(pfn, src.ev.data[fp : fp + bs]):
+                yield window.segment(path)
         if window.pfns:
             yield window.segment(path)
-        if raw_parts:
-            yield Segment(src.ev.data, _concat(raw_parts), path)
     except ImageError:
         _add_warnings(image, dump.problems())
         raise
@@ -632,7 +644,8 @@ def _add_warnings(image: MemoryImage, problems: list[ImageError]) -> None:
 
 
 def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
-    """The bytes of one page (a view for raw pages), or None after counting why not."""
+    """The bytes of one page (a view for raw pages); None for an all-zero page, or after
+    counting why the page is unreadable."""
     _pfn, fpos, size, codec, asm_off, desc_at = page
     src, bs = dump.src, dump.block_size
     try:
@@ -641,7 +654,7 @@ def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
         dump.warn("whose data is missing from the flattened stream", desc_at)
         return None
     if codec == 0:
-        return data
+        return data if data.any() else None  # an all-zero page holds nothing to find
     fn, reason = codecs[codec]
     if fn is None:
         dump.warn(f"compressed with {CODEC_NAMES[codec]} not readable: {reason}", desc_at)
@@ -653,7 +666,7 @@ def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
     if len(out) != bs:
         dump.warn(f"whose {CODEC_NAMES[codec]} data does not decode to one page", desc_at)
         return None
-    return out
+    return out if out.count(0) != bs else None
 
 
 @dataclass
@@ -667,9 +680,10 @@ class _RawState:
 
 def _classify(
     dump: _Dump, desc: np.ndarray, pfns: np.ndarray, desc_at: int, state: _RawState
-) -> tuple[Extents | None, list[_Page]]:
+) -> tuple[np.ndarray, np.ndarray, list[_Page]]:
     """Split a batch of descriptors: raw pages stored in one piece at increasing file
-    positions become zero-copy extents (so no two extents share file bytes); raw pages that
+    positions are returned as (file positions, PFNs) for zero-copy reading (increasing, so
+    no two share file bytes); raw pages that
     repeat earlier data (QEMU points every zero page at one shared zero page) are dropped
     when all zero; everything else is returned for copying/decoding. Bad descriptors are
     counted in dump.tally."""
@@ -702,7 +716,7 @@ def _classify(
     if good.any():
         fpos[good] = src.locate(off[good], size[good])
     ri = np.flatnonzero(good & (codec == 0) & (fpos >= 0))
-    raw_ext = None
+    sel = np.zeros(0, np.int64)
     taken = np.zeros(n, bool)
     if ri.size:
         ends = fpos[ri] + bs
@@ -711,9 +725,6 @@ def _classify(
         state.last_end = max(state.last_end, int(ends.max()))
         sel = ri[ok]
         taken[sel] = True
-        raw_ext = Extents.build(
-            fpos[sel], pfns[sel] * bs, np.full(sel.size, bs), file_offset=fpos[sel]
-        )
         for i in ri[~ok]:
             p = int(fpos[i])
             if p not in state.zero:
@@ -733,13 +744,46 @@ def _classify(
             strict=True,
         )
     )
-    return raw_ext, copy
+    return fpos[sel], pfns[sel], copy
 
 
-def _concat(parts: list[Extents]) -> Extents:
-    return Extents.build(
-        np.concatenate([p.buf_offset for p in parts]),
-        np.concatenate([p.addr for p in parts]),
-        np.concatenate([p.length for p in parts]),
-        file_offset=np.concatenate([p.file_offset for p in parts]),
-    )
+class _Runs:
+    """Gathers raw pages (file position, PFN; positions increasing) into runs stored back
+    to back in the file. A run of MIN_RUN+ pages becomes a zero-copy segment whose buffer is
+    exactly the run's bytes of the mmap (at most MAX_RUN pages each); shorter runs are
+    handed back for copying. The last run stays open until the next batch may extend it."""
+
+    def __init__(self, src: _Source, bs: int, path: str) -> None:
+        self.src, self.bs, self.path = src, bs, path
+        self.fp = np.zeros(0, np.int64)
+        self.pfn = np.zeros(0, np.int64)
+
+    def add(
+        self, fp: np.ndarray, pfn: np.ndarray, final: bool
+    ) -> tuple[list[Segment], list[tuple[int, int]]]:
+        """Segments for the runs completed by these pages, and (PFN, file position) of the
+        pages of short completed runs."""
+        fp, pfn = np.concatenate((self.fp, fp)), np.concatenate((self.pfn, pfn))
+        if fp.size == 0:
+            return [], []
+        starts = np.flatnonzero(np.concatenate(([True], fp[1:] != fp[:-1] + self.bs)))
+        ends = np.concatenate((starts[1:], [fp.size]))
+        keep_from = fp.size
+        if not final and ends[-1] - starts[-1] < MAX_RUN:
+            keep_from = int(starts[-1])  # the last run may go on in the next batch
+            starts, ends = starts[:-1], ends[:-1]
+        self.fp, self.pfn = fp[keep_from:], pfn[keep_from:]
+        long_run = (ends - starts) >= MIN_RUN
+        segments = []
+        for a, b in zip(starts[long_run].tolist(), ends[long_run].tolist(), strict=True):
+            for lo in range(a, b, MAX_RUN):
+                hi = min(b, lo + MAX_RUN)
+                base = int(fp[lo])
+                ext = Extents.build(
+                    fp[lo:hi] - base, pfn[lo:hi] * self.bs, np.full(hi - lo, self.bs),
+                    file_offset=fp[lo:hi],
+                )  # fmt: skip
+                view = self.src.ev.data[base : base + (hi - lo) * self.bs]
+                segments.append(Segment(view, ext, self.path))
+        short = np.flatnonzero(np.repeat(~long_run, ends - starts))
+        return segments, list(zip(pfn[short].tolist(), fp[short].tolist(), strict=True))
