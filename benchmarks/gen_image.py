@@ -376,7 +376,8 @@ def _pan_plants(r: random.Random, n: int) -> list[Plant]:
             track = f"%B{pan}^{name}^{yymm}{r.choice(SERVICE_CODES)}{disc}?"
             kind = "track1"
         elif role < 0.12:
-            room = 40 - (len(pan) + 10)  # ISO 7813: Track 2 is at most 40 characters
+            # ISO/IEC 7813: Track 2 holds at most 40 characters with its sentinels and LRC
+            room = 39 - (len(pan) + 10)
             disc = "".join(r.choice("0123456789") for _ in range(r.randint(0, room)))
             track = f";{pan}={yymm}{r.choice(SERVICE_CODES)}{disc}?"
             kind = "track2"
