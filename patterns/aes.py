@@ -123,8 +123,11 @@ def inverse_schedule(enc: np.ndarray) -> np.ndarray:
 
 
 def is_degenerate(key: bytes) -> bool:
-    """True for filler keys (fewer than MIN_DISTINCT_KEY_BYTES distinct byte values)."""
-    return len(set(key)) < MIN_DISTINCT_KEY_BYTES
+    """True for filler keys: fewer than MIN_DISTINCT_KEY_BYTES distinct byte values, or an
+    all-zero 32-bit word (chance 2^-30 for a random key; stage 2 relies on nonzero key words
+    to skip zero runs, which obey every XOR relation)."""
+    words = [key[i : i + 4] for i in range(0, len(key), 4)]
+    return len(set(key)) < MIN_DISTINCT_KEY_BYTES or bytes(4) in words
 
 
 def _sbox_free(nk: int) -> np.ndarray:
@@ -239,7 +242,7 @@ class AesKeyDetector(Detector):
     name = "aes-key"
     group = "keys"
     max_len = CTX_SIZE
-    context = 0
+    context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
 
     def find(self, chunk: Chunk) -> Hits:
         data = chunk.data

@@ -327,19 +327,26 @@ def parse_pkcs8(buf: bytes) -> KeyInfo:
     """Verify a PrivateKeyInfo / OneAsymmetricKey (RFC 5208 / 5958) filling ``buf`` and the
     key inside (RSA, EC, DSA, RFC 8410 curves)."""
     items = _seq(buf)
-    if len(items) < 3 or _int(buf, items[0]) not in (0, 1):
-        raise DerError("PrivateKeyInfo needs version 0 or 1")
+    if len(items) < 3:
+        raise DerError("PrivateKeyInfo needs 3 fields")
     alg = children(buf, *_expect(items[1], SEQUENCE))
     ks, ke = _expect(items[2], OCTET_STRING)
-    for tag, _s, _e in items[3:]:
-        if tag not in (CTX0, 0x81, CTX1):  # attributes, [1] IMPLICIT public key
-            raise DerError("unexpected field")
+    tags = [t for t, _s, _e in items[3:]]
+    if tags not in ([], [CTX0], [0x81], [CTX0, 0x81]):  # [0] attributes, [1] public key
+        raise DerError("unexpected field")
+    # RFC 5958: version 2 (encoded 1) exactly when the public key is present
+    if _int(buf, items[0]) != (1 if 0x81 in tags else 0):
+        raise DerError("bad PrivateKeyInfo version")
     if not alg:
         raise DerError("empty AlgorithmIdentifier")
     oid = buf[slice(*_expect(alg[0], OID))]
     params = alg[1:]
     key = buf[ks:ke]
     if oid in (OID_RSA, OID_RSA_PSS):
+        # rsaEncryption parameters are NULL (RFC 8017 A.1); PSS ones are absent or a SEQUENCE
+        null = [(NULL, s, s) for _t, s, _e in params[:1]]
+        if (oid == OID_RSA and params != null) or (oid == OID_RSA_PSS and len(params) > 1):
+            raise DerError("bad RSA parameters")
         info = parse_pkcs1_rsa(key)
     elif oid == OID_EC:
         if len(params) != 1:
@@ -456,7 +463,7 @@ def describe_key(info: KeyInfo) -> Described:
 class _DerDetector(Detector):
     group = "keys"
     max_len = MAX_DER
-    context = 0
+    context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
     kind: str
 
     def find(self, chunk: Chunk) -> Hits:

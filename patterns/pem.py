@@ -376,7 +376,7 @@ def _reparse(hit: Hit) -> Found | None:
 class _BlockDetector(Detector):
     group = "keys"
     max_len = 2 * MAX_CHARS  # UTF-16LE doubles the characters
-    context = 0
+    context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
 
     def find(self, chunk: Chunk) -> Hits:
         rows = [r for r in chunk.memo("pem.blocks", _all_blocks) if r[3] == self.name]

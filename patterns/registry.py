@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from patterns import aes, der, pem, secrets
 from patterns.base import Detector
 from patterns.pan import PanDetector
 from patterns.ssn import SsnDetector
@@ -12,6 +13,17 @@ DETECTORS: list[Detector] = [
     Track1Detector(),
     Track2Detector(),
     SsnDetector(),
+    aes.AesKeyDetector(),
+    der.RsaKeyDetector(),
+    der.EcKeyDetector(),
+    pem.PemKeyDetector(),
+    pem.SshKeyDetector(),
+    secrets.AwsKeyDetector(),
+    secrets.GithubTokenDetector(),
+    secrets.SlackTokenDetector(),
+    secrets.StripeKeyDetector(),
+    secrets.GcpApiKeyDetector(),
+    secrets.JwtDetector(),
 ]
 
 

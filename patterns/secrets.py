@@ -87,7 +87,7 @@ class TokenDetector(Detector):
     """A detector for tokens of one issuer: subclasses set ``specs`` and ``check``."""
 
     group = "secrets"
-    context = 0
+    context = 2  # the character glued before/after a token (UTF-16LE: 2 bytes)
     specs: tuple[Spec, ...]
 
     @abstractmethod
