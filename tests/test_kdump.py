@@ -384,3 +384,29 @@ def test_tiny_batches_runs_and_windows(tmp_path: Path, monkeypatch: pytest.Monke
     assert got == [pages[p] if any(pages[p]) else None for p in range(90)]
     assert any(not reused for reused, _, _ in segs)
     assert all(size <= 5 * PAGE for reused, _, size in segs if not reused)
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), codec=st.sampled_from(["zlib", "lzo", "snappy", "zstd"]))
+def test_corrupted_compressed_pages_fail_cleanly(
+    tmp_path: Path, data: st.DataObject, codec: str
+) -> None:
+    """Garbage inside compressed page data: each codec's errors become 'does not decode'
+    problems (an ImageError at the end of the stream), never another exception."""
+    pytest.importorskip("lzokay" if codec == "lzo" else "cramjam", reason=f"{codec} codec")
+    opt = Kdump(codec=codec)
+    pages = pages_for_test()
+    blob = bytearray(assemble_kdump(pages, opt))
+    data_at = (1 + 1 + 2) * PAGE + 24 * len(pages)
+    for _ in range(data.draw(st.integers(1, 12))):
+        pos = data.draw(st.integers(data_at, len(blob) - 1))
+        blob[pos] = data.draw(st.integers(0, 255))
+    path = tmp_path / "fuzzed"
+    path.write_bytes(bytes(blob))
+    errors: list = []
+    with kdump.open_image(str(path), "kdump", {}) as image:
+        read_ranges(image, [(100 * PAGE, PAGE)], errors=errors)
+    for err in errors:
+        assert str(err).startswith(str(path)) and "page(s)" in str(err)
