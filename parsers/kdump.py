@@ -507,6 +507,8 @@ def _codecs() -> dict[int, tuple[Callable[[Any, int], bytes] | None, str]]:
         import lzokay
 
         def lzo(data: Any, bs: int) -> bytes:
+            # lzokay returns the whole buffer: a stream decoding to fewer bytes than a block
+            # comes back zero-padded (the page is still scanned), a longer one is an error.
             try:
                 return bytes(lzokay.decompress(bytes(data), bs))
             except lzokay.LzokayError as exc:
