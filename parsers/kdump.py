@@ -146,9 +146,10 @@ def probe(head: bytes, path: str) -> str | None:
 
 def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     """Read the headers and bitmaps of ``path`` (counts only) and return a streaming image:
-    decompression windows for compressed pages, then one mmapped segment with the raw pages
-    as zero-copy extents. Raises ImageError when the headers or bitmaps are unreadable; bad
-    pages become warnings (the rest is still scanned)."""
+    decompression windows for compressed (and isolated raw) pages, zero-copy views of the
+    mmap for runs of raw pages. Raises ImageError when the headers or bitmaps are unreadable; bad
+    pages are counted and, once every readable page was yielded, the stream raises an
+    ImageError for the first kind and lists the others in image.warnings."""
     ev = Evidence(path)
     try:
         image = MemoryImage(path=path, format="kdump", files=[path], closers=[ev.close])
@@ -221,8 +222,10 @@ class _Flat:
         if i < self.start.size and self.start[i] <= offset and offset + size <= self.end[i]:
             p = int(self.pos[i] + offset - self.start[i])
             return self.ev.data[p : p + size]
+        if size > self.ev.size:
+            i = self.start.size  # cannot be stored: fail below without allocating
         # Spread over several records: copy the pieces (callers ask for bounded sizes).
-        out = np.zeros(size, np.uint8)
+        out = np.zeros(size if i < self.start.size else 0, np.uint8)
         have = 0
         while i < self.start.size and self.start[i] < offset + size:
             lo, hi = max(offset, int(self.start[i])), min(offset + size, int(self.end[i]))
