@@ -192,8 +192,12 @@ def _load_extents(
         paddr = loads["p_vaddr"].astype(object)
         space = image.space_id("virtual")
         image.warnings.append(
-            ImageError(path, phoff, "no PT_LOAD has a physical address (a process core?): "
-                       "addresses reported are virtual, in address space 'virtual'")  # fmt: skip
+            ImageError(
+                path,
+                phoff,
+                "no PT_LOAD has a physical address (a process core?): "
+                "addresses reported are virtual, in address space 'virtual'",
+            )  # fmt: skip
         )
     filesz = loads["p_filesz"].astype(object)
     memsz = loads["p_memsz"].astype(object)

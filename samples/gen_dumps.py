@@ -247,8 +247,9 @@ def main() -> int:
     made = generate(args.out, args.keep_raw)
     manifest = {
         "generator": "samples/gen_dumps.py",
-        "qemu": subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
-                               text=True).stdout.splitlines()[0],  # fmt: skip
+        "qemu": subprocess.run(
+            ["qemu-system-x86_64", "--version"], capture_output=True, text=True
+        ).stdout.splitlines()[0],  # fmt: skip
         "dumps": made,
     }
     (args.out / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")

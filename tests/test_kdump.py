@@ -298,7 +298,8 @@ def test_scan_pan_straddling_raw_and_compressed_pages(tmp_path: Path, codec: str
 @settings(max_examples=60, deadline=None)
 @given(
     records=st.lists(
-        st.tuples(st.integers(0, 300), st.binary(min_size=0, max_size=80)), min_size=1,
+        st.tuples(st.integers(0, 300), st.binary(min_size=0, max_size=80)),
+        min_size=1,
         max_size=25,
     )
 )
