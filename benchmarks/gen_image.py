@@ -302,13 +302,13 @@ def _check_isolated(text: str, i: int, j: int) -> None:
     """Fail loudly if a template would glue the secret text[i:j] to other digits."""
     for k, step in ((i - 1, -1), (j, 1)):
         if k < 0 or k >= len(text):
-            raise AssertionError(f"secret at the edge of its record: {text!r}")
+            raise ValueError(f"secret at the edge of its record: {text!r}")
         c = text[k]
         nxt = text[k + step] if 0 <= k + step < len(text) else ""
         if c in DIGITS or (c in " -" and nxt in DIGITS):
-            raise AssertionError(f"secret not isolated from digits in {text!r}")
+            raise ValueError(f"secret not isolated from digits in {text!r}")
     if text[0] in DIGITS or text[-1] in DIGITS:
-        raise AssertionError(f"record starts or ends with a digit: {text!r}")
+        raise ValueError(f"record starts or ends with a digit: {text!r}")
 
 
 def _text_plant(template: str, secret: str, encoding: str, truth: dict[str, Any],
