@@ -92,7 +92,7 @@ def read_header(ev: Evidence) -> dict[str, Any]:
 
 
 def _memory_bytes(elem: ET.Element | None) -> int | None:
-    if elem is None or not (elem.text or "").strip().isdigit():
+    if elem is None or not (elem.text or "").strip().isdecimal():
         return None
     unit = MEMORY_UNITS.get(elem.get("unit", "KiB").lower())
     return int(elem.text.strip()) * unit if unit else None
@@ -269,7 +269,7 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
     xml = ev.read(HEADER_SIZE, min(xml_len, MAX_XML)).split(b"\0", 1)[0]
     try:
         meta.update(parse_domain_xml(xml))
-    except ET.ParseError as exc:
+    except (ET.ParseError, ValueError, LookupError) as exc:  # bad XML, huge numbers, encodings
         image.warnings.append(ImageError(path, HEADER_SIZE, f"domain XML unreadable: {exc}"))
     machine = meta.get("machine")
     declared = FORMAT_NAMES.get(hdr["format"])

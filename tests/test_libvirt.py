@@ -267,3 +267,16 @@ def test_truncated_or_corrupted_real_saves(tmp_path: Path, name: str, frac: floa
     data = bytearray(real[: max(1, int(len(real) * frac))])
     data[int(flip * (len(data) - 1))] ^= 0x5A
     _drain(write(tmp_path, bytes(data), "r.save"))
+
+
+def test_hostile_domain_xml_is_a_warning(tmp_path: Path) -> None:
+    head, start = libvirt_head(0, 256 * PAGE)
+    xml_at = 92
+    for bad in (b"<domain><name>x</name><memory>" + b"9" * 5000 + b"</memory></domain>\0",
+                b"<?xml version='1.0' encoding='no-such'?><domain/>\0",
+                b"<domain><name>unclosed</domain>\0"):
+        data = bytearray(head + STREAM)
+        data[xml_at : xml_at + len(bad)] = bad
+        with registry.open_image(write(tmp_path, bytes(data))) as image:
+            assert any("domain XML" in w.message for w in image.warnings)
+            assert read_gpa(image, 0xF000, 4) == b"last"
