@@ -118,7 +118,7 @@ class Walker:
     max_ram_below_4g: int | None = None
     file_size: int | None = None  # set when buffer offsets are file offsets (mapped-ram)
     base: int = 0
-    phase: str = "header"  # header, top, ram, devices, done
+    phase: str = "header"  # header, top (between sections), ram (records), devices (RAM done)
     page_size: int = DEFAULT_PAGE_SIZE
     capabilities: list[str] = field(default_factory=list)
     uuid: str | None = None
@@ -137,7 +137,6 @@ class Walker:
     compressed_pages: int = 0
     layout_notes: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    end_pos: int = 0  # stream offset where the RAM part ended
     main_ram: int = 0  # bytes of main RAM (the blocks with a GPA)
     carried_block: int = -1  # current block when the buffer being walked began
 
@@ -149,7 +148,7 @@ class Walker:
         With ``final`` the buffer is the end of the stream: an incomplete item is a truncation
         error. Raises ImageError for anything undecodable.
         """
-        while self.phase not in ("devices", "done"):
+        while self.phase != "devices":
             start = p
             try:
                 if self.phase == "header":
@@ -162,7 +161,7 @@ class Walker:
                 p = start
             if p == start:
                 break
-        if final and self.phase not in ("devices", "done"):
+        if final and self.phase != "devices":
             where = "inside a record" if p < n else "before the end of guest RAM"
             raise self.fail(self.base + p, f"truncated: stream ends {where}")
         return p
@@ -247,7 +246,6 @@ class Walker:
         if not self.ram_ended and self.blocks:
             self.warnings.append("stream has no final ram section (live migration cut short?)")
         self.phase = "devices"
-        self.end_pos = self.base + p
         return p
 
     def _configuration(self, buf: Any, p: int, n: int) -> int:
@@ -691,7 +689,7 @@ def open_mapped(
     image.meta["compressed_pages"] = walker.compressed_pages
     image.meta["pages"] = walker.pages + walker.compressed_pages
     image.meta["zero_pages"] = walker.zero_pages
-    if walker.phase in ("devices", "done"):
+    if walker.phase == "devices":
         desc = parse_vmdesc(ev.data[end : end + VMDESC_SEARCH].tobytes())
         if desc:
             image.meta["vmdesc"] = desc
@@ -762,7 +760,7 @@ def stream_segments(
             if walker.compressed:
                 yield from walker.inflate(buf, walker.compressed, image.path)
                 walker.compressed = []
-            if err is not None or walker.phase in ("devices", "done"):
+            if err is not None or walker.phase == "devices":
                 break
             if eof:
                 where = "inside a record" if p < fill else "before the end of guest RAM"
@@ -801,7 +799,12 @@ def peek_meta(
     Raises ImageError when the stream is unreadable from the start."""
     walker = Walker(fail, machine=machine)
     walker.max_ram_below_4g = options.get("max_ram_below_4g")
-    walker.walk(memoryview(prefix), 0, len(prefix), final=False)
+    try:
+        walker.walk(memoryview(prefix), 0, len(prefix), final=False)
+    except ImageError:
+        if not walker.blocks:
+            raise
+        # a later record is bad: the scan itself reports it after the readable pages
     return walker
 
 

@@ -280,3 +280,29 @@ def test_hostile_domain_xml_is_a_warning(tmp_path: Path) -> None:
         with registry.open_image(write(tmp_path, bytes(data))) as image:
             assert any("domain XML" in w.message for w in image.warnings)
             assert read_gpa(image, 0xF000, 4) == b"last"
+
+
+def test_undecodable_record_in_a_compressed_stream(tmp_path: Path) -> None:
+    w = Qevm()
+    w.start()
+    w.blocks([("pc.ram", 4 * PAGE)])
+    w.page("pc.ram", 0, b"before the delta")
+    at = len(w.out)
+    w.xbzrle("pc.ram", PAGE)
+    data = libvirt_save(gzip.compress(w.finish()), 1, 4 * PAGE)
+    path = write(tmp_path, data)
+    with registry.open_image(path) as image:  # opening reads only the metadata
+        seen = []
+        with pytest.raises(ImageError) as info:
+            for seg in image.segments():
+                seen.append(read_gpa_segment(seg, 0, 16))
+    assert seen == [b"before the delta"]
+    assert f"gzip stream offset {at:#x}: XBZRLE" in str(info.value)
+    assert str(info.value).startswith(path)
+
+
+def read_gpa_segment(seg, gpa: int, n: int) -> bytes:
+    e = seg.extents
+    i = int(np.flatnonzero((e.addr <= gpa) & (e.addr + e.length > gpa))[0])
+    b = int(e.buf_offset[i]) + gpa - int(e.addr[i])
+    return seg.data[b : b + n].tobytes()
