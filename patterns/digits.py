@@ -21,9 +21,10 @@ import numpy as np
 
 from patterns.base import ASCII, UTF16LE, Chunk
 
-#: bytes of context kept around hot blocks: a UTF-16LE Track 1 (79 characters = 158 bytes)
-#: anchored anywhere on its PAN, plus a keyword 24 characters before it, fits inside.
-MARGIN = 224
+#: bytes kept around hot blocks: a grouped UTF-16LE PAN (46 bytes) anchored anywhere on a hot
+#: pair, its boundary characters, and an SSN keyword up to 24 characters before a bare number.
+#: Longer matches (Track 1) read their tail from the chunk itself (``TextView.chunk_text``).
+MARGIN = 64
 _MB = MARGIN // 8  # margin in 8-byte blocks
 BREAK = 0xFF  # never a digit, separator or letter in any check below
 DASH, SPACE = ord("-"), ord(" ")
@@ -50,8 +51,12 @@ class TextView:
     """ASCII-like text over part of a chunk: ``text`` is uint8, one byte per character;
     ``to_chunk`` maps text indices back to chunk byte offsets."""
 
-    def __init__(self, text: np.ndarray, encoding: int, parity: int, blockmap: np.ndarray):
+    def __init__(
+        self, text: np.ndarray, encoding: int, parity: int, blockmap: np.ndarray,
+        chunk: np.ndarray,
+    ) -> None:
         self.text = text
+        self._chunk = chunk
         self.encoding = encoding  # ASCII or UTF16LE
         self._parity = parity
         self._blockmap = blockmap  # compact block index -> chunk block index
@@ -68,6 +73,17 @@ class TextView:
         c = idx * self.width + self._parity  # compact-buffer offset
         return self._blockmap[c >> 3] * 8 + (c & 7)
 
+    def chunk_text(self, idx: int, nchars: int) -> bytes:
+        """Up to ``nchars`` characters from text index ``idx`` on, read from the chunk itself
+        (so past the compact buffer's margin), one byte per character (non-ASCII UTF-16
+        characters become BREAK)."""
+        start = int(self.to_chunk(np.array([idx]))[0])
+        raw = self._chunk[start : start + nchars * self.width]
+        if self.encoding == UTF16LE:
+            m = raw.size // 2
+            raw = np.where(raw[1 : 2 * m : 2] == 0, raw[0 : 2 * m : 2], BREAK).astype(np.uint8)
+        return raw.tobytes()
+
     @property
     def digit(self) -> np.ndarray:
         """Boolean digit mask of ``text``."""
@@ -78,8 +94,12 @@ class TextView:
     def runs(self) -> Runs:
         """Maximal digit runs and the single-separator links between them (memoized)."""
         if self._runs is None:
-            d = self.digit.view(np.int8)
-            edges = np.flatnonzero(np.diff(d, prepend=0, append=0))
+            d = self.digit
+            edges = np.flatnonzero(d[1:] != d[:-1]) + 1
+            if d.size and d[0]:
+                edges = np.concatenate(([0], edges))
+            if d.size and d[-1]:
+                edges = np.concatenate((edges, [d.size]))
             start, end = edges[0::2], edges[1::2]
             link = np.zeros(start.size, np.uint8)
             if start.size > 1:
@@ -92,9 +112,11 @@ class TextView:
 
     def byte_at(self, idx: np.ndarray) -> np.ndarray:
         """Characters at text indices ``idx`` (BREAK outside the text)."""
-        inside = (idx >= 0) & (idx < self.text.size)
-        out = np.full(idx.shape, BREAK, np.uint8)
-        out[inside] = self.text[idx[inside]]
+        n = self.text.size
+        if n == 0:
+            return np.full(idx.shape, BREAK, np.uint8)
+        out = self.text.take(np.clip(idx, 0, n - 1))
+        out[(idx < 0) | (idx >= n)] = BREAK
         return out
 
     def lower_at(self, idx: np.ndarray) -> np.ndarray:
@@ -105,35 +127,77 @@ class TextView:
 
     def has_word_before(self, pos: np.ndarray, words: tuple[bytes, ...], within: int) -> np.ndarray:
         """For each text index in ``pos``, whether one of ``words`` (lowercase) ends within
-        ``within`` characters before it. Vectorized over the whole view, then looked up."""
+        ``within`` characters before it."""
+        if pos.size == 0:
+            return np.zeros(0, bool)
         ends = self.word_ends(words)
-        if ends.size == 0 or pos.size == 0:
+        if ends.size == 0:
             return np.zeros(pos.shape, bool)
         i = np.searchsorted(ends, pos, side="right") - 1
-        ok = i >= 0
-        return ok & (pos - ends[np.maximum(i, 0)] <= within)
+        return (i >= 0) & (pos - ends[np.maximum(i, 0)] <= within)
 
     def word_ends(self, words: tuple[bytes, ...]) -> np.ndarray:
-        """Sorted text indices just past each (case-insensitive) occurrence of ``words``."""
+        """Sorted text indices just past each (case-insensitive) occurrence of ``words``,
+        anchored on their first letters (few) and checked with small gathers."""
         t = self.text
-        if t.size == 0:
-            return np.zeros(0, np.int64)
-        low = np.where((t >= 65) & (t <= 90), t | 0x20, t)
         found = []
-        for w in words:
-            n = len(w)
-            if t.size < n:
+        for first in {w[0] for w in words}:
+            anchors = np.flatnonzero((t | 0x20) == first)
+            if anchors.size == 0:
                 continue
-            m = low[: t.size - n + 1] == w[0]
-            for k in range(1, n):
-                m &= low[k : t.size - n + 1 + k] == w[k]
-            found.append(np.flatnonzero(m) + n)
+            for w in (w for w in words if w[0] == first):
+                ok = np.ones(anchors.size, bool)
+                for k in range(1, len(w)):
+                    ok &= self.lower_at(anchors + k) == w[k]
+                found.append(anchors[ok] + len(w))
         return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
 
 
 def views(chunk: Chunk) -> list[TextView]:
     """The ASCII and two UTF-16LE text views of the chunk's hot regions (memoized)."""
     return chunk.memo("digits.views", _build_views)
+
+
+SUB = 256 * 1024  # stage-1 block: fits L2 with its temporaries (PERFORMANCE.md)
+
+
+_EVEN = np.uint64(0x0001000100010001)  # bytes 0, 2, 4, 6 of a little-endian word
+_ODD = np.uint64(0x0100010001000100)  # bytes 1, 3, 5, 7
+
+
+class _Stage1:
+    """Preallocated stage-1 buffers (one set per process, reused for every block)."""
+
+    def __init__(self) -> None:
+        self.t = np.empty(SUB, np.uint8)
+        self.dig = np.empty(SUB, bool)
+        self.w = np.empty(SUB // 8, np.uint64)
+        self.counts = np.empty((3, SUB // 8), np.uint8)
+
+    def hot_pairs(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Block-pair indices of ``a`` (len a multiple of 8, <= SUB) that look like ASCII
+        digit text, and those that look like UTF-16LE digits (digits on one parity only).
+
+        Per 8-byte block: digits, digits at even and at odd offsets (popcounts of the
+        digit mask seen as uint64 words). A pair of blocks is hot with >= 8 digits (ASCII)
+        or >= 5 digits on one parity (UTF-16LE; zeros between are checked in stage 2)."""
+        n = a.size
+        t, dig, w = self.t[:n], self.dig[:n], self.w[: n // 8]
+        dc, ec, oc = self.counts[:, : n // 8]
+        np.less(np.subtract(a, 48, out=t), 10, out=dig)
+        words = dig.view(np.uint64)
+        np.bitwise_count(words, out=dc)
+        np.bitwise_count(np.bitwise_and(words, _EVEN, out=w), out=ec)
+        np.bitwise_count(np.bitwise_and(words, _ODD, out=w), out=oc)
+        if dc.size < 2:
+            z = np.zeros(0, np.int64)
+            return z, z
+        dp = dc[:-1] + dc[1:]
+        par = np.maximum(ec[:-1] + ec[1:], oc[:-1] + oc[1:])
+        return np.flatnonzero(dp >= 8), np.flatnonzero((par >= 5) & (dp - par <= 1))
+
+
+_STAGE1: list[_Stage1] = []
 
 
 def _build_views(chunk: Chunk) -> list[TextView]:
@@ -144,44 +208,73 @@ def _build_views(chunk: Chunk) -> list[TextView]:
         padded = np.zeros(nb * 8, np.uint8)
         padded[:n] = data
         data = padded
+    if not _STAGE1:
+        _STAGE1.append(_Stage1())
+    st1 = _STAGE1[0]
+    found: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    # Stage 1 in L2-sized blocks overlapping by one 8-byte block, so pairs across a block
+    # boundary are seen too.
+    lo = 0
+    while True:
+        for acc, hot in zip(found, st1.hot_pairs(data[lo : lo + SUB]), strict=True):
+            if hot.size:
+                acc.append(hot + lo // 8)
+        if lo + SUB >= nb * 8:
+            break
+        lo += SUB - 8
     blocks = data.reshape(nb, 8)
-    t = np.subtract(data, 48, dtype=np.uint8)
-    isdig = np.less(t, 10)
-    zero = np.equal(data, 0)
-    dcount = np.bitwise_count(isdig.view(np.uint64)).astype(np.uint8)
-    zcount = np.bitwise_count(zero.view(np.uint64)).astype(np.uint8)
-    if nb < 2:
-        dpair, zpair = dcount, zcount
-    else:
-        dpair = dcount[:-1] + dcount[1:]
-        zpair = zcount[:-1] + zcount[1:]
-    hot = np.flatnonzero((dpair >= 8) | ((dpair >= 5) & (zpair >= 6)))
-    if hot.size == 0:
-        return []
-    # Widen every hot pair by the margin (difference array over blocks; cheap: 1/8 size).
-    lo = np.maximum(hot - _MB, 0)
-    hi = np.minimum(hot + 2 + _MB, nb)
-    cover = np.bincount(lo, minlength=nb + 1)[: nb + 1] - np.bincount(hi, minlength=nb + 1)
-    mask = np.cumsum(cover[:nb]) > 0
-    blockmap = np.flatnonzero(mask)
+    out = []
+    ascii_hot, utf16_hot = (_sorted_unique(h) for h in found)
+    if ascii_hot.size:
+        bm = _regions(ascii_hot, nb, _MB)
+        out.append(TextView(_compact(blocks, bm), ASCII, 0, bm, chunk.data))
+    if utf16_hot.size:
+        bm = _regions(utf16_hot, nb, _MB)
+        c16 = _compact(blocks, bm)
+        for parity in (0, 1):
+            lo_b = c16[parity::2]
+            hi_b = c16[parity + 1 :: 2]
+            m = min(lo_b.size, hi_b.size)
+            text = np.where(hi_b[:m] == 0, lo_b[:m], BREAK).astype(np.uint8)
+            out.append(TextView(text, UTF16LE, parity, bm, chunk.data))
+    return out
+
+
+def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
+    """Concatenate ascending index arrays whose neighbours may share their edge value."""
+    if not parts:
+        return np.zeros(0, np.int64)
+    hot = np.concatenate(parts)
+    if len(parts) > 1:
+        hot = hot[np.concatenate(([True], hot[1:] > hot[:-1]))]
+    return hot
+
+
+def _compact(blocks: np.ndarray, blockmap: np.ndarray) -> np.ndarray:
+    """The chosen 8-byte blocks, concatenated, with break bytes where blocks that are not
+    adjacent in the chunk meet (so no digit run is stitched across a gap; the bytes
+    overwritten are margin, never part of a match)."""
     compact = blocks[blockmap].reshape(-1)
-    # Break bytes where the compact buffer joins blocks that are not adjacent in the chunk,
-    # so no run is stitched across a gap (the bytes overwritten are margin, never a match).
     gaps = np.flatnonzero(np.diff(blockmap) > 1) + 1
     if gaps.size:
         at = gaps * 8
-        compact[at] = BREAK
-        compact[at + 1] = BREAK
-        compact[at - 1] = BREAK
-        compact[at - 2] = BREAK
-    out = [TextView(compact, ASCII, 0, blockmap)]
-    for parity in (0, 1):
-        lo_b = compact[parity::2]
-        hi_b = compact[parity + 1 :: 2]
-        m = min(lo_b.size, hi_b.size)
-        text = np.where(hi_b[:m] == 0, lo_b[:m], BREAK).astype(np.uint8)
-        out.append(TextView(text, UTF16LE, parity, blockmap))
-    return out
+        for d in (-2, -1, 0, 1):
+            compact[at + d] = BREAK
+    return compact
+
+
+def _regions(hot: np.ndarray, nb: int, k: int) -> np.ndarray:
+    """Sorted block indices within ``k`` blocks of a hot pair (pair i covers blocks i and
+    i+1): merged intervals expanded with one repeat/cumsum over the (small) result."""
+    lo = np.maximum(hot - k, 0)
+    hi = np.minimum(hot + 2 + k, nb)  # exclusive; hot is sorted, so are lo and hi
+    new = np.ones(hot.size, bool)
+    new[1:] = lo[1:] > hi[:-1]
+    starts = lo[new]
+    ends = np.maximum.reduceat(hi, np.flatnonzero(new))
+    lengths = ends - starts
+    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
+    return np.arange(int(lengths.sum())) + offsets
 
 
 def luhn_ok(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:

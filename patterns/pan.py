@@ -22,7 +22,7 @@ IIN_TABLE: list[tuple[str, int, int, int, tuple[int, ...]]] = [
     ("diners", 300, 305, 3, (14, 15, 16, 17, 18, 19)),
     ("diners", 3095, 3095, 4, (14, 15, 16, 17, 18, 19)),
     ("diners", 36, 36, 2, (14, 15, 16, 17, 18, 19)),
-    ("diners", 38, 39, 2, (16, 17, 18, 19)),
+    ("diners", 38, 39, 2, (14, 15, 16, 17, 18, 19)),
     ("jcb", 3528, 3589, 4, (16, 17, 18, 19)),
     ("visa", 4, 4, 1, (13, 16, 19)),
     ("verve", 506099, 506198, 6, (16, 18, 19)),
@@ -104,55 +104,65 @@ GROUPINGS: tuple[tuple[int, ...], ...] = (
 )
 
 _BRANDS = sorted({row[0] for row in IIN_TABLE})
+# The table as arrays for one broadcast comparison per batch of candidates.
+_ROW_BRAND = np.array([_BRANDS.index(r[0]) for r in IIN_TABLE])
+_ROW_LO = np.array([r[1] for r in IIN_TABLE], np.int64)
+_ROW_HI = np.array([r[2] for r in IIN_TABLE], np.int64)
+_ROW_DIV = np.array([10 ** (6 - r[3]) for r in IIN_TABLE], np.int64)
+_ROW_LEN = np.zeros((20, len(IIN_TABLE)), bool)  # [length, row]: row issues that length
+for _j, _row in enumerate(IIN_TABLE):
+    _ROW_LEN[list(_row[4]), _j] = True
 
 
 def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
     """Brand index (into ``_BRANDS``) per row of right-aligned ``digits``, -1 when no IIN
-    range issues that prefix at that length."""
-    n = digits.shape[0]
+    range issues that prefix at that length (first matching table row wins)."""
     first = digits.shape[1] - ndig
-    cols = first[:, None] + np.arange(6)[None, :]
-    six = np.take_along_axis(digits.astype(np.int64), np.minimum(cols, digits.shape[1] - 1), 1)
-    p6 = (six * (10 ** np.arange(5, -1, -1))).sum(axis=1)
-    out = np.full(n, -1, np.int64)
-    for brand, lo, hi, plen, lengths in IIN_TABLE:
-        pk = p6 // 10 ** (6 - plen)
-        m = (out < 0) & (pk >= lo) & (pk <= hi) & np.isin(ndig, lengths)
-        out[m] = _BRANDS.index(brand)
-    return out
+    cols = np.minimum(first[:, None] + np.arange(6)[None, :], digits.shape[1] - 1)
+    six = np.take_along_axis(digits, cols, 1).astype(np.int64)
+    p6 = six @ (10 ** np.arange(5, -1, -1))
+    pk = p6[:, None] // _ROW_DIV[None, :]
+    m = (pk >= _ROW_LO) & (pk <= _ROW_HI) & _ROW_LEN[np.minimum(ndig, 19)]
+    hit = m.any(axis=1)
+    return np.where(hit, _ROW_BRAND[np.argmax(m, axis=1)], -1)
 
 
-def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Text-index (start, span, group count) of every plain or grouped 13-19 digit sequence in
-    ``view`` that is a whole digit-group chain (not part of a longer one)."""
+# Groupings as keys: group lengths packed 5 bits each, first group lowest.
+_GROUP_KEYS = np.array([sum(g << (5 * j) for j, g in enumerate(gr)) for gr in GROUPINGS])
+_MAX_GROUPS = max(len(g) for g in GROUPINGS)
+
+
+def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray]:
+    """Text-index (start, span) of every plain or grouped 13-19 digit sequence in ``view``
+    that is a whole digit-group chain (not part of a longer one)."""
     r = view.runs()
     n = r.start.size
     if n == 0:
         z = np.zeros(0, np.int64)
-        return z, z, z
+        return z, z
     prev_link = np.concatenate(([0], r.link[:-1]))
-    starts, spans, groups = [], [], []
     plain = (r.length >= 13) & (r.length <= 19) & (r.link == 0) & (prev_link == 0)
-    starts.append(r.start[plain])
-    spans.append(r.length[plain])
-    groups.append(np.ones(int(plain.sum()), np.int64))
-    chain_start = (r.link != 0) & (prev_link == 0)
-    for g in GROUPINGS:
-        k = len(g)
-        if n < k:
-            continue
-        idx = np.flatnonzero(chain_start[: n - k + 1])
-        ok = np.ones(idx.size, bool)
-        for j, glen in enumerate(g):
-            ok &= r.length[idx + j] == glen
-            if j < k - 1:
-                ok &= r.link[idx + j] == r.link[idx]
-        ok &= r.link[idx + k - 1] == 0
-        idx = idx[ok]
-        starts.append(r.start[idx])
-        spans.append(r.end[idx + k - 1] - r.start[idx])
-        groups.append(np.full(idx.size, k, np.int64))
-    return np.concatenate(starts), np.concatenate(spans), np.concatenate(groups)
+    starts, spans = [r.start[plain]], [r.length[plain]]
+    idx = np.flatnonzero((r.link != 0) & (prev_link == 0))  # chain starts
+    if idx.size:
+        # Walk each chain up to _MAX_GROUPS groups while the separator stays the same,
+        # packing group lengths into one key; a chain going on past that is too long.
+        key = np.minimum(r.length[idx], 31)
+        last = idx.copy()
+        alive = np.ones(idx.size, bool)
+        for j in range(1, _MAX_GROUPS + 1):
+            nxt = np.minimum(idx + j, n - 1)
+            cont = alive & (r.link[np.minimum(idx + j - 1, n - 1)] == r.link[idx]) & (idx + j < n)
+            if j == _MAX_GROUPS:
+                key[cont] = -1  # longer than any grouping
+                break
+            key = np.where(cont, key | (np.minimum(r.length[nxt], 31) << (5 * j)), key)
+            last = np.where(cont, nxt, last)
+            alive = cont
+        ok = np.isin(key, _GROUP_KEYS)
+        starts.append(r.start[idx[ok]])
+        spans.append(r.end[last[ok]] - r.start[idx[ok]])
+    return np.concatenate(starts), np.concatenate(spans)
 
 
 def validate(view: TextView, start: np.ndarray, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -185,7 +195,7 @@ class PanDetector(Detector):
     def find(self, chunk: Chunk) -> Hits:
         parts = []
         for view in views(chunk):
-            start, span, _ = candidates(view)
+            start, span = candidates(view)
             ok, brand = validate(view, start, span)
             s, ln = view.to_chunk(start[ok]), span[ok] * view.width
             parts.append(Hits.of(s, ln, view.encoding, brand[ok]))

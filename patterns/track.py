@@ -109,7 +109,7 @@ class Track1Detector(Detector):
             # full grammar is checked per candidate on a short slice.
             for b_at in (r.start[cand] - 1).tolist():
                 lo = b_at - 1 if b_at > 0 and view.text[b_at - 1] == PCT else b_at
-                m = TRACK1.match(view.text[lo : lo + TRACK1_MAX + 1].tobytes())
+                m = TRACK1.match(view.chunk_text(lo, TRACK1_MAX + 1))
                 if m is None or not 1 <= int(m.group(5)) <= 12 or m.end() > TRACK1_MAX:
                     continue
                 ok, brand = validate(view, np.array([lo + m.start(2)]), np.array([len(m.group(2))]))

@@ -36,7 +36,7 @@ from parsers.base import GPA_SPACE, ImageError, MemoryImage, Segment
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 
-DEFAULT_CHUNK = 256 * 1024  # fits L2 with the detectors' temporaries (PERFORMANCE.md)
+DEFAULT_CHUNK = 4 * 1024 * 1024  # per-call unit; detectors cache-block inside (256 KiB)
 EDGE_BATCH = 4096  # edge windows scanned per batch (bounded memory)
 PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across segments
 
@@ -77,7 +77,7 @@ def _tiers(detectors: list[Detector]) -> list[_Tier]:
     by_margin: dict[int, list[tuple[int, Detector]]] = {}
     for i, d in enumerate(detectors):
         need = d.max_len + d.context
-        margin = 64
+        margin = 256  # coarse tiers: detectors sharing a stage (digits) share a chunk
         while margin < need:
             margin *= 2
         by_margin.setdefault(margin, []).append((i, d))
