@@ -45,7 +45,7 @@ PPK_RE = re.compile(
     rb"Public-Lines: (\d{1,3})\r?\n((?:[A-Za-z0-9+/=]+\r?\n)+?)"
     rb"(?:(?:Key-Derivation|Argon2-[A-Za-z]+): [^\r\n]*\r?\n)*"
     rb"Private-Lines: (\d{1,3})\r?\n((?:[A-Za-z0-9+/=]+\r?\n)+?)"
-    rb"Private-MAC: ([0-9a-f]{40}|[0-9a-f]{64})"
+    rb"Private-MAC: ([0-9a-f]{64}|[0-9a-f]{40})"  # HMAC-SHA-256 (v3) / HMAC-SHA-1 (v2)
 )
 OPENSSH_MAGIC = b"openssh-key-v1\x00"
 #: OpenSSH / PuTTY ECDSA curve names -> patterns.der curve OIDs
