@@ -430,8 +430,9 @@ class _Dump:
 
 def _header(src: _Source, path: str) -> tuple[str, int, tuple, HeaderTail]:
     """Byte order, guest bits (64/32) and the fields of the disk_dump_header. The layout is
-    not stated in the file: take the first reading whose version and block size make sense,
-    trying the utsname machine's word size first."""
+    not stated in the file: take the first reading whose version, block size and bitmaps
+    make sense, trying the utsname machine's word size first (only a hint: QEMU writes the
+    64-bit layout with machine "i686" for an i386 guest)."""
     head_s = {o: struct.Struct(o + HDR_HEAD) for o in "<>"}
     size = head_s["<"].size + TIMESTAMP_SIZE[64] + struct.calcsize("<" + HDR_TAIL)
     raw = src.view(0, min(size, src.size), "kdump header").tobytes()
@@ -439,6 +440,7 @@ def _header(src: _Source, path: str) -> tuple[str, int, tuple, HeaderTail]:
         raise ImageError(path, 0, "truncated: kdump header")
     machine = raw[12 + 4 * 65 : 12 + 5 * 65].split(b"\0", 1)[0].decode("ascii", "replace")
     bits_order = (32, 64) if machine.startswith(BITS32_MACHINES) else (64, 32)
+    too_big: ImageError | None = None
     for order in "<>":
         head = head_s[order].unpack_from(raw)
         if head[0] not in SIGNATURES or not 0 < head[1] < 64:
@@ -447,9 +449,18 @@ def _header(src: _Source, path: str) -> tuple[str, int, tuple, HeaderTail]:
             at = head_s[order].size + TIMESTAMP_SIZE[bits]
             tail = HeaderTail._make(struct.unpack_from(order + HDR_TAIL, raw, at))
             bs = tail.block_size
-            if 512 <= bs <= 1 << 20 and bs & (bs - 1) == 0 and tail.bitmap_blocks > 0:
+            if not (512 <= bs <= 1 << 20 and bs & (bs - 1) == 0 and tail.bitmap_blocks > 0):
+                continue
+            metadata = (1 + tail.sub_hdr_size + tail.bitmap_blocks) * bs
+            if metadata <= src.size:
                 return order, bits, head, tail
-    raise ImageError(path, 0, "not a readable kdump header (no plausible version/block size)")
+            too_big = too_big or ImageError(
+                path,
+                0,
+                f"truncated or damaged: header, sub header and bitmaps take {metadata} bytes, "
+                f"the dump has {src.size}",
+            )
+    raise too_big or ImageError(path, 0, "not a readable kdump header (no plausible block size)")
 
 
 def _sub_meta(src: _Source, image: MemoryImage, version: int, sub: SubHeader, order: str) -> None:

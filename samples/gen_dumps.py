@@ -13,8 +13,9 @@ pages, so a 64 MiB guest shrinks to a few KiB) plus ``manifest.json`` naming, fo
 dump, its format, how it was made and every planted value with its GPA. Tests unpack the
 dumps into a temporary directory and look for the planted values at those GPAs.
 
-Usage: ``python3 samples/gen_dumps.py [--out DIR] [--keep-raw]``. Needs qemu-system-x86_64
-and makedumpfile on PATH (Debian: qemu-system-x86, makedumpfile); rerunnable, it overwrites.
+Usage: ``python3 samples/gen_dumps.py [--out DIR] [--keep-raw]``. Needs qemu-system-x86_64,
+qemu-system-i386 and makedumpfile on PATH (Debian: qemu-system-x86, makedumpfile);
+rerunnable, it overwrites, and the output is the same bytes each time.
 """
 
 from __future__ import annotations
@@ -121,11 +122,13 @@ class Qmp:
 class Guest:
     """A paused TCG guest with ``plants`` loaded into its RAM."""
 
-    def __init__(self, work: Path, machine: str, mem: str, plants: list[Plant]) -> None:
+    def __init__(
+        self, work: Path, machine: str, mem: str, plants: list[Plant], arch: str = "x86_64"
+    ) -> None:
         self.work = work
-        sock = str(work / f"qmp-{machine}-{mem}.sock")
+        sock = str(work / f"qmp-{arch}-{machine}-{mem}.sock")
         args = [
-            "qemu-system-x86_64",
+            f"qemu-system-{arch}",
             "-machine", f"{machine},accel=tcg",
             "-m", mem,
             "-nodefaults", "-display", "none", "-S",
@@ -214,6 +217,17 @@ def generate(out: Path, keep_raw: bool) -> list[dict]:
                                    stdout=subprocess.DEVNULL)  # fmt: skip
                 keep(plain, plain.name, "kdump", "makedumpfile -R of the flattened "
                      "kdump-zlib dump (plain kdump)", machine, "64M", plants)  # fmt: skip
+        # A 32-bit x86 guest: QEMU 7.2 still writes the 64-bit kdump header layout but puts
+        # "i686" in its utsname machine field (a reader must not trust that hint blindly).
+        plants = plants_low()
+        guest = Guest(work, "pc", "64M", plants, arch="i386")
+        try:
+            flat = work / "i386-pc-64M.kdump-zlib.flat"
+            guest.dump(flat, "kdump-zlib")
+            keep(flat, flat.name, "kdump", "qemu-system-i386 dump-guest-memory "
+                 "format=kdump-zlib (makedumpfile flattened)", "pc", "64M", plants)  # fmt: skip
+        finally:
+            guest.close()
         # Guests larger than 4 GiB (RAM above the 4 GiB boundary). The ELF dumps are
         # filtered to a window around the planted values so the files stay small; the kdump
         # one holds all 5 GiB (zero pages share one stored page; gzip shrinks the rest).
@@ -240,7 +254,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "dumps")
     ap.add_argument("--keep-raw", action="store_true", help="also keep the uncompressed dumps")
     args = ap.parse_args()
-    for tool in ("qemu-system-x86_64", "makedumpfile"):
+    for tool in ("qemu-system-x86_64", "qemu-system-i386", "makedumpfile"):
         if shutil.which(tool) is None:
             print(f"gen_dumps: {tool} not found on PATH", file=sys.stderr)
             return 2
