@@ -197,12 +197,12 @@ def _load_extents(
                 phoff,
                 "no PT_LOAD has a physical address (a process core?): "
                 "addresses reported are virtual, in address space 'virtual'",
-            )  # fmt: skip
+            )
         )
     filesz = loads["p_filesz"].astype(object)
     memsz = loads["p_memsz"].astype(object)
     image.meta["pt_load"] = int(loads.size)
-    image.meta["ram_size"] = int(sum(memsz))
+    image.meta["ram_size"] = _union_length(paddr, memsz)
     missing = sum(m - min(f, m) for f, m in zip(filesz, memsz, strict=True))
     if missing:
         image.meta["not_stored_bytes"] = int(missing)
@@ -241,6 +241,15 @@ def _load_extents(
                  np.asarray(lens, np.int64))  # fmt: skip
     ext.space[:] = space
     return ext
+
+
+def _union_length(start: np.ndarray, length: np.ndarray) -> int:
+    """Bytes covered by the union of the ranges [start, start + length) (Python ints)."""
+    total, end = 0, -1
+    for a, n in sorted(zip(start.tolist(), length.tolist(), strict=True)):
+        total += max(0, a + n - max(a, end))
+        end = max(end, a + n)
+    return total
 
 
 def _dedup(off: np.ndarray, gpa: np.ndarray, length: np.ndarray) -> Extents:

@@ -194,3 +194,16 @@ def test_process_core_without_physical_addresses(tmp_path: Path) -> None:
         assert read_ranges(image, [(0x7FFF0000, 4096)], space=space) == [PAGE_B]
         assert read_ranges(image, [(0, 1)]) == [None]
         assert "virtual" in str(image.warnings[0])
+
+
+def test_ram_size_counts_each_physical_byte_once(tmp_path: Path) -> None:
+    path = tmp_path / "core"
+    loads = [
+        Load(0x40000, PAGE_B, vaddr=0xFFFF0000),
+        Load(0x40000, PAGE_B, vaddr=0xFFFF8000),
+        Load(0x40800, PAGE_B),
+        Load(0x90000, None, memsz=8192),
+    ]
+    write_elf(str(path), loads)
+    with registry.open_image(str(path)) as image:
+        assert image.meta["ram_size"] == 4096 + 2048 + 8192
