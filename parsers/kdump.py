@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import struct
 import zlib
+from array import array
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Protocol
@@ -254,8 +255,9 @@ class _Flat:
 def _flat_records(
     ev: Evidence, path: str, image: MemoryImage
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Walk the flattened records (headers only): assembled offset, size, file position."""
-    starts, sizes, poss = [], [], []
+    """Walk the flattened records (headers only): assembled offset, size, file position.
+    Kept in typed arrays: a big dump has millions of records (QEMU writes 16 KiB ones)."""
+    starts, sizes, poss = array("q"), array("q"), array("q")
     pos = FLAT_HEADER_SIZE
     buf = ev.data
     while True:
@@ -284,8 +286,8 @@ def _flat_records(
         pos += FLAT_RECORD.size + size
     if not starts:
         raise ImageError(path, FLAT_HEADER_SIZE, "flattened stream holds no data")
-    return (np.asarray(starts, np.int64), np.asarray(sizes, np.int64),
-            np.asarray(poss, np.int64))  # fmt: skip
+    return (np.frombuffer(starts, np.int64), np.frombuffer(sizes, np.int64),
+            np.frombuffer(poss, np.int64))  # fmt: skip
 
 
 def _resolve_overlaps(
