@@ -224,10 +224,20 @@ def utf16_clean(chunk: Chunk, stream: Stream, pos: np.ndarray, length: np.ndarra
     return ~((hi != 0) & inside).any(axis=1)
 
 
-def boundary_ok(stream: Stream, pos: np.ndarray, end: np.ndarray, table: np.ndarray) -> np.ndarray:
-    """Mask of tokens ``[pos, end)`` not glued to another ``table`` character on either side
-    (a token inside a longer run is some other string)."""
+def boundary_ok(
+    chunk: Chunk, stream: Stream, pos: np.ndarray, end: np.ndarray, table: np.ndarray
+) -> np.ndarray:
+    """Mask of tokens ``[pos, end)`` (stream positions) not glued to another ``table``
+    character on either side (a token inside a longer run is some other string). In UTF-16LE
+    a neighbour counts only if its high byte is zero (else it is another character)."""
     d = stream.data
     before = np.where(pos > 0, d[np.maximum(pos - 1, 0)], 0)
     after = np.where(end < d.size, d[np.minimum(end, d.size - 1)], 0)
-    return ~table[before] & ~table[after]
+    glued_before, glued_after = table[before], table[after]
+    if stream.encoding == UTF16LE:
+        data = chunk.data
+        hb = stream.offsets(pos - 1) + 1  # high byte of the character before
+        ha = stream.offsets(end) + 1
+        glued_before &= (hb < 1) | (data[np.clip(hb, 0, data.size - 1)] == 0)
+        glued_after &= (ha >= data.size) | (data[np.clip(ha, 0, data.size - 1)] == 0)
+    return ~glued_before & ~glued_after

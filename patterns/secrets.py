@@ -107,7 +107,8 @@ class TokenDetector(Detector):
                 pos, run = pos[keep], run[keep]
                 if pos.size == 0:
                     continue
-                keep = boundary_ok(st, pos, pos + run, table) & utf16_clean(chunk, st, pos, run)
+                keep = boundary_ok(chunk, st, pos, pos + run, table)
+                keep &= utf16_clean(chunk, st, pos, run)
                 for p, n in zip(pos[keep].tolist(), run[keep].tolist(), strict=True):
                     token = st.data[p : p + n].tobytes().decode("ascii")
                     if spec.pattern.fullmatch(token) and self.check(token, None) is not None:
@@ -156,8 +157,9 @@ class GithubTokenDetector(TokenDetector):
     name = "github-token"
     max_len = 2 * 93
     specs = (
-        Spec(b"gh", 0, ALNUM + b"_", 40, 93,
-             re.compile(r"gh[pousr]_[A-Za-z0-9]{36}|github_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59}")),
+        Spec(b"gh", 0, ALNUM + b"_", 40, 40, re.compile(r"gh[pousr]_[A-Za-z0-9]{36}")),
+        Spec(b"b_", 5, ALNUM + b"_", 93, 93,
+             re.compile(r"github_pat_[A-Za-z0-9]{22}_[A-Za-z0-9]{59}")),
     )
     KINDS = {"ghp": "personal", "gho": "oauth", "ghu": "user-to-server",
              "ghs": "server-to-server", "ghr": "refresh", "github": "fine-grained-personal"}

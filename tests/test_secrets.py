@@ -1,0 +1,209 @@
+"""Cloud and API secrets: each token shape found once in ASCII and UTF-16LE at any offset,
+verified as its issuer allows (GitHub checksum, JWT header); near misses are not reported."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from patterns.base import Chunk, Hit
+from patterns.secrets import (
+    AwsKeyDetector,
+    GcpApiKeyDetector,
+    GithubTokenDetector,
+    JwtDetector,
+    SlackTokenDetector,
+    StripeKeyDetector,
+    github_checksum_ok,
+)
+
+DETS = {d.name: d for d in (AwsKeyDetector(), GithubTokenDetector(), SlackTokenDetector(),
+                            StripeKeyDetector(), GcpApiKeyDetector(), JwtDetector())}
+SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+def rand(r: random.Random, alphabet: str, n: int) -> str:
+    return "".join(r.choice(alphabet) for _ in range(n))
+
+
+def github(r: random.Random, prefix: str = "ghp") -> str:
+    """A classic GitHub token with its checksum computed independently here: CRC32 (zlib's,
+    via binascii) of the 30 random characters, base62, 6 digits."""
+    body = rand(r, B62, 30)
+    c = binascii.crc32(body.encode())
+    digits = ""
+    for _ in range(6):
+        c, d = divmod(c, 62)
+        digits = B62[d] + digits
+    return f"{prefix}_{body}{digits}"
+
+
+def b64url(obj: object) -> str:
+    return base64.urlsafe_b64encode(json.dumps(obj).encode()).rstrip(b"=").decode()
+
+
+def jwt(r: random.Random, header: object | None = None) -> str:
+    head = {"alg": "RS256", "typ": "JWT"} if header is None else header
+    sig = rand(r, B62 + "-_", 86)
+    return f"{b64url(head)}.{b64url({'sub': rand(r, B62, 8), 'iat': 1700000000})}.{sig}"
+
+
+def token(kind: str, r: random.Random) -> tuple[str, str]:
+    """(detector name, a valid token) of a kind."""
+    upper = "ABCDEFGHIJKLMNOPQRSTUVWXYZ234567"
+    return {
+        "aws": ("aws-key", "AKIA" + rand(r, upper, 16)),
+        "aws-temp": ("aws-key", "ASIA" + rand(r, upper, 16)),
+        "github": ("github-token", github(r)),
+        "github-oauth": ("github-token", github(r, "gho")),
+        "github-pat": ("github-token", f"github_pat_{rand(r, B62, 22)}_{rand(r, B62, 59)}"),
+        "slack-bot": ("slack-token", f"xoxb-{rand(r, '0123456789', 11)}-"
+                                     f"{rand(r, '0123456789', 13)}-{rand(r, B62, 24)}"),
+        "slack-user": ("slack-token", f"xoxp-{rand(r, '0123456789', 11)}-"
+                                      f"{rand(r, '0123456789', 12)}-{rand(r, '0123456789', 13)}-"
+                                      f"{rand(r, '0123456789abcdef', 32)}"),
+        "stripe": ("stripe-key", "sk_live_" + rand(r, B62, 24)),
+        "stripe-restricted": ("stripe-key", "rk_live_" + rand(r, B62, 99)),
+        "gcp": ("gcp-api-key", "AIza" + rand(r, B62 + "-_", 35)),
+        "jwt": ("jwt", jwt(r)),
+    }[kind]
+
+
+KINDS = ["aws", "aws-temp", "github", "github-oauth", "github-pat", "slack-bot", "slack-user",
+         "stripe", "stripe-restricted", "gcp", "jwt"]
+
+
+def background(seed: int, size: int, kind: str) -> bytearray:
+    rng = np.random.default_rng(seed)
+    if kind == "text":
+        words = np.frombuffer(b"lorem ipsum: token = 'key' gh eyJ xo AIz IA _l\n", np.uint8)
+        return bytearray(words[rng.integers(0, words.size, size)].tobytes())
+    return bytearray(rng.integers(0, 256, size, dtype=np.uint8).tobytes())
+
+
+def scan(buf: bytes, name: str) -> list[tuple[int, int, str, str, dict]]:
+    det = DETS[name]
+    hits = det.find(Chunk(np.frombuffer(bytes(buf), np.uint8)))
+    out = []
+    for s, n, e in zip(hits.start.tolist(), hits.length.tolist(), hits.encoding.tolist(),
+                       strict=True):
+        enc = ("ascii", "utf-16le", "binary")[e]
+        c = det.context
+        d = det.describe(Hit(bytes(buf[s : s + n]), enc, bytes(buf[max(0, s - c) : s]),
+                             bytes(buf[s + n : s + n + c])))
+        assert d is not None
+        out.append((s, n, enc, d.masked, d.details))
+    return out
+
+
+def put(text: str, encoding: str, where: int, seed: int, kind: str = "random") -> bytearray:
+    blob = f" {text}\n".encode("utf-16-le" if encoding == "utf-16le" else "ascii")
+    buf = background(seed, 4096, kind)
+    buf[where : where + len(blob)] = blob
+    return buf
+
+
+@SETTINGS
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1),
+       encoding=st.sampled_from(["ascii", "utf-16le"]), where=st.integers(0, 3000),
+       back=st.sampled_from(["random", "text"]))
+def test_token_found_once(kind: str, seed: int, encoding: str, where: int, back: str) -> None:
+    name, tok = token(kind, random.Random(seed))
+    buf = put(tok, encoding, where, seed, back)
+    width = 2 if encoding == "utf-16le" else 1
+    found = scan(buf, name)
+    assert [(s, n, e) for s, n, e, _, _ in found] == [(where + width, len(tok) * width, encoding)]
+    masked = found[0][3]
+    assert tok[-8:] not in masked and len(masked) < len(tok)  # the secret part never shown
+    for other in DETS:
+        if other != name:
+            assert scan(buf, other) == [], other
+
+
+@SETTINGS
+@given(seed=st.integers(0, 2**32 - 1), pos=st.integers(4, 39), char=st.sampled_from(B62))
+def test_github_checksum_catches_one_changed_character(seed: int, pos: int, char: str) -> None:
+    tok = github(random.Random(seed))
+    assume(tok[pos] != char)
+    bad = tok[:pos] + char + tok[pos + 1 :]
+    assert github_checksum_ok(tok) and not github_checksum_ok(bad)
+    assert scan(put(bad, "ascii", 10, seed), "github-token") == []
+
+
+def test_aws_secret_nearby_raises_confidence() -> None:
+    r = random.Random(5)
+    _, kid = token("aws", r)
+    secret = rand(r, B62 + "/+", 40)
+    assume_mixed = any(c.islower() for c in secret) and any(c.isupper() for c in secret)
+    assert assume_mixed
+    for encoding in ("ascii", "utf-16le"):
+        alone = scan(put(f"aws_access_key_id = {kid}", encoding, 100, 1, "text"), "aws-key")
+        paired = scan(put(f"aws_access_key_id = {kid}\naws_secret_access_key = {secret}",
+                          encoding, 100, 1, "text"), "aws-key")
+        assert [d["secret_nearby"] for *_, d in alone] == [False]
+        assert [d["secret_nearby"] for *_, d in paired] == [True]
+        assert paired[0][4]["confidence"] > alone[0][4]["confidence"]
+
+
+@pytest.mark.parametrize("text", [
+    "AKIAIOSFODNN7EXAMPLEX",  # glued to a longer run
+    "XAKIAIOSFODNN7EXAMPLE",
+    "AKIAIOSFODNN7EXAMPL",  # too short
+    "sk_test_4eC39HqLyjWDarjtT1zdp7dc",  # Stripe test key: not a secret
+    "pk_live_4eC39HqLyjWDarjtT1zdp7dc",  # publishable key
+    "ghp_" + "a" * 36,  # checksum wrong
+    "AIzaSyDaGmWKa4JsXZ-HjGw7ISLn_3namBGew",  # 37 characters
+    "xoxb-not-a-token",
+])
+def test_near_misses_not_reported(text: str) -> None:
+    for encoding in ("ascii", "utf-16le"):
+        buf = put(text, encoding, 64, 3, "text")
+        assert all(scan(buf, name) == [] for name in DETS), (text, encoding)
+
+
+@pytest.mark.parametrize("header", [{"typ": "JWT"}, {"alg": 5}, ["alg"], "alg"])
+def test_jwt_needs_json_header_with_alg(header: object) -> None:
+    tok = jwt(random.Random(1), header)
+    assert scan(put(tok, "ascii", 7, 1), "jwt") == []
+    good = jwt(random.Random(1))
+    found = scan(put(good, "ascii", 7, 1), "jwt")
+    assert [d["alg"] for *_, d in found] == ["RS256"]
+
+
+def test_jwt_not_json_payload_not_reported() -> None:
+    head = b64url({"alg": "HS256"})
+    junk = base64.urlsafe_b64encode(b"\x93binary junk\x00").rstrip(b"=").decode()
+    assert scan(put(f"{head}.{junk}.c2lnbmF0dXJl", "ascii", 0, 2), "jwt") == []
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), where=st.integers(2, 20000),
+       chunk=st.sampled_from([4096, 4099, 65536]), encoding=st.sampled_from(["ascii", "utf-16le"]))
+def test_engine_any_offset_any_chunking(kind: str, where: int, chunk: int, encoding: str) -> None:
+    from parsers.base import Extents, MemoryImage, Segment
+    from patterns.registry import select
+    from scanner.engine import Engine, ScanConfig
+
+    name, tok = token(kind, random.Random(where))
+    codec = "utf-16-le" if encoding == "utf-16le" else "ascii"
+    blob = tok.encode(codec)
+    buf = background(where, 24 * 1024, "random")
+    sep = b" " if codec == "ascii" else " ".encode(codec)  # a non-token neighbour each side
+    end = where + len(blob)
+    buf[where - len(sep) : end + len(sep)] = sep + blob + sep
+    data = np.frombuffer(bytes(buf), np.uint8)
+    image = MemoryImage(path="m", format="test", files=["m"],
+                        fixed_segments=[Segment(data, Extents.build([0], [0], [data.size]), "m")])
+    eng = Engine(ScanConfig(select("secrets"), key=b"k" * 32, chunk_size=chunk))
+    found = eng.scan_image(image).findings
+    assert [(f.detector, f.gpa, f.length, f.encoding) for f in found] == [
+        (name, where, len(blob), encoding)
+    ]
