@@ -32,6 +32,8 @@ from pathlib import Path
 MIB = 1 << 20
 GIB = 1 << 30
 QEMU = "qemu-system-x86_64"
+QEMU_ARM = "qemu-system-aarch64"
+ARM_RAM_BASE = 0x40000000  # hw/arm/virt.c VIRT_MEM
 DOMAIN_UUID = "6b8d0a0e-4f0b-4a4e-9a53-5d1f6c1c2a01"
 DOMAIN_NAME = "vmleak-fixture"
 QEMU_CONF = Path("/etc/libvirt/qemu.conf")
@@ -120,12 +122,14 @@ def loader_args(work: Path, planted: list[tuple[int, bytes]]) -> list[str]:
     return args
 
 
-def run_qemu(work: Path, machine: str, ram: int, extra: list[str]) -> tuple[subprocess.Popen, Qmp]:
+def run_qemu(
+    work: Path, machine: str, ram: int, extra: list[str], binary: str = QEMU
+) -> tuple[subprocess.Popen, Qmp]:
     sock = work / "qmp.sock"
     if sock.exists():
         sock.unlink()
     cmd = [
-        QEMU, "-machine", f"{machine},accel=tcg", "-m", f"{ram // MIB}M", "-nodefaults",
+        binary, "-machine", f"{machine},accel=tcg", "-m", f"{ram // MIB}M", "-nodefaults",
         "-display", "none", "-S", "-qmp", f"unix:{sock},server=on,wait=off", *extra,
     ]
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
@@ -196,6 +200,26 @@ def migration_fixtures(out: Path, work: Path, manifest: dict) -> None:
         manifest[path.name] = entry("qemu-migration", machine, ram, planted,
                                     compress_pages=compress, unpack="xz" if not keep_raw else None)
         print(f"wrote {path} ({path.stat().st_size} bytes)")
+
+
+def arm_fixture(out: Path, work: Path, manifest: dict) -> None:
+    """An aarch64 ``virt`` guest: RAM block ``mach-virt.ram`` at GPA 1 GiB, and a
+    CONFIGURATION section with the target-page-bits subsection (x86 streams have none)."""
+    if shutil.which(QEMU_ARM) is None:
+        print(f"{QEMU_ARM} not installed (Debian: qemu-system-arm): ARM fixture skipped")
+        return
+    ram = 64 * MIB
+    planted = [(ARM_RAM_BASE + gpa, text) for gpa, text in plants(ram, "arm-virt")]
+    proc, qmp = run_qemu(work, "virt", ram, ["-cpu", "max", *loader_args(work, planted)],
+                         binary=QEMU_ARM)
+    path = work / "arm-virt-64m.qevm"
+    try:
+        qmp.migrate_to(path)
+    finally:
+        stop(proc, qmp)
+    packed = xz_file(path, out)
+    manifest[packed.name] = entry("qemu-migration", "virt", ram, planted, unpack="xz")
+    print(f"wrote {packed} ({packed.stat().st_size} bytes)")
 
 
 def qcow2_fixture(out: Path, work: Path, manifest: dict) -> None:
@@ -270,8 +294,11 @@ class Libvirt:
         raise RuntimeError("libvirtd did not come up")
 
     def virsh(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
-        return subprocess.run(["virsh", "-c", "qemu:///system", *args], check=check,
-                              capture_output=True, text=True, timeout=120)
+        done = subprocess.run(["virsh", "-c", "qemu:///system", *args], capture_output=True,
+                              text=True, timeout=120)
+        if check and done.returncode:
+            raise RuntimeError(f"virsh {' '.join(args)}: {done.stderr.strip()}")
+        return done
 
     def stop(self) -> None:
         for proc in reversed(self.procs):
@@ -300,6 +327,16 @@ def libvirt_fixtures(out: Path, work: Path, manifest: dict) -> None:
             lv.start(fmt)
             lv.virsh("destroy", DOMAIN_NAME, check=False)
             lv.virsh("create", str(xml), "--paused")
+            if fmt == "raw":  # virsh dump without --memory-only: a bare migration stream
+                dump = work / "libvirt-dump.qevm"
+                lv.virsh("dump", DOMAIN_NAME, str(dump))
+                packed = xz_file(dump, out)
+                manifest[packed.name] = entry("qemu-migration", "q35", ram, planted,
+                                              unpack="xz", made_by="virsh dump")
+                print(f"wrote {packed} ({packed.stat().st_size} bytes)")
+                # QEMU refuses a second migration of a guest paused by the first one
+                lv.virsh("destroy", DOMAIN_NAME)
+                lv.virsh("create", str(xml), "--paused")
             path = out / f"libvirt-{fmt}.save"
             if path.exists():
                 path.unlink()
@@ -327,6 +364,7 @@ def main() -> None:
         work = Path(tmp)
         os.chmod(work, 0o755)  # libvirt's qemu reads the plant blobs from here
         migration_fixtures(out, work, manifest)
+        arm_fixture(out, work, manifest)
         qcow2_fixture(out, work, manifest)
         if not opts.no_libvirt:
             libvirt_fixtures(out, work, manifest)

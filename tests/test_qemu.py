@@ -54,7 +54,7 @@ def test_real_stream_plants_at_their_gpas(unpacked: Path, name: str) -> None:
     entry = MANIFEST[name]
     with registry.open_image(str(sample(name, unpacked))) as image:
         assert image.format == "qemu-migration"
-        family = {"pc": "pc-i440fx-", "q35": "pc-q35-"}[entry["machine"]]
+        family = {"pc": "pc-i440fx-", "q35": "pc-q35-", "virt": "virt-"}[entry["machine"]]
         assert image.meta["machine"].startswith(family)
         assert image.meta["ram_size"] == entry["ram_size"]
         assert image.meta["vmdesc"]["devices"] > 10
@@ -390,3 +390,14 @@ def test_absurd_sizes_do_not_allocate(tmp_path: Path) -> None:
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert peak < 32 * MIB
+
+
+def test_real_arm_stream_page_bits_and_ram_base(unpacked: Path) -> None:
+    name = "arm-virt-64m.qevm.xz"
+    if name not in MANIFEST:
+        pytest.skip("no ARM fixture (samples/gen_qemu.py needs qemu-system-aarch64)")
+    with registry.open_image(str(sample(name, unpacked))) as image:
+        assert image.meta["page_size"] == PAGE  # from configuration/target-page-bits
+        (ram,) = [b for b in image.meta["blocks"] if b["name"] == "mach-virt.ram"]
+        assert ram["gpa"] == [[0, GIB, 64 * MIB]]
+        assert read_gpa(image, 0x100123, 8) == bytes(8)  # nothing below the RAM base
