@@ -401,3 +401,31 @@ def test_real_arm_stream_page_bits_and_ram_base(unpacked: Path) -> None:
         (ram,) = [b for b in image.meta["blocks"] if b["name"] == "mach-virt.ram"]
         assert ram["gpa"] == [[0, GIB, 64 * MIB]]
         assert read_gpa(image, 0x100123, 8) == bytes(8)  # nothing below the RAM base
+
+
+@settings(max_examples=15, **HYPO)
+@given(frac=st.floats(0.02, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)),
+                                               min_size=1, max_size=3))
+def test_corrupted_compressed_page_stream(unpacked: Path, tmp_path: Path, frac: float,
+                                          flips: list) -> None:
+    real = sample("q35-64m-compress.qevm.xz", unpacked).read_bytes()
+    data = bytearray(real[: int(len(real) * frac)])
+    for f, x in flips:
+        data[int(f * (len(data) - 1))] ^= x
+    _drain(write(tmp_path, bytes(data), "c.qevm"))
+
+
+def test_corrupt_zlib_page_is_an_error_naming_its_offset(tmp_path: Path) -> None:
+    w = Qevm()
+    w.start()
+    w.blocks([("pc.ram", 4 * PAGE)])
+    w.compressed("pc.ram", 0, b"good page")
+    bad_at = len(w.out) + 8 + 4  # payload of the next record: word, be32 length, zlib data
+    w.compressed("pc.ram", PAGE, b"bad page")
+    w.eos()
+    data = bytearray(w.finish())
+    data[bad_at + 2 : bad_at + 6] = b"\xff\xff\xff\xff"
+    with registry.open_image(write(tmp_path, bytes(data))) as image:
+        with pytest.raises(ImageError) as info:
+            list(image.segments())
+    assert info.value.offset == bad_at
