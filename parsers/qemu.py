@@ -645,7 +645,7 @@ def parse_vmdesc(tail: bytes) -> dict[str, Any] | None:
 
 def open_mapped(
     ev: Evidence, start: int, image: MemoryImage, machine: str | None, options: dict[str, Any]
-) -> Walker:
+) -> None:
     """Walk the stream that starts at file offset ``start`` of the mmapped ``ev`` and make
     ``image`` scan its pages in place: one fixed segment (zero copy), plus inflated windows
     when the stream holds zlib-compressed pages. Problems after a readable prefix become
@@ -666,14 +666,14 @@ def open_mapped(
         image.warnings.append(err)
         end = ev.size
     walker.assign_spaces(image)
-    for note in walker.warnings:
-        image.warnings.append(ImageError(path, None, note))
     if "mapped-ram" in walker.capabilities:
         ext = walker.mapped_extents(
             ev.data, lambda m: image.warnings.append(ImageError(path, None, m))
         )
     else:
         ext = walker.take_extents(0)
+    for note in walker.warnings:
+        image.warnings.append(ImageError(path, None, note))
     main = Segment(ev.data, ext, path)
     if walker.compressed:
         records = walker.compressed
@@ -693,7 +693,6 @@ def open_mapped(
         desc = parse_vmdesc(ev.data[end : end + VMDESC_SEARCH].tobytes())
         if desc:
             image.meta["vmdesc"] = desc
-    return walker
 
 
 class StreamSource(Protocol):

@@ -429,3 +429,17 @@ def test_corrupt_zlib_page_is_an_error_naming_its_offset(tmp_path: Path) -> None
         with pytest.raises(ImageError) as info:
             list(image.segments())
     assert info.value.offset == bad_at
+
+
+def test_pages_beyond_their_block_are_dropped_with_a_warning(tmp_path: Path) -> None:
+    w = Qevm()
+    w.start()
+    w.blocks([("pc.ram", 4 * PAGE)])
+    w.page("pc.ram", 0, b"inside")
+    for i in range(40):  # long enough for the batched path
+        w.page("pc.ram", (100 + i) * PAGE, b"outside")
+    w.eos()
+    with registry.open_image(write(tmp_path, w.finish())) as image:
+        assert any("40 page records lie beyond" in x.message for x in image.warnings)
+        assert image.fixed_segments[0].extents.total() == PAGE
+        assert read_gpa(image, 0, 6) == b"inside"
