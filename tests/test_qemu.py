@@ -443,3 +443,21 @@ def test_pages_beyond_their_block_are_dropped_with_a_warning(tmp_path: Path) -> 
         assert any("40 page records lie beyond" in x.message for x in image.warnings)
         assert image.fixed_segments[0].extents.total() == PAGE
         assert read_gpa(image, 0, 6) == b"inside"
+
+
+def test_resent_pages_keep_both_copies(tmp_path: Path) -> None:
+    """Live migration re-sends dirtied pages: the stale copy is guest data too."""
+    w = Qevm()
+    w.start()
+    w.blocks([("pc.ram", 4 * PAGE)])
+    w.page("pc.ram", PAGE, b"old card=4532015112830366;")
+    w.eos()
+    w.part(end=True)
+    w.page("pc.ram", PAGE, b"new card=5544332211009989;")
+    w.eos()
+    with registry.open_image(write(tmp_path, w.finish())) as image:
+        assert read_gpa(image, PAGE, 3) == b"new"  # the last copy is the final content
+        found = scan_pans(image)
+    assert sorted((f.gpa, f.masked) for f in found) == [
+        (PAGE + 9, "453201******0366"), (PAGE + 9, "554433******9989")
+    ]
