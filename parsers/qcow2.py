@@ -185,16 +185,41 @@ class Qcow2:
         return out
 
 
+def _zstd_frame_len(raw: bytes) -> int:
+    """Bytes of the zstd frame at the start of ``raw`` (a compressed cluster is followed by
+    sector padding that a one-shot decoder refuses). RFC 8878 section 3.1.1; 0 if malformed."""
+    if len(raw) < 6 or raw[:4] != b"\x28\xb5\x2f\xfd":
+        return 0
+    fhd = raw[4]
+    single = fhd >> 5 & 1
+    pos = 5 + (0 if single else 1) + (0, 1, 2, 4)[fhd & 3] + (single, 2, 4, 8)[fhd >> 6]
+    while pos + 3 <= len(raw):
+        head = int.from_bytes(raw[pos : pos + 3], "little")
+        kind, size = head >> 1 & 3, head >> 3
+        if kind == 3:
+            return 0
+        pos += 3 + (1 if kind == 1 else size)
+        if head & 1:
+            return pos + 4 * (fhd >> 2 & 1)
+    return 0
+
+
 def _zstd_cluster(raw: bytes, size: int, path: str, at: int) -> bytes:
+    """One zstd-compressed cluster, decoded into a buffer of exactly one cluster."""
     try:
-        import zstandard
+        import cramjam
     except ImportError:
-        msg = "zstd-compressed cluster needs the 'zstandard' package"
+        msg = "zstd-compressed cluster needs the python package 'cramjam' (pip install cramjam)"
         raise ImageError(path, at, msg) from None
+    end = _zstd_frame_len(raw)
+    if not 0 < end <= len(raw):
+        raise ImageError(path, at, "compressed cluster is not a zstd frame")
+    out = bytearray(size)
     try:
-        return zstandard.ZstdDecompressor().decompressobj().decompress(raw)[:size]
-    except zstandard.ZstdError as exc:
+        n = cramjam.zstd.decompress_into(raw[:end], out)
+    except cramjam.DecompressionError as exc:
         raise ImageError(path, at, f"compressed cluster corrupt: {exc}") from None
+    return bytes(out[:n])
 
 
 class _VmstateReader:

@@ -257,11 +257,18 @@ def libvirt_head(
     return hdr + area, 92 + len(area)
 
 
-def compress_qcow2_vmstate(src: Path, dst: Path, every: int = 2) -> int:
+def compress_qcow2_vmstate(src: Path, dst: Path, every: int = 2, zstd: bool = False) -> int:
     """Copy qcow2 ``src`` to ``dst`` with every ``every``-th vmstate cluster of each snapshot
-    rewritten as a compressed cluster (raw deflate appended at the end of the file, L2 entry
-    pointed at it). Returns the number of clusters compressed."""
+    rewritten as a compressed cluster (raw deflate, or zstd with the header's compression type
+    set, appended at the end of the file, L2 entry pointed at it). Returns the number of
+    clusters compressed."""
     data = bytearray(src.read_bytes())
+    if zstd:
+        import cramjam
+
+        assert struct.unpack_from(">I", data, 0x64)[0] > 0x68  # header has compression_type
+        data[0x68] = 1
+        data[0x48 + 7] |= 1 << 3  # incompatible feature: compression type
     cbits = struct.unpack_from(">I", data, 0x14)[0]
     cs = 1 << cbits
     l2_bits = cbits - 3
@@ -285,8 +292,11 @@ def compress_qcow2_vmstate(src: Path, dst: Path, every: int = 2) -> int:
             host = entry & 0x00FFFFFFFFFFFE00
             if host == 0 or entry & (1 << 62):  # unallocated, or an L2 table already rewritten
                 continue
-            co = zlib.compressobj(6, zlib.DEFLATED, -12)
-            z = co.compress(bytes(data[host : host + cs])) + co.flush()
+            if zstd:
+                z = bytes(cramjam.zstd.compress(bytes(data[host : host + cs])))
+            else:
+                co = zlib.compressobj(6, zlib.DEFLATED, -12)
+                z = co.compress(bytes(data[host : host + cs])) + co.flush()
             off = len(data) + 3  # deliberately not sector aligned
             data += bytes(3) + z
             sectors = (off + len(z) - 1) // 512 - off // 512

@@ -67,12 +67,16 @@ def test_unknown_snapshot(disk: Path) -> None:
         registry.open_image(str(disk), options={"snapshot": "third"})
 
 
-def test_compressed_vmstate_clusters(disk: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("codec", ["deflate", "zstd"])
+def test_compressed_vmstate_clusters(disk: Path, tmp_path: Path, codec: str) -> None:
+    if codec == "zstd":
+        pytest.importorskip("cramjam", reason="zstd clusters need the cramjam package")
     out = tmp_path / "compressed.qcow2"
-    n = compress_qcow2_vmstate(disk, out)
+    n = compress_qcow2_vmstate(disk, out, zstd=codec == "zstd")
     assert n > 4
     for snap in ("first", "second"):
         with registry.open_image(str(out), options={"snapshot": snap}) as image:
+            assert codec in image.meta["compression"]
             check_snapshot(image, snap)
 
 
