@@ -133,3 +133,21 @@ def test_truncated_or_corrupted_disk(disk: Path, tmp_path: Path, frac: float, fl
     path = tmp_path / "h.qcow2"
     path.write_bytes(bytes(data))
     _drain(str(path))
+
+
+@settings(max_examples=40, **HYPO)
+@given(region=st.sampled_from(["snapshots", "l1", "l2"]), at=st.integers(0, 255),
+       value=st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0x40]))
+def test_lies_in_the_snapshot_l1_and_l2_tables(disk: Path, tmp_path: Path, region: str,
+                                              at: int, value: int) -> None:
+    data = bytearray(disk.read_bytes())
+    img = qcow2.Qcow2(qcow2.Evidence(str(disk)))
+    snap = img.snapshots[0]
+    l1_index = img.vmstate_offset(snap) >> (img.cluster_bits + img.l2_bits)
+    l1_entry = snap["l1_offset"] + 8 * l1_index
+    l2 = struct.unpack_from(">Q", data, l1_entry)[0] & qcow2.L1_OFFSET_MASK
+    base = {"snapshots": snap["table_offset"], "l1": l1_entry - 128, "l2": l2}[region]
+    data[min(base + at, len(data) - 1)] = value  # the snapshot table may end the file
+    path = tmp_path / "lie.qcow2"
+    path.write_bytes(bytes(data))
+    _drain(str(path))
