@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from patterns.base import BINARY, Chunk, Described, Detector, Hit, Hits
-from patterns.scratch import gather, shifted, u16_hits
+from patterns.scratch import TEXT_MARGIN, gather, shifted, u16_hits
 
 SEQUENCE, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x02, 0x03, 0x04, 0x05, 0x06
 CTX0, CTX1 = 0xA0, 0xA1  # [0] EXPLICIT parameters / attributes, [1] EXPLICIT public key
@@ -41,7 +41,7 @@ OID_EDWARDS = {
     bytes.fromhex("2b6571"): ("ed448", 57),
 }
 
-MAX_DER = 4800  # bytes: a PKCS#8-wrapped 8192-bit RSA key is ~4.72 kB
+MAX_DER = 4094  # bytes: a PKCS#8 4096-bit RSA key is ~2.4 kB; 6900-bit ones still fit
 MIN_RSA_BITS = 256
 
 
@@ -462,7 +462,9 @@ def describe_key(info: KeyInfo) -> Described:
 
 class _DerDetector(Detector):
     group = "keys"
-    max_len = MAX_DER
+    # the text detectors' margin (>= MAX_DER): the engine runs us on their chunk, and the
+    # chunk's shifted copy is made once for all of us
+    max_len = TEXT_MARGIN - 1
     context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
     kind: str
 

@@ -28,9 +28,9 @@ import numpy as np
 
 from patterns import der
 from patterns.base import ASCII, BINARY, Chunk, Described, Detector, Hit, Hits
-from patterns.scratch import literal_hits, register_anchor, utf16_clean
+from patterns.scratch import TEXT_MARGIN, literal_hits, register_anchor, utf16_clean
 
-MAX_CHARS = 8192  # longest block we parse (an 8192-bit RSA PEM is ~6.4k characters)
+MAX_CHARS = 4095  # longest block we parse (a 4096-bit RSA key in any of our forms is < 3.5k)
 
 PEM_RE = re.compile(
     rb"-----BEGIN ((?:RSA |EC |DSA |ENCRYPTED |OPENSSH )?PRIVATE KEY)-----[ \t]*\r?\n"
@@ -311,25 +311,25 @@ def parse_ppk(text: bytes) -> tuple[Found, int] | None:
 # --- detectors -------------------------------------------------------------------------------
 
 
-register_anchor(b"--", 10)  # "-----BEGIN"
-register_anchor(b"TY", 18)  # "PuTTY-User-Key-File-2" from the TY
-register_anchor(b"y-", 4)  # "openssh-key-v1" from the y
+register_anchor(b"--")  # "-----BEGIN "
+register_anchor(b"TY")  # "PuTTY-User-Key-File-"
+register_anchor(b"y-")  # "openssh-key-v1"
 
 
 def _text_blocks(chunk: Chunk) -> list[tuple[int, int, int, str, Found]]:
     """Verified text key blocks of a chunk: (chunk offset, byte length, encoding index,
     detector name, key)."""
+    d = chunk.data
     found = []
     for kind, literal, anchor in (("pem", b"-----BEGIN ", 0), ("ppk", b"PuTTY-User-Key-File-", 3)):
-        for st, positions in literal_hits(chunk, literal, anchor):
-            for pos in positions.tolist():
-                res = _parse_text(kind, st.data[pos : pos + MAX_CHARS].tobytes())
+        for enc, step, offsets in literal_hits(chunk, literal, anchor):
+            for off in offsets.tolist():
+                res = _parse_text(kind, d[off : off + step * MAX_CHARS : step].tobytes())
                 if res is None:
                     continue
                 key, length, name = res
-                p, ln = np.array([pos]), np.array([length])
-                if utf16_clean(chunk, st, p, ln)[0]:
-                    found.append((int(st.offsets(p)[0]), length * st.step, st.encoding, name, key))
+                if utf16_clean(d, np.array([off]), np.array([length]), step)[0]:
+                    found.append((off, length * step, enc, name, key))
     return found
 
 
@@ -342,15 +342,16 @@ def _parse_text(kind: str, text: bytes) -> tuple[Found, int, str] | None:
 
 def _binary_openssh(chunk: Chunk) -> list[tuple[int, int, int, str, Found]]:
     out = []
-    for st, positions in literal_hits(chunk, OPENSSH_MAGIC, 10):
-        if st.encoding != ASCII:
+    for enc, _step, offsets in literal_hits(chunk, OPENSSH_MAGIC, 10):
+        if enc != ASCII:
             continue
-        for pos in positions.tolist():
+        for off in offsets.tolist():
+            blob = chunk.data[off : off + MAX_OPENSSH_BINARY].tobytes()
             try:
-                key, length = parse_openssh_v1(st.data[pos : pos + MAX_OPENSSH_BINARY].tobytes())
+                key, length = parse_openssh_v1(blob)
             except SshError:
                 continue
-            out.append((pos, length, BINARY, "ssh-key", key))
+            out.append((off, length, BINARY, "ssh-key", key))
     return out
 
 
@@ -375,8 +376,8 @@ def _reparse(hit: Hit) -> Found | None:
 
 class _BlockDetector(Detector):
     group = "keys"
-    max_len = 2 * MAX_CHARS  # UTF-16LE doubles the characters
     context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
+    max_len = TEXT_MARGIN - context  # >= 2 * MAX_CHARS: UTF-16LE doubles the characters
 
     def find(self, chunk: Chunk) -> Hits:
         rows = [r for r in chunk.memo("pem.blocks", _all_blocks) if r[3] == self.name]

@@ -34,6 +34,7 @@ from patterns.context import text_around
 from patterns.scratch import (
     ALNUM,
     BASE64URL,
+    TEXT_MARGIN,
     anchor_hits,
     boundary_ok,
     charset,
@@ -60,8 +61,7 @@ class Spec:
     pattern: re.Pattern[str]
 
     def __post_init__(self) -> None:
-        # the shared anchor pass keeps hits with this many token characters from the anchor
-        register_anchor(self.anchor, self.min_len - self.lead)
+        register_anchor(self.anchor)
 
     @property
     def table(self) -> np.ndarray:
@@ -90,31 +90,37 @@ class TokenDetector(Detector):
     context = 2  # the character glued before/after a token (UTF-16LE: 2 bytes)
     specs: tuple[Spec, ...]
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # tokens are far shorter (Spec.max_len), but every text detector declares the same
+        # margin so the engine runs them on one chunk and they share the text gate and anchors
+        cls.max_len = TEXT_MARGIN - cls.context
+
     @abstractmethod
     def check(self, token: str, hit: Hit | None) -> dict[str, Any] | None:
         """Details of a token that passes the issuer's check (``hit`` gives context when
         describing), else None."""
 
     def find(self, chunk: Chunk) -> Hits:
+        d = chunk.data
         starts, lengths, encs = [], [], []
         for spec in self.specs:
             table = spec.table
-            for st, hits in anchor_hits(chunk, spec.anchor):
-                pos = hits - spec.lead
+            for enc, step, offsets in anchor_hits(chunk, spec.anchor):
+                pos = offsets - spec.lead * step
                 pos = pos[pos >= 0]
-                run = run_lengths(st.data, pos, table, spec.max_len + 1)
+                run = run_lengths(d, pos, table, spec.max_len + 1, step)
                 keep = (run >= spec.min_len) & (run <= spec.max_len)
                 pos, run = pos[keep], run[keep]
                 if pos.size == 0:
                     continue
-                keep = boundary_ok(chunk, st, pos, pos + run, table)
-                keep &= utf16_clean(chunk, st, pos, run)
+                keep = boundary_ok(d, pos, run, step, table) & utf16_clean(d, pos, run, step)
                 for p, n in zip(pos[keep].tolist(), run[keep].tolist(), strict=True):
-                    token = st.data[p : p + n].tobytes().decode("ascii")
+                    token = d[p : p + step * n : step].tobytes().decode("ascii")
                     if spec.pattern.fullmatch(token) and self.check(token, None) is not None:
-                        starts.append(int(st.offsets(np.array([p]))[0]))
-                        lengths.append(n * st.step)
-                        encs.append(st.encoding)
+                        starts.append(p)
+                        lengths.append(n * step)
+                        encs.append(enc)
         if not starts:
             return Hits.empty()
         return Hits.of(starts, lengths, encs)
@@ -137,7 +143,6 @@ class AwsKeyDetector(TokenDetector):
     """``aws-key``: AWS access key ids; a 40-character secret key nearby raises confidence."""
 
     name = "aws-key"
-    max_len = 40  # 20 characters, UTF-16LE
     context = 256
     specs = (Spec(b"IA", 2, ALNUM, 20, 20, re.compile(r"A(?:K|S)IA[A-Z0-9]{16}")),)
 
@@ -155,7 +160,6 @@ class GithubTokenDetector(TokenDetector):
     """``github-token``: classic tokens with their CRC32 checksum; fine-grained PATs by shape."""
 
     name = "github-token"
-    max_len = 2 * 93
     specs = (
         Spec(b"gh", 0, ALNUM + b"_", 40, 40, re.compile(r"gh[pousr]_[A-Za-z0-9]{36}")),
         Spec(b"b_", 5, ALNUM + b"_", 93, 93,
@@ -177,7 +181,6 @@ class SlackTokenDetector(TokenDetector):
     """``slack-token``: Slack bot/user/app/refresh tokens."""
 
     name = "slack-token"
-    max_len = 2 * 160
     specs = (
         Spec(b"xo", 0, ALNUM + b"-", 32, 160,
              re.compile(r"xox[abposer]-(?:[0-9]{1,14}-){2,3}[A-Za-z0-9]{20,64}")),
@@ -193,7 +196,6 @@ class StripeKeyDetector(TokenDetector):
     """``stripe-key``: live secret and restricted keys."""
 
     name = "stripe-key"
-    max_len = 2 * 255
     specs = (Spec(b"_l", 2, ALNUM + b"_", 32, 255,
                   re.compile(r"[sr]k_live_[A-Za-z0-9]{24,247}")),)
 
@@ -206,7 +208,6 @@ class GcpApiKeyDetector(TokenDetector):
     """``gcp-api-key``: Google API keys."""
 
     name = "gcp-api-key"
-    max_len = 2 * 39
     specs = (Spec(b"Iz", 1, BASE64URL, 39, 39, re.compile(r"AIza[A-Za-z0-9_-]{35}")),)
 
     def check(self, token: str, hit: Hit | None) -> dict[str, Any] | None:
@@ -217,8 +218,7 @@ class JwtDetector(TokenDetector):
     """``jwt``: JSON Web Tokens (JWS compact form)."""
 
     name = "jwt"
-    max_len = 2 * 8192
-    specs = (Spec(b"yJ", 1, BASE64URL + b".", 24, 8192,
+    specs = (Spec(b"yJ", 1, BASE64URL + b".", 24, 4095,
                   re.compile(r"eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*")),)
 
     def check(self, token: str, hit: Hit | None) -> dict[str, Any] | None:
