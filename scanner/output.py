@@ -1,11 +1,12 @@
-"""Writers over Finding records: human table, JSON Lines (the contract), CSV."""
+"""Writers over Finding records: human table, JSON Lines (the contract), CSV; and of the
+new/resolved changes of a nightly run."""
 
 from __future__ import annotations
 
 import csv
 import json
 from collections.abc import Iterable
-from typing import TextIO
+from typing import Any, TextIO
 
 from scanner.findings import FIELDS, Finding
 
@@ -71,3 +72,38 @@ def write_table(findings: list[Finding], out: TextIO, show_image: bool) -> None:
     for r in [head, *rows]:
         out.write("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
         out.write("\n")
+
+
+CHANGE_FIELDS = ("change", "run", "image", "detector", "gpa", "masked", "fingerprint")
+
+
+def write_changes(changes: Iterable[Any], out: TextIO, fmt: str) -> None:
+    """New/resolved findings (``scanner.state.Change``): JSON Lines objects with the fields
+    of ``CHANGE_FIELDS``, CSV with those columns, or a table grouped by image."""
+    rows = [c.to_dict() for c in changes]
+    if fmt == "jsonl":
+        for r in rows:
+            out.write(json.dumps(r, separators=(",", ":")) + "\n")
+    elif fmt == "csv":
+        w = csv.writer(out, lineterminator="\n")
+        w.writerow(CHANGE_FIELDS)
+        for r in rows:
+            w.writerow(["" if r[k] is None else r[k] for k in CHANGE_FIELDS])
+    elif rows:
+        head = ["CHANGE", "IMAGE", "DETECTOR", "GPA", "MASKED", "FINGERPRINT"]
+        table = [
+            [
+                r["change"].upper(),
+                r["image"],
+                r["detector"],
+                "-" if r["gpa"] is None else f"{r['gpa']:#014x}",
+                r["masked"],
+                r["fingerprint"][:28] + "...",
+            ]
+            for r in rows
+        ]
+        widths = [max(len(str(x)) for x in col) for col in zip(head, *table, strict=True)]
+        for r in [head, *table]:
+            out.write("  ".join(str(x).ljust(w) for x, w in zip(r, widths, strict=True)).rstrip())
+            out.write("\n")
+    out.flush()

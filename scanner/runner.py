@@ -9,9 +9,12 @@ Workers re-open the image themselves (parsing reads only headers and tables).
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import stat
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -42,8 +45,15 @@ class RunSummary:
 
     results: list[ScanResult] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)  # inputs that could not be scanned at all
-    skipped: int = 0  # files in directories that are not memory images
+    skips: Counter = field(default_factory=Counter)  # files passed over in directories, by why
+    unreadable: list[str] = field(default_factory=list)  # files in directories we could not read
+    files: dict[str, list[str]] = field(default_factory=dict)  # image -> every file it used
     seconds: float = 0.0
+
+    @property
+    def skipped(self) -> int:
+        """Files in directories that are not memory images."""
+        return self.skips[SKIP_NOT_IMAGE]
 
     @property
     def findings(self):
@@ -58,34 +68,134 @@ class RunSummary:
         return bool(self.errors) or any(r.errors for r in self.results)
 
 
-def expand_inputs(paths: list[str], summary: RunSummary) -> list[str]:
+SKIP_NOT_IMAGE = "non-image files"
+SKIP_EXCLUDED = "excluded by --include/--exclude"
+SKIP_SYMLINK_OUT = "symlinks leading out of the tree"
+SKIP_BROKEN_LINK = "broken symlinks"
+SKIP_SPECIAL = "FIFOs, sockets and devices"
+SKIP_DUPLICATE = "second names of the same file"
+SKIP_UNREADABLE = "unreadable files"
+
+
+@dataclass(frozen=True)
+class WalkOptions:
+    """How directories are walked. Glob patterns containing ``/`` are matched against the path
+    relative to the directory named on the command line, others against the file name alone;
+    an ``exclude`` matching a directory prunes it; with ``include`` given, only files matching
+    one of them are considered. Symlinks are followed only while they stay inside the tree,
+    unless ``follow_symlinks``."""
+
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    follow_symlinks: bool = False
+
+    def _match(self, patterns: tuple[str, ...], rel: str) -> bool:
+        name = rel.rsplit("/", 1)[-1]
+        return any(fnmatch.fnmatchcase(rel if "/" in p else name, p) for p in patterns)
+
+    def excluded(self, rel: str) -> bool:
+        return self._match(self.exclude, rel)
+
+    def selected(self, rel: str) -> bool:
+        return not self.excluded(rel) and (not self.include or self._match(self.include, rel))
+
+
+def expand_inputs(
+    paths: list[str], summary: RunSummary, walk: WalkOptions | None = None
+) -> list[str]:
     """Files named directly, and the memory images found (by content) below directories,
     companion files folded into their image (a ``.vmem`` beside its ``.vmss`` is scanned
-    once, through the ``.vmss``). Non-images inside directories are skipped and counted; a
-    directory with no image at all is an error naming it. Symlinks inside directories are
-    not followed."""
+    once, through the ``.vmss``). Inside directories, files that are not images are skipped
+    and counted by reason in ``summary.skips`` (unreadable ones also listed); a directory with
+    no image at all is an error naming it. See :class:`WalkOptions` for globs and symlinks."""
+    walk = walk or WalkOptions()
     out: list[str] = []
     for p in paths:
         if not os.path.isdir(p):
             out.append(p)
             continue
-        found: list[str] = []
-        for root, dirs, files in os.walk(p):
-            dirs.sort()
-            for name in sorted(files):
-                fp = os.path.join(root, name)
-                if os.path.islink(fp):
-                    continue
-                try:
-                    detect(fp)
-                except ImageError:
-                    summary.skipped += 1
-                    continue
-                found.append(fp)
+        found = _walk_tree(p, walk, summary)
         if not found:
             summary.errors.append(f"{p}: no memory images found in directory")
         out += found
     return primaries(out)
+
+
+def _inside(path: str, root: str) -> bool:
+    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+
+
+def _walk_tree(top: str, walk: WalkOptions, summary: RunSummary) -> list[str]:
+    """Memory images below ``top``, depth first in name order. Every directory and file is
+    visited once (by device and inode), so symlink loops and hard links cost nothing."""
+    root_real = os.path.realpath(top)
+    seen: set[tuple[int, int]] = set()
+    found: list[str] = []
+    stack = [top]
+    while stack:
+        d = stack.pop()
+        try:
+            st = os.stat(d)
+            if (st.st_dev, st.st_ino) in seen:
+                continue
+            seen.add((st.st_dev, st.st_ino))
+            entries = sorted(os.scandir(d), key=lambda e: e.name)
+        except OSError as exc:
+            summary.skips[SKIP_UNREADABLE] += 1
+            summary.unreadable.append(f"{d}: {exc.strerror or exc}")
+            continue
+        subdirs = []
+        for e in entries:
+            rel = os.path.relpath(e.path, top).replace(os.sep, "/")
+            try:
+                if e.is_symlink():
+                    target = os.path.realpath(e.path)
+                    if not walk.follow_symlinks and not _inside(target, root_real):
+                        summary.skips[SKIP_SYMLINK_OUT] += 1
+                        continue
+                    if not os.path.exists(target):
+                        summary.skips[SKIP_BROKEN_LINK] += 1
+                        continue
+                    est = os.stat(e.path)
+                else:
+                    est = e.stat(follow_symlinks=False)
+            except OSError as exc:
+                summary.skips[SKIP_UNREADABLE] += 1
+                summary.unreadable.append(f"{e.path}: {exc.strerror or exc}")
+                continue
+            if stat.S_ISDIR(est.st_mode):
+                if walk.excluded(rel):
+                    summary.skips[SKIP_EXCLUDED] += 1
+                else:
+                    subdirs.append(e.path)
+            elif not stat.S_ISREG(est.st_mode):
+                summary.skips[SKIP_SPECIAL] += 1
+            elif not walk.selected(rel):
+                summary.skips[SKIP_EXCLUDED] += 1
+            elif (est.st_dev, est.st_ino) in seen:
+                summary.skips[SKIP_DUPLICATE] += 1
+            else:
+                seen.add((est.st_dev, est.st_ino))
+                _classify(e.path, summary, found)
+        stack += reversed(subdirs)
+    return found
+
+
+def _classify(path: str, summary: RunSummary, found: list[str]) -> None:
+    """Add ``path`` to ``found`` if its content is a memory image; count it otherwise."""
+    try:
+        with open(path, "rb"):
+            pass  # an unreadable file is not "not an image": it is listed, not just counted
+    except OSError as exc:
+        summary.skips[SKIP_UNREADABLE] += 1
+        summary.unreadable.append(f"{path}: {exc.strerror or exc}")
+        return
+    try:
+        detect(path)
+    except ImageError:
+        summary.skips[SKIP_NOT_IMAGE] += 1
+        return
+    found.append(path)
 
 
 # --------------------------------------------------------------------------- worker side
@@ -124,9 +234,10 @@ def run_unit(spec: ImageSpec, part: tuple) -> ScanResult:
 # --------------------------------------------------------------------------- driver side
 
 
-def plan(spec: ImageSpec, jobs: int) -> tuple[list[tuple], int]:
-    """Units for one image and its guest bytes (for progress)."""
+def plan(spec: ImageSpec, jobs: int) -> tuple[list[tuple], int, list[str]]:
+    """Units for one image, its guest bytes (for progress) and every file it uses."""
     with spec.open() as image:
+        files = list(image.files) or [spec.path]
         if image.random_access and jobs > 1:
             segs = image.fixed_segments or []
             total = sum(s.extents.total() for s in segs)
@@ -138,9 +249,9 @@ def plan(spec: ImageSpec, jobs: int) -> tuple[list[tuple], int]:
                     pieces = max(1, min(jobs * 2, n // (SPLIT_MIN // 2)))
                     bounds = [n * i // pieces // 8 * 8 for i in range(pieces)] + [n]
                     units += [("range", k, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
-                return units + [("edges",)], total
+                return units + [("edges",)], total, files
         total = sum(s.extents.total() for s in image.fixed_segments or [])
-        return [("all",)], total or os.path.getsize(spec.path)
+        return [("all",)], total or os.path.getsize(spec.path), files
 
 
 def run(
@@ -149,34 +260,58 @@ def run(
     jobs: int,
     progress: Callable[[int, int], None] | None = None,
     summary: RunSummary | None = None,
+    on_result: Callable[[ScanResult], None] | None = None,
 ) -> RunSummary:
-    """Scan every image; results in input order. ``progress(done_bytes, total_bytes)``."""
+    """Scan every image; results in input order. ``progress(done_bytes, total_bytes)``;
+    ``on_result(result)`` is called as soon as each image is complete (so a caller can store
+    it before the next one finishes), in completion order."""
     summary = summary or RunSummary()
     t0 = time.perf_counter()
     parts: dict[int, list[ScanResult]] = {}
+    merged: dict[int, ScanResult] = {}
     units: list[tuple[int, ImageSpec, tuple]] = []
+    left: dict[int, int] = {}  # units of each image still to finish
     total = 0
     weights: dict[tuple[int, tuple], int] = {}
+    _init_worker(config)
+    engine = _WORKER["engine"]
+
+    def finish(i: int) -> None:
+        merged[i] = merge(specs[i].path, parts.get(i, []), engine)
+        if on_result:
+            on_result(merged[i])
+
     for i, spec in enumerate(specs):
         try:
-            image_units, size = plan(spec, jobs)
+            image_units, size, files = plan(spec, jobs)
         except ImageError as err:
             parts[i] = [ScanResult(image=spec.path, errors=[str(err)])]
+            finish(i)
             continue
+        summary.files[spec.path] = files
         total += size
         mains = [u for u in image_units if u[0] != "edges"]
+        left[i] = len(image_units)
         for u in image_units:
             units.append((i, spec, u))
             weights[(i, u)] = size // len(mains) if u in mains else 0
     done = 0
-    _init_worker(config)
+
+    def collect(i: int, u: tuple, result: ScanResult) -> None:
+        nonlocal done
+        parts.setdefault(i, []).append(result)
+        done += weights[(i, u)]
+        if progress:
+            progress(done, total)
+        left[i] -= 1
+        if not left[i]:
+            finish(i)
+
     if jobs <= 1 or len(units) <= 1:
         for i, spec, u in units:
-            parts.setdefault(i, []).append(run_unit(spec, u))
-            done += weights[(i, u)]
-            if progress:
-                progress(done, total)
+            result = run_unit(spec, u)
             _release_worker()
+            collect(i, u, result)
     else:
         with ProcessPoolExecutor(
             max_workers=jobs, initializer=_init_worker, initargs=(config,)
@@ -187,13 +322,8 @@ def run(
                 finished, pending = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     i, u = futs[fut]
-                    parts.setdefault(i, []).append(fut.result())
-                    done += weights[(i, u)]
-                    if progress:
-                        progress(done, total)
-    engine = _WORKER["engine"]
-    for i, spec in enumerate(specs):
-        summary.results.append(merge(spec.path, parts.get(i, []), engine))
+                    collect(i, u, fut.result())
+    summary.results += [merged[i] for i in range(len(specs))]
     summary.seconds = time.perf_counter() - t0
     return summary
 
