@@ -222,6 +222,11 @@ def _config_signature(config: ScanConfig, input_format: str | None, snapshot: st
     )
 
 
+def _argv() -> list[str]:
+    """The command line as the user typed it (``vmleak`` however it was started)."""
+    return ["vmleak", *sys.argv[1:]]
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -264,7 +269,7 @@ def _execute(p: dict, full: bool) -> Outcome:
     signature = _config_signature(config, p["input_format"], p["snapshot"])
     detector_names = {d.name for d in dets}
     with StateDB(state_path, key, writer=True, lock_wait=p["lock_wait"]) as db:
-        out.run_id = run_id = db.begin_run(sys.argv)
+        out.run_id = run_id = db.begin_run(_argv())
         fresh = [s for s in specs if full or not db.is_current(s.path, signature)]
         fresh_paths = {s.path for s in fresh}
         reused = [s.path for s in specs if s.path not in fresh_paths]
@@ -432,7 +437,7 @@ def report_cmd(**p) -> None:
         raise click.UsageError(f"{out_dir} already holds a report (use --force to replace it)")
     out = _execute(p, full=True)
     status = _diagnostics(out, p["quiet"], p["fail_on"])
-    report.write(out_dir, report.build(out, sys.argv, status))
+    report.write(out_dir, report.build(out, _argv(), status))
     if not p["quiet"]:
         _err(f"evidence report written to {targets[0]} and {targets[1]}")
     sys.exit(status)
