@@ -38,6 +38,12 @@ class ImageError(Exception):
         return f"{self.file}{where}: {self.message}"
 
 
+class Remark(ImageError):
+    """A note about an image that does not mean any of it went unread (e.g. "addresses may
+    be wrong"): shown as a warning, without the error exit status. Every other ImageError a
+    parser puts in ``MemoryImage.warnings`` is a damaged or unreadable part."""
+
+
 @dataclass
 class Extents:
     """Which bytes of a segment buffer are which guest bytes (all arrays int64, same length).
@@ -128,10 +134,10 @@ class MemoryImage:
     ``path`` is the primary file as the user named it; ``files`` every file used (companions
     included); ``meta`` free-form guest metadata shown by ``vmleak info`` (guest_name,
     guest_uuid, ram_size in bytes, machine, compression, ...). ``warnings`` collects the parts
-    that could not be read (the rest is still scanned). Random-access images (everything
-    mmapped) list their segments up front in ``fixed_segments``; streaming images give a
-    generator factory in ``stream`` instead, which may raise :class:`ImageError` after
-    yielding what was readable.
+    that could not be read (the rest is still scanned; exit status 2) and remarks
+    (:class:`Remark`). Random-access images (everything mmapped) list their segments up
+    front in ``fixed_segments``; streaming images give a generator factory in ``stream``
+    instead, which may raise :class:`ImageError` after yielding what was readable.
     """
 
     path: str

@@ -17,7 +17,15 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import (
+    GPA_SPACE,
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+)
 
 FORMATS = ["elf-core"]
 
@@ -192,7 +200,7 @@ def _load_extents(
         paddr = loads["p_vaddr"].astype(object)
         space = image.space_id("virtual")
         image.warnings.append(
-            ImageError(
+            Remark(
                 path,
                 phoff,
                 "no PT_LOAD has a physical address (a process core?): "

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import Evidence, Extents, ImageError, MemoryImage, Remark, Segment
 
 FORMATS = ["vmware-vmss", "vmware-vmsn", "vmware-vmem"]
 
@@ -843,7 +843,7 @@ def _separate(
     if ck is None:
         warn.add(
             "flat",
-            ImageError(
+            Remark(
                 vmem,
                 None,
                 "no .vmss/.vmsn checkpoint describes this .vmem: scanned "
@@ -934,7 +934,7 @@ def _build(
         unmapped = sum(g[1] for g in gaps)
         warn.add(
             "unmapped",
-            ImageError(
+            Remark(
                 mem_file,
                 gaps[0][0],
                 f"{unmapped} bytes of memory data "

@@ -15,6 +15,7 @@ detectors share one stage 1 and one run analysis per view.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,21 +31,35 @@ BREAK = 0xFF  # never a digit, separator or letter in any check below
 DASH, SPACE = ord("-"), ord(" ")
 
 
-@dataclass
-class Runs:
-    """Maximal digit runs of a text view (text-index units).
+#: shortest chain any detector uses (bytes of text): a bare SSN has 9 digits, the digits after
+#: a Track 2 '=' at least 7 (expiry and service code)
+MIN_CHAIN = 7
+#: most digit groups in a chain that detectors look at (a 4-4-4-4-3 PAN has 5)
+MAX_GROUPS = 5
 
-    ``start``/``length`` per run; ``link`` is the separator byte joining run i to run i+1
-    (``-`` or space: exactly one separator between them) or 0 when they are not joined.
+
+@dataclass
+class Chains:
+    """Maximal digit chains of a text view (text-index units): digits, and single ``-`` or
+    space separators standing between two digits. Only chains of >= MIN_CHAIN characters
+    are kept (nothing shorter is any detector's match).
+
+    ``start``/``end`` per chain; ``links``: number of separators in it; ``sep``: the first
+    separator's byte (0 if none); ``same_sep``: every separator is that byte; ``key``: the
+    lengths of its first MAX_GROUPS digit groups packed 5 bits each, first group lowest
+    (-1 when it has more groups, or mixed separators).
     """
 
     start: np.ndarray
-    length: np.ndarray
-    link: np.ndarray
+    end: np.ndarray
+    links: np.ndarray
+    sep: np.ndarray
+    key: np.ndarray
 
-    @property
-    def end(self) -> np.ndarray:
-        return self.start + self.length
+
+def group_key(groups: tuple[int, ...]) -> int:
+    """The ``Chains.key`` of a chain with these digit-group lengths."""
+    return sum(g << (5 * j) for j, g in enumerate(groups))
 
 
 class TextView:
@@ -52,15 +67,17 @@ class TextView:
     ``to_chunk`` maps text indices back to chunk byte offsets."""
 
     def __init__(
-        self, text: np.ndarray, encoding: int, parity: int, blockmap: np.ndarray,
-        chunk: np.ndarray,
+        self, text: np.ndarray, encoding: int, parity: int,
+        regions: tuple[np.ndarray, np.ndarray], chunk: np.ndarray,
     ) -> None:
         self.text = text
         self._chunk = chunk
         self.encoding = encoding  # ASCII or UTF16LE
         self._parity = parity
-        self._blockmap = blockmap  # compact block index -> chunk block index
-        self._runs: Runs | None = None
+        # compact-buffer byte offset where each region starts, and its chunk byte offset
+        self._cstart, self._start = regions
+        self._chains: Chains | None = None
+        self._words: dict[re.Pattern[bytes], np.ndarray] = {}
         self._digit: np.ndarray | None = None
 
     @property
@@ -71,7 +88,8 @@ class TextView:
     def to_chunk(self, idx: np.ndarray) -> np.ndarray:
         """Chunk byte offsets of text indices ``idx``."""
         c = idx * self.width + self._parity  # compact-buffer offset
-        return self._blockmap[c >> 3] * 8 + (c & 7)
+        k = np.searchsorted(self._cstart, c, side="right") - 1
+        return self._start[k] + (c - self._cstart[k])
 
     def chunk_text(self, idx: int, nchars: int) -> bytes:
         """Up to ``nchars`` characters from text index ``idx`` on, read from the chunk itself
@@ -88,27 +106,14 @@ class TextView:
     def digit(self) -> np.ndarray:
         """Boolean digit mask of ``text``."""
         if self._digit is None:
-            self._digit = (self.text - 48).astype(np.uint8) < 10
+            self._digit = np.less(np.subtract(self.text, 48, dtype=np.uint8), 10)
         return self._digit
 
-    def runs(self) -> Runs:
-        """Maximal digit runs and the single-separator links between them (memoized)."""
-        if self._runs is None:
-            d = self.digit
-            edges = np.flatnonzero(d[1:] != d[:-1]) + 1
-            if d.size and d[0]:
-                edges = np.concatenate(([0], edges))
-            if d.size and d[-1]:
-                edges = np.concatenate((edges, [d.size]))
-            start, end = edges[0::2], edges[1::2]
-            link = np.zeros(start.size, np.uint8)
-            if start.size > 1:
-                gap1 = start[1:] == end[:-1] + 1
-                sep = self.text[np.minimum(end[:-1], self.text.size - 1)]
-                ok = gap1 & ((sep == DASH) | (sep == SPACE))
-                link[:-1] = np.where(ok, sep, 0)
-            self._runs = Runs(start.astype(np.int64), (end - start).astype(np.int64), link)
-        return self._runs
+    def chains(self) -> Chains:
+        """Digit chains of the view (memoized; see :class:`Chains`)."""
+        if self._chains is None:
+            self._chains = _chains(self.text, self.digit)
+        return self._chains
 
     def byte_at(self, idx: np.ndarray) -> np.ndarray:
         """Characters at text indices ``idx`` (BREAK outside the text)."""
@@ -119,15 +124,10 @@ class TextView:
         out[(idx < 0) | (idx >= n)] = BREAK
         return out
 
-    def lower_at(self, idx: np.ndarray) -> np.ndarray:
-        """ASCII-lowercased characters at ``idx`` (only letters change)."""
-        c = self.byte_at(idx)
-        upper = (c >= 65) & (c <= 90)
-        return np.where(upper, c | 0x20, c)
-
-    def has_word_before(self, pos: np.ndarray, words: tuple[bytes, ...], within: int) -> np.ndarray:
-        """For each text index in ``pos``, whether one of ``words`` (lowercase) ends within
-        ``within`` characters before it."""
+    def has_word_before(self, pos: np.ndarray, words: re.Pattern[bytes], within: int) -> np.ndarray:
+        """For each text index in ``pos``, whether ``words`` (a bytes regex, lowercase)
+        ends within ``within`` characters before it. The regex runs once over the view's
+        lowercased text (C speed), then positions are looked up with searchsorted."""
         if pos.size == 0:
             return np.zeros(0, bool)
         ends = self.word_ends(words)
@@ -136,21 +136,74 @@ class TextView:
         i = np.searchsorted(ends, pos, side="right") - 1
         return (i >= 0) & (pos - ends[np.maximum(i, 0)] <= within)
 
-    def word_ends(self, words: tuple[bytes, ...]) -> np.ndarray:
-        """Sorted text indices just past each (case-insensitive) occurrence of ``words``,
-        anchored on their first letters (few) and checked with small gathers."""
-        t = self.text
-        found = []
-        for first in {w[0] for w in words}:
-            anchors = np.flatnonzero((t | 0x20) == first)
-            if anchors.size == 0:
-                continue
-            for w in (w for w in words if w[0] == first):
-                ok = np.ones(anchors.size, bool)
-                for k in range(1, len(w)):
-                    ok &= self.lower_at(anchors + k) == w[k]
-                found.append(anchors[ok] + len(w))
-        return np.sort(np.concatenate(found)) if found else np.zeros(0, np.int64)
+    def word_ends(self, words: re.Pattern[bytes]) -> np.ndarray:
+        """Sorted text indices just past each case-insensitive match of ``words``."""
+        if words not in self._words:
+            low = self.text.tobytes().lower()
+            self._words[words] = np.array([m.end() for m in words.finditer(low)], np.int64)
+        return self._words[words]
+
+
+def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
+    n = t.size
+    link = np.zeros(n, bool)
+    if n >= 3:  # a separator with a digit on each side
+        np.logical_and(d[:-2], d[2:], out=link[1:-1])
+        link[1:-1] &= (t[1:-1] == SPACE) | (t[1:-1] == DASH)
+    c = d | link
+    edges = np.flatnonzero(c[1:] != c[:-1]) + 1
+    if n and c[0]:
+        edges = np.concatenate(([0], edges))
+    if n and c[-1]:
+        edges = np.concatenate((edges, [n]))
+    start, end = edges[0::2], edges[1::2]
+    keep = (end - start) >= MIN_CHAIN
+    start, end = start[keep], end[keep]
+    lp = np.flatnonzero(link)
+    a = np.searchsorted(lp, start)
+    links = np.searchsorted(lp, end) - a
+    m = start.size
+    sep = np.zeros(m, np.uint8)
+    key = np.zeros(m, np.int64)
+    if lp.size == 0 or m == 0:
+        return Chains(start, end, links, sep, end - start)
+    # positions of the first MAX_GROUPS - 1 links of every chain (clipped; masked below)
+    pos = [lp[np.minimum(a + j, lp.size - 1)] for j in range(MAX_GROUPS - 1)]
+    has = links > 0
+    sep[has] = t[pos[0][has]]
+    same = np.ones(m, bool)
+    prev = start - 1  # position before the current group
+    for j in range(MAX_GROUPS):
+        inside = links > j  # group j ends at link j
+        if j < MAX_GROUPS - 1:
+            same &= ~inside | (t[pos[j]] == sep)
+            stop = np.where(inside, pos[j], end)
+        else:
+            stop = end
+        active = links >= j  # the chain has a group j
+        glen = np.where(active, stop - prev - 1, 0)
+        key |= np.minimum(glen, 31) << (5 * j)
+        prev = np.where(inside, stop, prev)
+    key = np.where(same & (links < MAX_GROUPS), key, -1)
+    # A group glued to a letter belongs to a word ("numa1 4111 ..."): drop it from the chain.
+    grouped = (links > 0) & (key >= 0)
+    lead = grouped & _is_letter(t, start - 1)
+    start = np.where(lead, pos[0] + 1, start)
+    key = np.where(lead, key >> 5, key)
+    links = links - lead
+    last = lp[np.clip(a + links + lead - 1, 0, lp.size - 1)]
+    trail = (links > 0) & (key >= 0) & _is_letter(t, end)
+    end = np.where(trail, last, end)
+    key = np.where(trail, key & ((1 << (5 * links)) - 1), key)
+    links = links - trail
+    return Chains(start, end, links, sep, key)
+
+
+def _is_letter(t: np.ndarray, idx: np.ndarray) -> np.ndarray:
+    """Whether ``t[idx]`` is an ASCII letter (False outside ``t``)."""
+    inside = (idx >= 0) & (idx < t.size)
+    c = t[np.clip(idx, 0, max(t.size - 1, 0))] | 0x20
+    return inside & (c >= 97) & (c <= 122)
 
 
 def views(chunk: Chunk) -> list[TextView]:
@@ -171,30 +224,36 @@ class _Stage1:
     def __init__(self) -> None:
         self.t = np.empty(SUB, np.uint8)
         self.dig = np.empty(SUB, bool)
-        self.w = np.empty(SUB // 8, np.uint64)
-        self.counts = np.empty((3, SUB // 8), np.uint8)
+        self.dc = np.empty(SUB // 8, np.uint8)
+        self.dp = np.empty(SUB // 8, np.uint8)
 
     def hot_pairs(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Block-pair indices of ``a`` (len a multiple of 8, <= SUB) that look like ASCII
         digit text, and those that look like UTF-16LE digits (digits on one parity only).
 
-        Per 8-byte block: digits, digits at even and at odd offsets (popcounts of the
-        digit mask seen as uint64 words). A pair of blocks is hot with >= 8 digits (ASCII)
-        or >= 5 digits on one parity (UTF-16LE; zeros between are checked in stage 2)."""
+        Full width: the digit mask and its popcount per 8-byte block (the mask seen as
+        uint64 words). A pair of blocks with >= 8 digits is ASCII-hot; pairs with >= 5
+        (rare) are looked at closer: >= 5 digits on one byte parity and at most one on the
+        other is UTF-16LE-hot (zeros between are checked in stage 2)."""
         n = a.size
-        t, dig, w = self.t[:n], self.dig[:n], self.w[: n // 8]
-        dc, ec, oc = self.counts[:, : n // 8]
+        nw = n // 8
+        if nw < 2:
+            z = np.zeros(0, np.int64)
+            return z, z
+        t, dig, dc, dp = self.t[:n], self.dig[:n], self.dc[:nw], self.dp[: nw - 1]
         np.less(np.subtract(a, 48, out=t), 10, out=dig)
         words = dig.view(np.uint64)
         np.bitwise_count(words, out=dc)
-        np.bitwise_count(np.bitwise_and(words, _EVEN, out=w), out=ec)
-        np.bitwise_count(np.bitwise_and(words, _ODD, out=w), out=oc)
-        if dc.size < 2:
-            z = np.zeros(0, np.int64)
-            return z, z
-        dp = dc[:-1] + dc[1:]
-        par = np.maximum(ec[:-1] + ec[1:], oc[:-1] + oc[1:])
-        return np.flatnonzero(dp >= 8), np.flatnonzero((par >= 5) & (dp - par <= 1))
+        np.add(dc[:-1], dc[1:], out=dp)
+        some = np.flatnonzero(dp >= 5)
+        if some.size == 0:
+            return some, some
+        ascii_hot = some[dp[some] >= 8]
+        w0, w1 = words[some], words[some + 1]
+        even = np.bitwise_count(w0 & _EVEN) + np.bitwise_count(w1 & _EVEN)
+        odd = np.bitwise_count(w0 & _ODD) + np.bitwise_count(w1 & _ODD)
+        par = np.maximum(even, odd)
+        return ascii_hot, some[(par >= 5) & (dp[some] - par <= 1)]
 
 
 _STAGE1: list[_Stage1] = []
@@ -222,21 +281,19 @@ def _build_views(chunk: Chunk) -> list[TextView]:
         if lo + SUB >= nb * 8:
             break
         lo += SUB - 8
-    blocks = data.reshape(nb, 8)
     out = []
     ascii_hot, utf16_hot = (_sorted_unique(h) for h in found)
     if ascii_hot.size:
-        bm = _regions(ascii_hot, nb, _MB)
-        out.append(TextView(_compact(blocks, bm), ASCII, 0, bm, chunk.data))
+        compact, regions = _compact(data, *_regions(ascii_hot, nb, _MB))
+        out.append(TextView(compact, ASCII, 0, regions, chunk.data))
     if utf16_hot.size:
-        bm = _regions(utf16_hot, nb, _MB)
-        c16 = _compact(blocks, bm)
+        c16, regions = _compact(data, *_regions(utf16_hot, nb, _MB))
         for parity in (0, 1):
             lo_b = c16[parity::2]
             hi_b = c16[parity + 1 :: 2]
             m = min(lo_b.size, hi_b.size)
             text = np.where(hi_b[:m] == 0, lo_b[:m], BREAK).astype(np.uint8)
-            out.append(TextView(text, UTF16LE, parity, bm, chunk.data))
+            out.append(TextView(text, UTF16LE, parity, regions, chunk.data))
     return out
 
 
@@ -250,31 +307,38 @@ def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
     return hot
 
 
-def _compact(blocks: np.ndarray, blockmap: np.ndarray) -> np.ndarray:
-    """The chosen 8-byte blocks, concatenated, with break bytes where blocks that are not
-    adjacent in the chunk meet (so no digit run is stitched across a gap; the bytes
-    overwritten are margin, never part of a match)."""
-    compact = blocks[blockmap].reshape(-1)
-    gaps = np.flatnonzero(np.diff(blockmap) > 1) + 1
-    if gaps.size:
-        at = gaps * 8
-        for d in (-2, -1, 0, 1):
-            compact[at + d] = BREAK
-    return compact
+def _compact(
+    data: np.ndarray, starts: np.ndarray, lengths: np.ndarray
+) -> tuple[np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """The chosen block ranges (``starts``/``lengths`` in 8-byte blocks) of ``data``,
+    concatenated, and their (compact offset, chunk offset) table in bytes. Break bytes go
+    where ranges meet, so no digit run is stitched across a gap (the bytes overwritten are
+    margin, never part of a match)."""
+    cstart = np.concatenate(([0], np.cumsum(lengths)[:-1])) * 8
+    if starts.size <= 64:  # few ranges (dense digit data): slices, one copy
+        compact = np.concatenate(
+            [data[a * 8 : (a + n) * 8] for a, n in zip(starts.tolist(), lengths.tolist(),
+                                                       strict=True)]
+        )
+    else:  # many small ranges: one 1-D take of 8-byte words
+        blockmap = np.arange(int(lengths.sum())) + np.repeat(starts - cstart // 8, lengths)
+        compact = data.view(np.uint64)[blockmap].view(np.uint8)
+    at = cstart[1:]
+    for d in (-2, -1, 0, 1):
+        compact[at + d] = BREAK
+    return compact, (cstart, starts * 8)
 
 
-def _regions(hot: np.ndarray, nb: int, k: int) -> np.ndarray:
-    """Sorted block indices within ``k`` blocks of a hot pair (pair i covers blocks i and
-    i+1): merged intervals expanded with one repeat/cumsum over the (small) result."""
+def _regions(hot: np.ndarray, nb: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merged ranges of blocks within ``k`` blocks of a hot pair (pair i covers blocks i and
+    i+1): (first block, number of blocks) per range, ascending."""
     lo = np.maximum(hot - k, 0)
     hi = np.minimum(hot + 2 + k, nb)  # exclusive; hot is sorted, so are lo and hi
     new = np.ones(hot.size, bool)
     new[1:] = lo[1:] > hi[:-1]
     starts = lo[new]
     ends = np.maximum.reduceat(hi, np.flatnonzero(new))
-    lengths = ends - starts
-    offsets = np.repeat(starts - (np.cumsum(lengths) - lengths), lengths)
-    return np.arange(int(lengths.sum())) + offsets
+    return starts, ends - starts
 
 
 def luhn_ok(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import numpy as np
 
 from patterns import context
 from patterns.base import Chunk, Described, Detector, Hit, Hits
-from patterns.digits import TextView, gather_digits, luhn_ok, views
+from patterns.digits import TextView, gather_digits, group_key, luhn_ok, views
 
 # IIN / brand table (ISO/IEC 7812 ranges as the schemes publish them). Order matters: the first
 # row that matches wins, so narrower ranges come before the wider ones they sit inside.
@@ -127,42 +127,17 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
     return np.where(hit, _ROW_BRAND[np.argmax(m, axis=1)], -1)
 
 
-# Groupings as keys: group lengths packed 5 bits each, first group lowest.
-_GROUP_KEYS = np.array([sum(g << (5 * j) for j, g in enumerate(gr)) for gr in GROUPINGS])
-_MAX_GROUPS = max(len(g) for g in GROUPINGS)
+_GROUP_KEYS = np.array([group_key(g) for g in GROUPINGS])
 
 
 def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray]:
-    """Text-index (start, span) of every plain or grouped 13-19 digit sequence in ``view``
-    that is a whole digit-group chain (not part of a longer one)."""
-    r = view.runs()
-    n = r.start.size
-    if n == 0:
-        z = np.zeros(0, np.int64)
-        return z, z
-    prev_link = np.concatenate(([0], r.link[:-1]))
-    plain = (r.length >= 13) & (r.length <= 19) & (r.link == 0) & (prev_link == 0)
-    starts, spans = [r.start[plain]], [r.length[plain]]
-    idx = np.flatnonzero((r.link != 0) & (prev_link == 0))  # chain starts
-    if idx.size:
-        # Walk each chain up to _MAX_GROUPS groups while the separator stays the same,
-        # packing group lengths into one key; a chain going on past that is too long.
-        key = np.minimum(r.length[idx], 31)
-        last = idx.copy()
-        alive = np.ones(idx.size, bool)
-        for j in range(1, _MAX_GROUPS + 1):
-            nxt = np.minimum(idx + j, n - 1)
-            cont = alive & (r.link[np.minimum(idx + j - 1, n - 1)] == r.link[idx]) & (idx + j < n)
-            if j == _MAX_GROUPS:
-                key[cont] = -1  # longer than any grouping
-                break
-            key = np.where(cont, key | (np.minimum(r.length[nxt], 31) << (5 * j)), key)
-            last = np.where(cont, nxt, last)
-            alive = cont
-        ok = np.isin(key, _GROUP_KEYS)
-        starts.append(r.start[idx[ok]])
-        spans.append(r.end[last[ok]] - r.start[idx[ok]])
-    return np.concatenate(starts), np.concatenate(spans)
+    """Text-index (start, span) of every whole digit chain in ``view`` that is a plain
+    13-19 digit run or one of the accepted groupings with one consistent separator."""
+    c = view.chains()
+    span = c.end - c.start
+    plain = (c.links == 0) & (span >= 13) & (span <= 19)
+    ok = plain | ((c.links > 0) & np.isin(c.key, _GROUP_KEYS))
+    return c.start[ok], span[ok]
 
 
 def validate(view: TextView, start: np.ndarray, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

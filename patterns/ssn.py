@@ -3,17 +3,20 @@ bare nine-digit numbers only right after an SSN keyword. ASCII and UTF-16LE."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 
 from patterns import context
 from patterns.base import Chunk, Described, Detector, Hit, Hits
-from patterns.digits import TextView, gather_digits, views
+from patterns.digits import TextView, gather_digits, group_key, views
 
 # Numbers the SSA voided or that were published (wallet inserts, advertising) and so are not
 # anyone's SSN; SSA rules reject area 000, 666 and 900-999, group 00 and serial 0000 besides.
 KNOWN_INVALID = frozenset({"078051120", "219099999", "457555462", "123456789"})
 _KNOWN_INVALID = np.array(sorted(int(x) for x in KNOWN_INVALID), np.int64)
-KEYWORDS = (b"ssn", b"ss#", b"ss #", b"s.s.n", b"social security", b"soc sec", b"soc. sec")
+# one literal first byte lets the regex engine skip ahead fast
+KEYWORDS = re.compile(rb"s(?:sn|s ?#|\.s\.n|ocial security|oc\.? ?sec)")
 KEYWORD_WINDOW = 24  # characters between a keyword's end and a bare number's start
 _POW = 10 ** np.arange(8, -1, -1)
 
@@ -35,29 +38,19 @@ def valid_ssn(digits: np.ndarray) -> np.ndarray:
     )
 
 
+_SEPARATED = group_key((3, 2, 4))
+
+
 def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray]:
-    """Text (start, span) of separated 3-2-4 chains and keyword-led bare 9-digit runs."""
-    r = view.runs()
-    n = r.start.size
-    if n == 0:
-        z = np.zeros(0, np.int64)
-        return z, z
-    prev_link = np.concatenate(([0], r.link[:-1]))
-    bare = (r.length == 9) & (r.link == 0) & (prev_link == 0)
-    bare_idx = np.flatnonzero(bare)
-    bare_idx = bare_idx[view.has_word_before(r.start[bare_idx], KEYWORDS, KEYWORD_WINDOW)]
-    idx = np.flatnonzero((r.link[: max(n - 2, 0)] != 0) & (prev_link[: max(n - 2, 0)] == 0))
-    ok = (
-        (r.length[idx] == 3)
-        & (r.length[idx + 1] == 2)
-        & (r.length[idx + 2] == 4)
-        & (r.link[idx + 1] == r.link[idx])
-        & (r.link[idx + 2] == 0)
-    )
-    idx = idx[ok]
-    start = np.concatenate((r.start[bare_idx], r.start[idx]))
-    span = np.concatenate((r.length[bare_idx], r.end[idx + 2] - r.start[idx]))
-    return start, span
+    """Text (start, span) of whole 3-2-4 chains with one separator kind, and of lone
+    9-digit chains right after an SSN keyword."""
+    c = view.chains()
+    span = c.end - c.start
+    sep = (c.links == 2) & (c.key == _SEPARATED)
+    bare = np.flatnonzero((c.links == 0) & (span == 9))
+    bare = bare[view.has_word_before(c.start[bare], KEYWORDS, KEYWORD_WINDOW)]
+    start = np.concatenate((c.start[bare], c.start[sep]))
+    return start, np.concatenate((span[bare], span[sep]))
 
 
 class SsnDetector(Detector):

@@ -47,25 +47,20 @@ class Track2Detector(Detector):
     def find(self, chunk: Chunk) -> Hits:
         parts = []
         for view in views(chunk):
-            r = view.runs()
-            n = r.start.size
-            if n < 2:
-                continue
-            i = np.arange(n - 1)
-            cand = (
-                (r.length[i] >= 13)
-                & (r.length[i] <= 19)
-                & (view.byte_at(r.end[i]) == EQ)
-                & (r.start[i + 1] == r.end[i] + 1)
-                & (r.length[i + 1] >= 7)
-                & (r.length[i] + 1 + r.length[i + 1] <= TRACK2_MAX_DATA)
-            )
-            i = i[cand]
-            i = i[_month_ok(view, r.start[i + 1] + 2)]
-            ok, brand = validate(view, r.start[i], r.length[i])
+            c = view.chains()
+            span = c.end - c.start
+            i = np.flatnonzero((c.links[:-1] == 0) & (span[:-1] >= 13) & (span[:-1] <= 19))
+            i = i[
+                (view.byte_at(c.end[i]) == EQ)
+                & (c.start[i + 1] == c.end[i] + 1)
+                & (c.links[i + 1] == 0)
+                & (span[i] + 1 + span[i + 1] <= TRACK2_MAX_DATA)
+            ]
+            i = i[_month_ok(view, c.start[i + 1] + 2)]
+            ok, brand = validate(view, c.start[i], span[i])
             i, brand = i[ok], brand[ok]
-            start = r.start[i] - (view.byte_at(r.start[i] - 1) == SEMI)
-            end = r.end[i + 1] + (view.byte_at(r.end[i + 1]) == QMARK)
+            start = c.start[i] - (view.byte_at(c.start[i] - 1) == SEMI)
+            end = c.end[i + 1] + (view.byte_at(c.end[i + 1]) == QMARK)
             parts.append(
                 Hits.of(view.to_chunk(start), (end - start) * view.width, view.encoding, brand)
             )
@@ -97,17 +92,14 @@ class Track1Detector(Detector):
     def find(self, chunk: Chunk) -> Hits:
         parts = []
         for view in views(chunk):
-            r = view.runs()
-            cand = (
-                (r.length >= 13)
-                & (r.length <= 19)
-                & (view.byte_at(r.start - 1) == B)
-                & (view.byte_at(r.end) == CARET)
-            )
+            c = view.chains()
+            span = c.end - c.start
+            i = np.flatnonzero((c.links == 0) & (span >= 13) & (span <= 19))
+            i = i[(view.byte_at(c.start[i] - 1) == B) & (view.byte_at(c.end[i]) == CARET)]
             starts, spans, brands = [], [], []
             # Candidates ('B' + 13-19 digits + '^') are rare outside real track data, so the
             # full grammar is checked per candidate on a short slice.
-            for b_at in (r.start[cand] - 1).tolist():
+            for b_at in (c.start[i] - 1).tolist():
                 lo = b_at - 1 if b_at > 0 and view.text[b_at - 1] == PCT else b_at
                 m = TRACK1.match(view.chunk_text(lo, TRACK1_MAX + 1))
                 if m is None or not 1 <= int(m.group(5)) <= 12 or m.end() > TRACK1_MAX:

@@ -25,6 +25,7 @@ detector's (a PAN inside its Track 2) is dropped.
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import GPA_SPACE, ImageError, MemoryImage, Segment
+from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 
@@ -176,7 +177,8 @@ class Engine:
         if edges:
             for tier in self.tiers:
                 raw += self._lonely_edges(image, tier, pending[id(tier)])
-            result.warnings += [str(w) for w in image.warnings]
+            for w in image.warnings:  # damaged parts are errors (exit 2); remarks are not
+                (result.warnings if isinstance(w, Remark) else result.errors).append(str(w))
         result.findings = finalize(raw, self.subsumes)
         return result
 
@@ -526,14 +528,12 @@ def finalize(found: Iterable[Finding], subsumes: dict[str, set[str]]) -> list[Fi
     containers = [f for f in out if subsumes.get(f.detector)]
     if not containers:
         return out
+    keys = [(f.space, f.addr) for f in out]
     drop = set()
     for c in containers:
-        for f in out:
-            if (
-                f.detector in subsumes[c.detector]
-                and f.space == c.space
-                and c.addr <= f.addr
-                and f.addr + f.length <= c.addr + c.length
-            ):
+        lo = bisect.bisect_left(keys, (c.space, c.addr))
+        hi = bisect.bisect_left(keys, (c.space, c.addr + c.length))
+        for f in out[lo:hi]:
+            if f.detector in subsumes[c.detector] and f.addr + f.length <= c.addr + c.length:
                 drop.add(id(f))
     return [f for f in out if id(f) not in drop]
