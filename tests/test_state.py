@@ -91,8 +91,8 @@ def test_new_moved_resolved_and_partial(tmp_path):
     img = str(tmp_path / "a.raw")
     (tmp_path / "a.raw").write_bytes(b"\0" * 4096)
     run1 = db.begin_run(["t"])
-    ch = db.store(run1, result(img, [finding(img, "pan", b"1", 100), finding(img, "ssn", b"2", 200)]),
-                  [img], CONFIG, {"pan", "ssn"})  # fmt: skip
+    both = [finding(img, "pan", b"1", 100), finding(img, "ssn", b"2", 200)]
+    ch = db.store(run1, result(img, both), [img], CONFIG, {"pan", "ssn"})
     assert sorted((c.kind, c.detector) for c in ch) == [("new", "pan"), ("new", "ssn")]
     run2 = db.begin_run(["t"])
     # The PAN moved (same value elsewhere): not new. The SSN is gone: resolved.
