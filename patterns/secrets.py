@@ -148,11 +148,13 @@ class AwsKeyDetector(TokenDetector):
 
     def check(self, token: str, hit: Hit | None) -> dict[str, Any] | None:
         details: dict[str, Any] = {"kind": "access-key-id", "temporary": token.startswith("ASIA")}
+        # AWS documentation's sample ids (AKIAIOSFODNN7EXAMPLE ...) fill SDKs and test suites
+        details["test"] = token.endswith("EXAMPLE")
         if hit is not None:
             near = [m.group(0) for side in text_around(hit) for m in AWS_SECRET.finditer(side)]
             near = [s for s in near if re.search(r"[a-z]", s) and re.search(r"[A-Z]", s)]
             details["secret_nearby"] = bool(near)
-            details["confidence"] = 0.95 if near else 0.7
+            details["confidence"] = 0.1 if details["test"] else 0.95 if near else 0.7
         return details
 
 

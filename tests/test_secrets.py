@@ -153,6 +153,11 @@ def test_aws_secret_nearby_raises_confidence() -> None:
         assert paired[0][4]["confidence"] > alone[0][4]["confidence"]
 
 
+def test_aws_documentation_sample_is_marked_test() -> None:
+    found = scan(put("key AKIAIOSFODNN7EXAMPLE", "ascii", 5, 1, "text"), "aws-key")
+    assert [(d["test"], d["confidence"] < 0.5) for *_, d in found] == [(True, True)]
+
+
 @pytest.mark.parametrize("text", [
     "AKIAIOSFODNN7EXAMPLEX",  # glued to a longer run
     "XAKIAIOSFODNN7EXAMPLE",
