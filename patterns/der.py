@@ -17,6 +17,7 @@ The same parsers verify the bodies of PEM blocks (patterns/pem.py).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 from math import lcm
 from typing import Any
@@ -171,6 +172,42 @@ CURVES: dict[bytes, Curve] = {
         0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141,
     ),
 }
+
+
+# Ed25519 (RFC 8032 section 5.1): -x^2 + y^2 = 1 + d x^2 y^2 over GF(2^255 - 19), base point B
+_ED_P = 2**255 - 19
+_ED_D = -121665 * pow(121666, -1, _ED_P) % _ED_P
+_ED_B = (
+    15112221349535400772501151409588531511454012693041857206046113283949847762202,
+    46316835694926478169428394003475163141307993866256225615783033603165251855960,
+)
+
+
+def _ed_add(s: tuple[int, ...], t: tuple[int, ...]) -> tuple[int, ...]:
+    """Sum of two points in extended coordinates (X, Y, Z, T), unified formula."""
+    p = _ED_P
+    a = (s[1] - s[0]) * (t[1] - t[0]) % p
+    b = (s[1] + s[0]) * (t[1] + t[0]) % p
+    c = 2 * _ED_D * s[3] * t[3] % p
+    d = 2 * s[2] * t[2] % p
+    e, f, g, h = b - a, d - c, d + c, b + a
+    return e * f % p, g * h % p, f * g % p, e * h % p
+
+
+def ed25519_public(seed: bytes) -> bytes:
+    """The Ed25519 public key of a 32-byte private seed (RFC 8032 section 5.1.5)."""
+    h = hashlib.sha512(seed).digest()
+    a = int.from_bytes(h[:32], "little") & ((1 << 254) - 8) | (1 << 254)
+    point = (0, 1, 1, 0)
+    addend = (_ED_B[0], _ED_B[1], 1, _ED_B[0] * _ED_B[1] % _ED_P)
+    while a:
+        if a & 1:
+            point = _ed_add(point, addend)
+        addend = _ed_add(addend, addend)
+        a >>= 1
+    zinv = pow(point[2], -1, _ED_P)
+    x, y = point[0] * zinv % _ED_P, point[1] * zinv % _ED_P
+    return (y | (x & 1) << 255).to_bytes(32, "little")
 
 
 @dataclass

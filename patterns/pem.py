@@ -137,6 +137,8 @@ def _openssh_private(key_type: bytes, w: Wire) -> tuple[bytes, dict[str, Any]]:
         pub, priv = w.string(), w.string()
         if len(pub) != 32 or len(priv) != 64 or priv[32:] != pub:
             raise SshError("bad Ed25519 key")
+        if der.ed25519_public(priv[:32]) != pub:
+            raise SshError("Ed25519 public key does not match")
         return priv[:32], {"key_type": "ssh-ed25519", "bits": 256}
     if key_type.startswith(b"ecdsa-sha2-"):
         curve_name, q_point, d = w.string(), w.string(), w.mpint()
@@ -262,9 +264,9 @@ def _ppk_private(algo: bytes, pub: Wire, priv: Wire) -> tuple[bytes, dict[str, A
         d, p, q, iqmp = (priv.mpint() for _ in range(4))
         return d.to_bytes((d.bit_length() + 7) // 8, "big"), _rsa_check(n, e, d, p, q, iqmp)
     if algo == b"ssh-ed25519":
-        pub.string()
+        public = pub.string()
         seed = priv.string()
-        if len(seed) != 32:
+        if len(seed) != 32 or der.ed25519_public(seed) != public:
             raise SshError("bad Ed25519 key")
         return seed, {"key_type": "ssh-ed25519", "bits": 256}
     if algo.startswith(b"ecdsa-sha2-"):

@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from patterns.base import Chunk, Hit
-from patterns.der import CURVES, EcKeyDetector, RsaKeyDetector
+from patterns.der import CURVES, EcKeyDetector, RsaKeyDetector, ed25519_public
 from patterns.pem import OPENSSH_MAGIC, PemKeyDetector, SshKeyDetector, Wire
 
 crypto = pytest.importorskip("cryptography", reason="keys are generated with cryptography")
@@ -97,6 +97,14 @@ def test_der_keys_found_once(kind: str, fmt, name: str, container: str, where: i
         assert details["curve"] == kind
     other = "ec-key" if name == "rsa-key" else "rsa-key"
     assert scan(buf, other) == []
+
+
+def test_ed25519_public_matches_cryptography() -> None:
+    for _ in range(3):
+        k = ed25519.Ed25519PrivateKey.generate()
+        seed = k.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, NOENC)
+        public = k.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+        assert ed25519_public(seed) == public
 
 
 def test_curve_constants_are_consistent() -> None:
@@ -220,8 +228,8 @@ def test_ssh_keygen_keys_every_form(kind: str, passphrase: str, tmp_path) -> Non
             assert details["key_type"].startswith({"rsa": "ssh-rsa", "ecdsa": "ecdsa-sha2",
                                                    "ed25519": "ssh-ed25519"}[kind])
     if not passphrase:
-        # a changed byte in the check words, or (RSA, ECDSA) in the key numbers, is caught;
-        # an Ed25519 seed is not checkable without Ed25519 arithmetic, the comment is no key
+        # a changed byte in the check words or in the key numbers is caught (the comment
+        # and padding at the end are no key material)
         w = Wire(binary)
         w.pos = len(OPENSSH_MAGIC)
         for _ in range(3):  # cipher, kdf, kdf options
@@ -230,9 +238,7 @@ def test_ssh_keygen_keys_every_form(kind: str, passphrase: str, tmp_path) -> Non
             w.string()
         size = w.u32()
         start = w.pos
-        spots = list(range(start, start + 8))
-        if kind != "ed25519":
-            spots += list(range(start + 40, start + size - 40, 37))
+        spots = list(range(start, start + 8)) + list(range(start + 40, start + size - 40, 7))
         for i in spots:
             bad = bytearray(binary)
             bad[i] ^= 0x40
@@ -299,10 +305,12 @@ def test_putty_ppk(version: int, kind: str, encoding: str) -> None:
         assert details["encrypted"] is (encryption != "none")
 
 
-def test_putty_ppk_wrong_private_part_not_reported() -> None:
-    good = ppk(2, "rsa2048").split(b"\r\n")
-    other = ppk(2, "rsa1024").split(b"\r\n")
-    # rsa2048's public lines with rsa1024's private lines: the key math fails
+@pytest.mark.parametrize(("kind", "other_kind"), [("rsa2048", "rsa1024"),
+                                                  ("prime256v1", "secp384r1")])
+def test_putty_ppk_wrong_private_part_not_reported(kind: str, other_kind: str) -> None:
+    good = ppk(2, kind).split(b"\r\n")
+    other = ppk(2, other_kind).split(b"\r\n")
+    # one key's public lines with another's private lines: the key math fails
     n_pub = int(good[3].split(b": ")[1])
     mixed = good[: 4 + n_pub] + other[4 + int(other[3].split(b": ")[1]) :]
     assert scan(plant(b"\r\n".join(mixed), 10), "ssh-key") == []
