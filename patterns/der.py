@@ -396,7 +396,11 @@ def parse_pkcs8(buf: bytes) -> KeyInfo:
             raise DerError(f"bad {name} key")
         scalar = key[slice(*_expect(inner, OCTET_STRING))]
         info = KeyInfo("ec", scalar, f"EC-{name}", {"curve": name, "bits": 8 * size})
-        info.details["confidence"] = 0.7
+        public = [buf[s + 1 : e] for t, s, e in items[3:] if t == 0x81 and buf[s : s + 1] == b"\0"]
+        verified = bool(public) and name == "ed25519" and ed25519_public(scalar) == public[0]
+        if public and name == "ed25519" and not verified:
+            raise DerError("Ed25519 public key does not match")
+        info.details.update(public_key_verified=verified, confidence=1.0 if verified else 0.7)
     elif oid == OID_DSA:
         if len(params) != 1:
             raise DerError("DSA key without parameters")

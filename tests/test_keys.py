@@ -342,3 +342,19 @@ def test_engine_any_offset_any_chunking(where: int, chunk: int, form: str) -> No
     found = eng.scan_image(image).findings
     assert [(f.detector, f.gpa, f.length) for f in found] == [(name, where, len(blob))]
     assert found[0].fingerprint.startswith("hmac-sha256:")
+
+
+def test_pkcs8_v2_ed25519_public_key_checked() -> None:
+    """RFC 8410 OneAsymmetricKey v2 (version 1, [1] public key): the public key is derived
+    from the seed and compared; a changed seed byte is not reported."""
+    k = ed25519.Ed25519PrivateKey.generate()
+    seed = k.private_bytes(ser.Encoding.Raw, ser.PrivateFormat.Raw, NOENC)
+    public = k.public_key().public_bytes(ser.Encoding.Raw, ser.PublicFormat.Raw)
+    body = (b"\x02\x01\x01" + b"\x30\x05\x06\x03\x2b\x65\x70" + b"\x04\x22\x04\x20" + seed
+            + b"\x81\x21\x00" + public)
+    blob = b"\x30" + bytes([len(body)]) + body
+    found = scan(plant(blob, 40), "ec-key")
+    assert [(s, n, d["public_key_verified"]) for s, n, _, d in found] == [(40, len(blob), True)]
+    bad = bytearray(blob)
+    bad[20] ^= 1  # inside the seed
+    assert scan(plant(bytes(bad), 40), "ec-key") == []
