@@ -149,6 +149,12 @@ class Detector(ABC):
     #: (a Track 2 contains its PAN): the engine keeps only ours.
     subsumes: ClassVar[tuple[str, ...]] = ()
 
+    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+        """For edge windows (rows of bytes whose middle is where two pieces of guest memory
+        meet), whether a match could lie in the row at all: a cheap test that lets the
+        engine skip most windows. The default keeps every row."""
+        return np.ones(rows.shape[0], bool)
+
     @abstractmethod
     def find(self, chunk: Chunk) -> Hits:
         """Validated matches in ``chunk.data`` (buffer offsets, bytes)."""

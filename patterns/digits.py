@@ -17,10 +17,11 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 
-from patterns.base import ASCII, UTF16LE, Chunk
+from patterns.base import ASCII, UTF16LE, Chunk, Detector
 
 #: bytes kept around hot blocks: a grouped UTF-16LE PAN (46 bytes) anchored anywhere on a hot
 #: pair, its boundary characters, and an SSN keyword up to 24 characters before a bare number.
@@ -204,6 +205,28 @@ def _is_letter(t: np.ndarray, idx: np.ndarray) -> np.ndarray:
     inside = (idx >= 0) & (idx < t.size)
     c = t[np.clip(idx, 0, max(t.size - 1, 0))] | 0x20
     return inside & (c >= 97) & (c <= 122)
+
+
+_ROWS_MEMO: list = [None, None]  # (rows array, digit counts): sibling detectors share it
+
+
+def rows_with_digits(rows: np.ndarray, least: int) -> np.ndarray:
+    """Rows of ``rows`` (2-D uint8) holding at least ``least`` digit bytes: no digit-based
+    match fits in a row with fewer (a digit is one byte in ASCII and in UTF-16LE)."""
+    if _ROWS_MEMO[0] is not rows:
+        dig = np.less(np.subtract(rows, 48, dtype=np.uint8), 10)
+        _ROWS_MEMO[:] = [rows, np.count_nonzero(dig, axis=1)]
+    return _ROWS_MEMO[1] >= least
+
+
+class DigitDetector(Detector):
+    """A detector built on this module's stage 1 and 2; ``min_digits`` is the fewest
+    digits any of its matches has."""
+
+    min_digits: ClassVar[int] = 9
+
+    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+        return rows_with_digits(rows, self.min_digits)
 
 
 def views(chunk: Chunk) -> list[TextView]:

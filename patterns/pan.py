@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from patterns import context
-from patterns.base import Chunk, Described, Detector, Hit, Hits
-from patterns.digits import TextView, gather_digits, group_key, luhn_ok, views
+from patterns.base import Chunk, Described, Hit, Hits
+from patterns.digits import DigitDetector, TextView, gather_digits, group_key, luhn_ok, views
 
 # IIN / brand table (ISO/IEC 7812 ranges as the schemes publish them). Order matters: the first
 # row that matches wins, so narrower ranges come before the wider ones they sit inside.
@@ -158,10 +158,11 @@ def _count_digits(view: TextView, start: np.ndarray, span: np.ndarray) -> np.nda
     return (((c - 48).astype(np.uint8) < 10) & (idx >= 0)).sum(axis=1)
 
 
-class PanDetector(Detector):
+class PanDetector(DigitDetector):
     """Card numbers (PAN)."""
 
     name = "pan"
+    min_digits = 13
     group = "cards"
     version = "1"
     max_len = 23 * 2  # 19 digits + 4 separators, UTF-16LE

@@ -8,8 +8,8 @@ import re
 import numpy as np
 
 from patterns import context
-from patterns.base import Chunk, Described, Detector, Hit, Hits
-from patterns.digits import TextView, gather_digits, group_key, views
+from patterns.base import Chunk, Described, Hit, Hits
+from patterns.digits import DigitDetector, TextView, gather_digits, group_key, views
 
 # Numbers the SSA voided or that were published (wallet inserts, advertising) and so are not
 # anyone's SSN; SSA rules reject area 000, 666 and 900-999, group 00 and serial 0000 besides.
@@ -53,7 +53,7 @@ def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray]:
     return start, np.concatenate((span[bare], span[sep]))
 
 
-class SsnDetector(Detector):
+class SsnDetector(DigitDetector):
     """US Social Security numbers."""
 
     name = "ssn"

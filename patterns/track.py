@@ -15,8 +15,8 @@ import re
 import numpy as np
 
 from patterns import context
-from patterns.base import Chunk, Described, Detector, Hit, Hits
-from patterns.digits import TextView, views
+from patterns.base import Chunk, Described, Hit, Hits
+from patterns.digits import DigitDetector, TextView, views
 from patterns.pan import _BRANDS, mask_pan, validate
 
 EQ, CARET, B, SEMI, QMARK, PCT = (ord(c) for c in "=^B;?%")
@@ -35,10 +35,11 @@ def _month_ok(view: TextView, pos: np.ndarray) -> np.ndarray:
     return (month >= 1) & (month <= 12)
 
 
-class Track2Detector(Detector):
+class Track2Detector(DigitDetector):
     """Track 2 data: PAN, '=', expiry, service code, discretionary digits."""
 
     name = "track2"
+    min_digits = 13
     group = "cards"
     max_len = (TRACK2_MAX_DATA + 3) * 2
     context = 32
@@ -80,10 +81,11 @@ class Track2Detector(Detector):
         return Described(text.strip(";?").encode(), masked, details)
 
 
-class Track1Detector(Detector):
+class Track1Detector(DigitDetector):
     """Track 1 data: format code B, PAN, '^', name, '^', expiry, service code, discretionary."""
 
     name = "track1"
+    min_digits = 13
     group = "cards"
     max_len = TRACK1_MAX * 2
     context = 32

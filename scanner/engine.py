@@ -26,6 +26,7 @@ detector's (a PAN inside its Track 2) is dropped.
 from __future__ import annotations
 
 import bisect
+import mmap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -71,7 +72,8 @@ class ScanResult:
 @dataclass
 class _Tier:
     detectors: list[tuple[int, Detector]]  # (index in config, detector)
-    margin: int  # bytes of context each side of a chunk and each side of an edge
+    margin: int  # bytes of context each side of a chunk
+    edge: int  # bytes each side of an edge in its window: the longest match plus context
 
 
 def _tiers(detectors: list[Detector]) -> list[_Tier]:
@@ -82,7 +84,10 @@ def _tiers(detectors: list[Detector]) -> list[_Tier]:
         while margin < need:
             margin *= 2
         by_margin.setdefault(margin, []).append((i, d))
-    return [_Tier(v, m) for m, v in sorted(by_margin.items())]
+    return [
+        _Tier(v, m, -(-max(d.max_len + d.context for _, d in v) // 8) * 8)
+        for m, v in sorted(by_margin.items())
+    ]
 
 
 @dataclass
@@ -160,7 +165,7 @@ class Engine:
         progress: Callable[[int], None] | None = None,
     ) -> ScanResult:
         result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
-        pending = {id(t): [_EdgeSet.empty(t.margin), _EdgeSet.empty(t.margin)] for t in self.tiers}
+        pending = {id(t): [_EdgeSet.empty(t.edge), _EdgeSet.empty(t.edge)] for t in self.tiers}
         raw: list[Finding] = []
         try:
             for seg in image.segments():
@@ -187,23 +192,24 @@ class Engine:
         data = seg.data
         n = data.size
         step = self.config.chunk_size
-        found: list[Finding] = []
-        for tier in self.tiers:
-            parts: list[list[Hits]] = [[] for _ in tier.detectors]
-            m = tier.margin
-            for cs in range(lo, hi, step):
-                ce = min(cs + step, hi)
-                a = max(0, cs - m)
-                chunk = Chunk(data[a : min(n, ce + m)])
-                for k, (_, det) in enumerate(tier.detectors):
+        parts: list[list[Hits]] = [[] for _ in self.config.detectors]
+        release = _Releaser(data)
+        for cs in range(lo, hi, step):
+            ce = min(cs + step, hi)
+            for tier in self.tiers:  # every tier on this chunk while it is in cache
+                a = max(0, cs - tier.margin)
+                chunk = Chunk(data[a : min(n, ce + tier.margin)])
+                for k, det in tier.detectors:
                     h = det.find(chunk)
                     if len(h):
                         h.start += a
                         parts[k].append(h.select((h.start >= cs) & (h.start < ce)))
-            for k, (_, det) in enumerate(tier.detectors):
-                hits = Hits.concat(parts[k])
-                if len(hits):
-                    found += self._place(image, seg, det, hits)
+            release.upto(ce - self.tiers[-1].margin)
+        found: list[Finding] = []
+        for k, det in enumerate(self.config.detectors):
+            hits = Hits.concat(parts[k])
+            if len(hits):
+                found += self._place(image, seg, det, hits)
         return found
 
     # ----------------------------------------------------------------- main-scan placement
@@ -315,7 +321,7 @@ class Engine:
     ) -> list[Finding]:
         """Edge windows of one segment: pair its edges with each other and with edges left
         from earlier segments, scan the pairs, keep the unpaired (copied) for later."""
-        w = tier.margin
+        w = tier.edge
         if len(seg.extents) == 0:
             return []
         tails, heads = _edge_sets(seg, w, self._file_id(seg.file))
@@ -337,7 +343,7 @@ class Engine:
         self, image: MemoryImage, tier: _Tier, pending: list[_EdgeSet]
     ) -> list[Finding]:
         """Edges with no guest neighbour: scan each against zeros."""
-        w = tier.margin
+        w = tier.edge
         tails, heads = pending
         pending[0], pending[1] = _EdgeSet.empty(w), _EdgeSet.empty(w)
         found = []
@@ -374,11 +380,18 @@ class Engine:
     ) -> list[Finding]:
         """Scan windows made of tail row ``ti[k]`` + head row ``hi[k]``, joined at the head's
         address; keep matches that touch the join (or whose context reaches across it)."""
-        w = tier.margin
+        w = tier.edge
         found: list[Finding] = []
         for b in range(0, ti.size, EDGE_BATCH):
             tb, hb = ti[b : b + EDGE_BATCH], hi[b : b + EDGE_BATCH]
-            flat = np.concatenate((tails.rows[tb], heads.rows[hb]), axis=1).reshape(-1)
+            rows = np.concatenate((tails.rows[tb], heads.rows[hb]), axis=1)
+            # only windows where some detector of the tier could match across the middle
+            useful = np.zeros(rows.shape[0], bool)
+            for _, det in tier.detectors:
+                useful |= det.may_touch(rows)
+            keep_rows = np.flatnonzero(useful)
+            tb, hb = tb[keep_rows], hb[keep_rows]
+            flat = rows[keep_rows].reshape(-1)
             chunk = Chunk(flat)
             for _, det in tier.detectors:
                 h = det.find(chunk)
@@ -417,6 +430,36 @@ class Engine:
                     if f:
                         found.append(f)
         return found
+
+
+class _Releaser:
+    """Gives back the pages of an mmapped buffer once scanned (``MADV_DONTNEED``: they stay
+    in the page cache, but leave this process's resident set), so peak RSS does not grow
+    with the image. Does nothing for buffers that are not an mmap."""
+
+    def __init__(self, data: np.ndarray) -> None:
+        self.mm: mmap.mmap | None = None
+        base, root = data, data
+        while isinstance(base, np.ndarray):
+            root, base = base, base.base
+        if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+            self.mm = base.obj
+            self.origin = data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+            self.done = self.origin - self.origin % mmap.PAGESIZE
+
+    def upto(self, offset: int) -> None:
+        """Release the pages wholly before buffer offset ``offset``."""
+        if self.mm is None:
+            return
+        end = self.origin + offset
+        end -= end % mmap.PAGESIZE
+        if end > self.done:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, self.done, end - self.done)
+            except (OSError, ValueError):
+                self.mm = None  # not supported here: keep going without
+                return
+            self.done = end
 
 
 class _RowSource:
