@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import TextIO
@@ -183,6 +184,7 @@ class Outcome:
     key: bytes
     started: str
     ended: str = ""
+    started_ns: int = field(default_factory=time.time_ns)  # precise start, for mtime checks
     scanned: set[str] = field(default_factory=set)  # images (re)scanned this run
     changes: list[Change] | None = None  # None: no state database used
     run_id: int | None = None

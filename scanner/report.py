@@ -22,7 +22,6 @@ import platform
 import socket
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime
 from typing import Any
 
 from parsers.base import GPA_SPACE, ImageError
@@ -157,7 +156,7 @@ def build(out: Any, argv: list[str], status: int) -> dict[str, Any]:
 
     with ThreadPoolExecutor(max_workers=jobs) as pool:  # hashlib releases the GIL
         hashes = dict(pool.map(one, all_files))
-    started_ns = _iso_ns(out.started)
+    started_ns = out.started_ns
     new_keys = None
     if out.changes is not None:
         new_keys = {(c.image, c.detector, c.fingerprint) for c in out.changes if c.kind == "new"}
@@ -250,10 +249,6 @@ def build(out: Any, argv: list[str], status: int) -> dict[str, Any]:
         "input_errors": summary.errors,
         "unreadable": summary.unreadable,
     }
-
-
-def _iso_ns(stamp: str) -> int:
-    return int(datetime.fromisoformat(stamp).timestamp()) * 1_000_000_000
 
 
 def write(out_dir: str, doc: dict[str, Any]) -> None:
