@@ -16,7 +16,7 @@ from patterns.base import Hit
 
 CARD_WORDS = re.compile(
     r"(card|visa|master ?card|amex|american express|discover|credit|debit|"
-    r"\bpan\b|\bcc\b|ccnum|cc_?number|acct|account|payment|expir|\bexp\b|cvv|cvc|jcb|maestro)",
+    r"\bpan\b|\bcc\b|cc_?num|acct|account|payment|expir|\bexp\b|cvv|cvc|jcb|maestro)",
     re.I,
 )
 SSN_WORDS = re.compile(
@@ -25,6 +25,15 @@ SSN_WORDS = re.compile(
 EXPIRY = re.compile(r"^.{0,24}?\b(0[1-9]|1[0-2]) ?[/-] ?(\d\d|20\d\d)\b", re.S)
 HEXISH = re.compile(r"[0-9a-fA-F]")
 HEX_LETTER = re.compile(r"[a-fA-F]")
+# a neighbouring hex word (hex dumps: "c0be 4819 1956 ...")
+HEX_WORD_BEFORE = re.compile(r"(?:^|[\s:])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{2,16}[ :]$")
+HEX_WORD_AFTER = re.compile(r"^[ :](?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{2,16}(?:$|[\s:])")
+# an identifier, counter or timestamp field: "id=", "uuid: ", "seq=", "ts=" ...
+ID_FIELD = re.compile(
+    r"(?:\b|_)(?:id|uid|uuid|guid|seq|nonce|ts|time|timestamp|offset|size|count|"
+    r"hash|crc|tid|pid|inode|ino)[\"']?\s*[:=]\s*[\"']?$",
+    re.I,
+)
 
 
 def text_around(hit: Hit) -> tuple[str, str]:
@@ -38,12 +47,15 @@ def text_around(hit: Hit) -> tuple[str, str]:
 
 
 def _glued(before: str, after: str) -> tuple[bool, bool]:
-    """(hex context, long-number context) right at the match's edges."""
+    """(hex context, long-number context) right at the match's edges: hex digits or a hex
+    word next to it; a number glued on with '.', ',' ... or an identifier field's name."""
     b1, a1 = before[-1:], after[:1]
     b2, a2 = before[-2:], after[:2]
     hexy = bool(HEX_LETTER.match(b1) or HEX_LETTER.match(a1)) or b2.lower() == "0x"
     hexy = hexy or (len(b2) == 2 and HEXISH.fullmatch(b2) is not None and b1 in "0123456789")
+    hexy = hexy or bool(HEX_WORD_BEFORE.search(before[-18:]) or HEX_WORD_AFTER.match(after))
     numeric = bool(re.fullmatch(r"\d[.,:/_+]", b2) or re.fullmatch(r"[.,:/_+]\d", a2))
+    numeric = numeric or bool(ID_FIELD.search(before[-24:]))
     return hexy, numeric
 
 
@@ -66,7 +78,7 @@ def card_confidence(hit: Hit, grouped: bool) -> dict[str, Any]:
         0.15 if EXPIRY.match(after) else 0.0,
         0.1 if grouped else 0.0,
         -0.35 if hexy else 0.0,
-        -0.25 if numeric else 0.0,
+        -0.25 if numeric and not kw else 0.0,
     )
     return out
 
