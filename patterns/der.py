@@ -345,6 +345,12 @@ def parse_sec1_ec(buf: bytes, curve_oid: bytes | None = None) -> KeyInfo:
     return KeyInfo("ec", scalar, f"EC-{curve.name}", details, pub[2:] if pub else scalar[:0])
 
 
+def dsa_sizes_ok(p: int, q: int) -> bool:
+    """FIPS 186 sizes (p <= 4096 bits, q <= 512): bounds the modular exponentiations a crafted
+    structure could make us do."""
+    return 3 <= p and p.bit_length() <= 4096 and 2 <= q and q.bit_length() <= 512
+
+
 def parse_dsa(buf: bytes) -> KeyInfo:
     """Verify an OpenSSL DSA private key SEQUENCE {0, p, q, g, y, x}: q | p-1, g^q == 1 and
     y == g^x mod p."""
@@ -352,7 +358,7 @@ def parse_dsa(buf: bytes) -> KeyInfo:
     if len(items) != 6:
         raise DerError("DSA key needs 6 fields")
     version, p, q, g, y, x = (_int(buf, it) for it in items)
-    if version != 0 or q < 2 or (p - 1) % q or not 1 < g < p or not 0 < x < q:
+    if version != 0 or not dsa_sizes_ok(p, q) or (p - 1) % q or not 1 < g < p or not 0 < x < q:
         raise DerError("implausible DSA values")
     if pow(g, q, p) != 1 or pow(g, x, p) != y:
         raise DerError("DSA key inconsistent")
@@ -406,7 +412,7 @@ def parse_pkcs8(buf: bytes) -> KeyInfo:
             raise DerError("DSA key without parameters")
         p, q, g = (_int(buf, it) for it in children(buf, *_expect(params[0], SEQUENCE)))
         x = _int(key, tlv(key, 0, len(key)))
-        if (p - 1) % q or not 0 < x < q or pow(g, q, p) != 1:
+        if not dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, q, p) != 1:
             raise DerError("DSA key inconsistent")
         info = KeyInfo("dsa", key, f"DSA-{p.bit_length()}", {"bits": p.bit_length()})
     else:

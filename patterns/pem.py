@@ -147,7 +147,7 @@ def _openssh_private(key_type: bytes, w: Wire) -> tuple[bytes, dict[str, Any]]:
         return d.to_bytes((d.bit_length() + 7) // 8, "big"), _ec_check(curve_name, q_point, d)
     if key_type == b"ssh-dss":
         p, q, g, y, x = (w.mpint() for _ in range(5))
-        if q < 2 or (p - 1) % q or pow(g, x, p) != y:
+        if not der.dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, x, p) != y:
             raise SshError("DSA key inconsistent")
         return x.to_bytes((x.bit_length() + 7) // 8, "big"), {
             "key_type": "ssh-dss",
@@ -276,7 +276,7 @@ def _ppk_private(algo: bytes, pub: Wire, priv: Wire) -> tuple[bytes, dict[str, A
     if algo == b"ssh-dss":
         p, q, g, y = (pub.mpint() for _ in range(4))
         x = priv.mpint()
-        if q < 2 or (p - 1) % q or pow(g, x, p) != y:
+        if not der.dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, x, p) != y:
             raise SshError("DSA key inconsistent")
         return x.to_bytes((x.bit_length() + 7) // 8, "big"), {
             "key_type": "ssh-dss",

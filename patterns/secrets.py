@@ -228,7 +228,7 @@ class JwtDetector(TokenDetector):
         try:
             head = _b64url_json(header)
             body = _b64url_json(payload)
-        except (ValueError, binascii.Error):
+        except (ValueError, RecursionError):  # bad base64/UTF-8/JSON, or absurd nesting
             return None
         if not isinstance(head, dict) or not isinstance(head.get("alg"), str):
             return None

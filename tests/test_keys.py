@@ -358,3 +358,42 @@ def test_pkcs8_v2_ed25519_public_key_checked() -> None:
     bad = bytearray(blob)
     bad[20] ^= 1  # inside the seed
     assert scan(plant(bytes(bad), 40), "ec-key") == []
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), form=st.sampled_from(["der1", "der8", "sec1", "pem", "dsa", "ppk", "ssh"]))
+def test_damaged_input_never_raises(data, form: str) -> None:
+    """Flipped, cut and random bytes: parsers answer 'not a key', never another exception."""
+    from patterns import der as dermod
+    from patterns import pem as pemmod
+
+    blob = {
+        "der1": lambda: key("rsa1024").private_bytes(DER, TRAD, NOENC),
+        "der8": lambda: key("rsa1024").private_bytes(DER, PKCS8, NOENC),
+        "sec1": lambda: key("secp384r1").private_bytes(DER, TRAD, NOENC),
+        "pem": lambda: key("prime256v1").private_bytes(PEM, PKCS8, NOENC),
+        "dsa": lambda: key("dsa").private_bytes(PEM, TRAD, NOENC),
+        "ppk": lambda: ppk(3, "rsa1024"),
+        "ssh": lambda: key("ed25519").private_bytes(PEM, OPENSSH, NOENC),
+    }[form]()
+    buf = bytearray(blob)
+    for _ in range(data.draw(st.integers(0, 4))):
+        i = data.draw(st.integers(0, len(buf) - 1))
+        buf[i] = data.draw(st.integers(0, 255))
+    buf = buf[: data.draw(st.integers(0, len(buf)))] + data.draw(st.binary(max_size=64))
+    raw = bytes(buf)
+    try:
+        dermod.parse_private_key(raw)
+    except dermod.DerError:
+        pass
+    pemmod.parse_pem(raw)
+    pemmod.parse_ppk(raw)
+    try:
+        pemmod.parse_openssh_v1(raw)
+    except pemmod.SshError:
+        pass
+    for det in DETECTORS.values():
+        hits = det.find(Chunk(np.frombuffer(raw, np.uint8)))
+        for s, n, e in zip(hits.start.tolist(), hits.length.tolist(), hits.encoding.tolist(),
+                           strict=True):
+            det.describe(Hit(raw[s : s + n], ("ascii", "utf-16le", "binary")[e], b"", b""))

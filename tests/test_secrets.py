@@ -183,6 +183,12 @@ def test_jwt_needs_json_header_with_alg(header: object) -> None:
     assert [d["alg"] for *_, d in found] == ["RS256"]
 
 
+def test_jwt_deeply_nested_payload_not_reported() -> None:
+    head = b64url({"alg": "HS256"})
+    deep = base64.urlsafe_b64encode(b"[" * 3000).rstrip(b"=").decode()
+    assert scan(put(f"{head}.{deep}.c2ln", "ascii", 0, 2), "jwt") == []
+
+
 def test_jwt_not_json_payload_not_reported() -> None:
     head = b64url({"alg": "HS256"})
     junk = base64.urlsafe_b64encode(b"\x93binary junk\x00").rstrip(b"=").decode()
