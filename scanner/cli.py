@@ -250,17 +250,20 @@ def _execute(p: dict, full: bool) -> Outcome:
     )
     out = Outcome(RunSummary(), config, key, _now(), suppress=suppress)
     summary = out.summary
-    walk = WalkOptions(tuple(p["include"]), tuple(p["exclude"]), p["follow_symlinks"])
-    paths = list(expand_inputs(list(p["inputs"]), summary, walk))
-    specs = [ImageSpec(x, p["input_format"], _options(p["snapshot"])) for x in paths]
-    out.specs = {s.path: s for s in specs}
-    jobs = p["jobs"] or os.cpu_count() or 1
-    bar = Progress(p["progress"])
     state_path = p["state_path"]
     if state_path is None and (
         p.get("since_last") or p.get("full") or (p["fail_on"] == "new" and not p["baseline_file"])
     ):
         state_path = str(default_path())
+    inputs = list(p["inputs"])
+    if state_path:  # images are remembered by absolute path: cron may start us anywhere
+        inputs = [os.path.abspath(x) for x in inputs]
+    walk = WalkOptions(tuple(p["include"]), tuple(p["exclude"]), p["follow_symlinks"])
+    paths = list(expand_inputs(inputs, summary, walk))
+    specs = [ImageSpec(x, p["input_format"], _options(p["snapshot"])) for x in paths]
+    out.specs = {s.path: s for s in specs}
+    jobs = p["jobs"] or os.cpu_count() or 1
+    bar = Progress(p["progress"])
     if state_path is None:
         run(specs, config, jobs, bar, summary)
         out.scanned = {s.path for s in specs}
@@ -276,6 +279,11 @@ def _execute(p: dict, full: bool) -> Outcome:
         fresh_paths = {s.path for s in fresh}
         reused = [s.path for s in specs if s.path not in fresh_paths]
         db.touch(run_id, reused)
+        if reused and p["unmask"]:
+            _err(
+                f"note: {len(reused)} unchanged image(s) are shown from the state database, "
+                "masked (it never stores values); --full rescans them"
+            )
         changes: list[Change] = []
 
         def store(result: ScanResult) -> None:
@@ -295,7 +303,7 @@ def _execute(p: dict, full: bool) -> Outcome:
             summary.files[path] = rec.pop("files")
             by_path[path] = ScanResult(image=path, findings=stored.get(path, []), **rec)
         summary.results = [by_path[x] for x in paths]
-        roots = [x for x in p["inputs"] if os.path.exists(x)]
+        roots = [x for x in inputs if os.path.exists(x)]
         removed = db.mark_removed(run_id, roots, set(paths))
         out.removed = len({c.image for c in removed})
         changes += removed

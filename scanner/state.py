@@ -269,7 +269,9 @@ class StateDB:
         try:
             self.db = sqlite3.connect(self.path, timeout=lock_wait, isolation_level=None)
             self.db.execute("PRAGMA journal_mode=WAL")
-            self.db.execute("PRAGMA synchronous=FULL")  # a stored image survives power loss
+            # WAL + NORMAL: a commit survives the process being killed (the requirement); on
+            # power loss the last commits may be lost, and those images are simply rescanned.
+            self.db.execute("PRAGMA synchronous=NORMAL")
             if writer:
                 self.db.executescript(SCHEMA)
             got = dict(self.db.execute("SELECT k, v FROM meta").fetchall())

@@ -269,3 +269,25 @@ def test_no_secret_in_anything_written_unless_unmask(tree, tmp_path):
     assert PAN in (tmp_path / "unmasked" / "report.html").read_text()
     for f in written_files(state_home):
         assert PAN.encode() not in open(f, "rb").read()
+
+
+def test_relative_inputs_are_remembered_absolute(tree, tmp_path):
+    db = str(tmp_path / "state.db")
+    e = dict(os.environ, VMLEAK_FINGERPRINT_KEY=KEY_HEX)
+    cmd = [sys.executable, "-m", "scanner", "scan", "--state", db, "--format", "jsonl"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    first = subprocess.run(
+        [*cmd, "ds"], cwd=tmp_path, capture_output=True, text=True, env=e | {"PYTHONPATH": root}
+    )
+    assert all(os.path.isabs(x["image"]) for x in jsonl(first))
+    r = vmleak("scan", "--state", db, "--fail-on", "new", str(tree))  # another cwd, same images
+    assert r.returncode == 0 and "0 scanned, 3 unchanged" in summary_line(r)
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="running as root: file permissions do not stop reads")
+def test_unreadable_file_in_tree_is_listed_not_fatal(tree):
+    locked = tree / "locked.raw"
+    raw_with(locked, {100: PAN})
+    locked.chmod(0)
+    r = vmleak("scan", "-q", str(tree))
+    assert r.returncode == 1 and f"cannot read {locked}" in r.stderr
