@@ -303,7 +303,9 @@ def _execute(p: dict, full: bool) -> Outcome:
             summary.files[path] = rec.pop("files")
             by_path[path] = ScanResult(image=path, findings=stored.get(path, []), **rec)
         summary.results = [by_path[x] for x in paths]
-        roots = [x for x in inputs if os.path.exists(x)]
+        # Gone from a tree means removed; but a datastore that is missing or empty (not
+        # mounted tonight) is an error, and resolves nothing.
+        roots = [x for x in inputs if os.path.exists(x) and x not in summary.empty_dirs]
         removed = db.mark_removed(run_id, roots, set(paths))
         out.removed = len({c.image for c in removed})
         changes += removed

@@ -48,6 +48,7 @@ class RunSummary:
     skips: Counter = field(default_factory=Counter)  # files passed over in directories, by why
     unreadable: list[str] = field(default_factory=list)  # files in directories we could not read
     files: dict[str, list[str]] = field(default_factory=dict)  # image -> every file it used
+    empty_dirs: list[str] = field(default_factory=list)  # directories given that held no image
     seconds: float = 0.0
 
     @property
@@ -117,6 +118,7 @@ def expand_inputs(
         found = _walk_tree(p, walk, summary)
         if not found:
             summary.errors.append(f"{p}: no memory images found in directory")
+            summary.empty_dirs.append(p)
         out += found
     return primaries(out)
 

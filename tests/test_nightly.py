@@ -291,3 +291,19 @@ def test_unreadable_file_in_tree_is_listed_not_fatal(tree):
     locked.chmod(0)
     r = vmleak("scan", "-q", str(tree))
     assert r.returncode == 1 and f"cannot read {locked}" in r.stderr
+
+
+def test_empty_or_missing_datastore_resolves_nothing(tree, tmp_path):
+    db = str(tmp_path / "state.db")
+    vmleak("scan", "--state", db, "-q", str(tree))
+    hidden = tmp_path / "hidden"
+    tree.rename(hidden)
+    tree.mkdir()  # an unmounted mount point: empty
+    r = vmleak("scan", "--state", db, "--since-last", str(tree))
+    assert r.returncode == 2 and "no memory images" in r.stderr and r.stdout == ""
+    tree.rmdir()
+    r = vmleak("scan", "--state", db, "--since-last", str(tree))
+    assert r.returncode == 2 and r.stdout == ""
+    hidden.rename(tree)
+    r = vmleak("scan", "--state", db, "--since-last", str(tree))
+    assert r.returncode == 0 and "0 scanned, 3 unchanged" in summary_line(r) and r.stdout == ""
