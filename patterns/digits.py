@@ -35,6 +35,8 @@ DASH, SPACE = ord("-"), ord(" ")
 #: shortest chain any detector uses (bytes of text): a bare SSN has 9 digits, the digits after
 #: a Track 2 '=' at least 7 (expiry and service code)
 MIN_CHAIN = 7
+#: longest chain worth reading: a 19-digit PAN in 5 groups, plus a word-glued group each end
+MAX_CHAIN = 64
 #: most digit groups in a chain that detectors look at (a 4-4-4-4-3 PAN has 5)
 MAX_GROUPS = 5
 
@@ -158,46 +160,58 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     if n and c[-1]:
         edges = np.concatenate((edges, [n]))
     start, end = edges[0::2], edges[1::2]
-    keep = (end - start) >= MIN_CHAIN
+    span = end - start
+    keep = (span >= MIN_CHAIN) & (span <= MAX_CHAIN)
     start, end = start[keep], end[keep]
     lp = np.flatnonzero(link)
     a = np.searchsorted(lp, start)
     links = np.searchsorted(lp, end) - a
-    m = start.size
-    sep = np.zeros(m, np.uint8)
-    key = np.zeros(m, np.int64)
-    if lp.size == 0 or m == 0:
-        return Chains(start, end, links, sep, end - start)
-    # positions of the first MAX_GROUPS - 1 links of every chain (clipped; masked below)
-    pos = [lp[np.minimum(a + j, lp.size - 1)] for j in range(MAX_GROUPS - 1)]
-    has = links > 0
-    sep[has] = t[pos[0][has]]
-    same = np.ones(m, bool)
-    prev = start - 1  # position before the current group
-    for j in range(MAX_GROUPS):
-        inside = links > j  # group j ends at link j
-        if j < MAX_GROUPS - 1:
-            same &= ~inside | (t[pos[j]] == sep)
-            stop = np.where(inside, pos[j], end)
-        else:
-            stop = end
-        active = links >= j  # the chain has a group j
-        glen = np.where(active, stop - prev - 1, 0)
-        key |= np.minimum(glen, 31) << (5 * j)
-        prev = np.where(inside, stop, prev)
-    key = np.where(same & (links < MAX_GROUPS), key, -1)
-    # A group glued to a letter belongs to a word ("numa1 4111 ..."): drop it from the chain.
-    grouped = (links > 0) & (key >= 0)
-    lead = grouped & _is_letter(t, start - 1)
-    start = np.where(lead, pos[0] + 1, start)
-    key = np.where(lead, key >> 5, key)
-    links = links - lead
-    last = lp[np.clip(a + links + lead - 1, 0, lp.size - 1)]
-    trail = (links > 0) & (key >= 0) & _is_letter(t, end)
-    end = np.where(trail, last, end)
-    key = np.where(trail, key & ((1 << (5 * links)) - 1), key)
-    links = links - trail
+    sep = np.zeros(start.size, np.uint8)
+    key = end - start  # one group: its length
+    # Chains with separators: group lengths, one separator kind, word-glued end groups.
+    # At most MAX_GROUPS groups count, plus one glued to a word at each end.
+    sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1))
+    key[links > MAX_GROUPS + 1] = -1
+    if sub.size:
+        s, e, k, ln, sp = _group_keys(t, lp, start[sub], end[sub], a[sub], links[sub])
+        start[sub], end[sub], key[sub], links[sub], sep[sub] = s, e, k, ln, sp
     return Chains(start, end, links, sep, key)
+
+
+def _group_keys(
+    t: np.ndarray, lp: np.ndarray, start: np.ndarray, end: np.ndarray, a: np.ndarray,
+    links: np.ndarray,
+) -> tuple[np.ndarray, ...]:
+    """For chains with separators: (start, end, key, links, sep) after dropping a group
+    glued to a word at either end ("numa1 4111 ..."); key -1 for mixed separators or more
+    than MAX_GROUPS groups."""
+    g = MAX_GROUPS + 2  # groups looked at: a glued one at each end
+    last = lp.size - 1
+    pos = [lp[np.minimum(a + j, last)] for j in range(g - 1)]
+    sep = t[pos[0]]
+    same = np.ones(start.size, bool)
+    lens = []
+    prev = start - 1  # position before the current group
+    for j in range(g):
+        inside = links > j  # group j ends at link j
+        stop = np.where(inside, pos[j], end) if j < g - 1 else end
+        if j < g - 1:
+            same &= ~inside | (t[pos[j]] == sep)
+        lens.append(np.where(links >= j, stop - prev - 1, 0))
+        prev = np.where(inside, stop, prev)
+    lens_a = np.stack(lens, axis=1)  # (chains, g) group lengths, 0 past the last group
+    lead = _is_letter(t, start - 1)
+    trail = _is_letter(t, end)
+    first = lead.astype(np.int64)
+    ngroups = links + 1 - lead - trail
+    start = np.where(lead, pos[0] + 1, start)
+    end = np.where(trail, lp[np.clip(a + links - 1, 0, last)], end)
+    cols = first[:, None] + np.arange(MAX_GROUPS)[None, :]
+    kept = np.take_along_axis(lens_a, np.minimum(cols, g - 1), axis=1)
+    kept = np.where(np.arange(MAX_GROUPS)[None, :] < ngroups[:, None], kept, 0)
+    key = (np.minimum(kept, 31) << (5 * np.arange(MAX_GROUPS))[None, :]).sum(axis=1)
+    ok = same & (ngroups >= 1) & (ngroups <= MAX_GROUPS)
+    return start, end, np.where(ok, key, -1), np.maximum(ngroups - 1, 0), sep
 
 
 def _is_letter(t: np.ndarray, idx: np.ndarray) -> np.ndarray:
@@ -305,12 +319,12 @@ def _build_views(chunk: Chunk) -> list[TextView]:
             break
         lo += SUB - 8
     out = []
-    ascii_hot, utf16_hot = (_sorted_unique(h) for h in found)
-    if ascii_hot.size:
-        compact, regions = _compact(data, *_regions(ascii_hot, nb, _MB))
+    ascii_hot, utf16_hot = (_hot_text(h, nb) for h in found)
+    if ascii_hot is not None:
+        compact, regions = _compact(data, *ascii_hot)
         out.append(TextView(compact, ASCII, 0, regions, chunk.data))
-    if utf16_hot.size:
-        c16, regions = _compact(data, *_regions(utf16_hot, nb, _MB))
+    if utf16_hot is not None:
+        c16, regions = _compact(data, *utf16_hot)
         for parity in (0, 1):
             lo_b = c16[parity::2]
             hi_b = c16[parity + 1 :: 2]
@@ -320,14 +334,19 @@ def _build_views(chunk: Chunk) -> list[TextView]:
     return out
 
 
-def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
-    """Concatenate ascending index arrays whose neighbours may share their edge value."""
+def _hot_text(parts: list[np.ndarray], nb: int) -> tuple[np.ndarray, np.ndarray] | None:
+    """Block ranges (starts, lengths) to read as text, from the hot pairs found per stage-1
+    block (ascending; neighbours may share their edge pair); None when nothing is hot. Dense
+    digit data is one range over the whole chunk (no merging work, no copy)."""
     if not parts:
-        return np.zeros(0, np.int64)
+        return None
+    total = sum(p.size for p in parts)
+    if total * 8 >= nb:  # hot pairs every 8 blocks or closer: the margins cover it all
+        return np.zeros(1, np.int64), np.full(1, nb, np.int64)
     hot = np.concatenate(parts)
     if len(parts) > 1:
         hot = hot[np.concatenate(([True], hot[1:] > hot[:-1]))]
-    return hot
+    return _regions(hot, nb, _MB)
 
 
 def _compact(
@@ -338,6 +357,8 @@ def _compact(
     where ranges meet, so no digit run is stitched across a gap (the bytes overwritten are
     margin, never part of a match)."""
     cstart = np.concatenate(([0], np.cumsum(lengths)[:-1])) * 8
+    if starts.size == 1 and lengths[0] * 8 == data.size:  # the whole chunk: no copy
+        return data, (cstart, starts * 8)
     if starts.size <= 64:  # few ranges (dense digit data): slices, one copy
         compact = np.concatenate(
             [data[a * 8 : (a + n) * 8] for a, n in zip(starts.tolist(), lengths.tolist(),
