@@ -27,7 +27,15 @@ from scanner import __version__, output, report
 from scanner.baseline import Allowlist, Baseline, Suppression
 from scanner.engine import DEFAULT_CHUNK, ScanConfig, ScanResult
 from scanner.findings import load_key
-from scanner.runner import ImageSpec, Progress, RunSummary, WalkOptions, expand_inputs, run
+from scanner.runner import (
+    ImageSpec,
+    Progress,
+    RunSummary,
+    WalkOptions,
+    expand_inputs,
+    inside,
+    run,
+)
 from scanner.state import Change, StateDB, default_path, key_check
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
@@ -410,7 +418,11 @@ def _summary_paragraph(out: Outcome, fail_on: str, status: int) -> str:
     help="Print only what changed since the last run (new and resolved findings; uses state).",
 )
 def scan(**p) -> None:
-    """Scan memory images (files or directories of them) for secrets."""
+    """Scan memory images (files or directories of them) for secrets.
+
+    With a state database (--state, or implied by --since-last / --full / --fail-on new)
+    unchanged images are not rescanned, their stored findings are shown, and each run records
+    what is new and what was resolved (see `vmleak diff`)."""
     p["fail_on"] = p["fail_on"] or ("new" if p["since_last"] else "any")
     out = _execute(p, full=p["full"])
     if p["since_last"]:
@@ -559,21 +571,13 @@ def baseline_create(
             raise click.UsageError("the state database records no run yet: scan first")
         found = db.current_findings()
     if paths:
-        found = [f for f in found if _under(f.image, paths)]
+        found = [f for f in found if inside(f.image, paths)]
     if any_image:
         for f in found:
             f.image = "*"
     masked = {(f.image, f.detector, f.fingerprint): f.masked for f in found}
     Baseline.create(found, key_check(key)).save(out, masked)
     _err(f"baseline of {len(masked)} finding(s) written to {out}")
-
-
-def _under(path: str, roots: tuple[str, ...]) -> bool:
-    p = os.path.abspath(path)
-    return any(
-        p == os.path.abspath(r) or p.startswith(os.path.abspath(r).rstrip(os.sep) + os.sep)
-        for r in roots
-    )
 
 
 @main.command()

@@ -145,7 +145,6 @@ def build(out: Any, argv: list[str], status: int) -> dict[str, Any]:
     """The report document (see module docstring) from a CLI ``Outcome``."""
     summary = out.summary
     all_files = sorted({f for r in summary.results for f in summary.files.get(r.image, [r.image])})
-    hashes: dict[str, dict[str, Any]] = {}
     jobs = max(1, min(8, os.cpu_count() or 1))
 
     def one(path: str) -> tuple[str, dict[str, Any]]:

@@ -123,8 +123,15 @@ def expand_inputs(
     return primaries(out)
 
 
-def _inside(path: str, root: str) -> bool:
-    return path == root or path.startswith(root.rstrip(os.sep) + os.sep)
+def inside(path: str, roots: list[str] | tuple[str, ...]) -> bool:
+    """True when ``path`` is one of ``roots`` or lies below one (compared as absolute paths,
+    symlinks not resolved)."""
+    p = os.path.abspath(path)
+    for r in roots:
+        r = os.path.abspath(r)
+        if p == r or p.startswith(r.rstrip(os.sep) + os.sep):
+            return True
+    return False
 
 
 def _walk_tree(top: str, walk: WalkOptions, summary: RunSummary) -> list[str]:
@@ -152,7 +159,7 @@ def _walk_tree(top: str, walk: WalkOptions, summary: RunSummary) -> list[str]:
             try:
                 if e.is_symlink():
                     target = os.path.realpath(e.path)
-                    if not walk.follow_symlinks and not _inside(target, root_real):
+                    if not walk.follow_symlinks and not inside(target, [root_real]):
                         summary.skips[SKIP_SYMLINK_OUT] += 1
                         continue
                     if not os.path.exists(target):

@@ -43,7 +43,6 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -54,6 +53,7 @@ from parsers.registry import detect
 from scanner import __version__
 from scanner.engine import ScanResult
 from scanner.findings import Finding, state_dir
+from scanner.runner import inside
 
 SAMPLE_BLOCKS = 16  # blocks hashed by the sample fingerprint
 SAMPLE_BYTES = 64 * 1024  # bytes per sampled block
@@ -196,15 +196,6 @@ def _still_image(path: str) -> bool:
 
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def _inside(path: str, roots: Iterable[str]) -> bool:
-    for r in roots:
-        r = os.path.abspath(r)
-        p = os.path.abspath(path)
-        if p == r or p.startswith(r.rstrip(os.sep) + os.sep):
-            return True
-    return False
 
 
 @dataclass
@@ -529,7 +520,7 @@ class StateDB:
         out: list[Change] = []
         rows = self.db.execute("SELECT id, path FROM images WHERE status='present'").fetchall()
         for image_id, path in rows:
-            if path in seen or not _inside(path, roots) or _still_image(path):
+            if path in seen or not inside(path, roots) or _still_image(path):
                 continue
             with self.db:
                 self.db.execute("BEGIN IMMEDIATE")
