@@ -307,3 +307,25 @@ def test_empty_or_missing_datastore_resolves_nothing(tree, tmp_path):
     hidden.rename(tree)
     r = vmleak("scan", "--state", db, "--since-last", str(tree))
     assert r.returncode == 0 and "0 scanned, 3 unchanged" in summary_line(r) and r.stdout == ""
+
+
+def test_companion_files_are_one_image_and_tracked(tmp_path):
+    from tests import vmware_writer as w
+
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    vm = w.make_vm(
+        ds, "vm-1", memory_size=1 << 20, plants={0x5000: f" {PAN} ".encode()}, regions=None
+    )
+    db = str(tmp_path / "state.db")
+    r = vmleak("scan", "--state", db, "--format", "jsonl", str(ds))
+    (f,) = jsonl(r)
+    assert f["image"] == vm["checkpoint"] and f["file"] == vm["vmem"]  # scanned once, via .vmss
+    assert "1 scanned" in summary_line(r)
+    assert "0 scanned, 1 unchanged" in summary_line(vmleak("scan", "--state", db, str(ds)))
+    with open(vm["vmem"], "r+b") as fh:  # only the companion changes
+        fh.seek(0x9000)
+        fh.write(f" {PAN2} ".encode())
+    r = vmleak("scan", "--state", db, "--since-last", "--format", "jsonl", str(ds))
+    assert r.returncode == 1 and "1 scanned" in summary_line(r)
+    assert [(x["change"], x["gpa"]) for x in jsonl(r)] == [("new", 0x9001)]

@@ -9,7 +9,10 @@ import stat
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
+from scanner.baseline import AllowEntry, Allowlist, Baseline
 from scanner.engine import ScanResult
 from scanner.findings import Finding, fingerprint
 from scanner.state import (
@@ -171,3 +174,40 @@ def test_second_writer_waits_then_fails_clearly_readers_do_not(tmp_path):
     holder.close()
     StateDB(path, KEY, writer=True, lock_wait=0).close()  # free again
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(text=st.text(max_size=300))
+def test_allowlist_and_baseline_parsers_reject_garbage_cleanly(tmp_path, text):
+    p = tmp_path / "f"
+    p.write_text(text, encoding="utf-8")
+    try:
+        allow = Allowlist.load(str(p))
+    except ValueError as err:
+        assert str(p) in str(err)
+    else:
+        assert all(e.reason.strip() for e in allow.entries)  # every entry has its reason
+    with pytest.raises(ValueError, match="baseline"):
+        Baseline.load(str(p), "0" * 16)
+
+
+def test_allowlist_entries_match():
+    img = "/ds/a.raw"
+    pan = finding(img, "pan", b"4111111111111111", 1)
+    pan.masked = "411111******1111"
+    test_pan = finding(img, "pan", b"4556737586899855", 2, test=True)
+    test_pan.masked = "455673******9855"
+    ssn = finding(img, "ssn", b"123", 3)
+    ssn.masked = "***-**-0123"
+    allow = Allowlist(
+        [
+            AllowEntry("pan-iin", (411100, 411199), "QA range", 1),
+            AllowEntry("fingerprint", ssn.fingerprint, "known fixture", 2),
+        ]
+    )
+    assert allow.reason(pan) == "allowlist line 1: QA range"
+    assert allow.reason(ssn) == "allowlist line 2: known fixture"
+    assert allow.reason(test_pan) is None
+    assert Allowlist([AllowEntry("test-pans", None, "not CHD", 1)]).reason(test_pan)
