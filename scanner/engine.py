@@ -209,12 +209,14 @@ class Engine:
         for k, det in enumerate(self.config.detectors):
             hits = Hits.concat(parts[k])
             if len(hits):
-                found += self._place(image, seg, det, hits)
+                found += self._place(image, seg, det, hits, release)
         return found
 
     # ----------------------------------------------------------------- main-scan placement
 
-    def _place(self, image: MemoryImage, seg: Segment, det: Detector, hits: Hits) -> list[Finding]:
+    def _place(
+        self, image: MemoryImage, seg: Segment, det: Detector, hits: Hits, release: _Releaser
+    ) -> list[Finding]:
         """Findings for buffer hits lying strictly inside one extent (not touching an edge)."""
         ext = seg.extents
         if len(ext) == 0:
@@ -249,6 +251,7 @@ class Engine:
             )
             if f:
                 out.append(f)
+            release.around(s)  # reading it faulted its neighbourhood in
         return out
 
     def _finding(
@@ -446,6 +449,21 @@ class _Releaser:
             self.mm = base.obj
             self.origin = data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
             self.done = self.origin - self.origin % mmap.PAGESIZE
+
+    def around(self, offset: int) -> None:
+        """Release the pages near buffer offset ``offset`` again (reading a few bytes there
+        faults in a whole neighbourhood: the kernel's fault-around)."""
+        if self.mm is None:
+            return
+        lo = max(self.origin + offset - 65536, 0)
+        lo -= lo % mmap.PAGESIZE
+        hi = min(self.origin + offset + 65536, len(self.mm))
+        hi -= hi % mmap.PAGESIZE
+        if hi > lo:
+            try:
+                self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+            except (OSError, ValueError):
+                self.mm = None
 
     def upto(self, offset: int) -> None:
         """Release the pages wholly before buffer offset ``offset``."""
