@@ -2,7 +2,7 @@
 
 Every private key structure starts ``SEQUENCE { INTEGER version, ...`` with version 0 (PKCS#1,
 PKCS#8) or 1 (SEC1, PKCS#8 v2), so stage 1 is one pair of aligned uint16 compares for the
-bytes ``02 01`` (shared with the PEM detector's needs through the chunk memo); the version
+bytes ``02 01`` (the odd offsets through the chunk's shifted copy, shared); the version
 byte, the SEQUENCE header just before and the tag just after are checked on the candidates as
 arrays. Survivors (a handful per image) are parsed strictly in Python and verified:
 
@@ -11,6 +11,8 @@ arrays. Survivors (a handful per image) are parsed strictly in Python and verifi
 - EC: the curve OID is a known curve, 1 <= d < order, the private key has the curve's size,
   and when the public point is present it equals d*G (so a changed byte anywhere in the key
   material is caught); without it only structure and OID vouch for the key (lower confidence).
+  RFC 8410 keys (Ed25519 ...) in PKCS#8 are reported as ``ec-key`` with their curve name; an
+  Ed25519 public key, when present, must be the one derived from the seed.
 
 The same parsers verify the bodies of PEM blocks (patterns/pem.py).
 """

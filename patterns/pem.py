@@ -7,12 +7,13 @@
 - ``ssh-key``: ``-----BEGIN OPENSSH PRIVATE KEY-----`` blocks, PuTTY ``.ppk`` files (v2, v3)
   and the binary ``openssh-key-v1`` structure (as ssh-agent and ssh-keygen hold it in
   memory). Verified by decoding: the SSH wire structure, the two check words and the padding
-  of OpenSSH, and the key math (n == p*q, Ed25519 public key copy, EC point d*G) when not
-  encrypted.
+  of OpenSSH, and the key math (n == p*q, Ed25519 public key derived from the seed, EC point
+  d*G) when not encrypted.
 
-Text forms are found in ASCII and UTF-16LE through the shared streams of patterns/scratch.py:
-stage 1 is the aligned uint16 compare for ``--`` (PEM), ``TY`` (``PuTTY-``) and ``y-``
-(``openssh-key-v1``); only those rare candidates are parsed.
+Text forms are found in ASCII and UTF-16LE through the shared text gate and anchor pass of
+patterns/scratch.py, with the anchors ``--`` (PEM), ``TY`` (``PuTTY-``) and ``y-``
+(``openssh-key-v1``); only candidates where the whole literal is present are parsed, from
+the chunk itself. Blocks longer than MAX_CHARS characters are not looked at.
 """
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ issuer's format allows.
 - ``jwt``: three base64url parts; the header decodes to a JSON object with ``alg``, the payload
   to a JSON object.
 
-Stage 1 is one aligned uint16 compare (two offsets) per 2-character anchor on the shared text
-streams of patterns/scratch.py; the token lengths at the anchors come from one gathered window
-per anchor set, and only tokens of a plausible length reach the Python checks.
+Stage 1 is the shared text gate and anchor pass of patterns/scratch.py (one uint16 compare
+per anchor and alignment over the texty parts of the chunk); token lengths, boundaries and
+UTF-16LE high bytes are then checked on the candidates as arrays, and only tokens of a
+plausible length reach the Python checks.
 """
 
 from __future__ import annotations
