@@ -30,6 +30,7 @@ import numpy as np
 from patterns.base import ASCII, UTF16LE, Chunk
 
 _local = threading.local()
+POOL_LIMIT = 4 << 20  # bytes: scratch arrays up to this size are kept for the next chunk
 
 #: margin (max_len + context, bytes) every text detector declares: the engine scans detectors
 #: with the same margin over the same chunk, so they share this module's per-chunk passes
@@ -48,9 +49,11 @@ def buffer(name: str, n: int, dtype: type | np.dtype) -> np.ndarray:
 
     The contents are garbage; the caller overwrites them (``out=``). One buffer per name, so
     two live uses need two names."""
+    dt = np.dtype(dtype)
+    if n * dt.itemsize > POOL_LIMIT:  # a rare big batch: not worth keeping around
+        return np.empty(n, dt)
     pool: dict[str, np.ndarray] = getattr(_local, "pool", None) or {}
     _local.pool = pool
-    dt = np.dtype(dtype)
     arr = pool.get(name)
     if arr is None or arr.dtype != dt or arr.size < n:
         arr = pool[name] = np.empty(max(n, 1 << 16), dt)
