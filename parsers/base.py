@@ -118,13 +118,17 @@ class Segment:
 
     ``data`` is a 1-D uint8 array; ``file`` is the file its bytes come from. When ``reused``
     is true the buffer is overwritten by the next segment the image yields (a decompression
-    window), so anything kept past the segment must be copied.
+    window), so anything kept past the segment must be copied. ``snapshot`` names the
+    snapshot the bytes belong to, for images holding several.
     """
 
     data: np.ndarray
     extents: Extents
     file: str
     reused: bool = False
+    #: which snapshot these bytes belong to when an image holds several (qcow2): bytes of
+    #: different snapshots are never stitched together, findings say ``details.snapshot``
+    snapshot: str | None = None
 
 
 @dataclass

@@ -286,9 +286,11 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
 
     def stream() -> Iterator[Segment]:
         for snap in chosen:
-            yield from qemu.stream_segments(
+            for seg in qemu.stream_segments(
                 _VmstateReader(img, snap), image, options.get("machine"), options, limit
-            )
+            ):
+                seg.snapshot = snap["name"]
+                yield seg
 
     image.stream = stream
     return image

@@ -99,7 +99,7 @@ class _EdgeSet:
     space: np.ndarray
     addr: np.ndarray
     fo: np.ndarray
-    fid: np.ndarray
+    src: np.ndarray  # index into Engine._sources: (file, snapshot) the bytes came from
     rows: Any
 
     @classmethod
@@ -113,7 +113,7 @@ class _EdgeSet:
     def subset(self, idx: np.ndarray) -> _EdgeSet:
         """A copy of the chosen edges (rows materialised: they must outlive the buffer)."""
         return _EdgeSet(
-            self.space[idx], self.addr[idx], self.fo[idx], self.fid[idx], self.rows[idx]
+            self.space[idx], self.addr[idx], self.fo[idx], self.src[idx], self.rows[idx]
         )
 
     def plus(self, other: _EdgeSet) -> _EdgeSet:
@@ -121,7 +121,7 @@ class _EdgeSet:
             np.concatenate((self.space, other.space)),
             np.concatenate((self.addr, other.addr)),
             np.concatenate((self.fo, other.fo)),
-            np.concatenate((self.fid, other.fid)),
+            np.concatenate((self.src, other.src)),
             _RowSource(self.rows, other.rows),
         )
 
@@ -133,7 +133,7 @@ class Engine:
         self.config = config
         self.tiers = _tiers(config.detectors)
         self.subsumes = {d.name: set(d.subsumes) for d in config.detectors}
-        self._files: list[str] = []
+        self._sources: list[tuple[str, str | None]] = []
 
     # ----------------------------------------------------------------- public entry points
 
@@ -247,6 +247,7 @@ class Engine:
                 int(ext.space[x]),
                 int(ext.addr[x]) + rel,
                 seg.file,
+                seg.snapshot,
                 fo + rel if fo >= 0 else None,
             )
             if f:
@@ -268,6 +269,7 @@ class Engine:
         space: int,
         addr: int,
         file: str,
+        snapshot: str | None,
         offset: int | None,
     ) -> Finding | None:
         """Describe one match (context clipped to ``[lo, hi)`` of ``buf``) into a Finding."""
@@ -291,6 +293,8 @@ class Engine:
         if space != GPA_SPACE:
             details["block"] = image.spaces[space]
             details["block_offset"] = addr
+        if snapshot is not None:
+            details["snapshot"] = snapshot
         return Finding(
             image=image.path,
             format=image.format,
@@ -309,10 +313,12 @@ class Engine:
 
     # ----------------------------------------------------------------- edges and seams
 
-    def _file_id(self, name: str) -> int:
-        if name not in self._files:
-            self._files.append(name)
-        return self._files.index(name)
+    def _source_id(self, seg: Segment) -> int:
+        """Index of (file, snapshot) of a segment's bytes in ``self._sources``."""
+        key = (seg.file, seg.snapshot)
+        if key not in self._sources:
+            self._sources.append(key)
+        return self._sources.index(key)
 
     def _segment_edges(
         self,
@@ -327,9 +333,9 @@ class Engine:
         w = tier.edge
         if len(seg.extents) == 0:
             return []
-        tails, heads = _edge_sets(seg, w, self._file_id(seg.file))
+        tails, heads = _edge_sets(seg, w, self._source_id(seg))
         tails, heads = pending[0].plus(tails), pending[1].plus(heads)
-        ti, hi = _pair(tails, heads)
+        ti, hi = _pair(tails, heads, self._sources)
         found = self._scan_windows(image, tier, tails, ti, heads, hi)
         t_left = np.setdiff1d(np.arange(len(tails)), ti, assume_unique=True)
         h_left = np.setdiff1d(np.arange(len(heads)), hi, assume_unique=True)
@@ -355,7 +361,7 @@ class Engine:
                 heads.space,
                 heads.addr,
                 np.full(len(heads), -1),
-                heads.fid,
+                heads.src,
                 np.zeros((len(heads), w), np.uint8),
             )
             idx = np.arange(len(heads))
@@ -365,7 +371,7 @@ class Engine:
                 tails.space,
                 tails.addr,
                 np.full(len(tails), -1),
-                tails.fid,
+                tails.src,
                 np.zeros((len(tails), w), np.uint8),
             )
             idx = np.arange(len(tails))
@@ -409,10 +415,10 @@ class Engine:
                     r, x = int(row[k]), int(rel[k])
                     t, hh = int(tb[r]), int(hb[r])
                     if x >= w:  # first byte on the head side of the join
-                        fo, fid = int(heads.fo[hh]), int(heads.fid[hh])
+                        fo, src = int(heads.fo[hh]), int(heads.src[hh])
                         fo = fo + (x - w) if fo >= 0 else -1
                     else:
-                        fo, fid = int(tails.fo[t]), int(tails.fid[t])
+                        fo, src = int(tails.fo[t]), int(tails.src[t])
                         fo = fo - (w - x) if fo >= 0 else -1
                     base = r * 2 * w
                     f = self._finding(
@@ -427,7 +433,7 @@ class Engine:
                         base + 2 * w,
                         int(heads.space[hh]),
                         int(heads.addr[hh]) + x - w,
-                        self._files[fid],
+                        *self._sources[src],
                         fo if fo >= 0 else None,
                     )
                     if f:
@@ -551,14 +557,20 @@ def _edge_sets(seg: Segment, w: int, fid: int) -> tuple[_EdgeSet, _EdgeSet]:
     return tails, heads
 
 
-def _pair(tails: _EdgeSet, heads: _EdgeSet) -> tuple[np.ndarray, np.ndarray]:
+def _pair(
+    tails: _EdgeSet, heads: _EdgeSet, sources: list[tuple[str, str | None]]
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (tail k, head k) of edges that meet: a tail ending where a head starts, in the
-    same space. Each head takes at most one tail (the last one stored) and vice versa."""
+    same space and the same snapshot (bytes of two snapshots are never one guest's memory).
+    Each head takes at most one tail (the last one stored) and vice versa."""
     if len(tails) == 0 or len(heads) == 0:
         z = np.zeros(0, np.int64)
         return z, z
-    tk = tails.space * (1 << 56) + tails.addr  # spaces are few; addresses < 2**56
-    hk = heads.space * (1 << 56) + heads.addr
+    snaps = sorted({str(s) for _, s in sources})
+    group = np.array([snaps.index(str(s)) for _, s in sources], np.int64)
+    # spaces and snapshots are few; addresses < 2**48
+    tk = (group[tails.src] * 256 + tails.space) * (1 << 48) + tails.addr
+    hk = (group[heads.src] * 256 + heads.space) * (1 << 48) + heads.addr
     t_order = np.argsort(tk, kind="stable")
     tks = tk[t_order]
     # last tail with that key: searchsorted right - 1
@@ -577,7 +589,7 @@ def finalize(found: Iterable[Finding], subsumes: dict[str, set[str]]) -> list[Fi
     subsuming detector's finding (a PAN inside its track)."""
     uniq: dict[tuple, Finding] = {}
     for f in found:
-        key = (f.detector, f.space, f.addr, f.length, f.fingerprint)
+        key = (f.detector, f.details.get("snapshot"), f.space, f.addr, f.length, f.fingerprint)
         if key in uniq:
             # Prefer the copy that has a file offset (main scan) and the higher confidence.
             old = uniq[key]

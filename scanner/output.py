@@ -43,6 +43,8 @@ def _note(f: Finding) -> str:
         bits.append("TEST")
     if d.get("encrypted"):
         bits.append("encrypted")
+    if "snapshot" in d:
+        bits.append(f"snapshot={d['snapshot']}")
     return " ".join(bits)
 
 

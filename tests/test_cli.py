@@ -8,6 +8,7 @@ import random
 import stat
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -15,6 +16,7 @@ from tests.plant import PAGE, lime, make_pan
 
 PAN = "4556737586899855"
 SSN = "234-56-7890"
+SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 FIELDS = [
     "image",
     "format",
@@ -196,3 +198,20 @@ def test_jobs_split_matches_single_process(tmp_path, monkeypatch):
     two = runner.run([spec], cfg, jobs=2).findings
     assert [(f.gpa, f.fingerprint) for f in one] == [(f.gpa, f.fingerprint) for f in two]
     assert one
+
+
+def test_qcow2_snapshots_are_kept_apart(tmp_path):
+    import lzma
+
+    disk = tmp_path / "disk.qcow2"
+    disk.write_bytes(lzma.decompress((SAMPLES / "qemu" / "savevm.qcow2.xz").read_bytes()))
+    r = vmleak("scan", "--format", "jsonl", str(disk))
+    rows = [json.loads(x) for x in r.stdout.splitlines()]
+    by_snap: dict[str, set] = {}
+    for f in rows:
+        by_snap.setdefault(f["details"]["snapshot"], set()).add((f["gpa"], f["fingerprint"]))
+    assert set(by_snap) == {"first", "second"}
+    # the same card at the same address in both snapshots is reported once per snapshot
+    assert by_snap["first"] & {(g, fp) for g, fp in by_snap["second"]}
+    one = vmleak("scan", "--format", "jsonl", "--snapshot", "second", str(disk)).stdout
+    assert {json.loads(x)["details"]["snapshot"] for x in one.splitlines()} == {"second"}
