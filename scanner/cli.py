@@ -15,7 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import TextIO
+from typing import TYPE_CHECKING, TextIO
 
 import click
 import numpy as np
@@ -23,7 +23,7 @@ import numpy as np
 from parsers.base import GPA_SPACE, ImageError
 from parsers.registry import formats as input_formats
 from patterns.registry import DETECTORS, groups, select
-from scanner import __version__, output, report
+from scanner import __version__, output
 from scanner.baseline import Allowlist, Baseline, Suppression
 from scanner.engine import DEFAULT_CHUNK, ScanConfig, ScanResult
 from scanner.findings import load_key
@@ -36,7 +36,9 @@ from scanner.runner import (
     inside,
     run,
 )
-from scanner.state import Change, StateDB, default_path, key_check
+
+if TYPE_CHECKING:  # the state database and reports load only when used (start-up time)
+    from scanner.state import Change
 
 EXIT_CLEAN, EXIT_FOUND, EXIT_ERROR = 0, 1, 2
 #: findings below this confidence are hex- or number-glued digit strings (benchmarks/README.md:
@@ -256,6 +258,10 @@ def _execute(p: dict, full: bool) -> Outcome:
     if p["unmask"]:
         _err("WARNING: --unmask given: full secret values are shown")
     config = ScanConfig(dets, key, p["unmask"], p["chunk_size"], p["min_confidence"])
+    if p["baseline_file"] or p["state_path"] or p.get("since_last") or p.get("full") or (
+        p["fail_on"] == "new"
+    ):  # the state module (sqlite) loads only when used: start-up time
+        from scanner.state import StateDB, default_path, key_check
     suppress = Suppression(
         Baseline.load(p["baseline_file"], key_check(key)) if p["baseline_file"] else None,
         Allowlist.load(p["allowlist_file"]) if p["allowlist_file"] else None,
@@ -458,6 +464,7 @@ def report_cmd(**p) -> None:
     self-contained report.html, both 0600. Records the run in --state when given.
 
     Exit status as for scan (--fail-on)."""
+    from scanner import report
     p["fail_on"] = p["fail_on"] or "any"
     out_dir = p["out_dir"]
     targets = [os.path.join(out_dir, n) for n in report.NAMES]
@@ -517,6 +524,7 @@ def diff(
 ) -> None:
     """New and resolved findings per image of one run (by default the last), from the state
     database. Exit 1 when that run found something new, 0 otherwise, 2 on errors."""
+    from scanner.state import StateDB, default_path
     key = load_key(fingerprint_key_file)
     with StateDB(state_path or default_path(), key) as db:
         runs = db.runs()
@@ -567,6 +575,7 @@ def baseline_create(
 ) -> None:
     """Write the current findings recorded in the state database (of the images under PATHS
     if given) to a baseline file (0600) for scan --baseline."""
+    from scanner.state import StateDB, default_path, key_check
     if os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists (use --force to overwrite)")
     key = load_key(fingerprint_key_file)
