@@ -351,32 +351,34 @@ class Engine:
     def _lonely_edges(
         self, image: MemoryImage, tier: _Tier, pending: list[_EdgeSet]
     ) -> list[Finding]:
-        """Edges with no guest neighbour: scan each against zeros."""
+        """Edges with no guest neighbour: scan each against zeros (heads with zeros before
+        them, tails with zeros after), all in one batch."""
         w = tier.edge
         tails, heads = pending
         pending[0], pending[1] = _EdgeSet.empty(w), _EdgeSet.empty(w)
-        found = []
-        if len(heads):
-            lonely = _EdgeSet(
-                heads.space,
-                heads.addr,
-                np.full(len(heads), -1),
-                heads.src,
-                np.zeros((len(heads), w), np.uint8),
-            )
-            idx = np.arange(len(heads))
-            found += self._scan_windows(image, tier, lonely, idx, heads, idx)
-        if len(tails):
-            lonely = _EdgeSet(
-                tails.space,
-                tails.addr,
-                np.full(len(tails), -1),
-                tails.src,
-                np.zeros((len(tails), w), np.uint8),
-            )
-            idx = np.arange(len(tails))
-            found += self._scan_windows(image, tier, tails, idx, lonely, idx)
-        return found
+        nh, nt = len(heads), len(tails)
+        if nh + nt == 0:
+            return []
+        space = np.concatenate((heads.space, tails.space))
+        addr = np.concatenate((heads.addr, tails.addr))
+        src = np.concatenate((heads.src, tails.src))
+        none_h, none_t = np.full(nh, -1), np.full(nt, -1)
+        before = _EdgeSet(
+            space,
+            addr,
+            np.concatenate((none_h, tails.fo)),
+            src,
+            _RowSource(np.zeros((nh, w), np.uint8), tails.rows),
+        )
+        after = _EdgeSet(
+            space,
+            addr,
+            np.concatenate((heads.fo, none_t)),
+            src,
+            _RowSource(heads.rows, np.zeros((nt, w), np.uint8)),
+        )
+        idx = np.arange(nh + nt)
+        return self._scan_windows(image, tier, before, idx, after, idx)
 
     def _scan_windows(
         self,
@@ -398,6 +400,7 @@ class Engine:
             useful = np.zeros(rows.shape[0], bool)
             for _, det in tier.detectors:
                 useful |= det.may_touch(rows)
+            useful &= rows.any(axis=1)  # nothing is found in zeros
             keep_rows = np.flatnonzero(useful)
             tb, hb = tb[keep_rows], hb[keep_rows]
             flat = rows[keep_rows].reshape(-1)
