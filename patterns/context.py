@@ -63,15 +63,24 @@ def _score(base: float, *adjust: float) -> float:
     return round(min(0.99, max(0.05, base + sum(adjust))), 2)
 
 
+def _assess(
+    hit: Hit, words: re.Pattern[str], reach: int
+) -> tuple[str, str, dict[str, Any], bool, bool, bool]:
+    """Shared context reading: (before, after, details with the keyword if one stands within
+    ``reach`` characters before the match, keyword seen, hex context, long-number context)."""
+    before, after = text_around(hit)
+    out: dict[str, Any] = {}
+    kw = list(words.finditer(before[-reach:]))
+    if kw:
+        out["keyword"] = kw[-1].group(0).lower()
+    hexy, numeric = _glued(before, after)
+    return before, after, out, bool(kw), hexy, numeric
+
+
 def card_confidence(hit: Hit, grouped: bool) -> dict[str, Any]:
     """Confidence for a PAN-like match: keyword before (+0.3), expiry after (+0.15),
     digit grouping (+0.1), hex (-0.35) or longer-number (-0.25) context."""
-    before, after = text_around(hit)
-    out: dict[str, Any] = {}
-    kw = list(CARD_WORDS.finditer(before[-48:]))
-    hexy, numeric = _glued(before, after)
-    if kw:
-        out["keyword"] = kw[-1].group(0).lower()
+    _, after, out, kw, hexy, numeric = _assess(hit, CARD_WORDS, 48)
     out["confidence"] = _score(
         0.5,
         0.3 if kw else 0.0,
@@ -84,14 +93,9 @@ def card_confidence(hit: Hit, grouped: bool) -> dict[str, Any]:
 
 
 def ssn_confidence(hit: Hit, separated: bool) -> dict[str, Any]:
-    """Confidence for an SSN-like match: keyword before (+0.3); dashes (+0.1);
+    """Confidence for an SSN-like match: keyword before (+0.35); dashes (+0.1);
     hex (-0.35) or longer-number (-0.25) context."""
-    before, after = text_around(hit)
-    out: dict[str, Any] = {}
-    kw = list(SSN_WORDS.finditer(before[-32:]))
-    hexy, numeric = _glued(before, after)
-    if kw:
-        out["keyword"] = kw[-1].group(0).lower()
+    _, _, out, kw, hexy, numeric = _assess(hit, SSN_WORDS, 32)
     out["confidence"] = _score(
         0.45,
         0.35 if kw else 0.0,

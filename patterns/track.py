@@ -16,7 +16,7 @@ import numpy as np
 
 from patterns import context
 from patterns.base import Chunk, Described, Hit, Hits
-from patterns.digits import DigitDetector, TextView, views
+from patterns.digits import Chains, DigitDetector, TextView, views
 from patterns.pan import _BRANDS, mask_pan, validate
 
 EQ, CARET, B, SEMI, QMARK, PCT = (ord(c) for c in "=^B;?%")
@@ -26,6 +26,14 @@ TRACK1 = re.compile(
 )
 TRACK1_MAX = 79  # characters, sentinels and LRC included
 TRACK2_MAX_DATA = 37  # characters between the sentinels
+
+
+def _lone_pans(view: TextView) -> tuple[Chains, np.ndarray, np.ndarray]:
+    """The view's chains, their spans, and indices of lone 13-19 digit chains (a track's
+    PAN has no separators)."""
+    c = view.chains()
+    span = c.end - c.start
+    return c, span, np.flatnonzero((c.links == 0) & (span >= 13) & (span <= 19))
 
 
 def _month_ok(view: TextView, pos: np.ndarray) -> np.ndarray:
@@ -48,9 +56,8 @@ class Track2Detector(DigitDetector):
     def find(self, chunk: Chunk) -> Hits:
         parts = []
         for view in views(chunk):
-            c = view.chains()
-            span = c.end - c.start
-            i = np.flatnonzero((c.links[:-1] == 0) & (span[:-1] >= 13) & (span[:-1] <= 19))
+            c, span, i = _lone_pans(view)
+            i = i[i < span.size - 1]
             i = i[
                 (view.byte_at(c.end[i]) == EQ)
                 & (c.start[i + 1] == c.end[i] + 1)
@@ -94,9 +101,7 @@ class Track1Detector(DigitDetector):
     def find(self, chunk: Chunk) -> Hits:
         parts = []
         for view in views(chunk):
-            c = view.chains()
-            span = c.end - c.start
-            i = np.flatnonzero((c.links == 0) & (span >= 13) & (span <= 19))
+            c, _, i = _lone_pans(view)
             i = i[(view.byte_at(c.start[i] - 1) == B) & (view.byte_at(c.end[i]) == CARET)]
             starts, spans, brands = [], [], []
             # Candidates ('B' + 13-19 digits + '^') are rare outside real track data, so the
