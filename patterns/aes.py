@@ -21,8 +21,10 @@ start, then survivors are expanded from their first Nk words (our own vectorized
 expansion, in both word layouts) and compared with memory byte for byte: a match is exact.
 
 The Linux kernel's ``struct crypto_aes_ctx`` (``u32 key_enc[60]; u32 key_dec[60]; u32
-key_length``) is reported once, as a 484-byte match, when the decryption schedule (the
-equivalent inverse cipher's: round keys reversed, InvMixColumns on the inner ones) follows.
+key_length``) is one key: its encryption schedule is reported (the match spans the schedule,
+as for any other) with ``details.container = "crypto_aes_ctx"`` when the decryption schedule
+(the equivalent inverse cipher's: round keys reversed, InvMixColumns on the inner ones)
+follows; the decryption schedule is never reported on its own.
 """
 
 from __future__ import annotations
@@ -36,8 +38,9 @@ NKS = (4, 6, 8)  # key words: AES-128, AES-192, AES-256
 CTX_DEC_OFFSET = 240  # offsetof(struct crypto_aes_ctx, key_dec): u32 key_enc[60]
 CTX_LEN_OFFSET = 480  # offsetof(struct crypto_aes_ctx, key_length)
 CTX_SIZE = 484
-LAYOUTS = ("standard", "byteswapped", "crypto_aes_ctx")
-STANDARD, BYTESWAPPED, CRYPTO_AES_CTX = range(3)
+LAYOUTS = ("standard", "byteswapped")
+STANDARD, BYTESWAPPED = range(2)
+IN_CTX = 2  # Hits.tag bit: the schedule heads a crypto_aes_ctx
 #: keys with fewer distinct byte values than this are filler, not secrets (the expansion of
 #: an all-zero or 0xff.. key, or of a short repeating pattern, is common in initialised memory)
 MIN_DISTINCT_KEY_BYTES = 4
@@ -242,8 +245,10 @@ class AesKeyDetector(Detector):
 
     name = "aes-key"
     group = "keys"
-    max_len = CTX_SIZE
-    context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
+    max_len = 16 * (8 + 7)  # an AES-256 schedule (bytes)
+    # bytes after a schedule looked at: the rest of a crypto_aes_ctx (>= 1 before it, so the
+    # engine keeps matches starting at an extent edge)
+    context = CTX_SIZE - max_len
 
     def find(self, chunk: Chunk) -> Hits:
         data = chunk.data
@@ -256,23 +261,24 @@ class AesKeyDetector(Detector):
             return Hits.empty()
         starts, lengths, tags = [], [], []
         for start, nk, layout in sorted(found):
-            length = 16 * (nk + 7)
-            if layout == STANDARD and _is_crypto_aes_ctx(data, start, nk):
-                layout, length = CRYPTO_AES_CTX, CTX_SIZE
+            in_ctx = layout == STANDARD and _is_crypto_aes_ctx(data, start, nk)
             starts.append(start)
-            lengths.append(length)
-            tags.append(nk * 4 + layout)
+            lengths.append(16 * (nk + 7))
+            tags.append(nk * 4 + (IN_CTX if in_ctx else 0) + layout)
         return Hits.of(starts, lengths, BINARY, tags)
 
     def describe(self, hit: Hit) -> Described | None:
-        nk, layout = divmod(hit.tag, 4)
+        nk, flags = divmod(hit.tag, 4)
+        layout = flags & 1
         key = np.frombuffer(hit.raw[: 4 * nk], np.uint8)
         if layout == BYTESWAPPED:
             key = key.reshape(nk, 4)[:, ::-1].reshape(-1)
         value = key.tobytes()
         bits = 32 * nk
+        details: dict[str, object] = {"bits": bits, "layout": LAYOUTS[layout], "confidence": 1.0}
+        if flags & IN_CTX:
+            details["container"] = "crypto_aes_ctx"
         return Described(
-            value=value,
-            masked=f"AES-{bits} {value[:2].hex()}...{value[-2:].hex()}",
-            details={"bits": bits, "layout": LAYOUTS[layout], "confidence": 1.0},
+            value=value, masked=f"AES-{bits} {value[:2].hex()}...{value[-2:].hex()}",
+            details=details,
         )

@@ -224,6 +224,10 @@ class KeyInfo:
     label: str
     details: dict[str, Any] = field(default_factory=dict)
     public: bytes = b""  # shown (first/last 2 bytes) in the masked form: modulus / point
+    #: (offset, length) in the parsed bytes of a wrapped key that is a valid key on its own
+    #: (PKCS#1 / SEC1 with its curve inside PKCS#8): reported instead of the wrapper, so the
+    #: key has one address whether or not a scan sees the wrapper (e.g. across a page seam)
+    inner: tuple[int, int] | None = None
 
 
 def tlv(buf: bytes, pos: int, end: int) -> tuple[int, int, int]:
@@ -420,6 +424,11 @@ def parse_pkcs8(buf: bytes) -> KeyInfo:
     else:
         raise DerError("unknown key algorithm")
     info.details["container"] = "pkcs8"
+    try:
+        parse_pkcs1_rsa(key) if info.kind == "rsa" else parse_sec1_ec(key)
+        info.inner = (ks, ke - ks)
+    except DerError:
+        pass  # e.g. SEC1 without its curve: only the wrapper says which
     return info
 
 
@@ -459,14 +468,15 @@ def parse_private_key(buf: bytes) -> KeyInfo:
 # --- the binary detectors --------------------------------------------------------------------
 
 
-def _candidates(chunk: Chunk) -> list[tuple[int, int, KeyInfo]]:
-    """Verified DER keys in a chunk: (start, length, info), outermost container only."""
-    d = chunk.data
-    n = d.size
-    v = u16_hits(d, b"\x02\x01", shifted(chunk))  # INTEGER of length 1: the version
-    v = v[(v >= 2) & (v + 4 < n)]
+def _headers(d: np.ndarray, shifted_copy: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(start, total length) of every byte run of ``d`` that opens like a private key:
+    ``SEQUENCE`` header, ``INTEGER`` version 0 or 1, then the tag a key has next; lengths in
+    bytes, not checked against the end of ``d``."""
+    none = np.zeros(0, np.int64)
+    v = u16_hits(d, b"\x02\x01", shifted_copy)  # INTEGER of length 1: the version
+    v = v[(v >= 2) & (v + 4 < d.size)]
     if v.size == 0:
-        return []
+        return none, none
     w = gather(d, v - 4, 8)  # 4 bytes of SEQUENCE header room, 02 01 ver, next tag
     ver, nxt = w[:, 6], w[:, 7]
     ok = ((ver == 0) & ((nxt == INTEGER) | (nxt == SEQUENCE))) | (
@@ -478,24 +488,38 @@ def _candidates(chunk: Chunk) -> list[tuple[int, int, KeyInfo]]:
     h2 = (w[:, 2] == SEQUENCE) & (w[:, 3] < 0x80)
     hl = np.where(h4, 4, np.where(h3, 3, 2))
     body = np.where(h4, w[:, 2].astype(np.int64) * 256 + w[:, 3], w[:, 3])
-    ok &= h4 | h3 | h2
-    start = v - hl
-    total = hl + body
-    ok &= (total <= MAX_DER) & (start + total <= n)
-    found: list[tuple[int, int, KeyInfo]] = []
+    ok &= (h4 | h3 | h2) & (hl + body <= MAX_DER)
+    return (v - hl)[ok], (hl + body)[ok]
+
+
+PKCS8_TAG = 1  # Hits.tag: the key was found wrapped in PKCS#8 (reported at its inner span)
+
+
+def _candidates(chunk: Chunk) -> list[tuple[int, int, int, KeyInfo]]:
+    """Verified DER keys in a chunk: (start, length, tag, info), each key once: a PKCS#8 key
+    at the span of its inner PKCS#1 / SEC1 key when that stands alone."""
+    d = chunk.data
+    start, total = _headers(d, shifted(chunk))
+    ok = start + total <= d.size
+    found: dict[tuple[int, int], tuple[int, KeyInfo]] = {}
     for s, t in zip(start[ok].tolist(), total[ok].tolist(), strict=True):
         try:
             info = parse_private_key(d[s : s + t].tobytes())
         except DerError:
             continue
-        if info.kind in ("rsa", "ec"):
-            found.append((s, t, info))
-    # a PKCS#8 key contains its PKCS#1 / SEC1 key: keep only the outer one
-    outer = []
-    for s, t, info in found:
-        if not any(s2 <= s and s + t <= s2 + t2 and (s2, t2) != (s, t) for s2, t2, _ in found):
-            outer.append((s, t, info))
-    return outer
+        if info.kind not in ("rsa", "ec"):
+            continue
+        wrapped = info.details.get("container") == "pkcs8"
+        if info.inner is not None:
+            s, t = s + info.inner[0], info.inner[1]
+        if wrapped or (s, t) not in found:
+            found[(s, t)] = (PKCS8_TAG if wrapped else 0, info)
+    # a wrapper we could not report at its inner span still contains that key's own header
+    out = []
+    for (s, t), (tag, info) in sorted(found.items()):
+        if not any(s2 <= s and s + t <= s2 + t2 and (s2, t2) != (s, t) for s2, t2 in found):
+            out.append((s, t, tag, info))
+    return out
 
 
 def describe_key(info: KeyInfo) -> Described:
@@ -517,19 +541,36 @@ class _DerDetector(Detector):
     context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
     kind: str
 
+    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (engine edge windows) where a key header before the middle declares a
+        structure reaching past it."""
+        n, width = rows.shape
+        mid = width // 2
+        lo = max(0, mid - MAX_DER)
+        hi = min(width, mid + 16)  # a header (8 bytes read) may itself straddle the middle
+        tails = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
+        start, total = _headers(tails)
+        row, rel = np.divmod(start, hi - lo)
+        join = mid - lo
+        out = np.zeros(n, np.bool_)
+        out[row[(rel <= join) & (rel + total >= join)]] = True  # as the engine's context of 1
+        return out
+
     def find(self, chunk: Chunk) -> Hits:
         keys = chunk.memo("der.keys", _candidates)
-        found = [(s, t) for s, t, info in keys if info.kind == self.kind]
+        found = [(s, t, tag) for s, t, tag, info in keys if info.kind == self.kind]
         if not found:
             return Hits.empty()
-        s, t = zip(*found, strict=True)
-        return Hits.of(list(s), list(t), BINARY)
+        s, t, tag = zip(*found, strict=True)
+        return Hits.of(list(s), list(t), BINARY, list(tag))
 
     def describe(self, hit: Hit) -> Described | None:
         try:
             info = parse_private_key(hit.raw)
         except DerError:
             return None
+        if hit.tag == PKCS8_TAG:
+            info.details["container"] = "pkcs8"
         return describe_key(info)
 
 

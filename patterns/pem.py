@@ -29,7 +29,15 @@ import numpy as np
 
 from patterns import der
 from patterns.base import ASCII, BINARY, Chunk, Described, Detector, Hit, Hits
-from patterns.scratch import TEXT_MARGIN, literal_hits, register_anchor, utf16_clean
+from patterns.scratch import (
+    TEXT_MARGIN,
+    gather,
+    literal_hits,
+    register_anchor,
+    texty_near_middle,
+    u16_hits,
+    utf16_clean,
+)
 
 MAX_CHARS = 4095  # longest block we parse (a 4096-bit RSA key in any of our forms is < 3.5k)
 
@@ -55,7 +63,7 @@ SSH_CURVES = {
     b"nistp384": bytes.fromhex("2b81040022"),
     b"nistp521": bytes.fromhex("2b81040023"),
 }
-MAX_OPENSSH_BINARY = 16384  # bytes of a binary openssh-key-v1 blob we look at
+MAX_OPENSSH_BINARY = 8190  # bytes of a binary openssh-key-v1 blob we look at (max_len)
 
 
 class SshError(ValueError):
@@ -398,10 +406,18 @@ class _BlockDetector(Detector):
         return Described(value=found.value, masked=found.label, details=details)
 
 
+#: bytes around an engine edge where a block crossing it shows texty words: a UTF-16LE
+#: header line (74 bytes) or legacy encryption headers come before the base64 body
+BLOCK_REACH = 320
+
+
 class PemKeyDetector(_BlockDetector):
     """``pem-key``: PEM private key blocks (RSA, EC, DSA, PKCS#8, encrypted), verified."""
 
     name = "pem-key"
+
+    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+        return texty_near_middle(rows, BLOCK_REACH)
 
 
 class SshKeyDetector(_BlockDetector):
@@ -409,4 +425,20 @@ class SshKeyDetector(_BlockDetector):
     PPK files, verified."""
 
     name = "ssh-key"
+
+    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+        """Texty words near the middle (text forms), or the binary magic before it."""
+        out = texty_near_middle(rows, BLOCK_REACH).copy()
+        n, width = rows.shape
+        mid = width // 2
+        lo = max(0, mid - MAX_OPENSSH_BINARY)
+        hi = min(width, mid + len(OPENSSH_MAGIC))
+        tails = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
+        pos = u16_hits(tails, OPENSSH_MAGIC[10:12]) - 10
+        pos = pos[pos >= 0]
+        magic = np.frombuffer(OPENSSH_MAGIC, np.uint8)
+        pos = pos[(gather(tails, pos, len(OPENSSH_MAGIC)) == magic).all(axis=1)]
+        row, rel = np.divmod(pos, hi - lo)
+        out[row[rel <= mid - lo]] = True
+        return out
 

@@ -122,14 +122,9 @@ def _regions(pair: np.ndarray, a0: int, n: int) -> tuple[np.ndarray, np.ndarray]
     return lo[first], np.append(hi[first[1:] - 1], hi[-1])
 
 
-def _hot_regions(data: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(starts, ends) of ASCII-texty regions, (starts, ends) of UTF-16LE-texty regions]."""
+def _texty_code(data: np.ndarray) -> np.ndarray:
+    """Per byte (scratch buffer): 1 if in ``-``..``z``, 2 if zero, else 0."""
     n = data.size
-    a0 = (-data.ctypes.data) % 4
-    nw = (n - a0) // 4
-    if nw < 2:
-        whole = (np.zeros(1, np.int64), np.full(1, n, np.int64))
-        return [whole, whole]
     t = buffer("gate.t", n, np.uint8)
     np.subtract(data, TEXT_LO, out=t)  # wraps: bytes below '-' become large
     code = buffer("gate.code", n, np.uint8)
@@ -138,7 +133,43 @@ def _hot_regions(data: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
     np.equal(data, 0, out=zero)
     np.add(zero.view(np.uint8), zero.view(np.uint8), out=t)  # 2 where zero (a shift is slower)
     np.bitwise_or(code, t, out=code)
-    words = code[a0 : a0 + 4 * nw].view(np.uint32)
+    return code
+
+
+_ROWS_MEMO: list = [None, {}]  # the edge-window rows last asked about, and answers by reach
+
+
+def texty_near_middle(rows: np.ndarray, reach: int) -> np.ndarray:
+    """For the engine's edge windows (rows whose middle is where two pieces of guest memory
+    meet): whether two consecutive texty words (see the gate) lie within ``reach`` bytes of
+    the middle. A text match touching the middle, or whose context does, has them there; the
+    answer is shared by the detectors asking about the same rows."""
+    if _ROWS_MEMO[0] is not rows:
+        _ROWS_MEMO[:] = [rows, {}]
+    answers = _ROWS_MEMO[1]
+    if reach not in answers:
+        n, width = rows.shape
+        mid = width // 2
+        lo = max(0, mid - reach) // 4 * 4
+        hi = lo + (min(width, mid + reach) - lo) // 4 * 4
+        band = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
+        words = _texty_code(band).view(np.uint32).reshape(n, -1)
+        hot = words == ASCII_WORD
+        for value in UTF16_WORDS:
+            hot |= words == value
+        answers[reach] = (hot[:, :-1] & hot[:, 1:]).any(axis=1)
+    return answers[reach]
+
+
+def _hot_regions(data: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """[(starts, ends) of ASCII-texty regions, (starts, ends) of UTF-16LE-texty regions]."""
+    n = data.size
+    a0 = (-data.ctypes.data) % 4
+    nw = (n - a0) // 4
+    if nw < 2:
+        whole = (np.zeros(1, np.int64), np.full(1, n, np.int64))
+        return [whole, whole]
+    words = _texty_code(data)[a0 : a0 + 4 * nw].view(np.uint32)
     hot = buffer("gate.hot", nw, np.bool_)
     tmp = buffer("gate.tmp", nw, np.bool_)
     pair = buffer("gate.pair", nw - 1, np.bool_)

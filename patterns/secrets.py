@@ -41,6 +41,7 @@ from patterns.scratch import (
     charset,
     register_anchor,
     run_lengths,
+    texty_near_middle,
     utf16_clean,
 )
 
@@ -96,6 +97,11 @@ class TokenDetector(Detector):
         # tokens are far shorter (Spec.max_len), but every text detector declares the same
         # margin so the engine runs them on one chunk and they share the text gate and anchors
         cls.max_len = TEXT_MARGIN - cls.context
+
+    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+        """Rows (engine edge windows) with texty words near the middle: a token crossing it,
+        or whose context does, has them."""
+        return texty_near_middle(rows, self.context + 64)
 
     @abstractmethod
     def check(self, token: str, hit: Hit | None) -> dict[str, Any] | None:

@@ -141,11 +141,11 @@ def test_linux_crypto_aes_ctx_is_one_key(nbytes: int) -> None:
     buf = background(3, 4096, "random")
     buf[333 : 333 + 484] = ctx
     found = find(buf)
-    assert [(s, n, d["layout"], d["bits"], v) for s, n, d, v in found] == [
-        (333, 484, "crypto_aes_ctx", 8 * nbytes, key)
+    assert [(s, n, d.get("container"), d["bits"], v) for s, n, d, v in found] == [
+        (333, len(enc), "crypto_aes_ctx", 8 * nbytes, key)
     ]
     buf[240 + 333 + 20] ^= 1  # a damaged key_dec: an ordinary schedule, reported as such
-    assert [(s, n, d["layout"]) for s, n, d, _ in find(buf)] == [(333, len(enc), "standard")]
+    assert [(s, n, d.get("container")) for s, n, d, _ in find(buf)] == [(333, len(enc), None)]
 
 
 def test_masked_shows_size_and_two_bytes_each_end() -> None:
@@ -162,7 +162,10 @@ def test_masked_shows_size_and_two_bytes_each_end() -> None:
 # --- through the engine -----------------------------------------------------------------------
 
 
-def engine_scan(buf: bytes, chunk: int, order: list[int] | None = None) -> list:
+def engine_scan(buf: bytes, chunk: int, order: list[int] | None = None,
+                detectors: str = "aes-key") -> list:
+    """Findings of the engine on ``buf`` as guest memory from GPA 0: one extent, or (``order``)
+    its 4 KiB pages stored in that order, 8 junk bytes apart."""
     from patterns.registry import select
     from scanner.engine import Engine, ScanConfig
 
@@ -180,7 +183,7 @@ def engine_scan(buf: bytes, chunk: int, order: list[int] | None = None) -> list:
                             [pg * page for pg in order], [page] * len(order))
         seg = Segment(out, ext, "mem")
     image = MemoryImage(path="mem", format="test", files=["mem"], fixed_segments=[seg])
-    eng = Engine(ScanConfig(select("aes-key"), key=b"k" * 32, chunk_size=chunk))
+    eng = Engine(ScanConfig(select(detectors), key=b"k" * 32, chunk_size=chunk))
     return eng.scan_image(image).findings
 
 
@@ -204,3 +207,26 @@ def test_engine_any_offset_any_chunking(key: bytes, where: int, chunk: int, shuf
         assert [(f.detector, f.gpa, f.length, f.details["bits"]) for f in found] == [
             ("aes-key", where, len(schedule), 8 * len(key))
         ]
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(where=st.integers(0, 8 * 4096 - 484), nbytes=st.sampled_from([16, 24, 32]),
+       shuffle=st.integers(0, 2**32 - 1))
+def test_engine_crypto_aes_ctx_once(where: int, nbytes: int, shuffle: int) -> None:
+    """A crypto_aes_ctx anywhere, pages in or out of order: one key, never two."""
+    key = bytes(range(40, 40 + nbytes))
+    enc, dec = pyaes_schedule(key), pyaes_decrypt_schedule(key)
+    buf = background(shuffle, 8 * 4096, "random")
+    buf[where : where + len(enc)] = enc
+    buf[where + len(enc) : where + 240] = bytes(240 - len(enc))
+    buf[where + 240 : where + 240 + len(dec)] = dec
+    buf[where + 480 : where + 484] = struct.pack("<I", nbytes)
+    order = list(range(8))
+    np.random.default_rng(shuffle).shuffle(order)
+    for layout in (None, order):
+        found = engine_scan(buf, 4096, layout)
+        assert [(f.gpa, f.length, f.details["bits"]) for f in found] == [
+            (where, len(enc), 8 * nbytes)
+        ]
+        if layout is None:
+            assert found[0].details["container"] == "crypto_aes_ctx"

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from patterns.base import Chunk, Hit
 from patterns.der import CURVES, EcKeyDetector, RsaKeyDetector, ed25519_public
 from patterns.pem import OPENSSH_MAGIC, PemKeyDetector, SshKeyDetector, Wire
+from tests.test_aes import engine_scan  # the engine over one extent or shuffled pages
 
 crypto = pytest.importorskip("cryptography", reason="keys are generated with cryptography")
 from cryptography.hazmat.primitives import serialization as ser  # noqa: E402
@@ -56,10 +57,11 @@ def scan(buf: bytes, name: str) -> list[tuple[int, int, str, dict]]:
     det = DETECTORS[name]
     hits = det.find(Chunk(np.frombuffer(bytes(buf), np.uint8)))
     out = []
-    for s, n, e in zip(hits.start.tolist(), hits.length.tolist(), hits.encoding.tolist(),
-                       strict=True):
+    tags = [0] * len(hits) if hits.tag is None else hits.tag.tolist()
+    for s, n, e, tag in zip(hits.start.tolist(), hits.length.tolist(), hits.encoding.tolist(),
+                            tags, strict=True):
         enc = ("ascii", "utf-16le", "binary")[e]
-        d = det.describe(Hit(bytes(buf[s : s + n]), enc, b"", b""))
+        d = det.describe(Hit(bytes(buf[s : s + n]), enc, b"", b"", tag))
         assert d is not None
         out.append((s, n, d.masked, d.details))
     return sorted(out)
@@ -83,13 +85,21 @@ DER_CASES = [
 ]
 
 
+def expected_span(kind: str, blob: bytes, where: int) -> tuple[int, int]:
+    """Where a planted DER key is reported: a PKCS#8 key at its inner key when that is a
+    key on its own (the traditional form found verbatim inside), else the whole blob."""
+    inner = b"" if kind == "ed25519" else key(kind).private_bytes(DER, TRAD, NOENC)
+    at = blob.find(inner) if inner and inner != blob else -1
+    return (where + at, len(inner)) if at >= 0 else (where, len(blob))
+
+
 @pytest.mark.parametrize(("kind", "fmt", "name", "container"), DER_CASES)
 @pytest.mark.parametrize("where", [0, 1, 4093])
 def test_der_keys_found_once(kind: str, fmt, name: str, container: str, where: int) -> None:
     blob = key(kind).private_bytes(DER, fmt, NOENC)
     buf = plant(blob, where)
     found = scan(buf, name)
-    assert [(s, n) for s, n, _, _ in found] == [(where, len(blob))]
+    assert [(s, n) for s, n, _, _ in found] == [expected_span(kind, blob, where)]
     details = found[0][3]
     assert details["container"] == container
     if name == "rsa-key":
@@ -137,7 +147,8 @@ def test_der_truncated_not_reported(kind: str) -> None:
     for cut in (1, 2, len(blob) // 2):
         buf = background(2, 6000)
         buf[200 : 200 + len(blob) - cut] = blob[:-cut]
-        buf[200 + len(blob) - cut : 200 + len(blob)] = bytes(cut)
+        # what follows the cut is other memory: anything but the key's own bytes
+        buf[200 + len(blob) - cut : 200 + len(blob)] = bytes(b ^ 0xFF for b in blob[-cut:])
         assert scan(buf, "rsa-key") == [] and scan(buf, "ec-key") == []
 
 
@@ -325,27 +336,28 @@ def test_putty_ppk_wrong_private_part_not_reported(kind: str, other_kind: str) -
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(where=st.integers(0, 40000), chunk=st.sampled_from([4096, 5000, 65536]),
-       form=st.sampled_from(["der", "pem", "pem16", "ppk"]))
-def test_engine_any_offset_any_chunking(where: int, chunk: int, form: str) -> None:
-    from parsers.base import Extents, MemoryImage, Segment
-    from patterns.registry import select
-    from scanner.engine import Engine, ScanConfig
-
+       form=st.sampled_from(["der", "pem", "pem16", "ppk", "openssh-bin"]),
+       shuffle=st.integers(0, 2**32 - 1))
+def test_engine_any_offset_any_chunking(where: int, chunk: int, form: str, shuffle: int) -> None:
+    """Found once at its GPA, in one extent or with the pages stored out of order (so the
+    key straddles page seams the engine stitches)."""
     blob, name = {
         "der": (key("rsa2048").private_bytes(DER, PKCS8, NOENC), "rsa-key"),
         "pem": (key("prime256v1").private_bytes(PEM, TRAD, NOENC).rstrip(b"\n"), "pem-key"),
         "pem16": (encode(key("rsa1024").private_bytes(PEM, PKCS8, ENC).rstrip(b"\n"),
                          "utf-16le"), "pem-key"),
         "ppk": (ppk(3, "ed25519"), "ssh-key"),
+        "openssh-bin": (base64.b64decode(b"".join(
+            key("ed25519").private_bytes(PEM, OPENSSH, NOENC).split(b"\n")[1:-2])), "ssh-key"),
     }[form]
     buf = plant(blob, where, size=48 * 1024, seed=where)
-    data = np.frombuffer(bytes(buf), np.uint8)
-    image = MemoryImage(path="m", format="test", files=["m"],
-                        fixed_segments=[Segment(data, Extents.build([0], [0], [data.size]), "m")])
-    eng = Engine(ScanConfig(select("keys"), key=b"k" * 32, chunk_size=chunk))
-    found = eng.scan_image(image).findings
-    assert [(f.detector, f.gpa, f.length) for f in found] == [(name, where, len(blob))]
-    assert found[0].fingerprint.startswith("hmac-sha256:")
+    order = list(range(12))
+    np.random.default_rng(shuffle).shuffle(order)
+    at, length = expected_span("rsa2048", blob, where) if form == "der" else (where, len(blob))
+    for layout in (None, order):
+        found = engine_scan(bytes(buf), chunk, layout, "keys")
+        assert [(f.detector, f.gpa, f.length) for f in found] == [(name, at, length)]
+        assert found[0].fingerprint.startswith("hmac-sha256:")
 
 
 def test_pkcs8_v2_ed25519_public_key_checked() -> None:

@@ -23,6 +23,7 @@ from patterns.secrets import (
     StripeKeyDetector,
     github_checksum_ok,
 )
+from tests.test_aes import engine_scan  # the engine over one extent or shuffled pages
 
 DETS = {d.name: d for d in (AwsKeyDetector(), GithubTokenDetector(), SlackTokenDetector(),
                             StripeKeyDetector(), GcpApiKeyDetector(), JwtDetector())}
@@ -197,12 +198,11 @@ def test_jwt_not_json_payload_not_reported() -> None:
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), where=st.integers(2, 20000),
-       chunk=st.sampled_from([4096, 4099, 65536]), encoding=st.sampled_from(["ascii", "utf-16le"]))
-def test_engine_any_offset_any_chunking(kind: str, where: int, chunk: int, encoding: str) -> None:
-    from parsers.base import Extents, MemoryImage, Segment
-    from patterns.registry import select
-    from scanner.engine import Engine, ScanConfig
-
+       chunk=st.sampled_from([4096, 4099, 65536]), encoding=st.sampled_from(["ascii", "utf-16le"]),
+       shuffle=st.integers(0, 2**32 - 1))
+def test_engine_any_offset_any_chunking(kind: str, where: int, chunk: int, encoding: str,
+                                        shuffle: int) -> None:
+    """Found once at its GPA, in one extent or with the pages stored out of order."""
     name, tok = token(kind, random.Random(where))
     codec = "utf-16-le" if encoding == "utf-16le" else "ascii"
     blob = tok.encode(codec)
@@ -210,11 +210,10 @@ def test_engine_any_offset_any_chunking(kind: str, where: int, chunk: int, encod
     sep = b" " if codec == "ascii" else " ".encode(codec)  # a non-token neighbour each side
     end = where + len(blob)
     buf[where - len(sep) : end + len(sep)] = sep + blob + sep
-    data = np.frombuffer(bytes(buf), np.uint8)
-    image = MemoryImage(path="m", format="test", files=["m"],
-                        fixed_segments=[Segment(data, Extents.build([0], [0], [data.size]), "m")])
-    eng = Engine(ScanConfig(select("secrets"), key=b"k" * 32, chunk_size=chunk))
-    found = eng.scan_image(image).findings
-    assert [(f.detector, f.gpa, f.length, f.encoding) for f in found] == [
-        (name, where, len(blob), encoding)
-    ]
+    order = list(range(6))
+    np.random.default_rng(shuffle).shuffle(order)
+    for layout in (None, order):
+        found = engine_scan(bytes(buf), chunk, layout, "secrets")
+        assert [(f.detector, f.gpa, f.length, f.encoding) for f in found] == [
+            (name, where, len(blob), encoding)
+        ]
