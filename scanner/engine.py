@@ -413,7 +413,7 @@ class Engine:
                 rel = h.start - row * (2 * w)
                 c = det.context
                 keep = (h.start + h.length - 1) // (2 * w) == row
-                keep &= (rel < w + c) & (rel + h.length > w - c)
+                keep &= (rel <= w + c) & (rel + h.length >= w - c)  # touching counts
                 for k in np.flatnonzero(keep).tolist():
                     r, x = int(row[k]), int(rel[k])
                     t, hh = int(tb[r]), int(hb[r])
@@ -610,6 +610,7 @@ def finalize(found: Iterable[Finding], subsumes: dict[str, set[str]]) -> list[Fi
         lo = bisect.bisect_left(keys, (c.space, c.addr))
         hi = bisect.bisect_left(keys, (c.space, c.addr + c.length))
         for f in out[lo:hi]:
-            if f.detector in subsumes[c.detector] and f.addr + f.length <= c.addr + c.length:
+            inside = f.addr + f.length <= c.addr + c.length
+            if f is not c and f.detector in subsumes[c.detector] and inside:
                 drop.add(id(f))
     return [f for f in out if id(f) not in drop]

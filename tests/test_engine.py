@@ -11,6 +11,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parsers.base import Extents, MemoryImage, Segment
+from patterns.base import Chunk, Described, Detector, Hit, Hits
 from patterns.registry import select
 from scanner.engine import Engine, ScanConfig
 from tests.plant import PAGE, encode, group, make_pan, make_ssn
@@ -197,3 +198,36 @@ def test_confidence_from_context():
     assert conf("card number: 4556737586899855 exp 09/27") > plain
     assert conf("0x4556737586899855") < plain
     assert conf("ff4556737586899855") < plain
+
+
+class _Marker(Detector):
+    """A minimal detector with no context at all: the bytes ``<KEY>``."""
+
+    name = "marker"
+    group = "test"
+    max_len = 5
+    context = 0
+
+    def find(self, chunk: Chunk) -> Hits:
+        d = chunk.data
+        if d.size < 5:
+            return Hits.empty()
+        m = np.ones(d.size - 4, bool)
+        for k, ch in enumerate(b"<KEY>"):
+            m &= d[k : d.size - 4 + k] == ch
+        return Hits.of(np.flatnonzero(m), 5, 0)
+
+    def describe(self, hit: Hit) -> Described:
+        return Described(hit.raw, "<***>", {})
+
+
+@settings(max_examples=40, deadline=None)
+@given(page=st.integers(0, NPAGES - 1), end=st.booleans(), shuffle=st.booleans(),
+       seed=st.integers(0, 1000))
+def test_context_free_match_at_an_extent_edge_found_once(page, end, shuffle, seed):
+    mem = bytearray(NPAGES * PAGE)
+    at = page * PAGE + (PAGE - 5 if end else 0)  # touching the page's last or first byte
+    mem[at : at + 5] = b"<KEY>"
+    eng = Engine(ScanConfig([_Marker()], key=b"k" * 32, chunk_size=8192))
+    found = eng.scan_image(image_of(bytes(mem), layout(seed, shuffle))).findings
+    assert [f.gpa for f in found] == [at]
