@@ -252,6 +252,18 @@ def register_anchor(pair: bytes) -> None:
         _ANCHORS.append(pair)
 
 
+_TABLE: list = [None, None]  # (anchors it was built for, 65536-entry bool lookup table)
+
+
+def _anchor_table() -> np.ndarray:
+    """Lookup table over uint16 words: True at every registered anchor's value."""
+    if _TABLE[0] != _ANCHORS:
+        table = np.zeros(1 << 16, np.bool_)
+        table[[p[0] | (p[1] << 8) for p in _ANCHORS]] = True
+        _TABLE[:] = [list(_ANCHORS), table]
+    return _TABLE[1]
+
+
 def _anchor_pass(chunk: Chunk) -> dict[bytes, Candidates]:
     """All registered anchors in every stream: one compare per anchor and alignment, OR-ed,
     then a single flatnonzero; the hits are sorted out by their uint16 value."""
@@ -266,11 +278,7 @@ def _anchor_pass(chunk: Chunk) -> dict[bytes, Candidates]:
                 continue
             words = src[: 2 * m].view(np.uint16)
             hot = buffer("anchor.hot", m, np.bool_)
-            tmp = buffer("anchor.tmp", m, np.bool_)
-            np.equal(words, values[0], out=hot)
-            for v in values[1:]:
-                np.equal(words, v, out=tmp)
-                np.logical_or(hot, tmp, out=hot)
+            np.take(_anchor_table(), words, out=hot)  # one lookup pass for every anchor
             if hot.any():
                 idx = np.flatnonzero(hot)
                 pos_parts.append(idx * 2 + off)
@@ -342,11 +350,17 @@ def run_lengths(
     ``pos``, reading every ``step``-th byte."""
     if pos.size == 0:
         return np.zeros(0, np.int64)
-    first = min(limit, 64)  # most runs are short: look further only where they are not
-    run = _runs(data, pos, table, first, step)
-    longer = np.flatnonzero(run == first) if first < limit else run[:0]
-    if longer.size:
-        run[longer] = _runs(data, pos[longer], table, limit, step)
+    # most runs are short: read 8 characters, then further only where the run goes on
+    run = np.zeros(pos.size, np.int64)
+    todo = np.arange(pos.size)
+    for width in (8, 64, limit):
+        width = min(width, limit)
+        run[todo] = _runs(data, pos[todo], table, width, step)
+        if width == limit:
+            break
+        todo = todo[run[todo] == width]
+        if todo.size == 0:
+            break
     return run
 
 
