@@ -96,13 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--workdir", default="/tmp/vmleak-bench", type=Path)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--quick", action="store_true", help="256 MiB M image, fewer rows")
-    ap.add_argument("--min-confidence", default="0", help="passed to vmleak scan")
+    ap.add_argument("--min-confidence", default=None,
+                    help="passed to vmleak scan (default: the scanner's own default)")
     args = ap.parse_args(argv)
     args.workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     m = ensure_image(args.workdir, "M", "256M" if args.quick else "1G")
     d = ensure_image(args.workdir, "D", "64M" if args.quick else "256M")
-    extra = ["--min-confidence", args.min_confidence]
+    extra = ["--min-confidence", args.min_confidence] if args.min_confidence else []
     rows = []
     plan = [(m, det, 1) for det in ("pan", "track1", "track2", "ssn")]
     plan += [(m, "cards,pii", 1), (m, "cards,pii", cores), (m, "all", 1), (m, "all", cores)]
@@ -125,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| {name} | ripgrep PAN regex (no Luhn) | 1 | {res.mb_per_s:,.0f} | - | "
               f"{res.matches} matches | - |")
     out = {"rows": rows, "ripgrep": {k: vars(v) for k, v in rg.items()},
-           "cores": cores, "min_confidence": args.min_confidence}
+           "cores": cores, "min_confidence": args.min_confidence or "default"}
     (args.workdir / "results.json").write_text(json.dumps(out, indent=1))
     return 0
 
