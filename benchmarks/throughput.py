@@ -35,24 +35,27 @@ GIB = 1 << 30
 
 
 def run_scan(image: Path, detectors: str, jobs: int, extra: list[str]) -> tuple[float, int, str]:
-    """One ``vmleak scan`` run: (wall seconds, peak RSS bytes of the child, stdout)."""
-    cmd = [sys.executable, "-m", "scanner", "scan", "--format", "jsonl", "--no-progress",
-           "-q", "--detectors", detectors, "-j", str(jobs), *extra, str(image)]
-    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
+    """One ``vmleak scan`` run: (wall seconds, peak RSS bytes, stdout). The peak is GNU
+    time's maximum resident set of the scanner process (a fork of this big process would
+    inherit its high-water mark); with several jobs it is the largest of the processes."""
     out_path = image.parent / f".scan-{os.getpid()}.jsonl"
+    rss_path = image.parent / f".rss-{os.getpid()}"
+    cmd = ["/usr/bin/time", "-f", "%M", "-o", str(rss_path), sys.executable, "-m", "scanner",
+           "scan", "--format", "jsonl", "--no-progress", "-q", "--detectors", detectors,
+           "-j", str(jobs), *extra, str(image)]
+    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
     with open(out_path, "w") as out:
         t0 = time.perf_counter()
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env,
-                                cwd=HERE.parent)
-        _, status, usage = os.wait4(proc.pid, 0)
+        proc = subprocess.run(cmd, stdout=out, stderr=subprocess.DEVNULL, env=env,
+                              cwd=HERE.parent, check=False)
         wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode not in (0, 1):
         raise SystemExit(f"scan failed ({proc.returncode}): {' '.join(cmd)}")
     text = out_path.read_text()
+    rss_kib = int(rss_path.read_text().split()[-1])
     out_path.unlink()
-    # ru_maxrss is the largest child (KiB on Linux); worker processes are children too
-    return wall, usage.ru_maxrss * 1024, text
+    rss_path.unlink()
+    return wall, rss_kib * 1024, text
 
 
 def measure(image: Path, detectors: str, jobs: int, runs: int, extra: list[str]) -> dict:
