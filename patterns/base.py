@@ -149,10 +149,16 @@ class Detector(ABC):
     #: (a Track 2 contains its PAN): the engine keeps only ours.
     subsumes: ClassVar[tuple[str, ...]] = ()
 
+    #: when set, ``may_touch`` needs only this many bytes on each side of the middle (a
+    #: match touching the middle always shows there), so the engine tests that narrow band
+    #: before building whole windows
+    seam_band: ClassVar[int | None] = None
+
     def may_touch(self, rows: np.ndarray) -> np.ndarray:
         """For edge windows (rows of bytes whose middle is where two pieces of guest memory
-        meet), whether a match could lie in the row at all: a cheap test that lets the
-        engine skip most windows. The default keeps every row."""
+        meet; only ``seam_band`` bytes each side when that is set), whether a match could
+        touch the middle: a cheap test that lets the engine skip most windows. The default
+        keeps every row."""
         return np.ones(rows.shape[0], bool)
 
     @abstractmethod

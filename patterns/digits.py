@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
@@ -234,13 +233,14 @@ def rows_with_digits(rows: np.ndarray, least: int) -> np.ndarray:
 
 
 class DigitDetector(Detector):
-    """A detector built on this module's stage 1 and 2; ``min_digits`` is the fewest
-    digits any of its matches has."""
+    """A detector built on this module's stage 1 and 2."""
 
-    min_digits: ClassVar[int] = 9
+    #: any digit-based match touching a seam has at least 4 digits within 64 bytes of it
+    #: (a UTF-16LE Track 1 name is at most 26 characters, with PAN or expiry digits beside)
+    seam_band = 64
 
     def may_touch(self, rows: np.ndarray) -> np.ndarray:
-        return rows_with_digits(rows, self.min_digits)
+        return rows_with_digits(rows, 4)
 
 
 def views(chunk: Chunk) -> list[TextView]:

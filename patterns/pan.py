@@ -162,7 +162,6 @@ class PanDetector(DigitDetector):
     """Card numbers (PAN)."""
 
     name = "pan"
-    min_digits = 13
     group = "cards"
     version = "1"
     max_len = 23 * 2  # 19 digits + 4 separators, UTF-16LE

@@ -47,7 +47,6 @@ class Track2Detector(DigitDetector):
     """Track 2 data: PAN, '=', expiry, service code, discretionary digits."""
 
     name = "track2"
-    min_digits = 13
     group = "cards"
     max_len = (TRACK2_MAX_DATA + 3) * 2
     context = 32
@@ -92,7 +91,6 @@ class Track1Detector(DigitDetector):
     """Track 1 data: format code B, PAN, '^', name, '^', expiry, service code, discretionary."""
 
     name = "track1"
-    min_digits = 13
     group = "cards"
     max_len = TRACK1_MAX * 2
     context = 32

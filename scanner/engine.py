@@ -74,6 +74,7 @@ class _Tier:
     detectors: list[tuple[int, Detector]]  # (index in config, detector)
     margin: int  # bytes of context each side of a chunk
     edge: int  # bytes each side of an edge in its window: the longest match plus context
+    band: int | None  # bytes each side of an edge that may_touch needs (None: the window)
 
 
 def _tiers(detectors: list[Detector]) -> list[_Tier]:
@@ -84,10 +85,13 @@ def _tiers(detectors: list[Detector]) -> list[_Tier]:
         while margin < need:
             margin *= 2
         by_margin.setdefault(margin, []).append((i, d))
-    return [
-        _Tier(v, m, -(-max(d.max_len + d.context for _, d in v) // 8) * 8)
-        for m, v in sorted(by_margin.items())
-    ]
+    tiers = []
+    for m, v in sorted(by_margin.items()):
+        edge = -(-max(d.max_len + d.context for _, d in v) // 8) * 8
+        bands = [d.seam_band for _, d in v]
+        band = None if None in bands else min(edge, max(b for b in bands if b is not None))
+        tiers.append(_Tier(v, m, edge, band))
+    return tiers
 
 
 @dataclass
@@ -395,15 +399,21 @@ class Engine:
         found: list[Finding] = []
         for b in range(0, ti.size, EDGE_BATCH):
             tb, hb = ti[b : b + EDGE_BATCH], hi[b : b + EDGE_BATCH]
-            rows = np.concatenate((tails.rows[tb], heads.rows[hb]), axis=1)
-            # only windows where some detector of the tier could match across the middle
-            useful = np.zeros(rows.shape[0], bool)
+            # only windows where some detector of the tier could match across the middle,
+            # judged on the narrow band around it when every detector allows that
+            b = tier.band or w
+            test = np.concatenate((_cols(tails.rows, tb, w - b, w), _cols(heads.rows, hb, 0, b)),
+                                  axis=1)
+            useful = np.zeros(test.shape[0], bool)
             for _, det in tier.detectors:
-                useful |= det.may_touch(rows)
-            useful &= rows.any(axis=1)  # nothing is found in zeros
+                useful |= det.may_touch(test)
+            useful &= test.any(axis=1)  # nothing is found in zeros
             keep_rows = np.flatnonzero(useful)
             tb, hb = tb[keep_rows], hb[keep_rows]
-            flat = rows[keep_rows].reshape(-1)
+            if b == w:
+                flat = test[keep_rows].reshape(-1)
+            else:
+                flat = np.concatenate((tails.rows[tb], heads.rows[hb]), axis=1).reshape(-1)
             chunk = Chunk(flat)
             for _, det in tier.detectors:
                 h = det.find(chunk)
@@ -531,16 +541,39 @@ class _LazyRows:
         return self.shape[0] * self.shape[1]
 
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        st = self.starts[idx]
-        lo, hi = self.valid[idx, 0], self.valid[idx, 1]
-        full = (lo == 0) & (hi == self.w)
-        out = np.zeros((idx.size, self.w), np.uint8)
-        if self.view is not None and full.any():
-            out[full] = self.view[st[full]]
+        return self.cols(idx, 0, self.w)
+
+    def cols(self, idx: np.ndarray, a: int, b: int) -> np.ndarray:
+        """Columns ``[a, b)`` of the rows ``idx``."""
+        width = b - a
+        st = self.starts[idx] + a
+        lo = np.clip(self.valid[idx, 0] - a, 0, width)
+        hi = np.clip(self.valid[idx, 1] - a, 0, width)
+        full = (lo == 0) & (hi == width)
+        out = np.zeros((idx.size, width), np.uint8)
+        if full.any() and self.data.size >= width:
+            view = self.view if width == self.w else sliding_window_view(self.data, width)
+            out[full] = view[st[full]]
         for k in np.flatnonzero(~full).tolist():  # short extents only: rare
-            a, b = int(lo[k]), int(hi[k])
-            out[k, a:b] = self.data[int(st[k]) + a : int(st[k]) + b]
+            x, y = int(lo[k]), int(hi[k])
+            out[k, x:y] = self.data[int(st[k]) + x : int(st[k]) + y]
         return out
+
+
+def _cols(rows: Any, idx: np.ndarray, a: int, b: int) -> np.ndarray:
+    """Columns ``[a, b)`` of rows ``idx`` of a row source (ndarray, _LazyRows or
+    _RowSource), without building the whole rows."""
+    if isinstance(rows, np.ndarray):
+        return rows[idx, a:b]
+    if isinstance(rows, _RowSource):
+        out = np.empty((idx.size, b - a), np.uint8)
+        first = idx < rows.n1
+        if first.any():
+            out[first] = _cols(rows.first, idx[first], a, b)
+        if (~first).any():
+            out[~first] = _cols(rows.second, idx[~first] - rows.n1, a, b)
+        return out
+    return rows.cols(idx, a, b)
 
 
 def _edge_sets(seg: Segment, w: int, fid: int) -> tuple[_EdgeSet, _EdgeSet]:
