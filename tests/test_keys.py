@@ -413,3 +413,21 @@ def test_damaged_input_never_raises(data, form: str) -> None:
         for s, n, e in zip(hits.start.tolist(), hits.length.tolist(), hits.encoding.tolist(),
                            strict=True):
             det.describe(Hit(raw[s : s + n], ("ascii", "utf-16le", "binary")[e], b"", b""))
+
+
+def test_unverifiable_scalar_must_look_random() -> None:
+    """An X25519 PKCS#8 header followed by bytecode-like bytes (a .pyc holding the header as a
+    constant) is not a key; the same header around random bytes is reported."""
+    header = bytes.fromhex("302e020100300506032b656e04220420")
+    rng = np.random.default_rng(5)
+    pyc_like = bytes.fromhex("e9300000007202000000e91000000029") * 2
+    keyish = rng.integers(0, 256, 32, dtype=np.uint8).tobytes()
+    det = EcKeyDetector()
+    for body, expected in ((pyc_like, 0), (keyish, 1)):
+        buf = np.frombuffer(b"\x00" * 64 + header + body + b"\x00" * 64, np.uint8)
+        hits = det.find(Chunk(buf))
+        described = [
+            det.describe(Hit(buf[s : s + n].tobytes(), "binary", b"", b""))
+            for s, n in zip(hits.start.tolist(), hits.length.tolist(), strict=True)
+        ]
+        assert len([d for d in described if d is not None]) == expected
