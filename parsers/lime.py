@@ -51,6 +51,12 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
                 )
             length = end - start + 1
             if pos + HEADER.size + length > ev.size:
+                # scan what the file still holds of the range, and say it is cut short
+                have = ev.size - pos - HEADER.size
+                if have > 0:
+                    bufs.append(pos + HEADER.size)
+                    addrs.append(start)
+                    lens.append(have)
                 raise ImageError(
                     path, pos, f"LiME range of {length} bytes runs past end of file (truncated)"
                 )
