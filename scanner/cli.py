@@ -277,7 +277,11 @@ def _execute(p: dict, full: bool) -> Outcome:
     if state_path:  # images are remembered by absolute path: cron may start us anywhere
         inputs = [os.path.abspath(x) for x in inputs]
     walk = WalkOptions(tuple(p["include"]), tuple(p["exclude"]), p["follow_symlinks"])
-    paths = list(expand_inputs(inputs, summary, walk))
+    known = None
+    if state_path and not full and os.path.exists(state_path):
+        with StateDB(state_path, key) as db:  # recorded, untouched images are not reread
+            known = db.known_images()
+    paths = list(expand_inputs(inputs, summary, walk, known))
     specs = [ImageSpec(x, p["input_format"], _options(p["snapshot"])) for x in paths]
     out.specs = {s.path: s for s in specs}
     jobs = p["jobs"] or os.cpu_count() or 1

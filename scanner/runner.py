@@ -102,20 +102,26 @@ class WalkOptions:
 
 
 def expand_inputs(
-    paths: list[str], summary: RunSummary, walk: WalkOptions | None = None
+    paths: list[str],
+    summary: RunSummary,
+    walk: WalkOptions | None = None,
+    known: dict[str, tuple[int, int, int, int]] | None = None,
 ) -> list[str]:
     """Files named directly, and the memory images found (by content) below directories,
     companion files folded into their image (a ``.vmem`` beside its ``.vmss`` is scanned
     once, through the ``.vmss``). Inside directories, files that are not images are skipped
     and counted by reason in ``summary.skips`` (unreadable ones also listed); a directory with
-    no image at all is an error naming it. See :class:`WalkOptions` for globs and symlinks."""
+    no image at all is an error naming it. See :class:`WalkOptions` for globs and symlinks.
+    ``known`` maps image files recorded by the state database to their (size, mtime_ns,
+    ctime_ns, inode): such a file with the same stat is taken as an image without reading it
+    (an unchanged nightly run then reads nothing)."""
     walk = walk or WalkOptions()
     out: list[str] = []
     for p in paths:
         if not os.path.isdir(p):
             out.append(p)
             continue
-        found = _walk_tree(p, walk, summary)
+        found = _walk_tree(p, walk, summary, known or {})
         if not found:
             summary.errors.append(f"{p}: no memory images found in directory")
             summary.empty_dirs.append(p)
@@ -134,7 +140,9 @@ def inside(path: str, roots: list[str] | tuple[str, ...]) -> bool:
     return False
 
 
-def _walk_tree(top: str, walk: WalkOptions, summary: RunSummary) -> list[str]:
+def _walk_tree(
+    top: str, walk: WalkOptions, summary: RunSummary, known: dict[str, tuple[int, int, int, int]]
+) -> list[str]:
     """Memory images below ``top``, depth first in name order. Every directory and file is
     visited once (by device and inode), so symlink loops and hard links cost nothing."""
     root_real = os.path.realpath(top)
@@ -185,7 +193,11 @@ def _walk_tree(top: str, walk: WalkOptions, summary: RunSummary) -> list[str]:
                 summary.skips[SKIP_DUPLICATE] += 1
             else:
                 seen.add((est.st_dev, est.st_ino))
-                _classify(e.path, summary, found)
+                stamp = (est.st_size, est.st_mtime_ns, est.st_ctime_ns, est.st_ino)
+                if known.get(os.path.abspath(e.path)) == stamp:
+                    found.append(e.path)  # recorded as an image, untouched since
+                else:
+                    _classify(e.path, summary, found)
         stack += reversed(subdirs)
     return found
 

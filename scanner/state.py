@@ -361,6 +361,18 @@ class StateDB:
         ).fetchone()
         return None if row is None else (row[0], json.loads(row[1]), row[2], row[3])
 
+    def known_images(self) -> dict[str, tuple[int, int, int, int]]:
+        """Primary file of every present image -> its recorded (size, mtime_ns, ctime_ns,
+        inode): a directory walk can take such a file as an image without reading it."""
+        out = {}
+        for path, files in self.db.execute(
+            "SELECT path, files FROM images WHERE status='present'"
+        ):
+            for rec in json.loads(files):
+                if rec["path"] == path:
+                    out[path] = (rec["size"], rec["mtime_ns"], rec["ctime_ns"], rec["ino"])
+        return out
+
     def is_current(self, path: str, config: str) -> bool:
         """True when ``path`` was scanned before with ``config``, completely (no errors),
         and its files look unchanged."""

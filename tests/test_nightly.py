@@ -329,3 +329,27 @@ def test_companion_files_are_one_image_and_tracked(tmp_path):
     r = vmleak("scan", "--state", db, "--since-last", "--format", "jsonl", str(ds))
     assert r.returncode == 1 and "1 scanned" in summary_line(r)
     assert [(x["change"], x["gpa"]) for x in jsonl(r)] == [("new", 0x9001)]
+
+
+def test_unchanged_second_run_reads_no_image(tree, tmp_path, monkeypatch):
+    """Recorded images whose stat is unchanged are not even opened for format detection; a
+    touched one is."""
+    from click.testing import CliRunner
+
+    import scanner.runner as runner
+    from scanner.cli import main
+
+    db = str(tmp_path / "state.db")
+    env = {"VMLEAK_FINGERPRINT_KEY": "00" * 32}
+    args = ["scan", "-q", "--no-progress", "-j", "1", "--state", db, str(tree)]
+    CliRunner().invoke(main, args, env=env)
+    opened = []
+    real = runner.detect
+    monkeypatch.setattr(runner, "detect", lambda p: opened.append(p) or real(p))
+    CliRunner().invoke(main, args, env=env)
+    images = [p for p in opened if p.endswith((".raw", ".lime"))]
+    assert images == []
+    victim = sorted(p for p in (tree.rglob("*.raw")) if not p.is_symlink())[0]
+    os.utime(victim)  # new mtime: it must be looked at again
+    CliRunner().invoke(main, args, env=env)
+    assert str(victim) in {os.path.abspath(p) for p in opened}
