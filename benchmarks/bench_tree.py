@@ -8,7 +8,9 @@ zeros) and one raw image that is their concatenation, then times the ``vmleak`` 
 
 - ``tree``: ``vmleak scan -j JOBS DIR`` (no state), and the first run with ``--state``;
 - ``large``: ``vmleak scan -j JOBS LARGE``;
-- ``second``: the same ``--state`` run again with nothing changed (nothing is rescanned).
+- ``second``: the same ``--state`` run again with nothing changed (nothing is rescanned; every
+  finding is printed again from the database), and the nightly form with ``--since-last``
+  (only changes are printed: none).
 
 Both scans must report the same number of findings. Each figure includes the command's fixed
 start-up cost (Python, numpy and detector imports), printed separately (``--version`` run)
@@ -115,6 +117,9 @@ def main() -> None:
     t_first, n_first = timed([*common, "--state", state, tree], env, a.repeat, fresh_state)
     t_second, n_second = timed([*common, "--state", state, tree], env, a.repeat)
     assert n_tree == n_large == n_first == n_second, (n_tree, n_large, n_first, n_second)
+    # the nightly form (README): only what changed is printed, here nothing
+    t_nightly, n_nightly = timed([*common, "--state", state, "--since-last", tree], env, a.repeat)
+    assert n_nightly == 0, n_nightly
 
     mb = total / 1e6
     print(f"tree: {a.count} images x {size / 2**20:.2f} MiB = {mb:,.0f} MB; jobs {a.jobs}; "
@@ -128,6 +133,10 @@ def main() -> None:
     net = (t_second - startup) / max(t_first - startup, 1e-9) * 100
     share = t_second / t_first * 100
     print(f"  tree, unchanged second run       {t_second:7.2f} s  "
+          f"({share:.1f}% of the first; {net:.1f}% without start-up)")  # fmt: skip
+    net = (t_nightly - startup) / max(t_first - startup, 1e-9) * 100
+    share = t_nightly / t_first * 100
+    print(f"  same, --since-last (nightly)     {t_nightly:7.2f} s  "
           f"({share:.1f}% of the first; {net:.1f}% without start-up)")  # fmt: skip
     if not a.keep:
         shutil.rmtree(work)
