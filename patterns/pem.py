@@ -155,14 +155,18 @@ def _openssh_private(key_type: bytes, w: Wire) -> tuple[bytes, dict[str, Any]]:
             raise SshError("curve name mismatch")
         return d.to_bytes((d.bit_length() + 7) // 8, "big"), _ec_check(curve_name, q_point, d)
     if key_type == b"ssh-dss":
-        p, q, g, y, x = (w.mpint() for _ in range(5))
-        if not der.dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, x, p) != y:
-            raise SshError("DSA key inconsistent")
-        return x.to_bytes((x.bit_length() + 7) // 8, "big"), {
-            "key_type": "ssh-dss",
-            "bits": p.bit_length(),
-        }
+        return _dsa(*(w.mpint() for _ in range(5)))
     raise SshError("unsupported key type")
+
+
+def _dsa(p: int, q: int, g: int, y: int, x: int) -> Found:
+    """A verified DSA key (q | p-1, y = g^x mod p, sizes bounded) as (secret, details)."""
+    if not der.dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, x, p) != y:
+        raise SshError("DSA key inconsistent")
+    return x.to_bytes((x.bit_length() + 7) // 8, "big"), {
+        "key_type": "ssh-dss",
+        "bits": p.bit_length(),
+    }
 
 
 def parse_openssh_v1(buf: bytes) -> tuple[Found, int]:
@@ -284,13 +288,7 @@ def _ppk_private(algo: bytes, pub: Wire, priv: Wire) -> tuple[bytes, dict[str, A
         return d.to_bytes((d.bit_length() + 7) // 8, "big"), _ec_check(curve_name, q_point, d)
     if algo == b"ssh-dss":
         p, q, g, y = (pub.mpint() for _ in range(4))
-        x = priv.mpint()
-        if not der.dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, x, p) != y:
-            raise SshError("DSA key inconsistent")
-        return x.to_bytes((x.bit_length() + 7) // 8, "big"), {
-            "key_type": "ssh-dss",
-            "bits": p.bit_length(),
-        }
+        return _dsa(p, q, g, y, priv.mpint())
     raise SshError("unsupported key type")
 
 
