@@ -159,7 +159,7 @@ def _openssh_private(key_type: bytes, w: Wire) -> tuple[bytes, dict[str, Any]]:
     raise SshError("unsupported key type")
 
 
-def _dsa(p: int, q: int, g: int, y: int, x: int) -> Found:
+def _dsa(p: int, q: int, g: int, y: int, x: int) -> tuple[bytes, dict[str, Any]]:
     """A verified DSA key (q | p-1, y = g^x mod p, sizes bounded) as (secret, details)."""
     if not der.dsa_sizes_ok(p, q) or (p - 1) % q or not 0 < x < q or pow(g, x, p) != y:
         raise SshError("DSA key inconsistent")
