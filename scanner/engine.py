@@ -40,6 +40,8 @@ from scanner.findings import Finding, fingerprint
 
 DEFAULT_CHUNK = 4 * 1024 * 1024  # per-call unit; detectors cache-block inside (256 KiB)
 EDGE_BATCH = 4096  # edge windows scanned per batch (bounded memory)
+AROUND_BATCH = 8  # findings read between two releases of the pages they faulted in
+FAULT_REACH = 2 << 20  # a read may map a whole large folio (up to 2 MiB) around it
 PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across segments
 
 
@@ -257,6 +259,7 @@ class Engine:
             if f:
                 out.append(f)
             release.around(s)  # reading it faulted its neighbourhood in
+        release.flush()
         return out
 
     def _finding(
@@ -461,6 +464,7 @@ class _Releaser:
 
     def __init__(self, data: np.ndarray) -> None:
         self.mm: mmap.mmap | None = None
+        self.touched: list[int] = []
         base, root = data, data
         while isinstance(base, np.ndarray):
             root, base = base, base.base
@@ -470,13 +474,23 @@ class _Releaser:
             self.done = self.origin - self.origin % mmap.PAGESIZE
 
     def around(self, offset: int) -> None:
-        """Release the pages near buffer offset ``offset`` again (reading a few bytes there
-        faults in a whole neighbourhood: the kernel's fault-around)."""
+        """Note that bytes at buffer offset ``offset`` were read: that mapped a whole
+        neighbourhood (the kernel's fault-around, or a large folio). Every ``AROUND_BATCH``
+        reads the span they cover is given back with one call; ``flush`` does the rest."""
         if self.mm is None:
             return
-        lo = max(self.origin + offset - 65536, 0)
+        self.touched.append(offset)
+        if len(self.touched) >= AROUND_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        """Give back the neighbourhoods of the reads noted by ``around``."""
+        if self.mm is None or not self.touched:
+            return
+        lo = max(self.origin + min(self.touched) - FAULT_REACH, 0)
+        hi = min(self.origin + max(self.touched) + FAULT_REACH, len(self.mm))
+        self.touched = []
         lo -= lo % mmap.PAGESIZE
-        hi = min(self.origin + offset + 65536, len(self.mm))
         hi -= hi % mmap.PAGESIZE
         if hi > lo:
             try:
