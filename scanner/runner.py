@@ -52,11 +52,6 @@ class RunSummary:
     seconds: float = 0.0
 
     @property
-    def skipped(self) -> int:
-        """Files in directories that are not memory images."""
-        return self.skips[SKIP_NOT_IMAGE]
-
-    @property
     def findings(self):
         return [f for r in self.results for f in r.findings]
 
