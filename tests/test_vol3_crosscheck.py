@@ -169,6 +169,7 @@ def test_extract_output_opens_in_volatility3(tmp_path: Path) -> None:
     import subprocess
     import sys
 
+    pytest.importorskip("volatility3", reason="volatility3 is not installed")
     from volatility3.framework import contexts
     from volatility3.framework.layers import physical
 
