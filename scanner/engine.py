@@ -3,7 +3,8 @@ together, so every secret is reported once, at its true guest address.
 
 Per segment:
 
-1. **Main scan.** The buffer is cut into cache-sized chunks; each chunk is handed to the
+1. **Main scan.** The buffer is cut into chunks (4 MiB: few Python calls per byte; each
+   detector cache-blocks its own stage 1 inside); each chunk is handed to the
    detectors with ``margin`` extra bytes on each side (their longest match plus context), and a
    match counts only if it *starts* in the chunk's own range — so chunking never splits or
    duplicates a match. Matches are mapped to extents (``np.searchsorted``); a match that
@@ -15,12 +16,15 @@ Per segment:
    page of a QEMU stream, the next decompression window, the far side of a VMware region), its
    bytes are joined on (a seam); where there is none (end of RAM, a hole), zeros stand in. The
    windows of many edges are gathered (``sliding_window_view`` rows) into one batch buffer and
-   scanned once; a match counts if it touches its window's edge.
+   scanned once; a match counts if it touches its window's edge. Detectors first rule out most
+   windows cheaply (``may_touch``, on a narrow band around the join where ``seam_band`` says
+   that suffices), and all-zero windows are skipped.
 
 Detectors are grouped into tiers by margin, so a detector with long matches (a PEM block) does
 not make the digit detectors rescan kilobytes around every seam. Duplicates (a page stored
 twice, a match seen by both passes) are removed; a finding lying inside one of a subsuming
-detector's (a PAN inside its Track 2) is dropped.
+detector's (a PAN inside its Track 2) is dropped. Pages of an mmapped buffer are given back
+once scanned, so peak RSS does not grow with the image.
 """
 
 from __future__ import annotations
