@@ -13,6 +13,7 @@ from __future__ import annotations
 import mmap
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -228,6 +229,16 @@ class Evidence:
                 self.path, offset, f"truncated: {what} ({size} bytes) past end of file"
             )
         return self.data[offset : offset + size].tobytes()
+
+    @contextmanager
+    def closed_on_error(self) -> Iterator[Evidence]:
+        """Context for parsing: if parsing fails the file is closed here; if it succeeds the
+        MemoryImage that took it over closes it."""
+        try:
+            yield self
+        except BaseException:
+            self.close()
+            raise
 
     def close(self) -> None:
         # numpy views keep the mmap alive; dropping ours is enough, the GC unmaps later.

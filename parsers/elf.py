@@ -121,12 +121,8 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     """Read the ELF and program headers of ``path`` and map every PT_LOAD's stored bytes as an
     extent (GPA = p_paddr + k) of one mmapped segment. Raises ImageError for a file that is
     not an ELF core with memory; damaged PT_LOADs become warnings and are left out."""
-    ev = Evidence(path)
-    try:
+    with Evidence(path).closed_on_error() as ev:
         image = _parse(ev, path)
-    except ImageError:
-        ev.close()
-        raise
     image.closers.append(ev.close)
     return image
 

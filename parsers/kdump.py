@@ -151,17 +151,13 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     mmap for runs of raw pages. Raises ImageError when the headers or bitmaps are unreadable; bad
     pages are counted and, once every readable page was yielded, the stream raises an
     ImageError for the first kind and lists the others in image.warnings."""
-    ev = Evidence(path)
-    try:
+    with Evidence(path).closed_on_error() as ev:
         image = MemoryImage(path=path, format="kdump", files=[path], closers=[ev.close])
         src: _Source = _Plain(ev, path)
         if ev.read(0, 16) == FLAT_SIGNATURE:
             src = _Flat(ev, path, image)
             image.meta["container"] = "makedumpfile flattened"
         dump = _Dump.read(src, path, image)
-    except ImageError:
-        ev.close()
-        raise
     image.stream = lambda: _pages(dump, image)
     return image
 

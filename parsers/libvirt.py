@@ -240,13 +240,9 @@ def _sniff(ev: Evidence, start: int) -> str | None:
 
 def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     """Read the header and XML, then map (raw, sparse) or stream (compressed) the payload."""
-    ev = Evidence(path)
-    image = MemoryImage(path=path, format="libvirt-save", files=[path], closers=[ev.close])
-    try:
+    with Evidence(path).closed_on_error() as ev:
+        image = MemoryImage(path=path, format="libvirt-save", files=[path], closers=[ev.close])
         _open(ev, image, options)
-    except ImageError:
-        ev.close()
-        raise
     return image
 
 

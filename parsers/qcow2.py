@@ -260,17 +260,13 @@ class _VmstateReader:
 
 def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     """List the snapshots and stream the vmstate of each selected one."""
-    ev = Evidence(path)
-    image = MemoryImage(path=path, format="qcow2-snapshot", files=[path], closers=[ev.close])
-    try:
+    with Evidence(path).closed_on_error() as ev:
+        image = MemoryImage(path=path, format="qcow2-snapshot", files=[path], closers=[ev.close])
         img = Qcow2(ev)
         chosen = _select(img, options.get("snapshot"), path)
         first = _VmstateReader(img, chosen[0])
         prefix = first.read(qemu.PEEK)
         walker = qemu.peek_meta(prefix, first.fail, options.get("machine"), options)
-    except ImageError:
-        ev.close()
-        raise
     walker.assign_spaces(image)
     image.meta.update(walker.meta())
     image.meta.update(

@@ -816,12 +816,8 @@ def probe(head: bytes, path: str) -> str | None:
 
 def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     """Map a raw QEVM stream file: pages scanned in place through mmap."""
-    ev = Evidence(path)
-    image = MemoryImage(path=path, format="qemu-migration", files=[path], closers=[ev.close])
-    try:
+    with Evidence(path).closed_on_error() as ev:
+        image = MemoryImage(path=path, format="qemu-migration", files=[path], closers=[ev.close])
         open_mapped(ev, 0, image, options.get("machine"), options)
-    except ImageError:
-        ev.close()
-        raise
     image.meta["compression"] = "none"
     return image

@@ -775,12 +775,8 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     files = [path]
     ck: Checkpoint | None = None
     if magic is not None:
-        ck_ev = Evidence(path)
-        try:
+        with Evidence(path).closed_on_error() as ck_ev:
             ck = read_checkpoint(path, ck_ev)
-        except ImageError:
-            ck_ev.close()
-            raise
         warnings.extend(ck.warnings)
         block = ck.memory_block()
         if block is not None:
