@@ -1,10 +1,11 @@
 """Private keys in DER: RSA (PKCS#1, PKCS#8) as ``rsa-key``, EC (SEC1, PKCS#8) as ``ec-key``.
 
 Every private key structure starts ``SEQUENCE { INTEGER version, ...`` with version 0 (PKCS#1,
-PKCS#8) or 1 (SEC1, PKCS#8 v2), so stage 1 is one pair of aligned uint16 compares for the
-bytes ``02 01`` (the odd offsets through the chunk's shifted copy, shared); the version
-byte, the SEQUENCE header just before and the tag just after are checked on the candidates as
-arrays. Survivors (a handful per image) are parsed strictly in Python and verified:
+PKCS#8) or 1 (SEC1, PKCS#8 v2), so stage 1 is the bytes ``02 01``, an anchor of the shared
+anchor pass of patterns/scratch.py (the text detectors' lookup pass finds it at no extra
+cost); the version byte, the SEQUENCE header just before and the tag just after are checked
+on the candidates as arrays. Survivors (a handful per image) are parsed strictly in Python
+and verified:
 
 - RSA: n == p*q, e*d == 1 mod lcm(p-1, q-1), the CRT values d mod (p-1), d mod (q-1) and
   q^-1 mod p; any changed byte in any of the integers breaks one of those.
@@ -27,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from patterns.base import BINARY, Chunk, Described, Detector, Hit, Hits
-from patterns.scratch import TEXT_MARGIN, gather, shifted, u16_hits
+from patterns.scratch import TEXT_MARGIN, anchor_hits, gather, register_anchor, u16_hits
 
 SEQUENCE, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x02, 0x03, 0x04, 0x05, 0x06
 CTX0, CTX1 = 0xA0, 0xA1  # [0] EXPLICIT parameters / attributes, [1] EXPLICIT public key
@@ -479,12 +480,15 @@ def parse_private_key(buf: bytes) -> KeyInfo:
 # --- the binary detectors --------------------------------------------------------------------
 
 
-def _headers(d: np.ndarray, shifted_copy: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+VERSION = b"\x02\x01"  # INTEGER of length 1: the version
+register_anchor(VERSION, text=False)
+
+
+def _headers(d: np.ndarray, v: np.ndarray) -> tuple[np.ndarray, ...]:
     """(start, total length) of every byte run of ``d`` that opens like a private key:
-    ``SEQUENCE`` header, ``INTEGER`` version 0 or 1, then the tag a key has next; lengths in
-    bytes, not checked against the end of ``d``."""
+    ``SEQUENCE`` header, ``INTEGER`` version 0 or 1 (``v``: sorted offsets of VERSION), then
+    the tag a key has next; lengths in bytes, not checked against the end of ``d``."""
     none = np.zeros(0, np.int64)
-    v = u16_hits(d, b"\x02\x01", shifted_copy)  # INTEGER of length 1: the version
     v = v[(v >= 2) & (v + 4 < d.size)]
     if v.size == 0:
         return none, none
@@ -510,7 +514,8 @@ def _candidates(chunk: Chunk) -> list[tuple[int, int, int, KeyInfo]]:
     """Verified DER keys in a chunk: (start, length, tag, info), each key once: a PKCS#8 key
     at the span of its inner PKCS#1 / SEC1 key when that stands alone."""
     d = chunk.data
-    start, total = _headers(d, shifted(chunk))
+    hits = anchor_hits(chunk, VERSION)  # bytes only: one (encoding, step, offsets) at most
+    start, total = _headers(d, hits[0][2] if hits else np.zeros(0, np.int64))
     ok = start + total <= d.size
     found: dict[tuple[int, int], tuple[int, KeyInfo]] = {}
     for s, t in zip(start[ok].tolist(), total[ok].tolist(), strict=True):
@@ -546,8 +551,8 @@ def describe_key(info: KeyInfo) -> Described:
 
 class _DerDetector(Detector):
     group = "keys"
-    # the text detectors' margin (>= MAX_DER): the engine runs us on their chunk, and the
-    # chunk's shifted copy is made once for all of us
+    # the text detectors' margin (>= MAX_DER): the engine runs us on their chunk, and their
+    # anchor pass finds our VERSION too
     max_len = TEXT_MARGIN - 1
     context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
     kind: str
@@ -560,7 +565,7 @@ class _DerDetector(Detector):
         lo = max(0, mid - MAX_DER)
         hi = min(width, mid + 16)  # a header (8 bytes read) may itself straddle the middle
         tails = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
-        start, total = _headers(tails)
+        start, total = _headers(tails, u16_hits(tails, VERSION))
         row, rel = np.divmod(start, hi - lo)
         join = mid - lo
         out = np.zeros(n, np.bool_)

@@ -3,19 +3,17 @@
 - :func:`buffer` hands out preallocated scratch arrays (per thread, grown on demand) so the
   full-width passes of stage 1 write into memory that stays in cache instead of allocating
   a fresh array per chunk.
-- :func:`u16_hits` finds a 2-byte literal at every byte offset of a buffer with two aligned
-  uint16 compares (the odd offsets through a shifted, aligned copy made once per chunk).
-- Text detectors share one gate and the streams behind it (:func:`anchor_hits`,
-  :func:`literal_hits`). The gate marks *texty* 4-byte words: all four bytes in ``-``..``z``
-  (ASCII), or two such characters each followed by a zero byte (UTF-16LE at an even or odd
-  address), and keeps two consecutive ones, widened by :data:`REACH` bytes: every token we
-  look for (11+ characters of that range, or a PEM header within REACH of its body) lies
-  inside. Zero pages, code and random data are rejected in a few passes. The ASCII-hot
-  regions are searched as one stream, the UTF-16LE-hot regions as two (their even / odd bytes
-  de-interleaved: the characters), packed together with zero separators, or the chunk itself
-  when mostly hot. Every anchor is searched in one pass per stream (:func:`register_anchor`);
-  candidates come back as chunk offsets with their encoding and character step, and
-  everything after (token length, boundaries, UTF-16LE high bytes) reads the chunk itself.
+- One anchor pass per chunk finds every registered 2-byte anchor (:func:`register_anchor`) at
+  every byte offset, as bytes and, for text anchors, as two UTF-16LE characters: a single
+  lookup of each uint16 word in a 65536-entry code table, then a shift and an AND that pair
+  each word with the next (odd offsets, UTF-16LE at either parity), in L2-sized blocks; the
+  rare candidates are checked exactly. No text gate first: on memory-like images a quarter of
+  the bytes are text anyway, and a gate cost more passes than it saved. Candidates come back
+  as chunk offsets with their encoding and character step (:func:`anchor_hits`,
+  :func:`literal_hits`); everything after (token length, boundaries, UTF-16LE high bytes)
+  reads the chunk itself.
+- :func:`u16_hits` finds a 2-byte literal in a small buffer (the engine's edge windows);
+  :func:`texty_near_middle` tells which edge windows have text near their middle.
 - :func:`gather` / :func:`run_lengths` / :func:`boundary_ok` / :func:`utf16_clean` work on
   candidate offsets as small 2-D windows, vectorized over candidates.
 """
@@ -23,7 +21,6 @@
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
 
 import numpy as np
 
@@ -35,9 +32,6 @@ POOL_LIMIT = 4 << 20  # bytes: scratch arrays up to this size are kept for the n
 #: margin (max_len + context, bytes) every text detector declares: the engine scans detectors
 #: with the same margin over the same chunk, so they share this module's per-chunk passes
 TEXT_MARGIN = 8192
-REACH = 128  # bytes kept around texty words (a PEM header before its base64 body)
-SEPARATOR = 8  # zero bytes between hot regions in the compact buffer (ends every run)
-MOSTLY_HOT = 0.5  # above this share of hot bytes the whole chunk is searched as is
 TEXT_LO, TEXT_SPAN = 0x2D, 0x4E  # '-' .. 'z': the bytes of every token we anchor on
 #: texty uint32 words (little-endian) of the per-byte code "in range" = 1, "zero" = 2: four
 #: ASCII characters, or two UTF-16LE characters at an even / odd address
@@ -60,66 +54,25 @@ def buffer(name: str, n: int, dtype: type | np.dtype) -> np.ndarray:
     return arr[:n]
 
 
-def _shifted(data: np.ndarray) -> np.ndarray:
-    """``data[1:]`` copied to an aligned buffer (for odd-offset uint16 compares)."""
-    out = np.empty(max(data.size - 1, 0), np.uint8)
-    np.copyto(out, data[1:])
-    return out
-
-
-def shifted(chunk: Chunk) -> np.ndarray:
-    """``chunk.data[1:]`` as an aligned copy, made once per chunk for every detector."""
-    return chunk.memo("scratch.shifted", lambda c: _shifted(c.data))
-
-
-def u16_hits(data: np.ndarray, pair: bytes, shifted: np.ndarray | None = None) -> np.ndarray:
-    """Sorted byte offsets ``p`` where ``data[p:p+2] == pair``.
-
-    ``shifted`` is ``data[1:]`` as an aligned copy (pass it when several pairs are searched in
-    the same buffer; made here otherwise)."""
+def u16_hits(data: np.ndarray, pair: bytes) -> np.ndarray:
+    """Sorted byte offsets ``p`` where ``data[p:p+2] == pair``: two aligned uint16 compares,
+    the odd offsets through a shifted copy (for small buffers: a chunk uses the anchor pass)."""
     n = data.size
-    if n < 2:
-        return np.zeros(0, np.int64)
     value = pair[0] | (pair[1] << 8)
     out = []
-    for off, src in ((0, data), (1, shifted)):
-        if off == 1 and src is None:
-            src = _shifted(data)
+    for off in (0, 1):
         m = (n - off) // 2
         if m <= 0:
             continue
-        words = src[: 2 * m].view(np.uint16)
-        eq = buffer("u16eq", m, np.bool_)
-        np.equal(words, value, out=eq)
-        if eq.any():
-            out.append(np.flatnonzero(eq) * 2 + off)
+        src = data if off == 0 else np.ascontiguousarray(data[1 : 1 + 2 * m])
+        hits = np.flatnonzero(src[: 2 * m].view(np.uint16) == value)
+        out.append(hits * 2 + off)
     if not out:
         return np.zeros(0, np.int64)
-    return np.sort(np.concatenate(out)) if len(out) > 1 else out[0]
+    return np.sort(np.concatenate(out))
 
 
-# --- the text gate and streams ---------------------------------------------------------------
-
-
-def _regions(pair: np.ndarray, a0: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-    """(starts, ends) of the byte regions around hot word pairs (``pair[k]``: aligned words
-    k and k+1 texty), widened by REACH, merged, in a buffer of ``n`` bytes."""
-    none = np.zeros(0, np.int64)
-    nb = pair.size // 8  # 8 pairs (32 bytes) per uint64: a block is hot if any pair is
-    blocks = pair[: 8 * nb].view(np.uint64)
-    tail = bool(pair[8 * nb :].any())
-    if not (tail or blocks.any()):
-        return none, none
-    b = np.flatnonzero(blocks != 0) * 32 + a0  # (bool nonzero is much faster than uint64)
-    if tail:
-        b = np.append(b, 32 * nb + a0)
-    lo = np.maximum(b - REACH, 0)
-    hi = np.minimum(b + 32 + 4 + REACH, n)  # the block's last pair reaches 4 bytes past it
-    # windows are equally wide and sorted: a region starts where one begins past the last end
-    new = np.ones(b.size, np.bool_)
-    new[1:] = lo[1:] > hi[:-1]
-    first = np.flatnonzero(new)
-    return lo[first], np.append(hi[first[1:] - 1], hi[-1])
+# --- text near an engine edge ----------------------------------------------------------------
 
 
 def _texty_code(data: np.ndarray) -> np.ndarray:
@@ -141,9 +94,11 @@ _ROWS_MEMO: list = [None, {}]  # the edge-window rows last asked about, and answ
 
 def texty_near_middle(rows: np.ndarray, reach: int) -> np.ndarray:
     """For the engine's edge windows (rows whose middle is where two pieces of guest memory
-    meet): whether two consecutive texty words (see the gate) lie within ``reach`` bytes of
-    the middle. A text match touching the middle, or whose context does, has them there; the
-    answer is shared by the detectors asking about the same rows."""
+    meet): whether two consecutive texty words lie within ``reach`` bytes of the middle. A
+    texty word is 4 aligned bytes that are all in ``-``..``z`` (ASCII) or two such characters
+    each followed by a zero byte (UTF-16LE at an even or odd address); any token of 11+ such
+    characters holds two in a row, so a text match touching the middle, or whose context does,
+    has them there. The answer is shared by the detectors asking about the same rows."""
     if _ROWS_MEMO[0] is not rows:
         _ROWS_MEMO[:] = [rows, {}]
     answers = _ROWS_MEMO[1]
@@ -161,142 +116,143 @@ def texty_near_middle(rows: np.ndarray, reach: int) -> np.ndarray:
     return answers[reach]
 
 
-def _hot_regions(data: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """[(starts, ends) of ASCII-texty regions, (starts, ends) of UTF-16LE-texty regions]."""
-    n = data.size
-    a0 = (-data.ctypes.data) % 4
-    nw = (n - a0) // 4
-    if nw < 2:
-        whole = (np.zeros(1, np.int64), np.full(1, n, np.int64))
-        return [whole, whole]
-    words = _texty_code(data)[a0 : a0 + 4 * nw].view(np.uint32)
-    hot = buffer("gate.hot", nw, np.bool_)
-    tmp = buffer("gate.tmp", nw, np.bool_)
-    pair = buffer("gate.pair", nw - 1, np.bool_)
-    out = []
-    for values in ((ASCII_WORD,), UTF16_WORDS):
-        np.equal(words, values[0], out=hot)
-        for value in values[1:]:
-            np.equal(words, value, out=tmp)
-            np.logical_or(hot, tmp, out=hot)
-        np.logical_and(hot[:-1], hot[1:], out=pair)
-        out.append(_regions(pair, a0, n))
-    return out
-
-
-@dataclass(frozen=True)
-class Stream:
-    """Characters as one byte each: ``data[i]`` is the character at offset ``base + step*i``
-    of the searched buffer (``step`` 1 for ASCII, 2 for UTF-16LE): the chunk, or its hot
-    regions packed (``packed_starts[k]`` in the buffer is ``chunk_starts[k]`` in the chunk)."""
-
-    data: np.ndarray
-    shifted: np.ndarray
-    encoding: int
-    step: int
-    base: int
-    packed_starts: np.ndarray
-    chunk_starts: np.ndarray
-
-    def to_chunk(self, pos: np.ndarray) -> np.ndarray:
-        """Chunk offsets of stream positions."""
-        packed = self.base + self.step * pos
-        k = np.searchsorted(self.packed_starts, packed, side="right") - 1
-        return self.chunk_starts[k] + (packed - self.packed_starts[k])
-
-
-def _pack(data: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> tuple[np.ndarray, ...]:
-    """(buffer, packed starts, chunk starts): the regions copied one after another with
-    SEPARATOR zero bytes between, or ``data`` itself when mostly hot."""
-    lengths = ends - starts
-    if lengths.sum() > MOSTLY_HOT * data.size:
-        return data, np.zeros(1, np.int64), np.zeros(1, np.int64)
-    packed = np.concatenate(([0], np.cumsum(lengths + SEPARATOR)[:-1]))
-    buf = np.zeros(int(packed[-1] + lengths[-1] + SEPARATOR), np.uint8)
-    for p, a, e in zip(packed.tolist(), starts.tolist(), ends.tolist(), strict=True):
-        buf[p : p + e - a] = data[a:e]  # regions are few: merged over REACH bytes
-    return buf, packed, starts
-
-
-def _make_streams(chunk: Chunk) -> list[Stream]:
-    d = chunk.data
-    (a_starts, a_ends), (u_starts, u_ends) = _hot_regions(d)
-    out = []
-    if a_starts.size:
-        buf, packed, origin = _pack(d, a_starts, a_ends)
-        sh = shifted(chunk) if buf is d else _shifted(buf)
-        out.append(Stream(buf, sh, ASCII, 1, 0, packed, origin))
-    if u_starts.size:
-        buf, packed, origin = _pack(d, u_starts, u_ends)
-        for parity in (0, 1):
-            chars = np.ascontiguousarray(buf[parity::2])
-            if chars.size > 1:
-                out.append(Stream(chars, _shifted(chars), UTF16LE, 2, parity, packed, origin))
-    return out
-
-
-def _streams(chunk: Chunk) -> list[Stream]:
-    return chunk.memo("scratch.streams", _make_streams)
-
+# --- the anchor pass -------------------------------------------------------------------------
 
 Candidates = list[tuple[int, int, np.ndarray]]  # (encoding, step in bytes, chunk offsets)
 
+#: every 2-byte anchor some detector searches, and whether it is also searched as two UTF-16LE
+#: characters (see :func:`register_anchor`)
+_ANCHORS: dict[bytes, bool] = {}
 
-#: every 2-character anchor some detector searches (see :func:`register_anchor`)
-_ANCHORS: list[bytes] = []
+# Bits of the per-word code (:func:`_code_table`) of the uint16 word k = bytes (2k, 2k+1).
+# A "first" bit of word k and the "second" bit 4 places up of word k+1 together mark a pair:
+# code[k] & (code[k+1] >> 4) is nonzero exactly at candidate words (bit 7 is always set, so
+# the exact even-ASCII bit 3 survives on its own).
+_ODD_FIRST, _UEVEN_FIRST, _UODD_FIRST, _EVEN = 1, 2, 4, 8  # found at word k
+_ODD_SECOND, _UEVEN_SECOND, _UODD_SECOND, _ALWAYS = 16, 32, 64, 128  # asked of word k+1
+ANCHOR_BLOCK = 128 << 10  # words per anchor-pass block: its 4 scratch arrays stay in L2
 
 
-def register_anchor(pair: bytes) -> None:
-    """Declare an anchor at import time, so the one anchor pass per chunk covers it."""
-    if pair not in _ANCHORS:
-        _ANCHORS.append(pair)
+def register_anchor(pair: bytes, text: bool = True) -> None:
+    """Declare a 2-byte anchor at import time, so the one anchor pass per chunk covers it;
+    ``text`` anchors are also searched as two UTF-16LE characters."""
+    if len(pair) != 2:
+        raise ValueError(f"an anchor is 2 bytes, not {pair!r}")
+    _ANCHORS[pair] = _ANCHORS.get(pair, False) or text
 
 
-_TABLE: list = [None, None]  # (anchors it was built for, 65536-entry bool lookup table)
+_TABLE: list = [None, None, None]  # (anchors built for, code table, anchor index table)
 
 
-def _anchor_table() -> np.ndarray:
-    """Lookup table over uint16 words: True at every registered anchor's value."""
+def _code_table() -> tuple[np.ndarray, np.ndarray]:
+    """(code per uint16 word value, index into _ANCHORS per pair value or -1). Pairs are
+    little-endian words: byte ``pair[0]`` is the low byte."""
     if _TABLE[0] != _ANCHORS:
-        table = np.zeros(1 << 16, np.bool_)
-        table[[p[0] | (p[1] << 8) for p in _ANCHORS]] = True
-        _TABLE[:] = [list(_ANCHORS), table]
-    return _TABLE[1]
+        w = np.arange(1 << 16)
+        lo, hi = w & 0xFF, w >> 8
+        first, second = np.zeros((2, 256), np.bool_), np.zeros((2, 256), np.bool_)
+        index = np.full(1 << 16, -1, np.int16)
+        for i, (pair, text) in enumerate(_ANCHORS.items()):
+            first[0, pair[0]] = second[0, pair[1]] = True  # as bytes
+            first[1, pair[0]] |= text  # as UTF-16LE characters
+            second[1, pair[1]] |= text
+            index[pair[0] | pair[1] << 8] = i
+        code = np.full(1 << 16, _ALWAYS, np.uint8)
+        for bit, hit in (
+            (_EVEN, index[w] >= 0),  # the pair itself at an even offset
+            (_ODD_FIRST, first[0][hi]),  # ... at an odd offset: "x?" then "?y"
+            (_ODD_SECOND, second[0][lo]),
+            (_UEVEN_FIRST, first[1][lo] & (hi == 0)),  # "x\0" then "y?"
+            (_UEVEN_SECOND, second[1][lo]),
+            (_UODD_FIRST, first[1][hi]),  # "?x" then "\0y"
+            (_UODD_SECOND, (lo == 0) & second[1][hi]),
+        ):
+            code[hit] |= bit
+        _TABLE[:] = [dict(_ANCHORS), code, index]
+    return _TABLE[1], _TABLE[2]
+
+
+def _candidate_words(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(word indices k, their pair bits) where an anchor may start at byte 2k or 2k+1: one
+    table lookup per uint16 word, in L2-sized blocks."""
+    code_of, _ = _code_table()
+    n = data.size
+    m = n // 2
+    words = data[: 2 * m].view(np.uint16)
+    # the word after the last: only what its low byte (the odd last byte, if any) decides
+    last = _ALWAYS
+    if n % 2:
+        last |= int(code_of[data[-1]]) & (_ODD_SECOND | _UEVEN_SECOND)
+    ks, bits = [], []
+    for k0 in range(0, m, ANCHOR_BLOCK):
+        size = min(ANCHOR_BLOCK, m - k0)
+        code = buffer("anchor.code", size + 1, np.uint8)
+        if k0 + size < m:
+            np.take(code_of, words[k0 : k0 + size + 1], out=code, mode="wrap")
+        else:
+            np.take(code_of, words[k0:], out=code[:size], mode="wrap")
+            code[size] = last
+        pairs = buffer("anchor.pairs", size, np.uint8)
+        np.right_shift(code[1:], 4, out=pairs)
+        np.bitwise_and(code[:-1], pairs, out=pairs)
+        # candidates are rare: find the nonzero 8-word groups first (a bool nonzero is much
+        # faster than a uint8 one), then the words inside them
+        groups = size // 8
+        busy = buffer("anchor.busy", groups, np.bool_)
+        np.not_equal(pairs[: 8 * groups].view(np.uint64), 0, out=busy)
+        k = (np.flatnonzero(busy)[:, None] * 8 + np.arange(8)).reshape(-1)
+        k = np.concatenate((k, np.arange(8 * groups, size)))
+        k = k[pairs[k] != 0]
+        ks.append(k + k0)
+        bits.append(pairs[k])
+    if not ks:
+        return np.zeros(0, np.int64), np.zeros(0, np.uint8)
+    return np.concatenate(ks), np.concatenate(bits)
 
 
 def _anchor_pass(chunk: Chunk) -> dict[bytes, Candidates]:
-    """All registered anchors in every stream: one compare per anchor and alignment, OR-ed,
-    then a single flatnonzero; the hits are sorted out by their uint16 value."""
-    values = [p[0] | (p[1] << 8) for p in _ANCHORS]
-    out: dict[bytes, Candidates] = {p: [] for p in _ANCHORS}
-    for st in _streams(chunk):
-        n = st.data.size
-        pos_parts, val_parts = [], []
-        for off, src in ((0, st.data), (1, st.shifted)):
-            m = (n - off) // 2
-            if m <= 0 or not values:
-                continue
-            words = src[: 2 * m].view(np.uint16)
-            hot = buffer("anchor.hot", m, np.bool_)
-            np.take(_anchor_table(), words, out=hot)  # one lookup pass for every anchor
-            if hot.any():
-                idx = np.flatnonzero(hot)
-                pos_parts.append(idx * 2 + off)
-                val_parts.append(words[idx])
-        if not pos_parts:
-            continue
-        pos, val = np.concatenate(pos_parts), np.concatenate(val_parts)
-        offs = st.to_chunk(pos)
-        for pair, v in zip(_ANCHORS, values, strict=True):
-            sel = offs[val == v]
-            if sel.size:
-                out[pair].append((st.encoding, st.step, np.sort(sel)))
+    """Every registered anchor at every byte offset of the chunk, as bytes and (text anchors)
+    as UTF-16LE characters; the lookup gives a superset for odd offsets and UTF-16LE, checked
+    here exactly on the few candidates."""
+    d = chunk.data
+    out: dict[bytes, Candidates] = {pair: [] for pair in _ANCHORS}
+    if d.size < 2 or not _ANCHORS:
+        return out
+    _, index = _code_table()
+    k, bits = _candidate_words(d)
+    pos = 2 * k
+    parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {ASCII: [], UTF16LE: []}
+    for bit, enc, off, step in (
+        (_EVEN, ASCII, 0, 1),
+        (_ODD_FIRST, ASCII, 1, 1),
+        (_UEVEN_FIRST, UTF16LE, 0, 2),
+        (_UODD_FIRST, UTF16LE, 1, 2),
+    ):
+        p = pos[(bits & bit) != 0] + off
+        # the second byte of an odd-offset word pair and a UTF-16LE character's are in the
+        # chunk: the lookup only marked them when their word exists
+        which = index[d[p].astype(np.int64) | d[p + step].astype(np.int64) << 8]
+        keep = which >= 0
+        parts[enc].append((p[keep], which[keep]))
+    text = np.array(list(_ANCHORS.values()), np.bool_)
+    for enc, step in ((ASCII, 1), (UTF16LE, 2)):
+        p = np.concatenate([q for q, _ in parts[enc]])
+        which = np.concatenate([w for _, w in parts[enc]])
+        if enc == UTF16LE:
+            p, which = p[text[which]], which[text[which]]
+        order = np.lexsort((p, which))
+        p, which = p[order], which[order]
+        bounds = np.searchsorted(which, np.arange(len(_ANCHORS) + 1))
+        for i, pair in enumerate(_ANCHORS):
+            if bounds[i + 1] > bounds[i]:
+                out[pair].append((enc, step, p[bounds[i] : bounds[i + 1]]))
     return out
 
 
 def anchor_hits(chunk: Chunk, pair: bytes) -> Candidates:
-    """Chunk offsets of a registered 2-character anchor (ASCII, or UTF-16LE characters with
-    their high bytes not yet checked) in the chunk's texty regions."""
+    """Chunk offsets of a registered anchor, sorted, per encoding: the two bytes (ASCII), and
+    for text anchors the two UTF-16LE characters (the first one's high byte zero, the
+    second's not yet checked)."""
     return chunk.memo("scratch.anchors", _anchor_pass)[pair]
 
 
