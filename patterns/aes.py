@@ -6,7 +6,8 @@ S-box. XOR works byte by byte, so the relation holds whatever the byte order ins
 (OpenSSL keeps ``rd_key`` as host-order words loaded big-endian: every 4 bytes reversed in
 memory) and whatever the alignment.
 
-Stage 1 (every byte, a handful of full-width passes on the chunk as aligned uint32 words A):
+Stage 1 (every byte, a handful of full-width passes on the chunk as aligned uint32 words A,
+in blocks that stay in L2):
 ``P[k] = A[k+1] ^ A[k]`` once, then per Nk one compare ``P[k+Nk-1] == A[k]``, i.e.
 ``A[k+Nk] == A[k+Nk-1] ^ A[k]``. For a schedule at byte offset 4s + r, aligned word t holds
 the relation when the one (r = 0) or two (r > 0) schedule words it overlaps are S-box free;
@@ -149,6 +150,9 @@ PREFILTER_RELATIONS = 16
 _WINDOW = 4 * schedule_words(8) + 16  # bytes on either side of a stage-1 candidate
 
 
+AES_BLOCK = 64 << 10  # words per stage-1 block: its scratch arrays (~0.4 MiB) stay in L2
+
+
 def _stage1(data: np.ndarray) -> np.ndarray:
     """Sorted chunk byte offsets near which a schedule may lie (one per stage-1 hit)."""
     a0 = (-data.ctypes.data) % 4  # first 4-aligned byte: aligned uint32 passes run faster
@@ -156,22 +160,28 @@ def _stage1(data: np.ndarray) -> np.ndarray:
     if nw < schedule_words(4):
         return np.zeros(0, np.int64)
     a = data[a0 : a0 + 4 * nw].view(np.uint32)
-    p = buffer("aes.p", nw - 1, np.uint32)
-    np.bitwise_xor(a[1:], a[:-1], out=p)
-    size = nw - 9
-    eq = buffer("aes.eq", size + 1, np.bool_)
-    pair = buffer("aes.pair", size, np.bool_)
-    hot = buffer("aes.hot", size, np.bool_)
-    for k, nk in enumerate(NKS):
-        np.equal(p[nk - 1 : nk + size], a[: size + 1], out=eq)
-        np.logical_and(eq[:-1], eq[1:], out=hot if k == 0 else pair)
-        if k:
-            np.logical_or(hot, pair, out=hot)
-    np.not_equal(a[:size], 0, out=pair)
-    np.logical_and(hot, pair, out=hot)
-    if not hot.any():
+    reach = max(NKS) + 1  # words past t that the test of word t reads
+    out = []
+    for t0 in range(0, nw - reach, AES_BLOCK):
+        size = min(AES_BLOCK, nw - reach - t0)
+        w = a[t0 : t0 + size + reach]
+        p = buffer("aes.p", size + reach - 1, np.uint32)
+        np.bitwise_xor(w[1:], w[:-1], out=p)
+        eq = buffer("aes.eq", size + 1, np.bool_)
+        pair = buffer("aes.pair", size, np.bool_)
+        hot = buffer("aes.hot", size, np.bool_)
+        for k, nk in enumerate(NKS):
+            np.equal(p[nk - 1 : nk + size], w[: size + 1], out=eq)
+            np.logical_and(eq[:-1], eq[1:], out=hot if k == 0 else pair)
+            if k:
+                np.logical_or(hot, pair, out=hot)
+        np.not_equal(w[:size], 0, out=pair)
+        np.logical_and(hot, pair, out=hot)
+        if hot.any():
+            out.append(np.flatnonzero(hot) + t0)
+    if not out:
         return np.zeros(0, np.int64)
-    return np.flatnonzero(hot) * 4 + a0
+    return np.concatenate(out) * 4 + a0
 
 
 def _windows(data: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
