@@ -39,7 +39,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
-from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
+from patterns.base import ENCODINGS, UTF16LE, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 
 DEFAULT_CHUNK = 4 * 1024 * 1024  # per-call unit; detectors cache-block inside (256 KiB)
@@ -227,7 +227,8 @@ class Engine:
     def _place(
         self, image: MemoryImage, seg: Segment, det: Detector, hits: Hits, release: _Releaser
     ) -> list[Finding]:
-        """Findings for buffer hits lying strictly inside one extent (not touching an edge)."""
+        """Findings for buffer hits lying strictly inside one extent, one character away from
+        its edges at least (the edge pass finds those nearer)."""
         ext = seg.extents
         if len(ext) == 0:
             return []
@@ -237,7 +238,9 @@ class Engine:
         e_lo = ext.buf_offset[i]
         e_hi = e_lo + ext.length[i]
         end = hits.start + hits.length
-        ok &= (hits.start > e_lo) & (end < e_hi)
+        # a detector's boundary checks read one character (UTF-16LE: 2 bytes) either side
+        width = np.where(hits.encoding == UTF16LE, 2, 1)
+        ok &= (hits.start - width >= e_lo) & (end + width <= e_hi)
         out = []
         for j in np.flatnonzero(ok).tolist():
             s, ln, x = int(hits.start[j]), int(hits.length[j]), int(i[j])
