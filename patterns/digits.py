@@ -40,6 +40,18 @@ MAX_CHAIN = 64
 MAX_GROUPS = 5
 
 
+_SCRATCH: dict[str, np.ndarray] = {}
+
+
+def _scratch(name: str, n: int) -> np.ndarray:
+    """A reused bool work array of ``n`` elements (contents garbage): a fresh multi-MiB
+    array per call would be page-faulted in every time."""
+    arr = _SCRATCH.get(name)
+    if arr is None or arr.size < n:
+        arr = _SCRATCH[name] = np.empty(max(n, 1 << 16), bool)
+    return arr[:n]
+
+
 @dataclass
 class Chains:
     """Maximal digit chains of a text view (text-index units): digits, and single ``-`` or
@@ -148,24 +160,36 @@ class TextView:
 
 def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     n = t.size
-    link = np.zeros(n, bool)
-    lp = np.zeros(0, np.int64)
-    if n >= 3:  # a separator with a digit on each side: few places, checked one by one
-        between = np.logical_and(d[:-2], d[2:])
-        between &= ~d[1:-1]
-        lp = np.flatnonzero(between) + 1
-        sep = t[lp]
-        lp = lp[(sep == SPACE) | (sep == DASH)]
-        link[lp] = True
-    c = d | link
-    edges = np.flatnonzero(c[1:] != c[:-1]) + 1
-    if n and c[0]:
+    if n < MIN_CHAIN:
+        z = np.zeros(0, np.int64)
+        return Chains(z, z, z, np.zeros(0, np.uint8), z)
+    # link[p]: text p+1 is a space or dash with a digit on each side
+    link, tmp = _scratch("link", n - 2), _scratch("tmp", n - 2)
+    np.equal(t[1:-1], SPACE, out=link)
+    np.equal(t[1:-1], DASH, out=tmp)
+    np.logical_or(link, tmp, out=link)
+    np.logical_and(link, d[:-2], out=link)
+    np.logical_and(link, d[2:], out=link)
+    lp = np.flatnonzero(link) + 1
+    c = _scratch("c", n)  # chain characters
+    c[0], c[-1] = d[0], d[-1]
+    np.logical_or(d[1:-1], link, out=c[1:-1])
+    # Erode to runs of >= MIN_CHAIN (7): e[p] = c[p .. p+6] all set, so only the long runs'
+    # edges (far fewer than all runs' in dense digit text) are looked for.
+    e2, e4 = _scratch("erode2", n - 1), _scratch("erode4", n - 3)
+    np.logical_and(c[:-1], c[1:], out=e2)  # c[p .. p+1]
+    np.logical_and(e2[:-2], e2[2:], out=e4)  # c[p .. p+3]
+    e = e2[: n - 6]
+    np.logical_and(e4[:-3], e4[3:], out=e)  # c[p .. p+6]
+    x = _scratch("edge", n - 7)
+    np.not_equal(e[1:], e[:-1], out=x)
+    edges = np.flatnonzero(x) + 1
+    if e[0]:
         edges = np.concatenate(([0], edges))
-    if n and c[-1]:
-        edges = np.concatenate((edges, [n]))
-    start, end = edges[0::2], edges[1::2]
-    span = end - start
-    keep = (span >= MIN_CHAIN) & (span <= MAX_CHAIN)
+    if e[-1]:
+        edges = np.concatenate((edges, [n - 6]))
+    start, end = edges[0::2], edges[1::2] + (MIN_CHAIN - 1)
+    keep = end - start <= MAX_CHAIN
     start, end = start[keep], end[keep]
     a = np.searchsorted(lp, start)
     links = np.searchsorted(lp, end) - a
@@ -324,7 +348,8 @@ def _build_views(chunk: Chunk) -> list[TextView]:
             break
         lo += SUB - 8
     out = []
-    ascii_hot, utf16_hot = (_hot_text(h, nb) for h in found)
+    ascii_hot = _hot_text(found[0], nb, data.view(np.uint64))
+    utf16_hot = _hot_text(found[1], nb)
     if ascii_hot is not None:
         compact, regions = _compact(data, *ascii_hot)
         out.append(TextView(compact, ASCII, 0, regions, chunk.data))
@@ -339,10 +364,13 @@ def _build_views(chunk: Chunk) -> list[TextView]:
     return out
 
 
-def _hot_text(parts: list[np.ndarray], nb: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _hot_text(
+    parts: list[np.ndarray], nb: int, words: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Block ranges (starts, lengths) to read as text, from the hot pairs found per stage-1
     block (ascending; neighbours may share their edge pair); None when nothing is hot. Dense
-    digit data is one range over the whole chunk (no merging work, no copy)."""
+    digit data is one range over the whole chunk (no merging work, no copy). With the chunk's
+    8-byte ``words``, sparse ASCII hot pairs are first narrowed by :func:`_plausible`."""
     if not parts:
         return None
     total = sum(p.size for p in parts)
@@ -351,7 +379,66 @@ def _hot_text(parts: list[np.ndarray], nb: int) -> tuple[np.ndarray, np.ndarray]
     hot = np.concatenate(parts)
     if len(parts) > 1:
         hot = hot[np.concatenate(([True], hot[1:] > hot[:-1]))]
+    if words is not None:
+        hot = _plausible(words, hot)
+        if hot.size == 0:
+            return None
     return _regions(hot, nb, _MB)
+
+
+_U = np.uint64
+_LOW7, _HIGH1 = _U(0x7F7F7F7F7F7F7F7F), _U(0x8080808080808080)
+_NIB_LO, _NIB_HI = _U(0x0F0F0F0F0F0F0F0F), _U(0xF0F0F0F0F0F0F0F0)
+_ZEROS = _U(0x3030303030303030)  # '0' in every byte
+_PLUS6, _BIT4 = _U(0x0606060606060606), _U(0x1010101010101010)
+_SPACES, _DASHES = _U(0x2020202020202020), _U(0x2D2D2D2D2D2D2D2D)
+_GATHER = _U(0x0102040810204080)  # moves bit 8k to bit 56+k
+
+
+def _nonzero_bytes(v: np.ndarray) -> np.ndarray:
+    """Per uint64 word, an 8-bit mask (uint32): bit k set iff byte k is nonzero."""
+    h = ((v & _LOW7) + _LOW7) | v  # bit 7 of each byte: the byte is nonzero
+    return ((h & _HIGH1) >> _U(7)) * _GATHER >> _U(56)
+
+
+def _byte_classes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """8-bit masks (uint32) per 8-byte word: digit bytes, and digit/space/dash bytes."""
+    t = w ^ _ZEROS  # a digit becomes 0..9: high nibble 0, low nibble + 6 below 16
+    not_digit = _nonzero_bytes((t & _NIB_HI) | (((t & _NIB_LO) + _PLUS6) & _BIT4))
+    digit = (~not_digit & _U(0xFF)).astype(np.uint32)
+    sep = ~(_nonzero_bytes(w ^ _SPACES) & _nonzero_bytes(w ^ _DASHES)) & _U(0xFF)
+    return digit, digit | sep.astype(np.uint32)
+
+
+def _plausible(words: np.ndarray, hot: np.ndarray) -> np.ndarray:
+    """The ASCII hot pairs (sorted block indices) whose 32 bytes from the block before to
+    the block after could hold part of a digit match: 9 consecutive digit/space/dash bytes,
+    a run of 4 digits and 9 digits in all. Every PAN, Track PAN and SSN has a stretch of at
+    most 11 characters with 9 digits (two separators at most, a bare SSN none) and a 4-digit
+    group, and some pair that stage 1 marks hot holds that stretch within those 32 bytes.
+    Hex dumps, UUIDs, dates and locale tables mostly fail; about a fifth of the hot pairs of
+    memory-like data is left. Pairs at the chunk's ends are kept as they are."""
+    nb = words.size
+    inner = (hot >= 1) & (hot + 3 <= nb)
+    h = hot[inner]
+    if h.size == 0:
+        return hot
+    # the blocks of all rows, once each: ranges i-1 .. i+2 merged
+    starts, lengths = _regions(h, nb, 1)
+    first = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+    blocks = np.arange(int(first[-1] + lengths[-1])) + np.repeat(starts - first, lengths)
+    digit, allowed = _byte_classes(words[blocks])
+    p = np.searchsorted(blocks, h - 1)  # rows: blocks p .. p+3 of that list
+    d = digit[p] | digit[p + 1] << 8 | digit[p + 2] << 16 | digit[p + 3] << 24
+    a = allowed[p] | allowed[p + 1] << 8 | allowed[p + 2] << 16 | allowed[p + 3] << 24
+    a2 = a & (a >> 1)
+    a4 = a2 & (a2 >> 2)
+    a9 = a4 & (a4 >> 4) & (a >> 8)  # 9 allowed bytes from the bit on
+    d2 = d & (d >> 1)
+    ok = (a9 != 0) & ((d2 & (d2 >> 2)) != 0) & (np.bitwise_count(d) >= 9)
+    keep = ~inner
+    keep[inner] = ok
+    return hot[keep]
 
 
 def _compact(

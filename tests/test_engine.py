@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from parsers.base import Extents, MemoryImage, Segment
 from patterns.base import Chunk, Described, Detector, Hit, Hits
+from patterns.pan import IIN_TABLE
 from patterns.registry import select
 from scanner.engine import Engine, ScanConfig
 from tests.plant import PAGE, encode, group, make_pan, make_ssn
@@ -231,3 +232,34 @@ def test_context_free_match_at_an_extent_edge_found_once(page, end, shuffle, see
     eng = Engine(ScanConfig([_Marker()], key=b"k" * 32, chunk_size=8192))
     found = eng.scan_image(image_of(bytes(mem), layout(seed, shuffle))).findings
     assert [f.gpa for f in found] == [at]
+
+
+def test_every_format_found_at_every_alignment():
+    """Stage 1 narrows hot blocks on 8-byte words: every PAN length and grouping, both SSN
+    forms and both tracks are found at each of the 16 byte offsets modulo two words, in both
+    encodings, in chunks where the narrowing runs (text sparse in digits around)."""
+    rng = random.Random(7)
+    visa = [k for k, row in enumerate(IIN_TABLE) if row[0] == "visa"][0]
+    diners = [k for k, row in enumerate(IIN_TABLE) if row[0] == "diners"][0]
+    pans = [make_pan(rng, diners if n in (14, 15, 17, 18) else visa, n) for n in range(13, 20)]
+    texts = [("pan", group(pan, sep)) for pan in pans for sep in ("", " ", "-")]
+    ssn = make_ssn(rng)
+    texts += [("ssn", f"{ssn[:3]}{s}{ssn[3:5]}{s}{ssn[5:]}") for s in ("-", " ")]
+    texts += [("ssn", f"SSN#{ssn};")]  # a bare one: 9 digits, no space around
+    pan = pans[3]
+    texts += [("track2", f";{pan}=2512101123400001?"), ("track1", f"%B{pan}^DOE/JANE^2512101?")]
+    for enc in ("ascii", "utf-16le"):
+        mem = background(3, "text") * 16
+        plants, at = [], 1000
+        for det, text in texts:
+            for off in range(16):
+                raw = encode(f" {text} ", enc)
+                pos = at - at % 16 + off
+                mem[pos : pos + len(raw)] = raw
+                skip = len(encode(" SSN#" if text.startswith("SSN") else " ", enc))
+                plants.append((det, pos + skip))
+                at = pos + len(raw) + 700
+        assert at < len(mem)
+        eng = Engine(ScanConfig(select("all"), key=b"k" * 32, chunk_size=256 * 1024))
+        found = eng.scan_image(image_of(bytes(mem), list(range(len(mem) // PAGE)))).findings
+        assert set(plants) <= {(f.detector, f.gpa) for f in found}
