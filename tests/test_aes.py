@@ -4,6 +4,7 @@ at any offset and chunking, in both word layouts; anything else is not."""
 from __future__ import annotations
 
 import struct
+from unittest import mock
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from parsers.base import Extents, MemoryImage, Segment
+from patterns import aes
 from patterns.aes import AesKeyDetector, expand_keys, is_degenerate
 from patterns.base import Chunk, Hit
 
@@ -107,6 +109,40 @@ def test_planted_found_once(key: bytes, seed: int, kind: str, swapped: bool, whe
         (where, len(schedule), 8 * len(key), key)
     ]
     assert found[0][2]["layout"] == ("byteswapped" if swapped else "standard")
+
+
+def small_int_table(seed: int, size: int) -> bytearray:
+    """Rows of small integers padded with zero words (relocations, symbol tables): data that
+    obeys the schedule relation on its own, which stage 1 must throw out without losing keys."""
+    rng = np.random.default_rng(seed)
+    rows = np.zeros((size // 24 + 1, 6), np.uint32)
+    rows[:, 0] = 7
+    rows[:, 1] = np.arange(rows.shape[0]) + rng.integers(0, 100)
+    rows[:, 4] = 8 * np.arange(rows.shape[0]) + rng.integers(0, 1 << 20)
+    return bytearray(rows.tobytes()[:size])
+
+
+@SETTINGS
+@given(
+    key=KEY,
+    seed=st.integers(0, 2**32 - 1),
+    swapped=st.booleans(),
+    where=st.integers(0, 1800),
+    block=st.sampled_from([10, 16, 37, aes.AES_BLOCK]),
+)
+def test_found_across_stage1_blocks_in_zero_padded_tables(
+    key: bytes, seed: int, swapped: bool, where: int, block: int
+) -> None:
+    """Stage 1 runs in blocks of AES_BLOCK words (small ones here, so schedules straddle
+    their seams) and skips hits reading zero words: a schedule is still found once."""
+    assume(not is_degenerate(key))
+    schedule = pyaes_schedule(key)
+    image = byteswapped(schedule) if swapped else schedule
+    buf = small_int_table(seed, 2100)
+    buf[where : where + len(image)] = image
+    with mock.patch.object(aes, "AES_BLOCK", block):
+        found = find(buf)
+    assert [(s, n, v) for s, n, _, v in found] == [(where, len(schedule), key)]
 
 
 @SETTINGS
