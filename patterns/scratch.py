@@ -198,11 +198,13 @@ def _candidate_words(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         # candidates are rare: find the nonzero 8-word groups first (a bool nonzero is much
         # faster than a uint8 one), then the words inside them
         groups = size // 8
+        packed = pairs[: 8 * groups].view(np.uint64)
         busy = buffer("anchor.busy", groups, np.bool_)
-        np.not_equal(pairs[: 8 * groups].view(np.uint64), 0, out=busy)
-        k = (np.flatnonzero(busy)[:, None] * 8 + np.arange(8)).reshape(-1)
-        k = np.concatenate((k, np.arange(8 * groups, size)))
-        k = k[pairs[k] != 0]
+        np.not_equal(packed, 0, out=busy)
+        g = np.flatnonzero(busy)
+        inside = packed[g].view(np.uint8).reshape(-1, 8)
+        row, col = np.nonzero(inside)
+        k = np.concatenate((g[row] * 8 + col, np.flatnonzero(pairs[8 * groups :]) + 8 * groups))
         ks.append(k + k0)
         bits.append(pairs[k])
     if not ks:
