@@ -284,6 +284,8 @@ def gather(
     either end of ``data`` read as ``fill``."""
     pos = np.asarray(pos, np.int64)
     idx = pos[:, None] + step * np.arange(width, dtype=np.int64)[None, :]
+    if pos.size and pos.min() >= 0 and pos.max() + step * (width - 1) < data.size:
+        return data[idx]  # the usual case: no masking (a boolean-mask gather is much slower)
     ok = (idx >= 0) & (idx < data.size)
     out = np.full(idx.shape, fill, np.uint8)
     out[ok] = data[idx[ok]]

@@ -22,6 +22,7 @@ from patterns.secrets import (
     SlackTokenDetector,
     StripeKeyDetector,
     github_checksum_ok,
+    pattern_head,
 )
 from tests.test_aes import engine_scan  # the engine over one extent or shuffled pages
 
@@ -217,3 +218,31 @@ def test_engine_any_offset_any_chunking(kind: str, where: int, chunk: int, encod
         assert [(f.detector, f.gpa, f.length, f.encoding) for f in found] == [
             (name, where, len(blob), encoding)
         ]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "head"),
+    [
+        (r"gh[pousr]_[A-Za-z0-9]{36}", (b"g", b"h", b"pousr", b"_")),
+        (r"xox[abposer]-(?:[0-9]{1,14}-){2,3}", (b"x", b"o", b"x", b"abposer", b"-")),
+        (r"eyJ[A-Za-z0-9_-]+\.", (b"e", b"y", b"J")),
+        (r"ab?c", (b"a",)),  # a repeated character ends the fixed start
+        (r"(?:a)b", ()),
+    ],
+)
+def test_pattern_head(pattern: str, head: tuple[bytes, ...]) -> None:
+    assert pattern_head(pattern) == head
+
+
+@SETTINGS
+@given(kind=st.sampled_from(KINDS), seed=st.integers(0, 2**32 - 1),
+       encoding=st.sampled_from(["ascii", "utf-16le"]))
+def test_head_check_keeps_every_valid_token(kind: str, seed: int, encoding: str) -> None:
+    """The cheap check of a token's fixed start never rejects a token its pattern accepts."""
+    name, tok = token(kind, random.Random(seed))
+    matching = [s for s in DETS[name].specs if s.pattern.fullmatch(tok)]
+    assert matching
+    step = 2 if encoding == "utf-16le" else 1
+    data = np.frombuffer(f"  {tok}  ".encode(encoding.replace("ascii", "latin-1")), np.uint8)
+    for spec in matching:
+        assert spec.head_ok(data, np.array([2 * step]), step).tolist() == [True]
