@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.lib.stride_tricks import as_strided
 
 from patterns.base import ASCII, UTF16LE, Chunk, Detector
 
@@ -38,6 +39,8 @@ MIN_CHAIN = 7
 MAX_CHAIN = 64
 #: most digit groups in a chain that detectors look at (a 4-4-4-4-3 PAN has 5)
 MAX_GROUPS = 5
+#: digits of the first group of every grouped match (PAN groupings 4, an SSN 3)
+FIRST_GROUP = (3, 4)
 
 
 _SCRATCH: dict[str, np.ndarray] = {}
@@ -61,7 +64,8 @@ class Chains:
     ``start``/``end`` per chain; ``links``: number of separators in it; ``sep``: the first
     separator's byte (0 if none); ``same_sep``: every separator is that byte; ``key``: the
     lengths of its first MAX_GROUPS digit groups packed 5 bits each, first group lowest
-    (-1 when it has more groups, or mixed separators).
+    (-1 when it has more groups, mixed separators, or a first group of other than
+    FIRST_GROUP digits).
     """
 
     start: np.ndarray
@@ -199,6 +203,12 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     # At most MAX_GROUPS groups count, plus one glued to a word at each end.
     # ... and only those with the 9 digits the shortest such match (an SSN) has
     sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1) & (end - start - links >= 9))
+    # ... whose first group has FIRST_GROUP digits, unless an end group is glued to a word
+    sub = sub[
+        np.isin(lp[a[sub]] - start[sub], FIRST_GROUP)
+        | _is_letter(t, start[sub] - 1)
+        | _is_letter(t, end[sub])
+    ]
     key[links > 0] = -1  # unless set below
     if sub.size:
         s, e, k, ln, sp = _group_keys(t, lp, start[sub], end[sub], a[sub], links[sub])
@@ -396,46 +406,46 @@ _GATHER = _U(0x0102040810204080)  # moves bit 8k to bit 56+k
 
 
 def _nonzero_bytes(v: np.ndarray) -> np.ndarray:
-    """Per uint64 word, an 8-bit mask (uint32): bit k set iff byte k is nonzero."""
+    """Per uint64 word, an 8-bit mask: bit k set iff byte k is nonzero."""
     h = ((v & _LOW7) + _LOW7) | v  # bit 7 of each byte: the byte is nonzero
     return ((h & _HIGH1) >> _U(7)) * _GATHER >> _U(56)
 
 
 def _byte_classes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit masks (uint32) per 8-byte word: digit bytes, and digit/space/dash bytes."""
+    """8-bit masks (uint8, shaped like ``w``) per 8-byte word: its digit bytes, and its
+    digit/space/dash bytes."""
     t = w ^ _ZEROS  # a digit becomes 0..9: high nibble 0, low nibble + 6 below 16
-    not_digit = _nonzero_bytes((t & _NIB_HI) | (((t & _NIB_LO) + _PLUS6) & _BIT4))
-    digit = (~not_digit & _U(0xFF)).astype(np.uint32)
-    sep = ~(_nonzero_bytes(w ^ _SPACES) & _nonzero_bytes(w ^ _DASHES)) & _U(0xFF)
-    return digit, digit | sep.astype(np.uint32)
+    digit = ~_nonzero_bytes((t & _NIB_HI) | (((t & _NIB_LO) + _PLUS6) & _BIT4))
+    sep = ~(_nonzero_bytes(w ^ _SPACES) & _nonzero_bytes(w ^ _DASHES))
+    return digit.astype(np.uint8), (digit | sep).astype(np.uint8)
 
 
 def _plausible(words: np.ndarray, hot: np.ndarray) -> np.ndarray:
     """The ASCII hot pairs (sorted block indices) whose 32 bytes from the block before to
-    the block after could hold part of a digit match: 9 consecutive digit/space/dash bytes,
-    a run of 4 digits and 9 digits in all. Every PAN, Track PAN and SSN has a stretch of at
-    most 11 characters with 9 digits (two separators at most, a bare SSN none) and a 4-digit
-    group, and some pair that stage 1 marks hot holds that stretch within those 32 bytes.
-    Hex dumps, UUIDs, dates and locale tables mostly fail; about a fifth of the hot pairs of
-    memory-like data is left. Pairs at the chunk's ends are kept as they are."""
+    the block after could hold part of a digit match: 11 consecutive digit/space/dash bytes
+    with a 4-digit run and 9 digits in the 32 bytes, or 9 digits in a row. Every PAN, Track
+    PAN and SSN has one of these (an 11-character stretch with 9 digits, at most 2
+    separators and a 4-digit group; a bare SSN is 9 digits), and some pair that stage 1
+    marks hot holds it within those 32 bytes. Hex dumps, UUIDs, dates and locale tables
+    mostly fail: about a quarter of the hot pairs of memory-like data is left. Pairs at the
+    chunk's ends are kept as they are."""
     nb = words.size
     inner = (hot >= 1) & (hot + 3 <= nb)
     h = hot[inner]
     if h.size == 0:
         return hot
-    # the blocks of all rows, once each: ranges i-1 .. i+2 merged
-    starts, lengths = _regions(h, nb, 1)
-    first = np.concatenate(([0], np.cumsum(lengths)[:-1]))
-    blocks = np.arange(int(first[-1] + lengths[-1])) + np.repeat(starts - first, lengths)
-    digit, allowed = _byte_classes(words[blocks])
-    p = np.searchsorted(blocks, h - 1)  # rows: blocks p .. p+3 of that list
-    d = digit[p] | digit[p + 1] << 8 | digit[p + 2] << 16 | digit[p + 3] << 24
-    a = allowed[p] | allowed[p + 1] << 8 | allowed[p + 2] << 16 | allowed[p + 3] << 24
+    rows = as_strided(words, shape=(nb - 3, 4), strides=(8, 8))[h - 1]  # 4 words per pair
+    digit, allowed = _byte_classes(rows)
+    d = digit.view(np.uint32).ravel()  # bit k: byte k of the 32
+    a = allowed.view(np.uint32).ravel()
     a2 = a & (a >> 1)
     a4 = a2 & (a2 >> 2)
-    a9 = a4 & (a4 >> 4) & (a >> 8)  # 9 allowed bytes from the bit on
+    a11 = a4 & (a4 >> 4) & (a4 >> 7)  # 11 allowed bytes from the bit on
     d2 = d & (d >> 1)
-    ok = (a9 != 0) & ((d2 & (d2 >> 2)) != 0) & (np.bitwise_count(d) >= 9)
+    d4 = d2 & (d2 >> 2)
+    d9 = d4 & (d4 >> 4) & (d >> 8)  # 9 digits from the bit on
+    ok = (a11 != 0) & (d4 != 0) & (np.bitwise_count(d) >= 9)
+    ok |= d9 != 0
     keep = ~inner
     keep[inner] = ok
     return hot[keep]
@@ -486,11 +496,30 @@ def luhn_ok(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
     return (v.sum(axis=1) % 10 == 0) & (ndig > 0)
 
 
-def gather_digits(view: TextView, start: np.ndarray, span: np.ndarray, width: int) -> np.ndarray:
+def gather_digits(
+    view: TextView, start: np.ndarray, span: np.ndarray, width: int,
+    plain: np.ndarray | None = None,
+) -> np.ndarray:
     """Digits of text spans ``[start, start+span)`` (separators skipped), right-aligned into
-    rows of ``width`` (int8, zero padded on the left). Spans are short (<= 2*width)."""
+    rows of ``width`` (int8, zero padded on the left). Spans are short (<= 2*width); those
+    marked ``plain`` are known to be digits only (read as one slice each)."""
+    out = np.zeros((start.size, width), np.int8)
+    if plain is None:
+        plain = np.zeros(start.size, bool)
+    p = np.flatnonzero(plain)
+    if p.size:  # the last ``width`` characters, the ones before the span zeroed
+        cols = np.arange(width)
+        chars = view.byte_at((start[p] + span[p] - width)[:, None] + cols[None, :])
+        out[p] = np.where(cols[None, :] >= (width - span[p])[:, None], chars - 48, 0)
+    g = np.flatnonzero(~plain)
+    if g.size:
+        out[g] = _gather_grouped(view, start[g], span[g], width)
+    return out
+
+
+def _gather_grouped(view: TextView, start: np.ndarray, span: np.ndarray, width: int) -> np.ndarray:
     n = start.size
-    maxspan = int(span.max()) if n else 0
+    maxspan = int(span.max())
     cols = np.arange(maxspan)
     idx = start[:, None] + cols[None, :]
     inside = cols[None, :] < span[:, None]

@@ -130,32 +130,31 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
 _GROUP_KEYS = np.array([group_key(g) for g in GROUPINGS])
 
 
-def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray]:
-    """Text-index (start, span) of every whole digit chain in ``view`` that is a plain
-    13-19 digit run or one of the accepted groupings with one consistent separator."""
+def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Text-index (start, span, separators) of every whole digit chain in ``view`` that is a
+    plain 13-19 digit run or one of the accepted groupings with one consistent separator."""
     c = view.chains()
     span = c.end - c.start
     plain = (c.links == 0) & (span >= 13) & (span <= 19)
     ok = plain | ((c.links > 0) & np.isin(c.key, _GROUP_KEYS))
-    return c.start[ok], span[ok]
+    return c.start[ok], span[ok], c.links[ok]
 
 
-def validate(view: TextView, start: np.ndarray, span: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(ok mask, brand index) for candidate spans: Luhn and IIN/length table."""
+def validate(
+    view: TextView, start: np.ndarray, span: np.ndarray, links: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(ok mask, brand index) for candidate spans (``links`` separators each; none if not
+    given): Luhn, then the IIN/length table."""
     if start.size == 0:
         return np.zeros(0, bool), np.zeros(0, np.int64)
-    digits = gather_digits(view, start, span, 19)
-    ndig = _count_digits(view, start, span)
-    brand = brand_of(digits, ndig)
-    ok = luhn_ok(digits, ndig) & (brand >= 0)
-    return ok, brand
-
-
-def _count_digits(view: TextView, start: np.ndarray, span: np.ndarray) -> np.ndarray:
-    cols = np.arange(int(span.max()))
-    idx = np.where(cols[None, :] < span[:, None], start[:, None] + cols[None, :], -1)
-    c = view.byte_at(idx)
-    return (((c - 48).astype(np.uint8) < 10) & (idx >= 0)).sum(axis=1)
+    if links is None:
+        links = np.zeros(start.size, np.int64)
+    ndig = span - links
+    digits = gather_digits(view, start, span, 19, plain=links == 0)
+    ok = luhn_ok(digits, ndig)
+    brand = np.full(start.size, -1, np.int64)
+    brand[ok] = brand_of(digits[ok], ndig[ok])  # a tenth of them: Luhn first
+    return ok & (brand >= 0), brand
 
 
 class PanDetector(DigitDetector):
@@ -170,8 +169,8 @@ class PanDetector(DigitDetector):
     def find(self, chunk: Chunk) -> Hits:
         parts = []
         for view in views(chunk):
-            start, span = candidates(view)
-            ok, brand = validate(view, start, span)
+            start, span, links = candidates(view)
+            ok, brand = validate(view, start, span, links)
             s, ln = view.to_chunk(start[ok]), span[ok] * view.width
             parts.append(Hits.of(s, ln, view.encoding, brand[ok]))
         return Hits.concat(parts)

@@ -67,7 +67,7 @@ class SsnDetector(DigitDetector):
             start, span = candidates(view)
             if start.size == 0:
                 continue
-            ok = valid_ssn(gather_digits(view, start, span, 9))
+            ok = valid_ssn(gather_digits(view, start, span, 9, plain=span == 9))
             parts.append(Hits.of(view.to_chunk(start[ok]), span[ok] * view.width, view.encoding))
         return Hits.concat(parts)
 
