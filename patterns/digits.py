@@ -95,7 +95,6 @@ class TextView:
         # compact-buffer byte offset where each region starts, and its chunk byte offset
         self._cstart, self._start = regions
         self._chains: Chains | None = None
-        self._words: dict[re.Pattern[bytes], np.ndarray] = {}
         self._digit: np.ndarray | None = None
 
     @property
@@ -142,24 +141,25 @@ class TextView:
         out[(idx < 0) | (idx >= n)] = BREAK
         return out
 
-    def has_word_before(self, pos: np.ndarray, words: re.Pattern[bytes], within: int) -> np.ndarray:
-        """For each text index in ``pos``, whether ``words`` (a bytes regex, lowercase)
-        ends within ``within`` characters before it. The regex runs once over the view's
-        lowercased text (C speed), then positions are looked up with searchsorted."""
+    def has_word_before(
+        self, pos: np.ndarray, words: re.Pattern[bytes], within: int, longest: int
+    ) -> np.ndarray:
+        """For each text index in ``pos``, whether ``words`` (a bytes regex, lowercase, whose
+        matches are at most ``longest`` characters) ends within ``within`` characters before
+        it. The regex runs once (C speed) over the text just before the positions only,
+        lowercased and joined with break bytes."""
         if pos.size == 0:
             return np.zeros(0, bool)
-        ends = self.word_ends(words)
-        if ends.size == 0:
-            return np.zeros(pos.shape, bool)
-        i = np.searchsorted(ends, pos, side="right") - 1
-        return (i >= 0) & (pos - ends[np.maximum(i, 0)] <= within)
-
-    def word_ends(self, words: re.Pattern[bytes]) -> np.ndarray:
-        """Sorted text indices just past each case-insensitive match of ``words``."""
-        if words not in self._words:
-            low = self.text.tobytes().lower()
-            self._words[words] = np.array([m.end() for m in words.finditer(low)], np.int64)
-        return self._words[words]
+        width = within + longest
+        rows = np.empty((pos.size, width + 1), np.uint8)
+        rows[:, :width] = self.byte_at(pos[:, None] - width + np.arange(width)[None, :])
+        rows[:, width] = BREAK  # no match runs from one row into the next
+        out = np.zeros(pos.size, bool)
+        for m in words.finditer(rows.tobytes().lower()):
+            row, end = divmod(m.end(), width + 1)
+            if end >= longest:  # within ``within`` characters of the row's end
+                out[row] = True
+        return out
 
 
 def _chains(t: np.ndarray, d: np.ndarray) -> Chains:

@@ -17,6 +17,7 @@ KNOWN_INVALID = frozenset({"078051120", "219099999", "457555462", "123456789"})
 _KNOWN_INVALID = np.array(sorted(int(x) for x in KNOWN_INVALID), np.int64)
 # one literal first byte lets the regex engine skip ahead fast
 KEYWORDS = re.compile(rb"s(?:sn|s ?#|\.s\.n|ocial security|oc\.? ?sec)")
+KEYWORD_LONGEST = len("social security")  # characters of the longest KEYWORDS match
 KEYWORD_WINDOW = 24  # characters between a keyword's end and a bare number's start
 _POW = 10 ** np.arange(8, -1, -1)
 
@@ -48,7 +49,7 @@ def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray]:
     span = c.end - c.start
     sep = (c.links == 2) & (c.key == _SEPARATED)
     bare = np.flatnonzero((c.links == 0) & (span == 9))
-    bare = bare[view.has_word_before(c.start[bare], KEYWORDS, KEYWORD_WINDOW)]
+    bare = bare[view.has_word_before(c.start[bare], KEYWORDS, KEYWORD_WINDOW, KEYWORD_LONGEST)]
     start = np.concatenate((c.start[bare], c.start[sep]))
     return start, np.concatenate((span[bare], span[sep]))
 
