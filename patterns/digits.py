@@ -302,15 +302,21 @@ class _Stage1:
         self.dig = np.empty(SUB, bool)
         self.dc = np.empty(SUB // 8, np.uint8)
         self.dp = np.empty(SUB // 8, np.uint8)
+        self.w = np.empty(SUB // 8, np.uint64)
+        self.even = np.empty(SUB // 8, np.uint8)
+        self.odd = np.empty(SUB // 8, np.uint8)
+        self.pe = np.empty(SUB // 8, np.uint8)
+        self.hot = np.empty(SUB // 8, bool)
 
-    def hot_pairs(self, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def hot_pairs(self, a: np.ndarray) -> tuple[np.ndarray | None, np.ndarray]:
         """Block-pair indices of ``a`` (len a multiple of 8, <= SUB) that look like ASCII
-        digit text, and those that look like UTF-16LE digits (digits on one parity only).
+        digit text (None when they lie 8 blocks apart or closer: the whole block is text),
+        and those that look like UTF-16LE digits (digits on one parity only).
 
         Full width: the digit mask and its popcount per 8-byte block (the mask seen as
         uint64 words). A pair of blocks with >= 8 digits is ASCII-hot; pairs with >= 5
-        (rare) are looked at closer: >= 5 digits on one byte parity and at most one on the
-        other is UTF-16LE-hot (zeros between are checked in stage 2)."""
+        are looked at closer: >= 5 digits on one byte parity and at most one on the other
+        is UTF-16LE-hot (zeros between are checked in stage 2)."""
         n = a.size
         nw = n // 8
         if nw < 2:
@@ -321,15 +327,31 @@ class _Stage1:
         words = dig.view(np.uint64)
         np.bitwise_count(words, out=dc)
         np.add(dc[:-1], dc[1:], out=dp)
-        some = np.flatnonzero(dp >= 5)
-        if some.size == 0:
-            return some, some
-        ascii_hot = some[dp[some] >= 8]
-        w0, w1 = words[some], words[some + 1]
-        even = np.bitwise_count(w0 & _EVEN) + np.bitwise_count(w1 & _EVEN)
-        odd = np.bitwise_count(w0 & _ODD) + np.bitwise_count(w1 & _ODD)
-        par = np.maximum(even, odd)
-        return ascii_hot, some[(par >= 5) & (dp[some] - par <= 1)]
+        hot = self.hot[: nw - 1]
+        np.greater_equal(dp, 5, out=hot)
+        if np.count_nonzero(hot) * 16 < nw:  # sparse (memory-like data): look at those
+            some = np.flatnonzero(hot)
+            if some.size == 0:
+                return some, some
+            w0, w1 = words[some], words[some + 1]
+            even = np.bitwise_count(w0 & _EVEN) + np.bitwise_count(w1 & _EVEN)
+            odd = np.bitwise_count(w0 & _ODD) + np.bitwise_count(w1 & _ODD)
+            par = np.maximum(even, odd)
+            return some[dp[some] >= 8], some[(par >= 5) & (dp[some] - par <= 1)]
+        # dense digit text: parities at full width too (cheaper than gathering most pairs)
+        even, odd, pe = self.even[:nw], self.odd[:nw], self.pe[: nw - 1]
+        np.bitwise_count(np.bitwise_and(words, _EVEN, out=self.w[:nw]), out=even)
+        np.subtract(dc, even, out=odd)
+        np.add(even[:-1], even[1:], out=pe)  # even digits per pair
+        np.add(odd[:-1], odd[1:], out=odd[: nw - 1])  # odd digits per pair
+        np.maximum(pe, odd[: nw - 1], out=pe)  # the busier parity
+        np.greater_equal(pe, 5, out=hot)
+        hot &= np.less_equal(np.subtract(dp, pe, out=pe), 1)
+        utf16 = np.flatnonzero(hot)
+        np.greater_equal(dp, 8, out=hot)
+        if np.count_nonzero(hot) * 8 >= nw - 1:
+            return None, utf16
+        return np.flatnonzero(hot), utf16
 
 
 _STAGE1: list[_Stage1] = []
@@ -347,18 +369,24 @@ def _build_views(chunk: Chunk) -> list[TextView]:
         _STAGE1.append(_Stage1())
     st1 = _STAGE1[0]
     found: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    dense = False  # some stage-1 block is digit text throughout: read the chunk as text
     # Stage 1 in L2-sized blocks overlapping by one 8-byte block, so pairs across a block
     # boundary are seen too.
     lo = 0
     while True:
-        for acc, hot in zip(found, st1.hot_pairs(data[lo : lo + SUB]), strict=True):
-            if hot.size:
-                acc.append(hot + lo // 8)
+        for k, hot in enumerate(st1.hot_pairs(data[lo : lo + SUB])):
+            if hot is None:
+                dense = True
+            elif hot.size and not (k == 0 and dense):
+                found[k].append(hot + lo // 8)
         if lo + SUB >= nb * 8:
             break
         lo += SUB - 8
     out = []
-    ascii_hot = _hot_text(found[0], nb, data.view(np.uint64))
+    if dense:
+        ascii_hot = np.zeros(1, np.int64), np.full(1, nb, np.int64)
+    else:
+        ascii_hot = _hot_text(found[0], nb, data.view(np.uint64))
     utf16_hot = _hot_text(found[1], nb)
     if ascii_hot is not None:
         compact, regions = _compact(data, *ascii_hot)
