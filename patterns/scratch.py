@@ -125,20 +125,58 @@ Candidates = list[tuple[int, int, np.ndarray]]  # (encoding, step in bytes, chun
 _ANCHORS: dict[bytes, bool] = {}
 
 # Bits of the per-word code (:func:`_code_table`) of the uint16 word k = bytes (2k, 2k+1).
-# A "first" bit of word k and the "second" bit 4 places up of word k+1 together mark a pair:
-# code[k] & (code[k+1] >> 4) is nonzero exactly at candidate words (bit 7 is always set, so
-# the exact even-ASCII bit 3 survives on its own).
-_ODD_FIRST, _UEVEN_FIRST, _UODD_FIRST, _EVEN = 1, 2, 4, 8  # found at word k
-_ODD_SECOND, _UEVEN_SECOND, _UODD_SECOND, _ALWAYS = 16, 32, 64, 128  # asked of word k+1
+# The anchors are spread over GROUPS groups; a group's "first" bit of word k and its "second"
+# bit (4 places up) of word k+1 together mark a pair: code[k] & (code[k+1] >> 4) is nonzero
+# exactly at candidate words (bit 7 is always set, so the exact even-offset bit 3 survives on
+# its own). First bit: the high byte is an anchor's first byte (at an odd offset, as a byte or
+# a UTF-16LE character), or the low byte is, followed by zero (a UTF-16LE character at an even
+# offset). Second bit: the low byte is an anchor's second byte (the byte or character after
+# either), or the high byte is, after a zero (a UTF-16LE character at an odd offset). One bit
+# per side would pair every first byte with every second byte (``bl`` from ``b_`` and ``_l``:
+# 7x more false candidates on a memory-like image); groups keep common pairs apart.
+GROUPS = 3
+_EVEN, _ALWAYS = 8, 128
+_FIRSTS = (1 << GROUPS) - 1  # bits 0..2
+_SECONDS = _FIRSTS << 4  # bits 4..6
 ANCHOR_BLOCK = 128 << 10  # words per anchor-pass block: its 4 scratch arrays stay in L2
 
 
 def register_anchor(pair: bytes, text: bool = True) -> None:
     """Declare a 2-byte anchor at import time, so the one anchor pass per chunk covers it;
-    ``text`` anchors are also searched as two UTF-16LE characters."""
-    if len(pair) != 2:
-        raise ValueError(f"an anchor is 2 bytes, not {pair!r}")
+    ``text`` anchors are also searched as two UTF-16LE characters. Anchor bytes are nonzero
+    (zeros are what UTF-16LE high bytes and empty memory are made of)."""
+    if len(pair) != 2 or 0 in pair:
+        raise ValueError(f"an anchor is 2 nonzero bytes, not {pair!r}")
     _ANCHORS[pair] = _ANCHORS.get(pair, False) or text
+
+
+def _byte_weights() -> np.ndarray:
+    """A rough share of each byte value in memory (lower-case text is the most common there),
+    only used to spread anchors over the groups."""
+    w = np.full(256, 0.05)
+    for lo, hi, share in ((b"a", b"z", 1.0), (b"A", b"Z", 0.3), (b"0", b"9", 0.3)):
+        w[lo[0] : hi[0] + 1] = share
+    w[list(b"_-./")] = 0.3
+    w[1:16] = 0.3  # small integers in binary structures
+    return w
+
+
+def _anchor_groups(anchors: list[bytes]) -> list[int]:
+    """Group of each anchor: greedily, commonest anchors first, the group where its first
+    byte meets the fewest common second bytes (and its second byte the fewest first bytes)."""
+    weight = _byte_weights()
+    members: list[list[bytes]] = [[] for _ in range(GROUPS)]
+
+    def crossings(pairs: list[bytes]) -> float:
+        firsts, seconds = {p[0] for p in pairs}, {p[1] for p in pairs}
+        return float(sum(weight[f] * weight[s] for f in firsts for s in seconds))
+
+    group = {}
+    for pair in sorted(anchors, key=lambda p: -(weight[p[0]] + weight[p[1]])):
+        cost = [crossings(m + [pair]) - crossings(m) for m in members]
+        group[pair] = cost.index(min(cost))
+        members[group[pair]].append(pair)
+    return [group[p] for p in anchors]
 
 
 _TABLE: list = [None, None, None]  # (anchors built for, code table, anchor index table)
@@ -150,24 +188,17 @@ def _code_table() -> tuple[np.ndarray, np.ndarray]:
     if _TABLE[0] != _ANCHORS:
         w = np.arange(1 << 16)
         lo, hi = w & 0xFF, w >> 8
-        first, second = np.zeros((2, 256), np.bool_), np.zeros((2, 256), np.bool_)
         index = np.full(1 << 16, -1, np.int16)
-        for i, (pair, text) in enumerate(_ANCHORS.items()):
-            first[0, pair[0]] = second[0, pair[1]] = True  # as bytes
-            first[1, pair[0]] |= text  # as UTF-16LE characters
-            second[1, pair[1]] |= text
-            index[pair[0] | pair[1] << 8] = i
         code = np.full(1 << 16, _ALWAYS, np.uint8)
-        for bit, hit in (
-            (_EVEN, index[w] >= 0),  # the pair itself at an even offset
-            (_ODD_FIRST, first[0][hi]),  # ... at an odd offset: "x?" then "?y"
-            (_ODD_SECOND, second[0][lo]),
-            (_UEVEN_FIRST, first[1][lo] & (hi == 0)),  # "x\0" then "y?"
-            (_UEVEN_SECOND, second[1][lo]),
-            (_UODD_FIRST, first[1][hi]),  # "?x" then "\0y"
-            (_UODD_SECOND, (lo == 0) & second[1][hi]),
-        ):
-            code[hit] |= bit
+        anchors = list(_ANCHORS)
+        for i, (pair, g) in enumerate(zip(anchors, _anchor_groups(anchors), strict=True)):
+            index[pair[0] | pair[1] << 8] = i
+            text = _ANCHORS[pair]
+            first = (hi == pair[0]) | (text & (lo == pair[0]) & (hi == 0))
+            second = (lo == pair[1]) | (text & (lo == 0) & (hi == pair[1]))
+            code[first] |= 1 << g
+            code[second] |= 16 << g
+        code[index >= 0] |= _EVEN  # the pair itself at an even offset
         _TABLE[:] = [dict(_ANCHORS), code, index]
     return _TABLE[1], _TABLE[2]
 
@@ -182,7 +213,7 @@ def _candidate_words(data: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # the word after the last: only what its low byte (the odd last byte, if any) decides
     last = _ALWAYS
     if n % 2:
-        last |= int(code_of[data[-1]]) & (_ODD_SECOND | _UEVEN_SECOND)
+        last |= int(code_of[data[-1]]) & _SECONDS  # (a zero byte is in no anchor)
     ks, bits = [], []
     for k0 in range(0, m, ANCHOR_BLOCK):
         size = min(ANCHOR_BLOCK, m - k0)
@@ -222,17 +253,18 @@ def _anchor_pass(chunk: Chunk) -> dict[bytes, Candidates]:
         return out
     _, index = _code_table()
     k, bits = _candidate_words(d)
-    pos = 2 * k
+    even, grouped = k[(bits & _EVEN) != 0], k[(bits & _FIRSTS) != 0]
     parts: dict[int, list[tuple[np.ndarray, np.ndarray]]] = {ASCII: [], UTF16LE: []}
-    for bit, enc, off, step in (
-        (_EVEN, ASCII, 0, 1),
-        (_ODD_FIRST, ASCII, 1, 1),
-        (_UEVEN_FIRST, UTF16LE, 0, 2),
-        (_UODD_FIRST, UTF16LE, 1, 2),
+    # a grouped candidate word may hold any of the three shapes: each is checked exactly
+    for p, enc, step in (
+        (2 * even, ASCII, 1),
+        (2 * grouped + 1, ASCII, 1),
+        (2 * grouped, UTF16LE, 2),
+        (2 * grouped + 1, UTF16LE, 2),
     ):
-        p = pos[(bits & bit) != 0] + off
-        # the second byte of an odd-offset word pair and a UTF-16LE character's are in the
-        # chunk: the lookup only marked them when their word exists
+        p = p[p + step < d.size]
+        if step == 2:
+            p = p[d[p + 1] == 0]  # the first character's high byte
         which = index[d[p].astype(np.int64) | d[p + step].astype(np.int64) << 8]
         keep = which >= 0
         parts[enc].append((p[keep], which[keep]))

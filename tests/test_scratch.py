@@ -70,7 +70,7 @@ def test_anchor_pass_matches_brute_force(
     assert got_lists == expected(bytes(buf))
 
 
-@pytest.mark.parametrize("pair", [b"", b"x", b"abc"])
-def test_anchor_must_be_two_bytes(pair: bytes) -> None:
-    with pytest.raises(ValueError, match="2 bytes"):
+@pytest.mark.parametrize("pair", [b"", b"x", b"abc", b"a\0", b"\0a"])
+def test_anchor_must_be_two_nonzero_bytes(pair: bytes) -> None:
+    with pytest.raises(ValueError, match="2 nonzero bytes"):
         scratch.register_anchor(pair)
