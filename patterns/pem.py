@@ -10,10 +10,11 @@
   of OpenSSH, and the key math (n == p*q, Ed25519 public key derived from the seed, EC point
   d*G) when not encrypted.
 
-Text forms are found in ASCII and UTF-16LE through the shared text gate and anchor pass of
-patterns/scratch.py, with the anchors ``--`` (PEM), ``TY`` (``PuTTY-``) and ``y-``
-(``openssh-key-v1``); only candidates where the whole literal is present are parsed, from
-the chunk itself. Blocks longer than MAX_CHARS characters are not looked at.
+Text forms are found in ASCII and UTF-16LE through the shared anchor pass of
+patterns/scratch.py (one table lookup per 2 bytes of the chunk for every detector's anchors),
+with the anchors ``--`` (PEM), ``TY`` (``PuTTY-``) and ``y-`` (``openssh-key-v1``); only
+candidates where the whole literal is present are parsed, from the chunk itself. Blocks
+longer than MAX_CHARS characters are not looked at.
 """
 
 from __future__ import annotations

@@ -12,10 +12,11 @@ issuer's format allows.
 - ``jwt``: three base64url parts; the header decodes to a JSON object with ``alg``, the payload
   to a JSON object.
 
-Stage 1 is the shared text gate and anchor pass of patterns/scratch.py (one uint16 compare
-per anchor and alignment over the texty parts of the chunk); token lengths, boundaries and
-UTF-16LE high bytes are then checked on the candidates as arrays, and only tokens of a
-plausible length reach the Python checks.
+Stage 1 is the shared anchor pass of patterns/scratch.py (one table lookup per 2 bytes of the
+chunk finds every detector's anchors at once); each anchor must then fit the fixed start of
+its pattern (``gh[pousr]_``, ``[sr]k_live_`` ...), and token lengths, boundaries and UTF-16LE
+high bytes are checked on the candidates as arrays: only tokens of a plausible length reach
+the Python checks.
 """
 
 from __future__ import annotations
