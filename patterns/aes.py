@@ -16,9 +16,9 @@ hits for some Nk" keeps every schedule, any alignment, either layout. The four w
 reads (A[k], A[k+1], A[k+Nk-1], A[k+Nk]) must be nonzero: zero runs obey the relation
 trivially, and so do tables of small integers padded with zero words (relocations, symbol
 tables: 12x fewer hits on a memory-like image); inside a schedule a zero word has odds 2^-32
-and costs at most the 4 hits reading it, while every schedule has 7+ periods with a hit
-each. Random data passes with probability ~2^-64 per word; structured data a little more
-often, which stage 2 absorbs.
+and costs only the hits within 8 words before it, while every schedule keeps 6 or more hits
+away from any such span (any size, alignment and layout). Random data passes with
+probability ~2^-64 per word; structured data a little more often, which stage 2 absorbs.
 
 Stage 2 (rare windows around candidates, concatenated into one small buffer): for each byte
 offset r and each Nk the relation is tested on every S-box-free word of every possible
