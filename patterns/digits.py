@@ -19,7 +19,6 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-from numpy.lib.stride_tricks import as_strided
 
 from patterns.base import ASCII, UTF16LE, Chunk, Detector
 
@@ -386,7 +385,7 @@ def _build_views(chunk: Chunk) -> list[TextView]:
     if dense:
         ascii_hot = np.zeros(1, np.int64), np.full(1, nb, np.int64)
     else:
-        ascii_hot = _hot_text(found[0], nb, data.view(np.uint64))
+        ascii_hot = _hot_text(found[0], nb)
     utf16_hot = _hot_text(found[1], nb)
     if ascii_hot is not None:
         compact, regions = _compact(data, *ascii_hot)
@@ -402,13 +401,10 @@ def _build_views(chunk: Chunk) -> list[TextView]:
     return out
 
 
-def _hot_text(
-    parts: list[np.ndarray], nb: int, words: np.ndarray | None = None
-) -> tuple[np.ndarray, np.ndarray] | None:
+def _hot_text(parts: list[np.ndarray], nb: int) -> tuple[np.ndarray, np.ndarray] | None:
     """Block ranges (starts, lengths) to read as text, from the hot pairs found per stage-1
     block (ascending; neighbours may share their edge pair); None when nothing is hot. Dense
-    digit data is one range over the whole chunk (no merging work, no copy). With the chunk's
-    8-byte ``words``, sparse ASCII hot pairs are first narrowed by :func:`_plausible`."""
+    digit data is one range over the whole chunk (no merging work, no copy)."""
     if not parts:
         return None
     total = sum(p.size for p in parts)
@@ -417,66 +413,7 @@ def _hot_text(
     hot = np.concatenate(parts)
     if len(parts) > 1:
         hot = hot[np.concatenate(([True], hot[1:] > hot[:-1]))]
-    if words is not None:
-        hot = _plausible(words, hot)
-        if hot.size == 0:
-            return None
     return _regions(hot, nb, _MB)
-
-
-_U = np.uint64
-_LOW7, _HIGH1 = _U(0x7F7F7F7F7F7F7F7F), _U(0x8080808080808080)
-_NIB_LO, _NIB_HI = _U(0x0F0F0F0F0F0F0F0F), _U(0xF0F0F0F0F0F0F0F0)
-_ZEROS = _U(0x3030303030303030)  # '0' in every byte
-_PLUS6, _BIT4 = _U(0x0606060606060606), _U(0x1010101010101010)
-_SPACES, _DASHES = _U(0x2020202020202020), _U(0x2D2D2D2D2D2D2D2D)
-_GATHER = _U(0x0102040810204080)  # moves bit 8k to bit 56+k
-
-
-def _nonzero_bytes(v: np.ndarray) -> np.ndarray:
-    """Per uint64 word, an 8-bit mask: bit k set iff byte k is nonzero."""
-    h = ((v & _LOW7) + _LOW7) | v  # bit 7 of each byte: the byte is nonzero
-    return ((h & _HIGH1) >> _U(7)) * _GATHER >> _U(56)
-
-
-def _byte_classes(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-bit masks (uint8, shaped like ``w``) per 8-byte word: its digit bytes, and its
-    digit/space/dash bytes."""
-    t = w ^ _ZEROS  # a digit becomes 0..9: high nibble 0, low nibble + 6 below 16
-    digit = ~_nonzero_bytes((t & _NIB_HI) | (((t & _NIB_LO) + _PLUS6) & _BIT4))
-    sep = ~(_nonzero_bytes(w ^ _SPACES) & _nonzero_bytes(w ^ _DASHES))
-    return digit.astype(np.uint8), (digit | sep).astype(np.uint8)
-
-
-def _plausible(words: np.ndarray, hot: np.ndarray) -> np.ndarray:
-    """The ASCII hot pairs (sorted block indices) whose 32 bytes from the block before to
-    the block after could hold part of a digit match: 11 consecutive digit/space/dash bytes
-    with a 4-digit run and 9 digits in the 32 bytes, or 9 digits in a row. Every PAN, Track
-    PAN and SSN has one of these (an 11-character stretch with 9 digits, at most 2
-    separators and a 4-digit group; a bare SSN is 9 digits), and some pair that stage 1
-    marks hot holds it within those 32 bytes. Hex dumps, UUIDs, dates and locale tables
-    mostly fail: about a quarter of the hot pairs of memory-like data is left. Pairs at the
-    chunk's ends are kept as they are."""
-    nb = words.size
-    inner = (hot >= 1) & (hot + 3 <= nb)
-    h = hot[inner]
-    if h.size == 0:
-        return hot
-    rows = as_strided(words, shape=(nb - 3, 4), strides=(8, 8))[h - 1]  # 4 words per pair
-    digit, allowed = _byte_classes(rows)
-    d = digit.view(np.uint32).ravel()  # bit k: byte k of the 32
-    a = allowed.view(np.uint32).ravel()
-    a2 = a & (a >> 1)
-    a4 = a2 & (a2 >> 2)
-    a11 = a4 & (a4 >> 4) & (a4 >> 7)  # 11 allowed bytes from the bit on
-    d2 = d & (d >> 1)
-    d4 = d2 & (d2 >> 2)
-    d9 = d4 & (d4 >> 4) & (d >> 8)  # 9 digits from the bit on
-    ok = (a11 != 0) & (d4 != 0) & (np.bitwise_count(d) >= 9)
-    ok |= d9 != 0
-    keep = ~inner
-    keep[inner] = ok
-    return hot[keep]
 
 
 def _compact(

@@ -235,9 +235,9 @@ def test_context_free_match_at_an_extent_edge_found_once(page, end, shuffle, see
 
 
 def test_every_format_found_at_every_alignment():
-    """Stage 1 narrows hot blocks on 8-byte words: every PAN length and grouping, both SSN
-    forms and both tracks are found at each of the 16 byte offsets modulo two words, in both
-    encodings, in chunks where the narrowing runs (text sparse in digits around)."""
+    """Stage 1 judges aligned 8-byte blocks: every PAN length and grouping, both SSN forms
+    (and a bare one after a keyword) and both tracks are found at each of the 16 byte offsets
+    modulo two blocks, in both encodings, amid text sparse in digits."""
     rng = random.Random(7)
     visa = [k for k, row in enumerate(IIN_TABLE) if row[0] == "visa"][0]
     diners = [k for k, row in enumerate(IIN_TABLE) if row[0] == "diners"][0]
