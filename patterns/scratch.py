@@ -8,8 +8,9 @@
   lookup of each uint16 word in a 65536-entry code table, then a shift and an AND that pair
   each word with the next (odd offsets, UTF-16LE at either parity), in L2-sized blocks; the
   rare candidates are checked exactly. No text gate first: on memory-like images a quarter of
-  the bytes are text anyway, and DER's binary anchor needs every byte (the former gate and
-  packed text streams cost 2.4 s CPU per GiB, this pass 0.65). Candidates come back
+  the bytes are text anyway, and DER's binary anchor needs every byte (the former gate,
+  packed text streams and lookup in them cost 2.4 s CPU per GiB, this pass 0.65, DER's
+  anchor included). Candidates come back
   as chunk offsets with their encoding and character step (:func:`anchor_hits`,
   :func:`literal_hits`); everything after (token length, boundaries, UTF-16LE high bytes)
   reads the chunk itself.
