@@ -301,6 +301,9 @@ def literal_hits(chunk: Chunk, literal: bytes, anchor: int) -> Candidates:
     for enc, step, hits in anchor_hits(chunk, literal[anchor : anchor + 2]):
         pos = hits - anchor * step
         pos = pos[(pos >= 0) & (pos + step * len(literal) <= chunk.data.size)]
+        # the last character first: it drops most anchors (``--`` in ``-------`` rules) before
+        # the whole literal is gathered
+        pos = pos[chunk.data[pos + step * (len(literal) - 1)] == lit[-1]]
         if pos.size:
             pos = pos[(gather(chunk.data, pos, len(literal), step) == lit).all(axis=1)]
         if pos.size:
