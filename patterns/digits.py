@@ -161,35 +161,55 @@ class TextView:
         return out
 
 
+CHAIN_BLOCK = 256 * 1024  # bytes of text per pass of _chain_masks: temporaries stay in L2
+
+
+def _chain_masks(t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool, bool]:
+    """For text ``t`` (n >= MIN_CHAIN) and its digit mask ``d``: ``link`` (n-2): text p+1 is
+    a space or dash between two digits; ``edge`` (n-7): the chain mask (digits and links)
+    eroded to runs of MIN_CHAIN (7) — set at p when all of p .. p+6 are chain characters —
+    changes between p and p+1; and that eroded mask at 0 and at n-7. Worked out in blocks
+    of CHAIN_BLOCK, each from its own text plus 8 characters around."""
+    n = t.size
+    link, edge = _scratch("link", n - 2), _scratch("edge", n - 7)
+    first = last = False
+    for lo in range(0, max(n - 7, 1), CHAIN_BLOCK):
+        hi = min(n - 7, lo + CHAIN_BLOCK)  # edge[lo:hi] needs chain characters lo .. hi+6
+        a, b = max(lo - 1, 0), min(hi + 6, n - 2)
+        lk, sp = link[a:b], _scratch("space", b - a)
+        np.equal(t[a + 1 : b + 1], SPACE, out=lk)
+        np.equal(t[a + 1 : b + 1], DASH, out=sp)
+        np.logical_or(lk, sp, out=lk)
+        np.logical_and(lk, d[a:b], out=lk)
+        np.logical_and(lk, d[a + 2 : b + 2], out=lk)
+        m = hi + 7 - lo
+        c = _scratch("c", m)  # chain characters lo .. hi+6
+        np.copyto(c, d[lo : lo + m])
+        q0, q1 = max(lo, 1), min(lo + m, n - 1)
+        np.logical_or(c[q0 - lo : q1 - lo], link[q0 - 1 : q1 - 1], out=c[q0 - lo : q1 - lo])
+        e2, e4 = _scratch("erode2", m - 1), _scratch("erode4", m - 3)
+        np.logical_and(c[:-1], c[1:], out=e2)  # c[p .. p+1]
+        np.logical_and(e2[:-2], e2[2:], out=e4)  # c[p .. p+3]
+        e = e2[: m - 6]
+        np.logical_and(e4[:-3], e4[3:], out=e)  # c[p .. p+6], p = lo .. hi
+        np.not_equal(e[1:], e[:-1], out=edge[lo:hi])
+        first = first or (lo == 0 and bool(e[0]))
+        last = bool(e[-1])
+    return link, edge, first, last
+
+
 def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     n = t.size
     if n < MIN_CHAIN:
         z = np.zeros(0, np.int64)
         return Chains(z, z, z, np.zeros(0, np.uint8), z)
-    # link[p]: text p+1 is a space or dash with a digit on each side
-    link, tmp = _scratch("link", n - 2), _scratch("tmp", n - 2)
-    np.equal(t[1:-1], SPACE, out=link)
-    np.equal(t[1:-1], DASH, out=tmp)
-    np.logical_or(link, tmp, out=link)
-    np.logical_and(link, d[:-2], out=link)
-    np.logical_and(link, d[2:], out=link)
-    lp = np.flatnonzero(link) + 1
-    c = _scratch("c", n)  # chain characters
-    c[0], c[-1] = d[0], d[-1]
-    np.logical_or(d[1:-1], link, out=c[1:-1])
-    # Erode to runs of >= MIN_CHAIN (7): e[p] = c[p .. p+6] all set, so only the long runs'
-    # edges (far fewer than all runs' in dense digit text) are looked for.
-    e2, e4 = _scratch("erode2", n - 1), _scratch("erode4", n - 3)
-    np.logical_and(c[:-1], c[1:], out=e2)  # c[p .. p+1]
-    np.logical_and(e2[:-2], e2[2:], out=e4)  # c[p .. p+3]
-    e = e2[: n - 6]
-    np.logical_and(e4[:-3], e4[3:], out=e)  # c[p .. p+6]
-    x = _scratch("edge", n - 7)
-    np.not_equal(e[1:], e[:-1], out=x)
-    edges = np.flatnonzero(x) + 1
-    if e[0]:
+    link, edge, first, last = _chain_masks(t, d)
+    lp = np.flatnonzero(link) + 1  # link positions (text indices)
+    # only the long runs' edges: far fewer than all runs' in dense digit text
+    edges = np.flatnonzero(edge) + 1
+    if first:
         edges = np.concatenate(([0], edges))
-    if e[-1]:
+    if last:
         edges = np.concatenate((edges, [n - 6]))
     start, end = edges[0::2], edges[1::2] + (MIN_CHAIN - 1)
     keep = end - start <= MAX_CHAIN
@@ -248,7 +268,9 @@ def _group_keys(
     kept = np.where(np.arange(MAX_GROUPS)[None, :] < ngroups[:, None], kept, 0)
     key = (np.minimum(kept, 31) << (5 * np.arange(MAX_GROUPS))[None, :]).sum(axis=1)
     ok = same & (ngroups >= 1) & (ngroups <= MAX_GROUPS)
-    return start, end, np.where(ok, key, -1), np.maximum(ngroups - 1, 0), sep
+    # a chain that is all glued groups keeps its separators (no detector reads it)
+    links = np.where(ngroups >= 1, ngroups - 1, links)
+    return start, end, np.where(ok, key, -1), links, sep
 
 
 def _is_letter(t: np.ndarray, idx: np.ndarray) -> np.ndarray:

@@ -1,0 +1,56 @@
+"""The shared digit stage (patterns/digits.py): chains worked out in blocks equal chains worked
+out in one piece, and match a plain reading of the text."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patterns import digits
+
+TEXT = st.binary(min_size=0, max_size=300).map(
+    lambda b: bytes(b"0123456789 -a,"[x % 14] for x in b)
+)
+
+
+def chains_of(text: bytes, block: int) -> digits.Chains:
+    saved, digits.CHAIN_BLOCK = digits.CHAIN_BLOCK, block
+    try:
+        t = np.frombuffer(text, np.uint8)
+        return digits._chains(t, (t >= 48) & (t <= 57))
+    finally:
+        digits.CHAIN_BLOCK = saved
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=TEXT, block=st.integers(1, 40))
+def test_chains_in_blocks_equal_chains_in_one_piece(text, block):
+    whole = chains_of(text, 1 << 20)
+    parts = chains_of(text, block)
+    for name in ("start", "end", "links", "sep", "key"):
+        assert np.array_equal(getattr(whole, name), getattr(parts, name)), name
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=TEXT, block=st.integers(1, 40))
+def test_plain_chains_are_the_lone_digit_runs(text, block):
+    """Every 7..64-digit run with no space or dash joining it to another digit is a chain
+    without separators; every such chain is a whole digit run (more of them where a group
+    glued to a word was dropped from a chain: "a1 2345678")."""
+    c = chains_of(text, block)
+    got = {(s, e) for s, e, k in zip(c.start.tolist(), c.end.tolist(), c.links.tolist(),
+                                       strict=True) if k == 0}
+    want = set()
+    for m in re.finditer(rb"\d+", text):
+        s, e = m.span()
+        joined = (s >= 2 and text[s - 1] in b" -" and text[s - 2 : s - 1].isdigit()) or (
+            e + 1 < len(text) and text[e] in b" -" and text[e + 1 : e + 2].isdigit())
+        if 7 <= e - s <= 64 and not joined:
+            want.add((s, e))
+    assert want <= got
+    for s, e in got:
+        assert text[s:e].isdigit()
+        assert not text[s - 1 : s].isdigit() and not text[e : e + 1].isdigit()
