@@ -23,6 +23,7 @@ SSN_WORDS = re.compile(
     r"(\bssn\b|ss#|s\.s\.n|social security|soc\.? ?sec|\bsin\b|tax ?id|\btin\b)", re.I
 )
 EXPIRY = re.compile(r"^.{0,24}?\b(0[1-9]|1[0-2]) ?[/-] ?(\d\d|20\d\d)\b", re.S)
+LETTER = re.compile(r"[A-Za-z]")
 HEXISH = re.compile(r"[0-9a-fA-F]")
 HEX_LETTER = re.compile(r"[a-fA-F]")
 # a neighbouring hex word (hex dumps: "c0be 4819 1956 ...")
@@ -70,7 +71,9 @@ def _assess(
     ``reach`` characters before the match, keyword seen, hex context, long-number context)."""
     before, after = text_around(hit)
     out: dict[str, Any] = {}
-    kw = list(words.finditer(before[-reach:]))
+    near = before[-reach:]
+    # every keyword has a letter: most contexts in digit data have none (a fast C scan)
+    kw = list(words.finditer(near)) if LETTER.search(near) else []
     if kw:
         out["keyword"] = kw[-1].group(0).lower()
     hexy, numeric = _glued(before, after)

@@ -177,7 +177,7 @@ class PanDetector(DigitDetector):
 
     def describe(self, hit: Hit) -> Described | None:
         text = hit.text()
-        digits = "".join(ch for ch in text if ch.isdigit())
+        digits = text.replace(" ", "").replace("-", "")  # a chain: digits and separators
         details: dict = {"brand": _BRANDS[hit.tag], "digits": len(digits)}
         if len(digits) != len(text):
             details["separator"] = "space" if " " in text else "dash"

@@ -74,7 +74,7 @@ class SsnDetector(DigitDetector):
 
     def describe(self, hit: Hit) -> Described | None:
         text = hit.text()
-        digits = "".join(ch for ch in text if ch.isdigit())
+        digits = text.replace(" ", "").replace("-", "")  # digits and separators only
         separated = len(text) == 11
         details = {"format": "dashed" if "-" in text else "spaced" if separated else "bare"}
         details.update(context.ssn_confidence(hit, separated))
