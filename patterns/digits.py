@@ -2,12 +2,13 @@
 
 Stage 1 touches every byte of a chunk with a few full-width ufuncs: digits per 8-byte block,
 zero bytes per block. A pair of blocks with >= 8 digits (ASCII), or >= 5 digits among >= 6
-zero bytes (UTF-16LE text), is *hot*. Hot pairs, widened by ``MARGIN`` bytes each side (the
-longest digit-based match plus its context), are copied into one small *compact* buffer —
-typically a few percent of the chunk — with a break byte between regions that were not
-adjacent. Stage 2 then works only on that buffer, through :class:`TextView`s: one ASCII view
-and two UTF-16LE views (characters at even and at odd byte offsets, non-ASCII characters
-turned into a break byte), so every detector's logic is written once, for ASCII text.
+zero bytes (UTF-16LE text), is *hot*. Hot pairs, widened by ``MARGIN`` characters each side
+(the farthest a digit-based match or its keyword reaches from them), are copied into one
+small *compact* buffer — typically a few percent of the chunk — with a break byte between
+regions that were not adjacent. Stage 2 then works only on that buffer, through
+:class:`TextView`s: one ASCII view and two UTF-16LE views (characters at even and at odd
+byte offsets, non-ASCII characters turned into a break byte), so every detector's logic is
+written once, for ASCII text.
 
 Everything here is memoized on the :class:`~patterns.base.Chunk`, so PAN, track and SSN
 detectors share one stage 1 and one run analysis per view.
@@ -22,11 +23,13 @@ import numpy as np
 
 from patterns.base import ASCII, UTF16LE, Chunk, Detector
 
-#: bytes kept around hot blocks: a grouped UTF-16LE PAN (46 bytes) anchored anywhere on a hot
-#: pair, its boundary characters, and an SSN keyword up to 24 characters before a bare number.
-#: Longer matches (Track 1) read their tail from the chunk itself (``TextView.chunk_text``).
-MARGIN = 64
-_MB = MARGIN // 8  # margin in 8-byte blocks
+#: characters kept before and after hot blocks: the farthest reach from a hot pair is an SSN
+#: keyword (up to 15 characters) ending 24 characters before a bare number whose digits the
+#: pair holds: all but 1 in ASCII, 5 of 9 in UTF-16LE (so 4 may lie before it). Grouped PANs
+#: (23 characters), Track 2 (40) and boundary characters reach less; Track 1 reads its tail
+#: from the chunk itself (``TextView.chunk_text``).
+MARGIN = {ASCII: 15 + 24 + 1, UTF16LE: 15 + 24 + 4}
+_MB = {ASCII: -(-MARGIN[ASCII] // 8), UTF16LE: -(-2 * MARGIN[UTF16LE] // 8)}  # in blocks
 BREAK = 0xFF  # never a digit, separator or letter in any check below
 DASH, SPACE = ord("-"), ord(" ")
 
@@ -407,8 +410,8 @@ def _build_views(chunk: Chunk) -> list[TextView]:
     if dense:
         ascii_hot = np.zeros(1, np.int64), np.full(1, nb, np.int64)
     else:
-        ascii_hot = _hot_text(found[0], nb)
-    utf16_hot = _hot_text(found[1], nb)
+        ascii_hot = _hot_text(found[0], nb, _MB[ASCII])
+    utf16_hot = _hot_text(found[1], nb, _MB[UTF16LE])
     if ascii_hot is not None:
         compact, regions = _compact(data, *ascii_hot)
         out.append(TextView(compact, ASCII, 0, regions, chunk.data))
@@ -423,19 +426,22 @@ def _build_views(chunk: Chunk) -> list[TextView]:
     return out
 
 
-def _hot_text(parts: list[np.ndarray], nb: int) -> tuple[np.ndarray, np.ndarray] | None:
+def _hot_text(
+    parts: list[np.ndarray], nb: int, margin: int
+) -> tuple[np.ndarray, np.ndarray] | None:
     """Block ranges (starts, lengths) to read as text, from the hot pairs found per stage-1
-    block (ascending; neighbours may share their edge pair); None when nothing is hot. Dense
-    digit data is one range over the whole chunk (no merging work, no copy)."""
+    block (ascending; neighbours may share their edge pair), widened by ``margin`` blocks;
+    None when nothing is hot. Dense digit data is one range over the whole chunk (no merging
+    work, no copy)."""
     if not parts:
         return None
     total = sum(p.size for p in parts)
-    if total * 8 >= nb:  # hot pairs every 8 blocks or closer: the margins cover it all
+    if total * margin >= nb:  # hot pairs every `margin` blocks or closer: margins cover all
         return np.zeros(1, np.int64), np.full(1, nb, np.int64)
     hot = np.concatenate(parts)
     if len(parts) > 1:
         hot = hot[np.concatenate(([True], hot[1:] > hot[:-1]))]
-    return _regions(hot, nb, _MB)
+    return _regions(hot, nb, margin)
 
 
 def _compact(

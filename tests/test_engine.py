@@ -263,3 +263,16 @@ def test_every_format_found_at_every_alignment():
         eng = Engine(ScanConfig(select("all"), key=b"k" * 32, chunk_size=256 * 1024))
         found = eng.scan_image(image_of(bytes(mem), list(range(len(mem) // PAGE)))).findings
         assert set(plants) <= {(f.detector, f.gpa) for f in found}
+
+
+def test_ssn_keyword_up_to_24_characters_before_the_number():
+    ssn = make_ssn(random.Random(3))
+    for enc in ("ascii", "utf-16le"):
+        for gap, found in ((0, 1), (12, 1), (24, 1), (25, 0)):
+            mem = background(3, "text") * 4
+            text = f"social security{'x' * (gap - 2)}: {ssn}" if gap else f"SSN{ssn}"
+            raw = encode(f" {text} ", enc)
+            mem[5001 : 5001 + len(raw)] = raw
+            image = image_of(bytes(mem), list(range(len(mem) // PAGE)))
+            hits = Engine(ScanConfig(select("ssn"), key=b"k" * 32)).scan_image(image).findings
+            assert len(hits) == found, (enc, gap)
