@@ -42,7 +42,7 @@ MAX_CHAIN = 64
 #: most digit groups in a chain that detectors look at (a 4-4-4-4-3 PAN has 5)
 MAX_GROUPS = 5
 #: digits of the first group of every grouped match (PAN groupings 4, an SSN 3)
-FIRST_GROUP = (3, 4)
+FIRST_GROUP = np.array([3, 4])
 
 
 _SCRATCH: dict[str, np.ndarray] = {}
@@ -139,7 +139,7 @@ class TextView:
         n = self.text.size
         if n == 0:
             return np.full(idx.shape, BREAK, np.uint8)
-        out = self.text.take(np.clip(idx, 0, n - 1))
+        out = self.text.take(idx, mode="clip")
         out[(idx < 0) | (idx >= n)] = BREAK
         return out
 
@@ -227,7 +227,7 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1) & (end - start - links >= 9))
     # ... whose first group has FIRST_GROUP digits, unless an end group is glued to a word
     sub = sub[
-        np.isin(lp[a[sub]] - start[sub], FIRST_GROUP)
+        is_in(lp[a[sub]] - start[sub], FIRST_GROUP)
         | _is_letter(t, start[sub] - 1)
         | _is_letter(t, end[sub])
     ]
@@ -265,7 +265,7 @@ def _group_keys(
     first = lead.astype(np.int64)
     ngroups = links + 1 - lead - trail
     start = np.where(lead, pos[0] + 1, start)
-    end = np.where(trail, lp[np.clip(a + links - 1, 0, last)], end)
+    end = np.where(trail, lp.take(a + links - 1, mode="clip"), end)
     cols = first[:, None] + np.arange(MAX_GROUPS)[None, :]
     kept = np.take_along_axis(lens_a, np.minimum(cols, g - 1), axis=1)
     kept = np.where(np.arange(MAX_GROUPS)[None, :] < ngroups[:, None], kept, 0)
@@ -279,7 +279,7 @@ def _group_keys(
 def _is_letter(t: np.ndarray, idx: np.ndarray) -> np.ndarray:
     """Whether ``t[idx]`` is an ASCII letter (False outside ``t``)."""
     inside = (idx >= 0) & (idx < t.size)
-    c = t[np.clip(idx, 0, max(t.size - 1, 0))] | 0x20
+    c = t.take(idx, mode="clip") | 0x20 if t.size else np.zeros(idx.shape, np.uint8)
     return inside & (c >= 97) & (c <= 122)
 
 
@@ -478,6 +478,12 @@ def _regions(hot: np.ndarray, nb: int, k: int) -> tuple[np.ndarray, np.ndarray]:
     starts = lo[new]
     ends = np.maximum.reduceat(hi, np.flatnonzero(new))
     return starts, ends - starts
+
+
+def is_in(values: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """``np.isin`` for a small sorted ``members`` array, without its per-call set-up."""
+    i = np.searchsorted(members, values)
+    return members.take(i, mode="clip") == values
 
 
 def luhn_ok(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:

@@ -8,7 +8,15 @@ import numpy as np
 
 from patterns import context
 from patterns.base import Chunk, Described, Hit, Hits
-from patterns.digits import DigitDetector, TextView, gather_digits, group_key, luhn_ok, views
+from patterns.digits import (
+    DigitDetector,
+    TextView,
+    gather_digits,
+    group_key,
+    is_in,
+    luhn_ok,
+    views,
+)
 
 # IIN / brand table (ISO/IEC 7812 ranges as the schemes publish them). Order matters: the first
 # row that matches wins, so narrower ranges come before the wider ones they sit inside.
@@ -127,7 +135,7 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
     return np.where(hit, _ROW_BRAND[np.argmax(m, axis=1)], -1)
 
 
-_GROUP_KEYS = np.array([group_key(g) for g in GROUPINGS])
+_GROUP_KEYS = np.array(sorted(group_key(g) for g in GROUPINGS))
 
 
 def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -136,7 +144,7 @@ def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     c = view.chains()
     span = c.end - c.start
     plain = (c.links == 0) & (span >= 13) & (span <= 19)
-    ok = plain | ((c.links > 0) & np.isin(c.key, _GROUP_KEYS))
+    ok = plain | ((c.links > 0) & is_in(c.key, _GROUP_KEYS))
     return c.start[ok], span[ok], c.links[ok]
 
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from patterns import context
 from patterns.base import Chunk, Described, Hit, Hits
-from patterns.digits import DigitDetector, TextView, gather_digits, group_key, views
+from patterns.digits import DigitDetector, TextView, gather_digits, group_key, is_in, views
 
 # Numbers the SSA voided or that were published (wallet inserts, advertising) and so are not
 # anyone's SSN; SSA rules reject area 000, 666 and 900-999, group 00 and serial 0000 besides.
@@ -35,7 +35,7 @@ def valid_ssn(digits: np.ndarray) -> np.ndarray:
         & (area < 900)
         & (group != 0)
         & (serial != 0)
-        & ~np.isin(number, _KNOWN_INVALID)
+        & ~is_in(number, _KNOWN_INVALID)
     )
 
 
