@@ -207,7 +207,6 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
         z = np.zeros(0, np.int64)
         return Chains(z, z, z, np.zeros(0, np.uint8), z)
     link, edge, first, last = _chain_masks(t, d)
-    lp = np.flatnonzero(link) + 1  # link positions (text indices)
     # only the long runs' edges: far fewer than all runs' in dense digit text
     edges = np.flatnonzero(edge) + 1
     if first:
@@ -217,46 +216,70 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     start, end = edges[0::2], edges[1::2] + (MIN_CHAIN - 1)
     keep = end - start <= MAX_CHAIN
     start, end = start[keep], end[keep]
-    a = np.searchsorted(lp, start)
-    links = np.searchsorted(lp, end) - a
+    bits = _link_bits(link, start, end)
+    links = np.bitwise_count(bits).astype(np.int64)
     sep = np.zeros(start.size, np.uint8)
     key = end - start  # one group: its length
     # Chains with separators: group lengths, one separator kind, word-glued end groups.
     # At most MAX_GROUPS groups count, plus one glued to a word at each end.
     # ... and only those with the 9 digits the shortest such match (an SSN) has
     sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1) & (end - start - links >= 9))
+    pos = start[sub, None] + 1 + _set_bits(bits[sub], MAX_GROUPS + 1)  # their links
     # ... whose first group has FIRST_GROUP digits, unless an end group is glued to a word
-    sub = sub[
-        is_in(lp[a[sub]] - start[sub], FIRST_GROUP)
+    fit = (
+        is_in(pos[:, 0] - start[sub], FIRST_GROUP)
         | _is_letter(t, start[sub] - 1)
         | _is_letter(t, end[sub])
-    ]
+    )
+    sub, pos = sub[fit], pos[fit]
     key[links > 0] = -1  # unless set below
     if sub.size:
-        s, e, k, ln, sp = _group_keys(t, lp, start[sub], end[sub], a[sub], links[sub])
+        s, e, k, ln, sp = _group_keys(t, pos, start[sub], end[sub], links[sub])
         start[sub], end[sub], key[sub], links[sub], sep[sub] = s, e, k, ln, sp
     return Chains(start, end, links, sep, key)
 
 
+def _link_bits(link: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """Per chain ``[start, end)`` (<= 64 characters), a uint64 whose bit k is set when text
+    ``start + 1 + k`` is a link (``link[p]`` is text p+1; a chain's first and last
+    characters are digits)."""
+    packed = np.packbits(link, bitorder="little")
+    words = np.zeros(packed.size // 8 + 2, np.uint64)
+    words.view(np.uint8)[: packed.size] = packed
+    j, r = start >> 6, (start & 63).astype(np.uint64)
+    x = (words[j] >> r) | ((words[j + 1] << (np.uint64(63) - r)) << np.uint64(1))
+    return x & (~np.uint64(0) >> (np.uint64(65) - (end - start).astype(np.uint64)))
+
+
+def _set_bits(x: np.ndarray, k: int) -> np.ndarray:
+    """(len(x), k): positions of the lowest ``k`` set bits of each uint64 (-1 past the
+    last)."""
+    out = np.empty((x.size, k), np.int64)
+    x = x.copy()
+    for j in range(k):
+        low = x & (~x + np.uint64(1))
+        out[:, j] = np.frexp(low.astype(np.float64))[1] - 1  # a power of two is exact
+        x ^= low
+    return out
+
+
 def _group_keys(
-    t: np.ndarray, lp: np.ndarray, start: np.ndarray, end: np.ndarray, a: np.ndarray,
-    links: np.ndarray,
+    t: np.ndarray, pos: np.ndarray, start: np.ndarray, end: np.ndarray, links: np.ndarray
 ) -> tuple[np.ndarray, ...]:
-    """For chains with separators: (start, end, key, links, sep) after dropping a group
-    glued to a word at either end ("numa1 4111 ..."); key -1 for mixed separators or more
-    than MAX_GROUPS groups."""
+    """For chains with 1..MAX_GROUPS+1 separators at text ``pos`` (one row each, columns
+    past the last unused): (start, end, key, links, sep) after dropping a group glued to a
+    word at either end ("numa1 4111 ..."); key -1 for mixed separators or more than
+    MAX_GROUPS groups."""
     g = MAX_GROUPS + 2  # groups looked at: a glued one at each end
-    last = lp.size - 1
-    pos = [lp[np.minimum(a + j, last)] for j in range(g - 1)]
-    sep = t[pos[0]]
+    sep = t[pos[:, 0]]
     same = np.ones(start.size, bool)
     lens = []
     prev = start - 1  # position before the current group
     for j in range(g):
         inside = links > j  # group j ends at link j
-        stop = np.where(inside, pos[j], end) if j < g - 1 else end
+        stop = np.where(inside, pos[:, j], end) if j < g - 1 else end
         if j < g - 1:
-            same &= ~inside | (t[pos[j]] == sep)
+            same &= ~inside | (t.take(pos[:, j], mode="clip") == sep)
         lens.append(np.where(links >= j, stop - prev - 1, 0))
         prev = np.where(inside, stop, prev)
     lens_a = np.stack(lens, axis=1)  # (chains, g) group lengths, 0 past the last group
@@ -264,8 +287,8 @@ def _group_keys(
     trail = _is_letter(t, end)
     first = lead.astype(np.int64)
     ngroups = links + 1 - lead - trail
-    start = np.where(lead, pos[0] + 1, start)
-    end = np.where(trail, lp.take(a + links - 1, mode="clip"), end)
+    start = np.where(lead, pos[:, 0] + 1, start)
+    end = np.where(trail, np.take_along_axis(pos, links[:, None] - 1, axis=1)[:, 0], end)
     cols = first[:, None] + np.arange(MAX_GROUPS)[None, :]
     kept = np.take_along_axis(lens_a, np.minimum(cols, g - 1), axis=1)
     kept = np.where(np.arange(MAX_GROUPS)[None, :] < ngroups[:, None], kept, 0)

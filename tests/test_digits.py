@@ -54,3 +54,31 @@ def test_plain_chains_are_the_lone_digit_runs(text, block):
     for s, e in got:
         assert text[s:e].isdigit()
         assert not text[s - 1 : s].isdigit() and not text[e : e + 1].isdigit()
+
+
+@settings(max_examples=300, deadline=None)
+@given(text=TEXT, block=st.integers(1, 40))
+def test_grouped_chains_read_like_the_text(text, block):
+    """Digit groups joined by single spaces or dashes: every chain with a group key spells
+    that key in the text, and every such run of 7..64 characters with 9+ digits, one kind of
+    separator, 2..MAX_GROUPS groups, a first group of 3 or 4 and no letter around is one."""
+    c = chains_of(text, block)
+    got = {}
+    for s, e, k, ln, sp in zip(c.start.tolist(), c.end.tolist(), c.key.tolist(),
+                               c.links.tolist(), c.sep.tolist(), strict=True):
+        if k >= 0 and ln > 0:
+            groups = re.split(rb"[ -]", text[s:e])
+            assert len(groups) == ln + 1 and all(g.isdigit() for g in groups)
+            assert set(re.findall(rb"[ -]", text[s:e])) == {bytes([sp])}
+            assert k == digits.group_key(tuple(len(g) for g in groups))
+            got[(s, e)] = k
+    for m in re.finditer(rb"\d+(?:[ -]\d+)+", text):
+        s, e = m.span()
+        run = text[s:e]
+        groups = re.split(rb"[ -]", run)
+        seps = set(re.findall(rb"[ -]", run))
+        letter_around = text[s - 1 : s].isalpha() or text[e : e + 1].isalpha()
+        if (7 <= e - s <= 64 and sum(map(len, groups)) >= 9 and len(seps) == 1
+                and 2 <= len(groups) <= digits.MAX_GROUPS and len(groups[0]) in (3, 4)
+                and not letter_around):
+            assert got.get((s, e)) == digits.group_key(tuple(len(g) for g in groups))
