@@ -21,7 +21,10 @@ Per segment:
    that suffices), and all-zero windows are skipped.
 
 Detectors are grouped into tiers by margin, so a detector with long matches (a PEM block) does
-not make the digit detectors rescan kilobytes around every seam. Duplicates (a page stored
+not make the digit detectors rescan kilobytes around every seam. When detectors of several tiers
+run, each chunk's all-zero pages are left out of what they see (``_Squeezed``: a few hundred
+zero bytes stand in for each zero run), which saves every tier's stage 1 on those pages for
+the price of about one pass; with one tier that price is not worth paying. Duplicates (a page stored
 twice, a match seen by both passes) are removed; a finding lying inside one of a subsuming
 detector's (a PAN inside its Track 2) is dropped. Pages of an mmapped buffer are given back
 once scanned, so peak RSS does not grow with the image.
@@ -52,13 +55,15 @@ PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across 
 @dataclass
 class ScanConfig:
     """What to look for and how: detectors, fingerprint key, unmasking, chunk size (bytes),
-    minimum ``details.confidence`` to report."""
+    minimum ``details.confidence`` to report, zero-page squeezing."""
 
     detectors: list[Detector]
     key: bytes
     unmask: bool = False
     chunk_size: int = DEFAULT_CHUNK
     min_confidence: float = 0.0
+    #: leave all-zero pages out of the chunks detectors see (None: when it pays, see Engine)
+    squeeze: bool | None = None
 
 
 @dataclass
@@ -143,6 +148,9 @@ class Engine:
         self.config = config
         self.tiers = _tiers(config.detectors)
         self.subsumes = {d.name: set(d.subsumes) for d in config.detectors}
+        # Squeezing costs about one stage-1 pass (finding zero pages, copying the rest); it
+        # pays for itself once detectors of several tiers (digits, keys, text) share it.
+        self.squeeze = len(self.tiers) >= 2 if config.squeeze is None else config.squeeze
         self._sources: list[tuple[str, str | None]] = []
 
     # ----------------------------------------------------------------- public entry points
@@ -204,17 +212,24 @@ class Engine:
         step = self.config.chunk_size
         parts: list[list[Hits]] = [[] for _ in self.config.detectors]
         release = _Releaser(data)
+        reach = self.tiers[-1].margin  # the widest tier's
         for cs in range(lo, hi, step):
             ce = min(cs + step, hi)
+            sq = None
+            if self.squeeze:
+                sq = _Squeezed.of(data, max(0, cs - reach), min(n, ce + reach))
             for tier in self.tiers:  # every tier on this chunk while it is in cache
                 a = max(0, cs - tier.margin)
-                chunk = Chunk(data[a : min(n, ce + tier.margin)])
+                chunk = sq.chunk if sq else Chunk(data[a : min(n, ce + tier.margin)])
                 for k, det in tier.detectors:
                     h = det.find(chunk)
                     if len(h):
-                        h.start += a
+                        if sq:
+                            h = sq.place(h)
+                        else:
+                            h.start += a
                         parts[k].append(h.select((h.start >= cs) & (h.start < ce)))
-            release.upto(ce - self.tiers[-1].margin)
+            release.upto(ce - reach)
         found: list[Finding] = []
         for k, det in enumerate(self.config.detectors):
             hits = Hits.concat(parts[k])
@@ -462,6 +477,57 @@ class Engine:
                     if f:
                         found.append(f)
         return found
+
+
+PAGE = 4096
+#: zero bytes kept on each side of a squeezed-out zero run: more than any detector reads past
+#: a match into zeros (an AES key schedule's crypto_aes_ctx tail, 484 - 240 bytes)
+SQUEEZE_KEEP = 256
+SQUEEZE_MIN = 8  # squeeze a chunk when at least 1 in this many of its pages is all zero
+
+
+@dataclass
+class _Squeezed:
+    """A stretch of a buffer with its all-zero pages left out, but for SQUEEZE_KEEP zero bytes
+    at each edge of every zero run: ``chunk`` holds the kept ranges back to back, range k
+    (``length[k]`` bytes) at chunk offset ``qstart[k]`` and buffer offset ``bstart[k]``. Inside
+    a range the bytes are the buffer's, and a detector reading past one sees zeros for at
+    least 2 * SQUEEZE_KEEP bytes, as it would in the buffer; so what it finds within a range
+    is what it would find unsqueezed, and nothing real spans two ranges (a zero page lies
+    between)."""
+
+    chunk: Chunk
+    qstart: np.ndarray
+    bstart: np.ndarray
+    length: np.ndarray
+
+    @classmethod
+    def of(cls, data: np.ndarray, a: int, b: int) -> _Squeezed | None:
+        """``data[a:b]`` squeezed, or None when under 1 in SQUEEZE_MIN pages is zero."""
+        p0, p1 = -(-a // PAGE) * PAGE, b // PAGE * PAGE
+        if p1 - p0 < SQUEEZE_MIN * PAGE:
+            return None
+        zero = ~data[p0:p1].view(np.uint64).reshape(-1, PAGE // 8).any(axis=1)
+        if np.count_nonzero(zero) * SQUEEZE_MIN < zero.size:
+            return None
+        edges = np.flatnonzero(zero[1:] != zero[:-1]) + 1
+        runs = np.concatenate(([0] if zero[0] else [], edges, [zero.size] if zero[-1] else []))
+        out_lo = p0 + runs[0::2].astype(np.int64) * PAGE + SQUEEZE_KEEP  # left out: lo .. hi
+        out_hi = p0 + runs[1::2].astype(np.int64) * PAGE - SQUEEZE_KEEP
+        bstart = np.concatenate(([a], out_hi))
+        length = np.concatenate((out_lo, [b])) - bstart
+        qstart = np.concatenate(([0], np.cumsum(length)[:-1]))
+        buf = np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
+                                                               strict=True)])
+        return cls(Chunk(buf), qstart, bstart, length)
+
+    def place(self, hits: Hits) -> Hits:
+        """Hits in buffer offsets; those spanning two ranges (not real) left out."""
+        k = np.searchsorted(self.qstart, hits.start, side="right") - 1
+        inside = hits.start + hits.length <= self.qstart[k] + self.length[k]
+        hits, k = hits.select(inside), k[inside]
+        hits.start = self.bstart[k] + (hits.start - self.qstart[k])
+        return hits
 
 
 class _Releaser:

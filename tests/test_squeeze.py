@@ -1,0 +1,115 @@
+"""Zero-page squeezing (scanner/engine.py ``_Squeezed``): leaving all-zero pages out of the
+chunks detectors see changes nothing they report, wherever secrets lie next to zero pages."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parsers.base import Extents, MemoryImage, Segment
+from patterns.aes import expand_keys
+from patterns.base import Hits
+from patterns.registry import select
+from scanner.engine import PAGE, SQUEEZE_KEEP, Engine, ScanConfig, _Squeezed
+from tests.plant import encode, group, make_pan, make_ssn
+from tests.test_keys import key
+
+NPAGES = 48
+
+
+def secrets(rng: random.Random) -> list[bytes]:
+    """One of each kind the detector families look for: text and binary."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    rsa = key("rsa1024")
+    der = rsa.private_bytes(ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL,
+                            ser.NoEncryption())
+    pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+    aes = expand_keys(np.frombuffer(rng.randbytes(16), np.uint8)[None, :])[0].tobytes()
+    pan, ssn = make_pan(rng), make_ssn(rng)
+    return [  # no trailing space: a character glued on after a zero page would change them
+        f" card {group(pan, ' ')}".encode(),
+        encode(f" SSN {ssn[:3]}-{ssn[3:5]}-{ssn[5:]}", "utf-16le"),
+        f" ;{pan}=2512101123400001?".encode(),
+        b" AKIA" + bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
+        aes, der, pem,
+    ]
+
+
+def image(data: np.ndarray) -> MemoryImage:
+    seg = Segment(data, Extents.build([0], [0], [data.size]), "mem")
+    return MemoryImage(path="mem", format="test", files=["mem"], fixed_segments=[seg])
+
+
+def findings(data: np.ndarray, squeeze: bool, chunk: int) -> list[tuple]:
+    eng = Engine(ScanConfig(select("all"), key=b"k" * 32, chunk_size=chunk, squeeze=squeeze))
+    found = eng.scan_image(image(data)).findings
+    return sorted((f.detector, f.gpa, f.length, f.fingerprint) for f in found)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(seed=st.integers(0, 2**32 - 1), chunk=st.sampled_from([16 * PAGE, 64 * PAGE + 8, 1 << 22]),
+       near=st.lists(st.one_of(st.integers(-700, 700), st.sampled_from(["end", "start"])),
+                     min_size=7, max_size=7))
+def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near):
+    """Pages are zero, random or text of digits and letters; each secret is planted across or
+    beside a page edge (``near`` bytes from it, or ending / starting right at it), so many touch
+    a zero page, beyond which the next page's characters would glue on if the squeeze did not
+    keep zeros between."""
+    rng = random.Random(seed)
+    gen = np.random.default_rng(seed)
+    data = np.zeros(NPAGES * PAGE, np.uint8)
+    for p in range(NPAGES):
+        kind = rng.random()
+        if kind > 0.7:
+            data[p * PAGE : (p + 1) * PAGE] = gen.integers(0, 256, PAGE, dtype=np.uint8)
+        elif kind > 0.4:
+            text = np.frombuffer(b"0123456789ABCDEFabcdef", np.uint8)
+            data[p * PAGE : (p + 1) * PAGE] = gen.choice(text, PAGE)
+    for blob, off in zip(secrets(rng), near, strict=True):
+        edge = rng.randrange(1, NPAGES - 2) * PAGE
+        at = edge - len(blob) if off == "end" else edge if off == "start" else edge + off
+        data[at : at + len(blob)] = np.frombuffer(blob, np.uint8)
+    plain = findings(data, False, chunk)
+    assert findings(data, True, chunk) == plain
+    assert len({f[0] for f in plain}) >= 4  # the plants were found (some may overlap)
+
+
+def test_squeeze_keeps_zero_edges_and_drops_hits_across_a_gap():
+    data = np.zeros(16 * PAGE, np.uint8)
+    data[:PAGE] = 1
+    data[5 * PAGE : 6 * PAGE] = 2  # pages 1-4 and 6-15 are zero
+    sq = _Squeezed.of(data, 0, data.size)
+    assert sq is not None
+    assert sq.bstart.tolist() == [0, 5 * PAGE - SQUEEZE_KEEP, 16 * PAGE - SQUEEZE_KEEP]
+    assert sq.length.tolist() == [PAGE + SQUEEZE_KEEP, PAGE + 2 * SQUEEZE_KEEP, SQUEEZE_KEEP]
+    buf = sq.chunk.data
+    for q, b, n in zip(sq.qstart.tolist(), sq.bstart.tolist(), sq.length.tolist(), strict=True):
+        assert np.array_equal(buf[q : q + n], data[b : b + n])
+    first_end = int(sq.qstart[1])
+    hits = sq.place(Hits.of([10, first_end - 4, first_end + 3], [8, 8, 8], 0))
+    assert hits.start.tolist() == [10, 5 * PAGE - SQUEEZE_KEEP + 3]  # the straddling one left out
+    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), 0, 16 * PAGE) is None  # no zero page
+
+
+def test_zeros_kept_cover_every_read_past_a_match():
+    """A kernel crypto_aes_ctx is the farthest any detector reads past a match (its
+    decryption schedule after an encryption schedule): the zeros kept on both sides of a
+    squeezed-out run must cover it, so what lies beyond reads as zeros, as unsqueezed."""
+    from patterns.aes import CTX_SIZE, AesKeyDetector
+
+    assert 2 * SQUEEZE_KEEP >= CTX_SIZE - AesKeyDetector.max_len
+
+
+def test_token_ending_at_a_zero_page_is_not_glued_to_the_next_page():
+    data = np.zeros(24 * PAGE, np.uint8)
+    data[2 * PAGE : 3 * PAGE] = ord(" ")
+    data[4 * PAGE : 5 * PAGE] = np.frombuffer(b"0123456789ABCDEF" * (PAGE // 16), np.uint8)
+    token = b"AKIAABCDEFGHIJKLMNOP"
+    data[3 * PAGE - len(token) : 3 * PAGE] = np.frombuffer(token, np.uint8)  # page 3 is zero
+    plain = findings(data, False, 16 * PAGE)
+    assert [f[:3] for f in plain] == [("aws-key", 3 * PAGE - len(token), len(token))]
+    assert findings(data, True, 16 * PAGE) == plain
