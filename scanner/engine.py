@@ -637,9 +637,12 @@ class _LazyRows:
         lo = np.clip(self.valid[idx, 0] - a, 0, width)
         hi = np.clip(self.valid[idx, 1] - a, 0, width)
         full = (lo == 0) & (hi == width)
+        if self.data.size >= width:
+            view = self.view if width == self.w else sliding_window_view(self.data, width)
+            if full.all():  # the usual case: every row whole, one gather
+                return view[st]
         out = np.zeros((idx.size, width), np.uint8)
         if full.any() and self.data.size >= width:
-            view = self.view if width == self.w else sliding_window_view(self.data, width)
             out[full] = view[st[full]]
         for k in np.flatnonzero(~full).tolist():  # short extents only: rare
             x, y = int(lo[k]), int(hi[k])
