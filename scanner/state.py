@@ -570,25 +570,14 @@ class StateDB:
             "WHERE f.resolved_run IS NULL AND i.status='present' "
             "ORDER BY i.path, f.space, f.addr, f.detector"
         ).fetchall()
-        wanted = None if paths is None else set(paths)
+        if paths is not None:
+            wanted = set(paths)
+            rows = [r for r in rows if r[0] in wanted]
+        # one JSON document for every row's details: a nightly run re-reads thousands
+        details = json.loads("[" + ",".join(r[10] for r in rows) + "]")
         return [
-            Finding(
-                r[0],
-                r[1],
-                r[2],
-                r[3],
-                r[4],
-                r[5],
-                r[6],
-                r[7],
-                r[8],
-                r[9],
-                json.loads(r[10]),
-                r[11],
-                r[12],
-            )
-            for r in rows
-            if wanted is None or r[0] in wanted
+            Finding(r[0], r[1], r[2], r[3], r[4], r[5], r[6], r[7], r[8], r[9], d, r[11], r[12])
+            for r, d in zip(rows, details, strict=True)
         ]
 
     def image_record(self, path: str) -> dict[str, Any]:
