@@ -33,6 +33,7 @@ from typing import Any
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks import truth as truthmod  # noqa: E402
+from benchmarks.bytecode import compile_package  # noqa: E402
 
 
 @dataclass
@@ -164,6 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--json", action="store_true", help="rows as JSON instead of a table")
     args = ap.parse_args(argv)
+    compile_package()
     rows = run(args.image, args.truth or args.image + ".truth.jsonl", max(1, args.runs))
     print(json.dumps([asdict(r) for r in rows], indent=1) if args.json else table(rows, args.image))
     return 0

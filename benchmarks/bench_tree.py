@@ -39,6 +39,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, ROOT)
 
+from benchmarks.bytecode import compile_package  # noqa: E402
 from benchmarks.gen_image import luhn_complete, parse_size  # noqa: E402
 
 PAGE = 4096
@@ -88,6 +89,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", help="build the files in this directory and keep them")
     a = ap.parse_args()
+    compile_package()
     size = a.size // PAGE * PAGE
     work = a.keep or tempfile.mkdtemp(prefix="bench_tree.")
     tree = os.path.join(work, "tree")

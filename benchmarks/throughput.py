@@ -27,6 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
+import bytecode  # noqa: E402
 import gen_image  # noqa: E402
 import rg_compare  # noqa: E402
 import truth  # noqa: E402
@@ -102,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--min-confidence", default=None,
                     help="passed to vmleak scan (default: the scanner's own default)")
     args = ap.parse_args(argv)
+    bytecode.compile_package()
     args.workdir.mkdir(parents=True, exist_ok=True)
     cores = os.cpu_count() or 1
     m = ensure_image(args.workdir, "M", "256M" if args.quick else "1G")
