@@ -126,9 +126,10 @@ class _EdgeSet:
         return int(self.addr.size)
 
     def subset(self, idx: np.ndarray) -> _EdgeSet:
-        """A copy of the chosen edges (rows materialised: they must outlive the buffer)."""
+        """The chosen edges (``idx`` ascending), kept for later segments: rows of a reused
+        buffer are copied (they must outlive it), rows of a fixed one stay lazy."""
         return _EdgeSet(
-            self.space[idx], self.addr[idx], self.fo[idx], self.src[idx], self.rows[idx]
+            self.space[idx], self.addr[idx], self.fo[idx], self.src[idx], _keep_rows(self.rows, idx)
         )
 
     def plus(self, other: _EdgeSet) -> _EdgeSet:
@@ -598,7 +599,7 @@ class _RowSource:
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1]
+        return int(self.first.nbytes + self.second.nbytes)
 
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
         out = np.empty((idx.size, self.shape[1]), np.uint8)
@@ -613,19 +614,27 @@ class _RowSource:
 class _LazyRows:
     """``w``-byte rows of a segment buffer at given offsets, of which only ``[lo, hi)`` are
     real guest bytes (an extent shorter than ``w``); fetched on demand through a
-    sliding-window view (no copy until indexed). The rest of a row reads as zeros."""
+    sliding-window view (no copy until indexed). The rest of a row reads as zeros.
+    ``stable``: the buffer stays valid while the image is open (not a reused window)."""
 
-    def __init__(self, data: np.ndarray, starts: np.ndarray, valid: np.ndarray, w: int) -> None:
+    def __init__(
+        self, data: np.ndarray, starts: np.ndarray, valid: np.ndarray, w: int, stable: bool
+    ) -> None:
         self.w = w
         self.starts = starts
         self.valid = valid
+        self.stable = stable
         self.view = sliding_window_view(data, w) if data.size >= w else None
         self.data = data
         self.shape = (starts.size, w)
 
     @property
     def nbytes(self) -> int:
-        return self.shape[0] * self.shape[1]
+        """Memory held: the row table only when the buffer is stable."""
+        return self.starts.nbytes * 3 if self.stable else self.shape[0] * self.shape[1]
+
+    def take(self, idx: np.ndarray) -> _LazyRows:
+        return _LazyRows(self.data, self.starts[idx], self.valid[idx], self.w, self.stable)
 
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
         return self.cols(idx, 0, self.w)
@@ -648,6 +657,19 @@ class _LazyRows:
             x, y = int(lo[k]), int(hi[k])
             out[k, x:y] = self.data[int(st[k]) + x : int(st[k]) + y]
         return out
+
+
+def _keep_rows(rows: Any, idx: np.ndarray) -> Any:
+    """Rows ``idx`` (ascending) of a row source, lazy where the buffer is stable."""
+    if isinstance(rows, _RowSource):
+        k = np.searchsorted(idx, rows.n1)
+        a, b = _keep_rows(rows.first, idx[:k]), _keep_rows(rows.second, idx[k:] - rows.n1)
+        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
+            return np.concatenate((a, b))  # copies stay one flat array, segment after segment
+        return _RowSource(a, b)
+    if isinstance(rows, _LazyRows) and rows.stable:
+        return rows.take(idx)
+    return rows[idx]
 
 
 def _cols(rows: Any, idx: np.ndarray, a: int, b: int) -> np.ndarray:
@@ -676,10 +698,13 @@ def _edge_sets(seg: Segment, w: int, fid: int) -> tuple[_EdgeSet, _EdgeSet]:
     t_valid = np.stack((np.maximum(0, w - ln), np.full(n, w)), axis=1)
     h_valid = np.stack((np.zeros(n, np.int64), np.minimum(ln, w)), axis=1)
     t_fo = np.where(ext.file_offset >= 0, ext.file_offset + ln, -1)
+    stable = not seg.reused
     tails = _EdgeSet(
-        ext.space, ext.addr + ln, t_fo, ids, _LazyRows(seg.data, lo + ln - w, t_valid, w)
+        ext.space, ext.addr + ln, t_fo, ids, _LazyRows(seg.data, lo + ln - w, t_valid, w, stable)
     )
-    heads = _EdgeSet(ext.space, ext.addr, ext.file_offset, ids, _LazyRows(seg.data, lo, h_valid, w))
+    heads = _EdgeSet(
+        ext.space, ext.addr, ext.file_offset, ids, _LazyRows(seg.data, lo, h_valid, w, stable)
+    )
     return tails, heads
 
 
