@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import cached_property
 from typing import TYPE_CHECKING, TextIO
 
 import click
@@ -210,11 +211,12 @@ class Outcome:
     def reason(self, f) -> str | None:
         return self.suppress.reason(f)
 
-    @property
+    # both read after the run, several times each (summary, exit status, output)
+    @cached_property
     def reportable(self) -> list:
         return [f for f in self.summary.findings if not self.reason(f)]
 
-    @property
+    @cached_property
     def new(self) -> list:
         """Reportable findings that are new: vs the state when one is used, else every
         reportable one (then only a baseline/allowlist separates old from new)."""
