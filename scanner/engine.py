@@ -393,19 +393,20 @@ class Engine:
         addr = np.concatenate((heads.addr, tails.addr))
         src = np.concatenate((heads.src, tails.src))
         none_h, none_t = np.full(nh, -1), np.full(nt, -1)
+        zeros = np.zeros(w, np.uint8)  # one row for all, broadcast: windows can be 8 KiB wide
         before = _EdgeSet(
             space,
             addr,
             np.concatenate((none_h, tails.fo)),
             src,
-            _RowSource(np.zeros((nh, w), np.uint8), tails.rows),
+            _RowSource(np.broadcast_to(zeros, (nh, w)), tails.rows),
         )
         after = _EdgeSet(
             space,
             addr,
             np.concatenate((heads.fo, none_t)),
             src,
-            _RowSource(heads.rows, np.zeros((nt, w), np.uint8)),
+            _RowSource(heads.rows, np.broadcast_to(zeros, (nt, w))),
         )
         idx = np.arange(nh + nt)
         return self._scan_windows(image, tier, before, idx, after, idx)
