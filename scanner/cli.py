@@ -207,6 +207,9 @@ class Outcome:
     suppress: Suppression = field(default_factory=Suppression)
     removed: int = 0
     specs: dict[str, ImageSpec] = field(default_factory=dict)  # how each image was opened
+    #: findings of unchanged images left in the database, per detector: a nightly run that
+    #: prints only changes, with nothing to suppress, needs their number, not themselves
+    stored_counts: dict[str, int] = field(default_factory=dict)
 
     def reason(self, f) -> str | None:
         return self.suppress.reason(f)
@@ -249,9 +252,11 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def _execute(p: dict, full: bool) -> Outcome:
+def _execute(p: dict, full: bool, changes_only: bool = False) -> Outcome:
     """Find the images, scan what needs scanning (all of it with ``full``), record it in the
-    state database when one is used, and gather everything the outputs need."""
+    state database when one is used, and gather everything the outputs need (with
+    ``changes_only``, the findings of unchanged images are counted, not read back, unless a
+    baseline or allowlist has to judge them)."""
     try:
         dets = select(p["detectors"])
     except ValueError as err:
@@ -319,9 +324,12 @@ def _execute(p: dict, full: bool) -> Outcome:
         run(fresh, config, jobs, bar, summary, on_result=store)
         bar.close()
         by_path = {r.image: r for r in summary.results}
-        stored = {}
-        for f in db.current_findings(reused):
-            stored.setdefault(f.image, []).append(f)
+        stored: dict[str, list] = {}
+        if changes_only and suppress.baseline is None and suppress.allowlist is None:
+            out.stored_counts = db.current_counts(reused)
+        else:
+            for f in db.current_findings(reused):
+                stored.setdefault(f.image, []).append(f)
         for path in reused:
             rec = db.image_record(path)
             summary.files[path] = rec.pop("files")
@@ -348,7 +356,7 @@ def _stats(out: Outcome) -> dict:
         "scanned": len(out.scanned),
         "unchanged": len(s.results) - len(out.scanned),
         "removed": out.removed,
-        "findings": len(s.findings),
+        "findings": len(s.findings) + sum(out.stored_counts.values()),
         "new": sum(c.kind == "new" for c in changes),
         "resolved": sum(c.kind == "resolved" for c in changes),
         "errors": len(s.errors) + sum(len(r.errors) for r in s.results),
@@ -362,7 +370,7 @@ def _exit_status(out: Outcome, fail_on: str) -> int:
         return EXIT_ERROR
     if fail_on == "none":
         return EXIT_CLEAN
-    hits = out.new if fail_on == "new" else out.reportable
+    hits = out.new if fail_on == "new" else out.reportable or out.stored_counts
     return EXIT_FOUND if hits else EXIT_CLEAN
 
 
@@ -388,7 +396,7 @@ def _summary_paragraph(out: Outcome, fail_on: str, status: int) -> str:
     s = out.summary
     n = len(s.results)
     reportable = out.reportable
-    by_det: dict[str, int] = {}
+    by_det = dict(out.stored_counts)
     for f in reportable:
         by_det[f.detector] = by_det.get(f.detector, 0) + 1
     what = ", ".join(f"{k} {d}" for d, k in sorted(by_det.items())) or "no findings"
@@ -440,7 +448,7 @@ def scan(**p) -> None:
     unchanged images are not rescanned, their stored findings are shown, and each run records
     what is new and what was resolved (see `vmleak diff`)."""
     p["fail_on"] = p["fail_on"] or ("new" if p["since_last"] else "any")
-    out = _execute(p, full=p["full"])
+    out = _execute(p, full=p["full"], changes_only=p["since_last"])
     if p["since_last"]:
         reportable_new = {(f.image, f.detector, f.fingerprint) for f in out.new}
         shown = [

@@ -560,6 +560,21 @@ class StateDB:
 
     # ------------------------------------------------------------------ queries
 
+    def current_counts(self, paths: list[str]) -> dict[str, int]:
+        """Current (unresolved) findings of the present images ``paths``, counted per
+        detector, without reading them back."""
+        rows = self.db.execute(
+            "SELECT i.path, f.detector, COUNT(*) FROM findings f "
+            "JOIN images i ON i.id = f.image_id "
+            "WHERE f.resolved_run IS NULL AND i.status='present' GROUP BY i.path, f.detector"
+        ).fetchall()
+        wanted = set(paths)
+        counts: dict[str, int] = {}
+        for path, detector, n in rows:
+            if path in wanted:
+                counts[detector] = counts.get(detector, 0) + n
+        return counts
+
     def current_findings(self, paths: list[str] | None = None) -> list[Finding]:
         """Current (unresolved) findings of present images (of ``paths`` if given), in image
         then address order."""

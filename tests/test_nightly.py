@@ -353,3 +353,23 @@ def test_unchanged_second_run_reads_no_image(tree, tmp_path, monkeypatch):
     os.utime(victim)  # new mtime: it must be looked at again
     CliRunner().invoke(main, args, env=env)
     assert str(victim) in {os.path.abspath(p) for p in opened}
+
+
+def test_since_last_counts_unchanged_findings_without_reading_them_back(tree, tmp_path):
+    """--since-last prints only changes: the findings of unchanged images are counted in the
+    database for the summary and exit status, and the counts match a run that reads them."""
+    db = str(tmp_path / "state.db")
+    scan = ("scan", "--state", db, "--format", "jsonl")
+    assert vmleak(*scan, str(tree)).returncode == 1
+    raw_with(tree / "clean.raw", {7000: f"visa {PAN2}"})  # one image changes
+    r = vmleak(*scan, "--since-last", str(tree))
+    assert r.returncode == 1 and "1 scanned, 2 unchanged" in summary_line(r)
+    counts = summary_line(r).split(" in ")[0]
+    assert counts == "vmleak: 1 aws-key, 2 pan, 1 ssn"
+    r = vmleak(*scan, "--since-last", "--fail-on", "any", str(tree))
+    assert r.returncode == 1 and jsonl(r) == [] and summary_line(r).startswith(counts)
+    assert vmleak(*scan, "--since-last", str(tree)).returncode == 0  # nothing new
+    full = vmleak(*scan, "--fail-on", "none", str(tree))  # every stored finding read back
+    assert summary_line(full).split(" in ")[0] == counts and len(jsonl(full)) == 4
+    runs = sqlite3.connect(db).execute("SELECT stats FROM runs ORDER BY id").fetchall()
+    assert [json.loads(s)["findings"] for (s,) in runs] == [3, 4, 4, 4, 4]
