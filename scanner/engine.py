@@ -635,6 +635,7 @@ class _LazyRows:
         return self.starts.nbytes * 3 if self.stable else self.shape[0] * self.shape[1]
 
     def take(self, idx: np.ndarray) -> _LazyRows:
+        """Rows ``idx``, still lazy (only for a stable buffer: the rows are read later)."""
         return _LazyRows(self.data, self.starts[idx], self.valid[idx], self.w, self.stable)
 
     def __getitem__(self, idx: np.ndarray) -> np.ndarray:
