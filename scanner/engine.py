@@ -421,16 +421,24 @@ class Engine:
         hi: np.ndarray,
     ) -> list[Finding]:
         """Scan windows made of tail row ``ti[k]`` + head row ``hi[k]``, joined at the head's
-        address; keep matches that touch the join (or whose context reaches across it)."""
-        w = tier.edge
+        address; keep matches that touch the join (or whose context reaches across it).
+
+        A batch's windows are narrowed to the guest bytes its rows hold next to the join
+        (a 4 KiB page in a tier's 8 KiB rows): what lies beyond is absent memory, zeros in a
+        full row and nothing in a narrowed one, which no detector tells apart."""
         found: list[Finding] = []
-        for b in range(0, ti.size, EDGE_BATCH):
-            tb, hb = ti[b : b + EDGE_BATCH], hi[b : b + EDGE_BATCH]
+        for at in range(0, ti.size, EDGE_BATCH):
+            tb, hb = ti[at : at + EDGE_BATCH], hi[at : at + EDGE_BATCH]
+            w = min(tier.edge, -(-max(_held(tails.rows, tb), _held(heads.rows, hb)) // 8) * 8)
+            if w == 0:
+                continue
             # only windows where some detector of the tier could match across the middle,
             # judged on the narrow band around it when every detector allows that
-            b = tier.band or w
-            test = np.concatenate((_cols(tails.rows, tb, w - b, w), _cols(heads.rows, hb, 0, b)),
-                                  axis=1)
+            b = min(tier.band or w, w)
+            e = tier.edge  # where the join lies in the stored rows
+            test = np.concatenate(
+                (_cols(tails.rows, tb, e - b, e), _cols(heads.rows, hb, 0, b)), axis=1
+            )
             useful = np.zeros(test.shape[0], bool)
             for _, det in tier.detectors:
                 useful |= det.may_touch(test)
@@ -440,7 +448,9 @@ class Engine:
             if b == w:
                 flat = test[keep_rows].reshape(-1)
             else:
-                flat = np.concatenate((tails.rows[tb], heads.rows[hb]), axis=1).reshape(-1)
+                flat = np.concatenate(
+                    (_cols(tails.rows, tb, e - w, e), _cols(heads.rows, hb, 0, w)), axis=1
+                ).reshape(-1)
             chunk = Chunk(flat)
             for _, det in tier.detectors:
                 h = det.find(chunk)
@@ -672,6 +682,22 @@ def _keep_rows(rows: Any, idx: np.ndarray) -> Any:
     if isinstance(rows, _LazyRows) and rows.stable:
         return rows.take(idx)
     return rows[idx]
+
+
+def _held(rows: Any, idx: np.ndarray) -> int:
+    """The most guest bytes any of rows ``idx`` holds next to the join (the rest of a row
+    is absent memory, read as zeros)."""
+    if idx.size == 0:
+        return 0
+    if isinstance(rows, _LazyRows):
+        valid = rows.valid[idx]
+        return int((valid[:, 1] - valid[:, 0]).max())
+    if isinstance(rows, _RowSource):
+        first = idx < rows.n1
+        return max(_held(rows.first, idx[first]), _held(rows.second, idx[~first] - rows.n1))
+    if rows.strides[0] == 0:  # the one shared row of zeros of lonely edges
+        return 0
+    return int(rows.shape[1])
 
 
 def _cols(rows: Any, idx: np.ndarray, a: int, b: int) -> np.ndarray:
