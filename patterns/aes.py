@@ -210,6 +210,11 @@ def _windows(data: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray
 def _stage2(buf: np.ndarray, idx: np.ndarray) -> list[tuple[int, int, int]]:
     """Exact schedules in the window buffer: (chunk offset, Nk, layout)."""
     out: list[tuple[int, int, int]] = []
+    # 3 bytes of padding, so the words at every byte offset reach the buffer's last byte (a
+    # schedule may end right at the end of an image); a match reading padding runs past the
+    # chunk, and the engine does not keep it
+    buf = np.concatenate((buf, np.zeros(3, np.uint8)))
+    idx = np.concatenate((idx, idx[-1] + np.arange(1, 4))) if idx.size else idx
     m = (buf.size - 3) // 4
     if m < schedule_words(4):
         return out

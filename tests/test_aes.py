@@ -111,6 +111,20 @@ def test_planted_found_once(key: bytes, seed: int, kind: str, swapped: bool, whe
     assert found[0][2]["layout"] == ("byteswapped" if swapped else "standard")
 
 
+@pytest.mark.parametrize("nbytes", [16, 24, 32])
+@pytest.mark.parametrize("swapped", [False, True])
+def test_schedule_ending_at_the_last_byte_of_a_chunk(nbytes: int, swapped: bool) -> None:
+    """At every byte alignment, a schedule whose last byte is the chunk's last is found."""
+    key = bytes(range(7, 7 + nbytes))
+    schedule = pyaes_schedule(key)
+    image = byteswapped(schedule) if swapped else schedule
+    for size in range(4000, 4004):
+        buf = background(size, size, "random")
+        buf[size - len(image) :] = image
+        found = find(buf)
+        assert [(s, n, v) for s, n, _, v in found] == [(size - len(image), len(image), key)]
+
+
 def small_int_table(seed: int, size: int) -> bytearray:
     """Rows of small integers padded with zero words (relocations, symbol tables): data that
     obeys the schedule relation on its own, which stage 1 must throw out without losing keys."""
