@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from patterns.base import ASCII, UTF16LE, Chunk, Detector
+from patterns.scratch import buffer
 
 #: characters kept before and after hot blocks: the farthest reach from a hot pair is an SSN
 #: keyword (up to 15 characters) ending 24 characters before a bare number whose digits the
@@ -43,18 +44,6 @@ MAX_CHAIN = 64
 MAX_GROUPS = 5
 #: digits of the first group of every grouped match (PAN groupings 4, an SSN 3)
 FIRST_GROUP = np.array([3, 4])
-
-
-_SCRATCH: dict[str, np.ndarray] = {}
-
-
-def _scratch(name: str, n: int) -> np.ndarray:
-    """A reused bool work array of ``n`` elements (contents garbage): a fresh multi-MiB
-    array per call would be page-faulted in every time."""
-    arr = _SCRATCH.get(name)
-    if arr is None or arr.size < n:
-        arr = _SCRATCH[name] = np.empty(max(n, 1 << 16), bool)
-    return arr[:n]
 
 
 @dataclass
@@ -174,23 +163,23 @@ def _chain_masks(t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, 
     changes between p and p+1; and that eroded mask at 0 and at n-7. Worked out in blocks
     of CHAIN_BLOCK, each from its own text plus 8 characters around."""
     n = t.size
-    link, edge = _scratch("link", n - 2), _scratch("edge", n - 7)
+    link, edge = buffer("digits.link", n - 2, bool), buffer("digits.edge", n - 7, bool)
     first = last = False
     for lo in range(0, max(n - 7, 1), CHAIN_BLOCK):
         hi = min(n - 7, lo + CHAIN_BLOCK)  # edge[lo:hi] needs chain characters lo .. hi+6
         a, b = max(lo - 1, 0), min(hi + 6, n - 2)
-        lk, sp = link[a:b], _scratch("space", b - a)
+        lk, sp = link[a:b], buffer("digits.space", b - a, bool)
         np.equal(t[a + 1 : b + 1], SPACE, out=lk)
         np.equal(t[a + 1 : b + 1], DASH, out=sp)
         np.logical_or(lk, sp, out=lk)
         np.logical_and(lk, d[a:b], out=lk)
         np.logical_and(lk, d[a + 2 : b + 2], out=lk)
         m = hi + 7 - lo
-        c = _scratch("c", m)  # chain characters lo .. hi+6
+        c = buffer("digits.c", m, bool)  # chain characters lo .. hi+6
         np.copyto(c, d[lo : lo + m])
         q0, q1 = max(lo, 1), min(lo + m, n - 1)
         np.logical_or(c[q0 - lo : q1 - lo], link[q0 - 1 : q1 - 1], out=c[q0 - lo : q1 - lo])
-        e2, e4 = _scratch("erode2", m - 1), _scratch("erode4", m - 3)
+        e2, e4 = buffer("digits.erode2", m - 1, bool), buffer("digits.erode4", m - 3, bool)
         np.logical_and(c[:-1], c[1:], out=e2)  # c[p .. p+1]
         np.logical_and(e2[:-2], e2[2:], out=e4)  # c[p .. p+3]
         e = e2[: m - 6]

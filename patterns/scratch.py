@@ -2,7 +2,7 @@
 
 - :func:`buffer` hands out preallocated scratch arrays (per thread, grown on demand) so the
   full-width passes of stage 1 write into memory that stays in cache instead of allocating
-  a fresh array per chunk.
+  a fresh array per chunk (the digit stage's chain masks use it too).
 - One anchor pass per chunk finds every registered 2-byte anchor (:func:`register_anchor`) at
   every byte offset, as bytes and, for text anchors, as two UTF-16LE characters: a single
   lookup of each uint16 word in a 65536-entry code table, then a shift and an AND that pair
@@ -29,7 +29,9 @@ import numpy as np
 from patterns.base import ASCII, UTF16LE, Chunk
 
 _local = threading.local()
-POOL_LIMIT = 4 << 20  # bytes: scratch arrays up to this size are kept for the next chunk
+#: bytes: scratch arrays up to this size are kept for the next chunk (an engine chunk of
+#: 4 MiB with its margins, as the digit stage's work arrays for dense digit text need)
+POOL_LIMIT = 8 << 20
 
 #: margin (max_len + context, bytes) every text detector declares: the engine scans detectors
 #: with the same margin over the same chunk, so they share this module's per-chunk passes
