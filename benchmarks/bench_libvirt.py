@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -31,7 +30,8 @@ import numpy as np
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from parsers import qemu_gpa, registry  # noqa: E402
+from benchmarks.inprocess import timed  # noqa: E402
+from parsers import qemu_gpa  # noqa: E402
 from patterns import registry as detectors  # noqa: E402
 from scanner.engine import Engine, ScanConfig  # noqa: E402
 from tests.qemu_writer import libvirt_head  # noqa: E402  (test-only container writer)
@@ -99,23 +99,6 @@ def make_save(raw: str, out: str, fmt: str | None) -> None:
             raise SystemExit(f"{cmd[0]} failed")
 
 
-def timed(engine: Engine, path: str, fmt: str | None, repeat: int) -> tuple[float, int, list]:
-    """(median seconds, bytes scanned, findings) of scanning ``path``. Guest MB/s below use
-    the guest RAM size: a save does not store (so never scans) zero pages."""
-    times = []
-    result = None
-    for k in range(repeat + 1):
-        t0 = time.perf_counter()  # opening (walking the stream's records) counts too
-        with registry.open_image(path, fmt) as image:
-            result = engine.scan_image(image)
-            if k:
-                times.append(time.perf_counter() - t0)
-    assert result is not None
-    if result.errors:
-        raise SystemExit(f"{path}: {result.errors}")
-    return statistics.median(times), result.bytes_scanned, result.findings
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--image", required=True, help="raw memory image (e.g. from gen_image.py)")
@@ -127,7 +110,7 @@ def main() -> None:
     engine = Engine(ScanConfig(detectors=detectors.select(opts.detectors), key=b"bench" * 8))
     size = os.path.getsize(opts.image) // PAGE * PAGE
     below = qemu_gpa.layout(MACHINE, [("pc.ram", size)]).pieces["pc.ram"][0].length
-    t_raw, _, f_raw = timed(engine, opts.image, "raw", opts.repeat)
+    t_raw, _, f_raw = timed(engine, opts.image, "raw", opts.repeat, count_open=True)
     print(f"raw          {size / t_raw / 1e6:8.0f} MB/s guest   {t_raw:6.2f} s   "
           f"{len(f_raw)} findings")
     expected = sorted((f.detector, f.gpa + (4 << 30) - below if f.gpa >= below else f.gpa)
@@ -142,7 +125,7 @@ def main() -> None:
             make_save(opts.image, out, fmt)
             made = time.perf_counter() - t0
             fsize = os.path.getsize(out)
-            t, _, found = timed(engine, out, None, opts.repeat)
+            t, _, found = timed(engine, out, None, opts.repeat, count_open=True)
             same = sorted((f.detector, f.gpa) for f in found) == expected
             print(
                 f"save {fmt or 'raw':7} {size / t / 1e6:8.0f} MB/s guest "

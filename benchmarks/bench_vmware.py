@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
-from parsers import registry  # noqa: E402
+from benchmarks.inprocess import timed  # noqa: E402
 from patterns import registry as detectors  # noqa: E402
 from scanner.engine import Engine, ScanConfig  # noqa: E402
 from tests import vmware_writer as w  # noqa: E402  (the test-only checkpoint writer)
@@ -56,21 +54,6 @@ def build(directory: str, size: int, image: str | None) -> tuple[str, str, list[
     return ck, vmem, regions
 
 
-def timed(engine: Engine, path: str, fmt: str | None, repeat: int) -> tuple[float, int, list]:
-    """(median seconds, guest bytes scanned, findings) of scanning ``path``."""
-    times, result = [], None
-    for k in range(repeat + 1):
-        with registry.open_image(path, fmt) as image:
-            t0 = time.perf_counter()
-            result = engine.scan_image(image)
-            if k:  # the first run warms the page cache
-                times.append(time.perf_counter() - t0)
-    assert result is not None
-    if result.errors:
-        raise SystemExit(f"{path}: {result.errors}")
-    return statistics.median(times), result.bytes_scanned, result.findings
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--size", default="4G", help="sparse .vmem size (default 4G)")
@@ -84,8 +67,8 @@ def main() -> None:
     engine = Engine(ScanConfig(detectors=detectors.select(args.detectors), key=b"bench"))
     with tempfile.TemporaryDirectory(dir=args.dir) as directory:
         ck, vmem, regions = build(directory, size, args.image)
-        t_vm, n_vm, f_vm = timed(engine, ck, None, args.repeat)
-        t_raw, n_raw, f_raw = timed(engine, vmem, "raw", args.repeat)
+        t_vm, n_vm, f_vm = timed(engine, ck, None, args.repeat, count_open=False)
+        t_raw, n_raw, f_raw = timed(engine, vmem, "raw", args.repeat, count_open=False)
     low_end = regions[0].pages * w.PAGE
     shift = HOLE_PPN * w.PAGE - low_end  # GPA of a byte above the hole minus its offset
 
