@@ -236,6 +236,13 @@ class RunInfo:
     stats: dict[str, Any] = field(default_factory=dict)
 
 
+#: the current (unresolved) findings of present images, joined to their image
+_CURRENT = (
+    "FROM findings f JOIN images i ON i.id = f.image_id "
+    "WHERE f.resolved_run IS NULL AND i.status='present'"
+)
+
+
 class StateDB:
     """The state database. ``writer=True`` takes the run lock (waiting up to ``lock_wait``
     seconds) and checks/records the fingerprint key's check value."""
@@ -564,9 +571,7 @@ class StateDB:
         """Current (unresolved) findings of the present images ``paths``, counted per
         detector, without reading them back."""
         rows = self.db.execute(
-            "SELECT i.path, f.detector, COUNT(*) FROM findings f "
-            "JOIN images i ON i.id = f.image_id "
-            "WHERE f.resolved_run IS NULL AND i.status='present' GROUP BY i.path, f.detector"
+            "SELECT i.path, f.detector, COUNT(*) " + _CURRENT + " GROUP BY i.path, f.detector"
         ).fetchall()
         wanted = set(paths)
         counts: dict[str, int] = {}
@@ -580,10 +585,8 @@ class StateDB:
         then address order."""
         rows = self.db.execute(
             "SELECT i.path, f.format, f.detector, f.gpa, f.file, f.offset, f.length, f.encoding, "
-            "f.masked, f.fingerprint, f.details, f.space, f.addr FROM findings f "
-            "JOIN images i ON i.id = f.image_id "
-            "WHERE f.resolved_run IS NULL AND i.status='present' "
-            "ORDER BY i.path, f.space, f.addr, f.detector"
+            "f.masked, f.fingerprint, f.details, f.space, f.addr " + _CURRENT
+            + " ORDER BY i.path, f.space, f.addr, f.detector"
         ).fetchall()
         if paths is not None:
             wanted = set(paths)
