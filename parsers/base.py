@@ -109,6 +109,39 @@ class Coverage:
         return {k: v for k, v in out.items() if v is not None}
 
 
+def file_regions(
+    size: int, spans: list[tuple[str, int, int]], guest: list[tuple[int, int]]
+) -> list[tuple[str, int, int]]:
+    """The bytes ``[0, size)`` of a file that are not guest memory, as (kind, first, end).
+
+    ``spans`` are the format's structures (kind, first, end) in priority order: where two
+    overlap (a hostile table), the earlier keeps the bytes; ``guest`` are the (first, end)
+    ranges holding guest memory, left out. Bytes in neither are ``unreferenced`` before the
+    end of the last structure or guest range, ``trailing`` after it."""
+    cuts = {0, size}
+    for _, a, b in spans:
+        cuts.update((min(max(a, 0), size), min(max(b, 0), size)))
+    for a, b in guest:
+        cuts.update((min(max(a, 0), size), min(max(b, 0), size)))
+    edges = sorted(cuts)
+    g = sorted(guest)
+    last = max([b for _, _, b in spans] + [b for _, b in guest] + [0])
+    out: list[tuple[str, int, int]] = []
+    gi = 0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        while gi < len(g) and g[gi][1] <= lo:
+            gi += 1
+        if gi < len(g) and g[gi][0] <= lo < g[gi][1]:
+            continue  # guest memory
+        kind = next((k for k, a, b in spans if a <= lo < b), None)
+        kind = kind or ("unreferenced" if lo < last else "trailing")
+        if out and out[-1][0] == kind and out[-1][2] == lo:
+            out[-1] = (kind, out[-1][1], hi)
+        else:
+            out.append((kind, lo, hi))
+    return out
+
+
 def mib(n: int) -> str:
     """``n`` bytes for a message: exact bytes, and MiB when large."""
     return f"{n:,} bytes ({n / 2**20:,.1f} MiB)" if n >= 1 << 20 else f"{n:,} bytes"
@@ -168,6 +201,17 @@ class Extents:
                 ln = end - b[first]
                 b, a, fo, sp = b[first], a[first], fo[first], sp[first]
         return cls(b.copy(), a.copy(), ln.copy(), fo.copy(), sp.copy())
+
+    @classmethod
+    def concat(cls, *parts: Extents) -> Extents:
+        """One table holding every extent of ``parts`` (tables of the same buffer)."""
+        return cls.build(
+            np.concatenate([p.buf_offset for p in parts]),
+            np.concatenate([p.addr for p in parts]),
+            np.concatenate([p.length for p in parts]),
+            np.concatenate([p.file_offset for p in parts]),
+            np.concatenate([p.space for p in parts]),
+        )
 
     @classmethod
     def single(cls, length: int, addr: int = 0, file_offset: int = -1) -> Extents:
@@ -248,6 +292,20 @@ class MemoryImage:
         if kind not in REGION_KINDS:
             raise ValueError(f"unknown region kind {kind!r}")
         return self.space_id(REGION_PREFIX + kind)
+
+    def region_extents(
+        self, pieces: list[tuple[str, int, int]], buf_base: int = 0, file_base: int | None = 0
+    ) -> Extents:
+        """Extents of ``region:<kind>`` spaces for ``pieces`` (kind, first, end), addressed by
+        offset in the file (or decompressed stream); ``buf_base``: that offset of buffer byte
+        0; ``file_base``: file offset of offset 0 when stored plainly (None: in a decompressed
+        stream, file offsets -1)."""
+        pieces = [(k, a, b) for k, a, b in pieces if b > a]
+        first = np.array([a for _, a, _ in pieces], np.int64)
+        length = np.array([b - a for _, a, b in pieces], np.int64)
+        space = np.array([self.region_space(k) for k, _, _ in pieces], np.int64)
+        fo = None if file_base is None else first + file_base
+        return Extents.build(first - buf_base, first, length, fo, space)
 
     def is_guest_space(self, space: int) -> bool:
         """Whether bytes of address space ``space`` are guest memory (GPA, a RAM block with no

@@ -362,7 +362,7 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
 
     def stream() -> Iterator[Segment]:
         image.coverage = Coverage()
-        ext = qemu.region_extents(image, head, 0, 0)
+        ext = image.region_extents(head)
         image.coverage.outside = ext.total()
         yield Segment(ev.data[:start], ext, path)
         try:

@@ -742,32 +742,6 @@ def stream_regions(
     return [(k, a, b) for k, a, b in out if b > a]
 
 
-def region_extents(
-    image: MemoryImage, pieces: list[tuple[str, int, int]], buf_base: int, file_base: int | None
-) -> Extents:
-    """Extents of ``region:<kind>`` spaces for ``pieces`` (kind, first, end) in stream or file
-    offsets (the address); ``buf_base``: offset of buffer byte 0; ``file_base``: file offset
-    of offset 0 when stored plainly (None: in a decompressed stream, file offsets -1)."""
-    if not pieces:
-        return Extents.build([], [], [])
-    first = np.array([a for _, a, _ in pieces], np.int64)
-    length = np.array([b - a for _, a, b in pieces], np.int64)
-    space = np.array([image.region_space(k) for k, _, _ in pieces], np.int64)
-    fo = None if file_base is None else first + file_base
-    return Extents.build(first - buf_base, first, length, fo, space)
-
-
-def merge_extents(*parts: Extents) -> Extents:
-    """One table holding every extent of ``parts`` (of the same buffer)."""
-    return Extents.build(
-        np.concatenate([p.buf_offset for p in parts]),
-        np.concatenate([p.addr for p in parts]),
-        np.concatenate([p.length for p in parts]),
-        np.concatenate([p.file_offset for p in parts]),
-        np.concatenate([p.space for p in parts]),
-    )
-
-
 # ---- the two ways to feed the walker ---------------------------------------------------------
 
 
@@ -820,11 +794,11 @@ def open_mapped(
     if walker.stopped is not None:
         stop = max(walker.stopped, walker.payload_end)
     pieces = list(before) + stream_regions(walker, start, ev.size, stop, desc_end)
-    regions = region_extents(image, pieces, 0, 0)
+    regions = image.region_extents(pieces, 0, 0)
     account(walker, image, stop)
     image.coverage.outside += image.region_bytes(regions)
     image.coverage.structure += ev.size - ext.total() - image.region_bytes(regions)
-    main = Segment(ev.data, merge_extents(ext, regions), path)
+    main = Segment(ev.data, Extents.concat(ext, regions), path)
     if walker.compressed:
         records = walker.compressed
 
@@ -921,7 +895,7 @@ def stream_segments(
                 head = [("header", walker.base, walker.header_end or rest_at)]
                 head = [h for h in head if h[2] > h[1]]
                 image.coverage.outside += sum(b - a for _, a, b in head)
-                ext = merge_extents(ext, region_extents(image, head, walker.base, None))
+                ext = Extents.concat(ext, image.region_extents(head, walker.base, None))
             if len(ext):
                 yield Segment(arr[:fill], ext, image.path, reused=True)
             if walker.compressed:
@@ -984,7 +958,7 @@ def _stream_rest(
             return err or bomb(pos + len(tail))
         pieces = [(k, a, b) for k, a, b in pieces if b > a]
         image.coverage.outside += sum(b - a for _, a, b in pieces)
-        ext = region_extents(image, pieces, pos, None)
+        ext = image.region_extents(pieces, pos, None)
         yield Segment(np.frombuffer(tail, np.uint8), ext, image.path, reused=True)
         pos += len(tail)
         tail = b"" if eof else src.read(WINDOW)
