@@ -770,7 +770,7 @@ def open_mapped(
     stop = None
     walker.base = 0
     try:
-        end = walker.walk(buf, start, ev.size, final=True)
+        end = _walk_released(walker, ev, buf, start)
     except ImageError as err:
         if not walker.blocks:
             raise
@@ -813,6 +813,23 @@ def open_mapped(
     image.meta["compressed_pages"] = walker.compressed_pages
     image.meta["pages"] = walker.pages + walker.compressed_pages
     image.meta["zero_pages"] = walker.zero_pages
+
+
+def _walk_released(walker: Walker, ev: Evidence, buf: memoryview, start: int) -> int:
+    """``walker.walk`` over the mapped file from ``start`` to its end, WINDOW bytes at a
+    time, giving back the pages walked: every page of a stream holds a record header, so
+    walking it in one go would leave the whole file resident. Returns where the walk ended."""
+    p, window, released = start, WINDOW, start
+    while True:
+        n = min(ev.size, p + window)
+        q = walker.walk(buf, p, n, final=n == ev.size)
+        ev.release(released, q - released)
+        if n == ev.size or walker.phase == "devices":
+            return q
+        # an item longer than the window (none is, in a real stream): widen until it fits
+        window = WINDOW if q > p else 2 * window
+        released = max(released, q)
+        p = q
 
 
 class StreamSource(Protocol):
