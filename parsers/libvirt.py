@@ -68,8 +68,9 @@ BOMB_MARGIN = 64 << 20  # bytes of stream allowed beyond the bound (device state
 #: stream bytes per declared RAM byte a paused save can need: each page once plus its 8-byte
 #: record header (0.2% at 4 KiB); libvirt pauses the domain before saving, so no page is resent
 STREAM_FACTOR = 1.25
-#: RAM blocks a stream holds beyond the XML ``<memory>`` (VGA RAM, ROMs, firmware, ACPI)
-NON_RAM_ALLOWANCE = 512 << 20
+#: RAM blocks a stream holds beyond the XML ``<memory>`` (VGA and QXL RAM, ROMs, firmware,
+#: ACPI tables: tens of MiB, QXL with large video memory a few hundred)
+NON_RAM_ALLOWANCE = 256 << 20
 #: deflate cannot expand data more than 1032:1 (a 258-byte match per 2 bits at best; zlib's
 #: technical notes): a gzip payload's stream is at most this many times its compressed size
 DEFLATE_MAX_RATIO = 1032

@@ -833,6 +833,7 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     image.files = files
     warn.close(path)
     image.warnings = warnings
+    image.check_coverage()
     return image
 
 
@@ -995,7 +996,7 @@ def _declare(
     image: MemoryImage, ck: Checkpoint | None, regions: list[Region] | None, read: int
 ) -> None:
     """Contract 4: the Checkpoint group's ``memSize`` (MiB) declares the guest RAM, else the
-    region table; a lone .vmem declares nothing but must not be empty."""
+    region table; a lone .vmem declares nothing. The caller checks it."""
     cov = image.coverage
     cov.read = read
     mem_mib = ck.checkpoint_tags.get("memSize", 0) if ck is not None else 0
@@ -1004,7 +1005,6 @@ def _declare(
     elif regions:
         cov.declared = sum(r.pages for r in regions) * PAGE
         cov.declared_by = "the checkpoint's memory regions"
-    image.check_coverage()
 
 
 def _checkpoint_meta(ck: Checkpoint) -> dict[str, Any]:
