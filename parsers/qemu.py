@@ -85,6 +85,7 @@ PEEK = 1 << 20  # decompressed prefix read at open time for the metadata
 RUN_PROBE = 16  # same-kind records in a row before a run is decoded with numpy
 RUN_MAX = 1 << 16  # records decoded per numpy batch
 MAP_MAX = 256 << 20  # bytes of page bitmap per RAM block (8 TiB of 4 KiB pages); past it, count
+SIGN_BIT = 1 << 63  # record words at or above this hold no page offset (array("q") bound)
 NO_EXTENT = -1  # page_pos of a page accounted for but not mapped from the buffer (fill, zlib)
 
 
@@ -357,7 +358,8 @@ class Walker:
         while p + 8 <= n:
             (w,) = unpack(buf, p)
             f = w & fmask
-            if (f == page_cont or f == zero_cont) and self.cur_block >= 0:
+            # (a word with the top bit set is no page offset: the slow path refuses it)
+            if (f == page_cont or f == zero_cont) and self.cur_block >= 0 and w < SIGN_BIT:
                 same = same + 1 if f == last else 0
                 last = f
                 size = rec if f == page_cont else 9
