@@ -9,7 +9,7 @@ import stat
 import time
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from scanner.baseline import AllowEntry, Allowlist, Baseline
@@ -176,9 +176,7 @@ def test_second_writer_waits_then_fails_clearly_readers_do_not(tmp_path):
     assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 
 
-@settings(
-    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=150)
 @given(text=st.text(max_size=300))
 def test_allowlist_and_baseline_parsers_reject_garbage_cleanly(tmp_path, text):
     p = tmp_path / "f"
