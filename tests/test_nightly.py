@@ -34,7 +34,7 @@ def tree(tmp_path):
     (ds / "vm2" / "mem.lime").write_bytes(lime(bytes(mem), [3, 1, 0, 2, 4, 5, 6, 7]))
     raw_with(ds / "clean.raw", {})
     (ds / "notes.txt").write_text("not an image")
-    (ds / "blob.bin").write_bytes(os.urandom(1000))
+    (ds / "blob.bin").write_bytes(bytes(range(256)) * 4)  # no magic, not whole pages
     os.mkfifo(ds / "pipe")
     outside = tmp_path / "outside.raw"
     raw_with(outside, {500: PAN2})
