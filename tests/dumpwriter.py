@@ -1,4 +1,4 @@
-"""Test-only writers of ELF cores and kdump-compressed dumps, following FORMATS.md section 4,
+"""Test-only writers of ELF cores and kdump-compressed dumps, following ``docs/formats.md`` §8-§9,
 for the variants the real QEMU 7.2 here cannot write (ELF32/big-endian cores, PN_XNUM,
 lzo/snappy/zstd pages, 32-bit kdump headers, incomplete dumps, odd flattened streams).
 

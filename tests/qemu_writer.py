@@ -1,6 +1,6 @@
 """Test-only writers for QEMU migration streams (incl. the mapped-ram layout of QEMU >= 9.0,
 which Debian's QEMU 7.2 cannot produce), libvirt save containers and qcow2 rewrites, following
-FORMATS.md sections 1-3. Nothing here is used by the product."""
+``docs/formats.md`` §4-§7. Nothing here is used by the product."""
 
 from __future__ import annotations
 

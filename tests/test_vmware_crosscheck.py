@@ -1,7 +1,7 @@
 """Every checkpoint the test writer makes is read by an independent reader too, with identical
 bytes at a sample of GPAs: volatility3's VmwareLayer (.vmem + checkpoint) and LeechCore's
 file device (.vmem + checkpoint; memory embedded in a .vmsn). Which reader accepts which
-variant is FORMATS.md section 11 (observed against the real tools); a variant no available
+variant is ``docs/formats.md`` §13 (observed against the real tools); a variant no available
 reader accepts is skipped with the reason. padsize is cross-checked through the embedded
 Memory block (padded to a page boundary); a padded block before the region tags has no
 independent reader (volatility3 ignores padsize, LeechCore assumes 4-byte memory-group values,
@@ -19,7 +19,7 @@ from tests import vmware_writer as w
 
 MiB = 1 << 20
 
-# FORMATS.md 11: magics each reader accepts.
+# docs/formats.md §13: magics each reader accepts.
 VOL3_MAGICS = {w.MAGIC_V0, w.MAGIC_RESTORED, w.MAGIC_CURRENT, w.MAGIC_PARTIAL}
 LEECH_MAGICS = {w.MAGIC_CURRENT, w.MAGIC_PARTIAL, w.MAGIC_RESTORED}
 CRASH_REASON = (
@@ -110,7 +110,7 @@ def _separate(tmp_path, magic: int, ext: str, size: int):
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
 def test_volatility3_reads_the_same_bytes(tmp_path, magic, ext, read_present, vol3):
     if magic not in VOL3_MAGICS:
-        pytest.skip(f"volatility3 refuses magic {magic:#x} (FORMATS.md 11)")
+        pytest.skip(f"volatility3 refuses magic {magic:#x} (docs/formats.md §13)")
     out, samples = _separate(tmp_path, magic, ext, 4 * MiB)
     read = _vol3_reader(out["vmem"], out["checkpoint"])
     for path in (out["checkpoint"], out["vmem"]):
@@ -121,7 +121,8 @@ def test_volatility3_reads_the_same_bytes(tmp_path, magic, ext, read_present, vo
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
 def test_leechcore_reads_the_same_bytes(tmp_path, magic, ext, read_present, leechcore):
     if magic not in LEECH_MAGICS:
-        pytest.skip(f"LeechCore refuses magic {magic:#x} and reads the .vmem flat (FORMATS.md 11)")
+        pytest.skip(f"LeechCore refuses magic {magic:#x} and reads the .vmem flat "
+                    "(docs/formats.md §13)")
     out, samples = _separate(tmp_path, magic, ext, LEECH_MIN_FILE)
     with _leech_reader(leechcore, out["vmem"]) as read:
         _compare(out["vmem"], samples, read, read_present)
