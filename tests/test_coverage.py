@@ -191,7 +191,7 @@ def test_vmware_vmem_shorter_than_memsize_is_an_error(tmp_path: Path) -> None:
     os.truncate(out["vmem"], 3 * MIB)  # no region table; the .vmem lost its last MiB
     findings, errors = scan(out["checkpoint"])
     assert [f.gpa for f in findings] == [0x100 + PLANT.index(PAN.encode())]
-    want = ("memSize declares 4,194,304 bytes", "3,145,728 bytes read")
+    want = ("memSize declares 4,194,304 bytes", "3,145,728 bytes (3.0 MiB) read")
     assert any(all(w in e for w in want) for e in errors), errors
 
 
