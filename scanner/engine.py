@@ -50,6 +50,9 @@ EDGE_BATCH = 4096  # edge windows scanned per batch (bounded memory)
 AROUND_BATCH = 8  # findings read between two releases of the pages they faulted in
 FAULT_REACH = 2 << 20  # a read may map a whole large folio (up to 2 MiB) around it
 PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across segments
+#: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
+#: (headers, device state, slack ...), addressed by their offset in the file or stream
+REGION_PREFIX = "region:"
 
 
 @dataclass
@@ -320,8 +323,13 @@ class Engine:
         if self.config.unmask:
             details["value"] = d.value.decode("latin-1")
         gpa = addr if space == GPA_SPACE else None
-        if space != GPA_SPACE:
-            details["block"] = image.spaces[space]
+        name = image.spaces[space]
+        if name.startswith(REGION_PREFIX):  # not guest memory: a part of the file itself
+            details["region"] = name[len(REGION_PREFIX) :]
+            if offset is None:
+                details["stream_offset"] = addr
+        elif space != GPA_SPACE:
+            details["block"] = name
             details["block_offset"] = addr
         if snapshot is not None:
             details["snapshot"] = snapshot
