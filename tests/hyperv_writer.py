@@ -9,6 +9,7 @@ code: nothing in ``parsers/`` imports it.
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import zlib
@@ -312,3 +313,96 @@ class VmrsFile:
         with open(path, "wb") as fh:
             fh.write(self.to_bytes())
         return path
+
+
+def write_vmrs_from_raw(raw_path: str, out_path: str) -> list[tuple[int, int]]:
+    """Stream a flat raw image into a .vmrs (dissect's table placement, Beyer's tag orders):
+    RAM below 3 GiB from GPA 0, the rest from 4 GiB (a Gen 1 style gap), one RamBlock at a
+    time; zero pages as fill tags, pages that compress well as XPRESS, the rest raw (identical
+    pages are compressed once). Returns the memory runs (base page, pages)."""
+    size = os.path.getsize(raw_path)
+    pages_total = size // PAGE
+    low = min(pages_total, 0xC0000)
+    runs = [(0, low)] + ([(0x100000, pages_total - low)] if pages_total > low else [])
+    cache: dict[bytes, bytes] = {}
+    files: list[tuple[int, int]] = []
+    with open(raw_path, "rb") as src, open(out_path, "w+b") as out:
+        out.write(bytes(0x6000))
+        index = 0
+        for _, n in runs:
+            for b0 in range(0, n, BLOCK_PAGES):
+                block = bytearray()
+                for _ in range(min(BLOCK_PAGES, n - b0)):
+                    pg = src.read(PAGE)
+                    if not any(pg):
+                        block += struct.pack("<IQ", 0xFFFFFFFE, 0)
+                        continue
+                    packed = cache.get(pg)
+                    if packed is None:
+                        packed = b""
+                        if len(zlib.compress(pg, 1)) < PAGE * 3 // 4:
+                            packed = xpress_compress(pg)
+                        if len(cache) < 1 << 16:
+                            cache[pg] = packed
+                    if packed and len(packed) < PAGE:
+                        block += struct.pack("<I", len(packed)) + packed
+                    else:
+                        block += struct.pack("<I", PAGE) + pg
+                block += b"\xff\xff\xff\xff"
+                out.seek(0, 2)
+                pad = (-out.tell()) % PAGE
+                out.write(bytes(pad))
+                files.append((out.tell(), len(block)))
+                out.write(block)
+                index += 1
+        f = VmrsFile(runs)
+        entries = bytearray()
+
+        def entry(name: str, dtype: int, value: bytes, flags: int = 0, parent=(0, 0)) -> int:
+            raw_name = name.encode() + b"\0"
+            at = 10 + len(entries)
+            entries.extend(
+                struct.pack(
+                    "<HIHIIIB",
+                    dtype | flags << 8,
+                    21 + len(raw_name) + len(value),
+                    parent[0],
+                    parent[1],
+                    0,
+                    0,
+                    len(raw_name),
+                )
+            )
+            entries.extend(raw_name + value)
+            return at
+
+        root = entry("savedstate", 9, bytes(12))
+        cursor = 0
+        for i, (base, n) in enumerate(f.runs):
+            value = struct.pack("<QQQQ", i, n, cursor, base)
+            entry(f"RamMemoryBlock{i}", 7, struct.pack("<I", 32) + value, parent=(1, root))
+            cursor += n
+        for i, (at, n) in enumerate(files):
+            entry(f"RamBlock{i}", 7, struct.pack("<IQ", n, at), flags=1, parent=(1, root))
+        key_table = struct.pack("<HHHI", 2, 1, 1, 0) + bytes(entries) + bytes(4)
+        out.seek(0, 2)
+        out.write(bytes((-out.tell()) % PAGE))
+        kt_at = out.tell()
+        out.write(key_table)
+        objects = [(2, kt_at, len(key_table))] + [(3, a, s) for a, s in files]
+        table = struct.pack("<II", 0x01110001, len(objects))
+        table += b"".join(struct.pack("<BIQIB", t, 0, a, s, 1) for t, a, s in objects)
+        if 0x2000 + len(table) > 0x6000:  # a big table goes to the end, chained from 0x2000
+            out.seek(0, 2)
+            more = out.tell()
+            out.write(table)
+            table = struct.pack("<II", 0x01110001, 1) + struct.pack("<BIQIB", 1, 0, more, 0, 1)
+        out.seek(0x2000)
+        out.write(table)
+        for copy, seq in enumerate((1, 2)):
+            h = bytearray(struct.pack("<IIHIQIQQI", SIGNATURE, 0, seq, 0x400, 0, 0x1000, 0x4000,
+                                      0x1000, 0x1000))  # fmt: skip
+            h[4:8] = struct.pack("<I", crc32(bytes(h)))
+            out.seek(copy * 0x1000)
+            out.write(h)
+    return runs

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from parsers import registry, vbox
 from parsers.base import ImageError
 from tests import vbox_writer as w
-from tests.plant import make_pan
+from tests.plant import luhn_digit
 
 PAGE = w.PAGE
 GiB = 1 << 30
@@ -236,7 +236,8 @@ def layouts(draw):
 def test_any_pan_at_any_gpa_is_found_once_there(tmp_path, layout):
     gpas, target, offset, passes, codec, seed = layout
     rng = random.Random(seed)
-    pan = make_pan(rng)
+    body = "4" + "".join(rng.choice("0123456789") for _ in range(14))
+    pan = body + luhn_digit(body)  # a Visa number: an issuer every rule set reports
     text = f" card {pan} ".encode()
     mem = {g: bytearray(filler(seed + i)) for i, g in enumerate(gpas)}
     # the PAN at target+offset, spilling into the next page when that page is present

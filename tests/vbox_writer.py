@@ -10,6 +10,7 @@ and ``pgmR3LiveExec`` (live passes). Not product code: nothing in ``parsers/`` i
 
 from __future__ import annotations
 
+import os
 import random
 import struct
 import zlib
@@ -303,3 +304,71 @@ class SavFile:
             if data is not None:
                 u.big(data)
             last = (ident, index)
+
+
+def write_sav_from_raw(raw_path: str, out_path: str, chunk: int = 1 << 20) -> int:
+    """Stream a flat raw image (byte k = GPA k) into a one-pass saved state at ``out_path`` as
+    SSM writes it (LZF / raw / zero records), reading ``chunk`` bytes at a time: memory does not
+    grow with the image. RAM from GPA 0, each page with its own address flag rule. Returns the
+    guest bytes written."""
+    size = os.path.getsize(raw_path)
+    sav = SavFile([Pass()], ram_size=size, extra_units=False)
+    head = sav.to_bytes()
+    # Reuse the header; write the pgm unit by hand, streaming.
+    file_header = head[:64]
+    rng = random.Random(0)
+    with open(raw_path, "rb") as src, open(out_path, "wb") as out:
+        out.write(file_header)
+        unit_off = out.tell()
+        raw_name = b"pgm\0"
+        hdr = bytearray(struct.pack("<8sQIIIIIII", b"\nUnit\n\0\0", unit_off, 0, 0, 14, 0,
+                                    PASS_FINAL, 0, len(raw_name)))  # fmt: skip
+        hdr += raw_name
+        hdr[0x14:0x18] = struct.pack("<I", crc32(bytes(hdr)))
+        out.write(hdr)
+        u = _Unit("ssm", rng)
+        u.u32(STRUCT_BEGIN)
+        u.put(bytes(17))
+        u.u32(STRUCT_END)
+        u.u32(sav.ram_hole)
+        u.u64(size)
+        u.u8(0xFF)
+        u.u8(0xFF)
+        written = 0
+        gpa = 0
+        while True:
+            data = src.read(chunk)
+            if not data:
+                break
+            for k in range(0, len(data) - PAGE + 1, PAGE):
+                pg = data[k : k + PAGE]
+                if any(pg):
+                    u.u8(0x01 if gpa else 0x81)
+                    if not gpa:
+                        u.u64(0)
+                    u.big(pg)
+                else:
+                    u.u8(0x00 if gpa else 0x80)
+                    if not gpa:
+                        u.u64(0)
+                gpa += PAGE
+            u.flush()
+            out.write(u.out)
+            written += len(u.out)
+            u.out = bytearray()
+        u.u8(0xFF)
+        u.flush()
+        body = bytes(u.out)
+        cb_unit = written + len(body) + 16
+        out.write(body + struct.pack("<BBHIQ", 0x91, 14, 0, 0, cb_unit))
+        end = bytearray(struct.pack("<8sQIIIIIII", b"\nTheEnd\0", out.tell(), 0, 0, 0, 0, 0, 0, 0))
+        end[0x14:0x18] = struct.pack("<I", crc32(bytes(end)))
+        out.write(end)
+        d = bytearray(struct.pack("<8sII", b"\nDir\n\0\0\0", 0, 1))
+        d += struct.pack("<QII", unit_off, 0, crc32(b"pgm"))
+        d[8:12] = struct.pack("<I", crc32(bytes(d)))
+        out.write(d)
+        foot = bytearray(struct.pack("<8sQIIII", b"\nFooter\0", out.tell(), 0, 1, 0, 0))
+        foot[28:32] = struct.pack("<I", crc32(bytes(foot)))
+        out.write(foot)
+    return gpa
