@@ -90,7 +90,6 @@ def execute(
             known = db.known_images()
     paths = list(expand_inputs(inputs, summary, walk, known))
     specs = [ImageSpec(x, p.input_format, p.image_options) for x in paths]
-    out.specs = {s.path: s for s in specs}
     jobs = p.jobs or os.cpu_count() or 1
     bar = Progress(p.progress)
 
@@ -103,7 +102,7 @@ def execute(
         for printer in sinks:
             printer.begin(out)
         run(specs, config, jobs, bar, summary, on_result=each)
-        out.scanned = {s.path for s in specs}
+        out.scanned = {r.image for r in summary.results}
         bar.close()
         out.ended = now()
         for printer in sinks:
@@ -138,14 +137,14 @@ def execute(
             rec = db.image_record(path)
             summary.files[path] = rec.pop("files")
             by_path[path] = ScanResult(image=path, findings=stored.get(path, []), **rec)
-        summary.results = [by_path[x] for x in paths]
+        summary.results = [by_path[x] for x in paths if x in by_path]  # all, unless cut
         # Gone from a tree means removed; but a datastore that is missing or empty (not
         # mounted tonight) is an error, and resolves nothing.
         roots = [x for x in inputs if os.path.exists(x) and x not in summary.empty_dirs]
         removed = db.mark_removed(out.run_id, roots, set(paths))
         out.removed = len({c.image for c in removed})
         out.changes = writer.changes + removed
-        out.scanned = fresh_paths
+        out.scanned = fresh_paths & set(by_path)
         out.ended = now()
         writer.finish(out)
     for printer in printers:
