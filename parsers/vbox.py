@@ -535,6 +535,15 @@ class _PgmReader:
         st.clen.append(clen)
         st.soff.append(soff)
 
+    def _record(self, key: int, has_data: bool, base: int) -> None:
+        """Add a page record: its 4 KiB are consumed from the stream when it has data."""
+        if not has_data:
+            self._add(key, _ZERO, 0, 0, 0)
+            return
+        soff = base + self.cur.logical
+        kind, where, clen = self.cur.page()
+        self._add(key, kind, where, clen, soff)
+
     def _pages(self) -> None:
         cur, st = self.cur, self.st
         base = st.stream_base
@@ -555,34 +564,18 @@ class _PgmReader:
                 if gpa % PAGE or gpa >= MAX_GPA:
                     raise _Stop(st.fail(at, f"RAM page record at unaligned or absurd GPA {gpa:#x}"))
                 self.last_ram = gpa
-                key = gpa
-                if kind == PG_RAM_RAW:
-                    soff = base + cur.logical
-                    pk, where, clen = cur.page()
-                    self._add(key, pk, where, clen, soff)
-                else:
-                    self._add(key, _ZERO, 0, 0, 0)
+                self._record(gpa, kind == PG_RAM_RAW, base)
             elif kind in (PG_MMIO2_RAW, PG_MMIO2_ZERO):
                 rng, index = self._range_page(rtype, "mmio2", flagged, at)
                 key = (self._space(f"block:{rng.desc}") << 48) | (index * PAGE)
-                if kind == PG_MMIO2_RAW:
-                    soff = base + cur.logical
-                    pk, where, clen = cur.page()
-                    self._add(key, pk, where, clen, soff)
-                else:
-                    self._add(key, _ZERO, 0, 0, 0)
+                self._record(key, kind == PG_MMIO2_RAW, base)
             elif PG_ROM_VIRGIN <= kind <= PG_ROM_PROT:
                 rng, index = self._range_page(rtype, "rom", flagged, at)
                 cur.u8()  # protection
                 if kind in (PG_ROM_VIRGIN, PG_ROM_SHW_RAW, PG_ROM_SHW_ZERO):
                     which = "virgin" if kind == PG_ROM_VIRGIN else "shadow"
                     key = (self._space(f"block:{rng.desc} ({which})") << 48) | (index * PAGE)
-                    if kind == PG_ROM_SHW_ZERO:
-                        self._add(key, _ZERO, 0, 0, 0)
-                    else:
-                        soff = base + cur.logical
-                        pk, where, clen = cur.page()
-                        self._add(key, pk, where, clen, soff)
+                    self._record(key, kind != PG_ROM_SHW_ZERO, base)
             else:
                 raise _Stop(st.fail(at, f"unknown pgm page record type {rtype:#04x}"))
 
