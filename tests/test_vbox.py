@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import random
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -43,20 +41,18 @@ def filler(seed: int) -> bytes:
     return bytes(out)
 
 
+def card_line(pan: str) -> bytes:
+    """``pan`` as a line of text after a card keyword. It ends with a newline, not a space: a
+    digit right after a lone space would join the PAN into a longer digit-group run, which is
+    no PAN (patterns/pan.py), and the filler after it may start with a digit."""
+    return f" card {pan}\n".encode()
+
+
 def with_text(page: bytes, at: int, text: str) -> bytes:
     b = bytearray(page)
-    data = f" card {text} ".encode()
+    data = card_line(text)
     b[at : at + len(data)] = data
     return bytes(b)
-
-
-def scan(path: str, detectors: str = "pan"):
-    from patterns import registry as det
-    from scanner.engine import Engine, ScanConfig
-
-    engine = Engine(ScanConfig(detectors=det.select(detectors), key=b"test-key"))
-    with registry.open_image(path) as image:
-        return engine.scan_image(image)
 
 
 def pans(result) -> list[tuple[int | None, str | None, str]]:
@@ -96,7 +92,7 @@ def roms() -> list[w.Range]:
 
 
 @pytest.mark.parametrize("codec", ["ssm", "raw", "small", ["ssm", "raw", "small"]], ids=str)
-def test_plain_save_gpas_mmio2_and_rom(tmp_path, codec):
+def test_plain_save_gpas_mmio2_and_rom(tmp_path, codec, scan_result):
     path = w.SavFile([simple_pass()], mmio2=mmio2(), rom=roms(), codec=codec, seed=5).write(
         str(tmp_path / "vm.sav")
     )
@@ -107,7 +103,7 @@ def test_plain_save_gpas_mmio2_and_rom(tmp_path, codec):
         assert image.meta["pgm_passes"] == ["final"]
         assert image.warnings == []
         assert "block:VRam" in image.spaces and "block:PC BIOS (virgin)" in image.spaces
-    result = scan(path)
+    result = scan_result(path)
     assert result.errors == [] and result.warnings == []
     assert pans(result) == [
         (0x1000 + 4006, None, "411111******1111"),
@@ -116,7 +112,7 @@ def test_plain_save_gpas_mmio2_and_rom(tmp_path, codec):
     ]
 
 
-def test_live_save_last_pass_wins_and_superseded_copies_are_reported(tmp_path):
+def test_live_save_last_pass_wins_and_superseded_copies_are_reported(tmp_path, scan_result):
     p0 = w.Pass(
         ram={0x1000: with_text(filler(1), 10, PAN_A), 0x2000: with_text(filler(2), 10, PAN_D)},
         mmio2={(1, 0): with_text(filler(3), 10, PAN_C)},
@@ -127,7 +123,7 @@ def test_live_save_last_pass_wins_and_superseded_copies_are_reported(tmp_path):
     with registry.open_image(path) as image:
         assert image.meta["live_save"] and image.meta["pgm_passes"] == [0, 1, "final"]
         assert image.meta["superseded_copies"] == 3
-    found = pans(scan(path))
+    found = pans(scan_result(path))
     # The guest's page 0x1000 is the final pass's copy; 0x2000 ended as a zero page.
     assert (0x1000 + 56, None, "555555******4444") in found
     assert [f for f in found if f[0] is not None] == [(0x1000 + 56, None, "555555******4444")]
@@ -137,7 +133,7 @@ def test_live_save_last_pass_wins_and_superseded_copies_are_reported(tmp_path):
     assert (None, "block:VRam", "401288******1881") in found  # MMIO2 page never superseded
 
 
-def test_extract_equals_the_guest_memory(tmp_path):
+def test_extract_equals_the_guest_memory(tmp_path, vmleak):
     rng = random.Random(9)
     final: dict[int, bytes | str | None] = {}
     expected: dict[int, bytes] = {}
@@ -151,12 +147,7 @@ def test_extract_equals_the_guest_memory(tmp_path):
         str(tmp_path / "x.sav")
     )
     out = tmp_path / "guest.raw"
-    r = subprocess.run(
-        [sys.executable, "-m", "scanner", "extract", path, "-o", str(out)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    r = vmleak("extract", path, "-o", str(out))
     assert r.returncode == 0, r.stderr
     with open(out, "rb") as fh:
         for gpa, data in expected.items():
@@ -165,25 +156,12 @@ def test_extract_equals_the_guest_memory(tmp_path):
     assert os.path.getsize(out) == max(expected) + PAGE
 
 
-def test_info_and_scan_cli(tmp_path):
+def test_info_and_scan_cli(tmp_path, vmleak):
     path = w.SavFile([simple_pass()], mmio2=mmio2(), rom=roms()).write(str(tmp_path / "v.sav"))
-    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
-    info = subprocess.run(
-        [sys.executable, "-m", "scanner", "info", path],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    info = vmleak("info", path)
     assert info.returncode == 0, info.stderr
     assert "vbox-sav" in info.stdout and "VRam" in info.stdout
-    r = subprocess.run(
-        [sys.executable, "-m", "scanner", "scan", "--detectors", "pan", str(tmp_path)],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
+    r = vmleak("scan", "--detectors", "pan", str(tmp_path))
     assert r.returncode == 1, r.stderr
     assert "411111******1111" in r.stdout
 
@@ -195,7 +173,7 @@ def test_v1_files_and_other_versions_are_clear_errors(tmp_path):
         registry.open_image(str(p))
 
 
-def test_unknown_page_record_is_an_error_after_the_readable_pages(tmp_path):
+def test_unknown_page_record_is_an_error_after_the_readable_pages(tmp_path, scan_result):
     data = bytearray(w.SavFile([simple_pass()], codec="raw", mmio2=mmio2(), rom=roms()).to_bytes())
     # The record type byte of the page at HIGH + 0x1000 (implicit, right after HIGH's page):
     # the raw record holding the single byte 0x01 before the last RAM page.
@@ -206,7 +184,7 @@ def test_unknown_page_record_is_an_error_after_the_readable_pages(tmp_path):
     data[rec + 2] = 0x42
     path = tmp_path / "bad.sav"
     path.write_bytes(bytes(data))
-    result = scan(str(path))
+    result = scan_result(str(path))
     assert any("unknown pgm page record type 0x42" in e for e in result.errors)
     found = pans(result)
     assert (0x1000 + 4006, None, "411111******1111") in found  # before the bad record
@@ -233,12 +211,12 @@ def layouts(draw):
     max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(layouts())
-def test_any_pan_at_any_gpa_is_found_once_there(tmp_path, layout):
+def test_any_pan_at_any_gpa_is_found_once_there(tmp_path, scan_result, layout):
     gpas, target, offset, passes, codec, seed = layout
     rng = random.Random(seed)
     body = "4" + "".join(rng.choice("0123456789") for _ in range(14))
     pan = body + luhn_digit(body)  # a Visa number: an issuer every rule set reports
-    text = f" card {pan} ".encode()
+    text = card_line(pan)
     mem = {g: bytearray(filler(seed + i)) for i, g in enumerate(gpas)}
     # the PAN at target+offset, spilling into the next page when that page is present
     start = target + offset
@@ -255,7 +233,7 @@ def test_any_pan_at_any_gpa_is_found_once_there(tmp_path, layout):
     plist.append(w.Pass(ram={g: bytes(b) for g, b in mem.items()}))
     mix = ["ssm", "raw", "small"] if codec == "mix" else codec
     path = w.SavFile(plist, codec=mix, seed=seed).write(str(tmp_path / "h.sav"))
-    found = [f for f in pans(scan(path)) if f[0] is not None]
+    found = [f for f in pans(scan_result(path)) if f[0] is not None]
     if whole:  # the filler holds no card numbers: the planted one is the only finding
         assert [(f[0], f[2][-4:]) for f in found] == [(start + 6, pan[-4:])]
     else:
