@@ -230,6 +230,19 @@ class Evidence:
             )
         return self.data[offset : offset + size].tobytes()
 
+    def release(self, offset: int, size: int) -> None:
+        """Give back the mapped pages of ``[offset, offset+size)`` (whole pages inside it):
+        they leave this process's resident set but stay in the page cache, so a later read
+        costs a page fault, not I/O. Does nothing where ``madvise`` is not supported."""
+        lo = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        hi = min(offset + size, self.size) // mmap.PAGESIZE * mmap.PAGESIZE
+        if self._mmap is None or hi <= lo:
+            return
+        try:
+            self._mmap.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+        except (OSError, ValueError, AttributeError):
+            pass
+
     @contextmanager
     def closed_on_error(self) -> Iterator[Evidence]:
         """Context for parsing: if parsing fails the file is closed here; if it succeeds the

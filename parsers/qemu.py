@@ -659,7 +659,7 @@ def open_mapped(
     walker.max_ram_below_4g = options.get("max_ram_below_4g")
     buf = memoryview(ev.data)
     try:
-        end = walker.walk(buf, start, ev.size, final=True)
+        end = _walk_released(walker, ev, buf, start)
     except ImageError as err:
         if not walker.blocks:
             raise
@@ -694,6 +694,23 @@ def open_mapped(
         if desc:
             image.meta["vmdesc"] = desc
         image.meta.update(clock.qemu_rtc(ev.data[end : end + VMDESC_SEARCH].tobytes()))
+
+
+def _walk_released(walker: Walker, ev: Evidence, buf: memoryview, start: int) -> int:
+    """``walker.walk`` over the mapped file from ``start`` to its end, WINDOW bytes at a
+    time, giving back the pages walked: every page of a stream holds a record header, so
+    walking it in one go would leave the whole file resident. Returns where the walk ended."""
+    p, window, released = start, WINDOW, start
+    while True:
+        n = min(ev.size, p + window)
+        q = walker.walk(buf, p, n, final=n == ev.size)
+        ev.release(released, q - released)
+        if n == ev.size or walker.phase == "devices":
+            return q
+        # an item longer than the window (none is, in a real stream): widen until it fits
+        window = WINDOW if q > p else 2 * window
+        released = max(released, q)
+        p = q
 
 
 class StreamSource(Protocol):

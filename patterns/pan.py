@@ -1,6 +1,39 @@
-"""Primary account numbers (card numbers): 13-19 digits, plain or grouped with one consistent
-space or dash, Luhn-valid, with an issuer (IIN) prefix and a length that brand issues.
-ASCII and UTF-16LE. A PAN inside a longer digit or digit-group run is not a PAN."""
+"""Primary account numbers (card numbers): 13-19 digits, plain or grouped with spaces or
+dashes, Luhn-valid, with an issuer (IIN) prefix and a length that brand issues. ASCII and
+UTF-16LE. A PAN inside a longer digit or digit-group run is not a PAN.
+
+The IIN table below was reviewed (issue 11) against Wikipedia's "Payment card number" IIN
+table, braintree/credit-card-type (``src/lib/card-types.ts``), Fivell/credit_card_validations
+(``lib/data/brands.yaml``) and d-edge/Cardizer (generators that follow the Wikipedia table);
+python-stdnum checks only the Luhn digit (``stdnum.luhn``) and has no IIN table. Decisions,
+per network (in = a row below):
+
+- in, active: Visa, Mastercard (51-55, 2221-2720), Amex, Discover (6011, 622126-622925,
+  644-649, 65), JCB (3528-3589), Diners (300-305, 3095, 36, 38-39), UnionPay (62, 81),
+  Maestro, Mir, RuPay, Verve (506099-506198, 507865-507964, 650002-650027), Troy (9792; its
+  65 cards are in Discover's range and reported as discover), Dankort (5019, 16 digits; the
+  Visa/Dankort 4571 is Visa), InstaPayment (637-639), InterPayment (636), UATP (1, 15 digits:
+  airline cards, a payment network of their own; reported below the default threshold unless
+  a card keyword precedes it, see ``CONTEXT_ONLY``), BORICA (2205), Humo (9860), UzCard (8600,
+  5614), GPN (1946, 50, 56, 58, 60-63; 16, 18 or 19 digits), UkrCard (604001-604200),
+  LankaPay (357111, inside JCB's range). Elo and Hipercard ranges lie inside Visa, Discover,
+  GPN, InterPayment and RuPay rows and are reported under those names.
+- in, retired: Switch (4903, 4905, 4911, 4936, 564182, 633110, 6333; its 6759 is Maestro
+  UK's), Solo (6334,
+  6767), Australian Bankcard (5610, 560221-560225), Laser (6304, 6706, 6709, 6771), JCB's
+  15-digit 1800 and 2131: the networks are gone but their numbers still sit in old systems'
+  data and memory, and a PAN stays cardholder data after its card expires (PCI DSS protects
+  the PAN itself). Their ranges are narrow, so they add little noise.
+- out: Diners Club enRoute (2014, 2149: no check digit, so any 15 digits there would match),
+  China T-Union (31, 19 digits: a transit stored-value card, not a payment network), 12-digit
+  Maestro (12-digit numbers are everywhere; 13-19 is kept).
+
+Separators: a grouped PAN has 4-4-4-4 style groups (``GROUPINGS``) joined by single spaces or
+dashes. Mixed separators (``5105-1051 0510-5100``) are accepted, as bulk_extractor and
+Presidio's credit-card recognizer accept them: the grouping, Luhn and IIN checks are what
+keep precision, and people and forms do mix them; only a consistent grouping earns the
+grouping bonus in ``details.confidence`` (``details.separator`` is ``mixed``).
+"""
 
 from __future__ import annotations
 
@@ -18,11 +51,19 @@ from patterns.digits import (
     views,
 )
 
+_ANY = (13, 14, 15, 16, 17, 18, 19)
+_16_19 = (16, 17, 18, 19)
+_16_18_19 = (16, 18, 19)
 # IIN / brand table (ISO/IEC 7812 ranges as the schemes publish them). Order matters: the first
 # row that matches wins, so narrower ranges come before the wider ones they sit inside.
 # (brand, first prefix, last prefix, prefix digits, valid lengths)
 IIN_TABLE: list[tuple[str, int, int, int, tuple[int, ...]]] = [
-    ("mir", 2200, 2204, 4, (16, 17, 18, 19)),
+    ("jcb", 1800, 1800, 4, (15,)),
+    ("gpn", 1946, 1946, 4, _16_18_19),
+    ("uatp", 1, 1, 1, (15,)),
+    ("jcb", 2131, 2131, 4, (15,)),
+    ("mir", 2200, 2204, 4, _16_19),
+    ("borica", 2205, 2205, 4, (16,)),
     ("mastercard", 2221, 2720, 4, (16,)),
     ("mastercard", 51, 55, 2, (16,)),
     ("amex", 34, 34, 2, (15,)),
@@ -31,28 +72,62 @@ IIN_TABLE: list[tuple[str, int, int, int, tuple[int, ...]]] = [
     ("diners", 3095, 3095, 4, (14, 15, 16, 17, 18, 19)),
     ("diners", 36, 36, 2, (14, 15, 16, 17, 18, 19)),
     ("diners", 38, 39, 2, (14, 15, 16, 17, 18, 19)),
-    ("jcb", 3528, 3589, 4, (16, 17, 18, 19)),
+    ("lankapay", 357111, 357111, 6, (16,)),
+    ("jcb", 3528, 3589, 4, _16_19),
+    ("switch", 4903, 4903, 4, _16_18_19),
+    ("switch", 4905, 4905, 4, _16_18_19),
+    ("switch", 4911, 4911, 4, _16_18_19),
+    ("switch", 4936, 4936, 4, _16_18_19),
     ("visa", 4, 4, 1, (13, 16, 19)),
-    ("verve", 506099, 506198, 6, (16, 18, 19)),
+    ("verve", 506099, 506198, 6, _16_18_19),
+    ("verve", 507865, 507964, 6, _16_18_19),
     ("rupay", 508, 508, 3, (16,)),
-    ("maestro", 5018, 5018, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("maestro", 5020, 5020, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("maestro", 5038, 5038, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("maestro", 5893, 5893, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("maestro", 6304, 6304, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("maestro", 6759, 6759, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("maestro", 6761, 6763, 4, (13, 14, 15, 16, 17, 18, 19)),
-    ("discover", 6011, 6011, 4, (16, 17, 18, 19)),
+    ("maestro", 5018, 5018, 4, _ANY),
+    ("dankort", 5019, 5019, 4, (16,)),
+    ("maestro", 5020, 5020, 4, _ANY),
+    ("maestro", 5038, 5038, 4, _ANY),
+    ("gpn", 50, 50, 2, _16_18_19),
+    ("bankcard", 560221, 560225, 6, (16,)),
+    ("bankcard", 5610, 5610, 4, (16,)),
+    ("uzcard", 5614, 5614, 4, (16,)),
+    ("switch", 564182, 564182, 6, _16_18_19),
+    ("gpn", 56, 56, 2, _16_18_19),
+    ("maestro", 5893, 5893, 4, _ANY),
+    ("gpn", 58, 58, 2, _16_18_19),
+    ("discover", 6011, 6011, 4, _16_19),
+    ("ukrcard", 604001, 604200, 6, _16_19),
     ("rupay", 60, 60, 2, (16,)),
-    ("discover", 622126, 622925, 6, (16, 17, 18, 19)),
-    ("discover", 644, 649, 3, (16, 17, 18, 19)),
-    ("verve", 650002, 650027, 6, (16, 18, 19)),
+    ("discover", 622126, 622925, 6, _16_19),
+    ("unionpay", 62, 62, 2, _16_19),
+    ("maestro", 6304, 6304, 4, _ANY),
+    ("switch", 633110, 633110, 6, _16_18_19),
+    ("switch", 6333, 6333, 4, _16_18_19),
+    ("solo", 6334, 6334, 4, _16_18_19),
+    ("interpayment", 636, 636, 3, _16_19),
+    ("instapayment", 637, 639, 3, (16,)),
+    ("gpn", 60, 63, 2, _16_18_19),
+    ("discover", 644, 649, 3, _16_19),
+    ("verve", 650002, 650027, 6, _16_18_19),
     ("rupay", 6521, 6522, 4, (16,)),
-    ("discover", 65, 65, 2, (16, 17, 18, 19)),
-    ("unionpay", 62, 62, 2, (16, 17, 18, 19)),
+    ("discover", 65, 65, 2, _16_19),
+    ("laser", 6706, 6706, 4, _16_19),
+    ("laser", 6709, 6709, 4, _16_19),
+    ("maestro", 6759, 6759, 4, _ANY),
+    ("maestro", 6761, 6763, 4, _ANY),
+    ("solo", 6767, 6767, 4, _16_18_19),
+    ("laser", 6771, 6771, 4, _16_19),
     ("rupay", 81, 82, 2, (16,)),
+    ("unionpay", 810, 810, 3, _16_19),
+    ("unionpay", 8110, 8171, 4, _16_19),
+    ("uzcard", 8600, 8600, 4, (16,)),
     ("troy", 9792, 9792, 4, (16,)),
+    ("humo", 9860, 9860, 4, (16,)),
 ]
+
+#: brands whose bare numbers are too common in memory to alert on without a card keyword
+#: before them (UATP: any 15 digits starting with 1, like message ids and counters): their
+#: confidence drops below the default threshold then
+CONTEXT_ONLY = frozenset({"uatp"})
 
 # Published test card numbers (processors' documentation): reported, flagged details.test.
 TEST_PANS = frozenset(
@@ -138,14 +213,38 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
 _GROUP_KEYS = np.array(sorted(group_key(g) for g in GROUPINGS))
 
 
+#: longest grouped PAN in characters: 19 digits in 5 groups
+GROUPED_MAX = 19 + 4
+
+
 def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Text-index (start, span, separators) of every whole digit chain in ``view`` that is a
-    plain 13-19 digit run or one of the accepted groupings with one consistent separator."""
+    plain 13-19 digit run or one of the accepted groupings (separators consistent or mixed)."""
     c = view.chains()
     span = c.end - c.start
     plain = (c.links == 0) & (span >= 13) & (span <= 19)
     ok = plain | ((c.links > 0) & is_in(c.key, _GROUP_KEYS))
+    # the chain analysis gives no grouping key to mixed separators: work theirs out here
+    mixed = np.flatnonzero((c.key == -1) & (c.links >= 2) & (c.links <= 4) & (span >= 15)
+                           & (span <= GROUPED_MAX))
+    ok[mixed[is_in(_mixed_keys(view, c.start[mixed], span[mixed]), _GROUP_KEYS)]] = True
     return c.start[ok], span[ok], c.links[ok]
+
+
+def _mixed_keys(view: TextView, start: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """``group_key`` of the chains ``[start, start+span)`` (a few; at most GROUPED_MAX
+    characters and 5 groups each) from their text."""
+    if start.size == 0:
+        return np.zeros(0, np.int64)
+    cols = np.arange(GROUPED_MAX)
+    inside = cols[None, :] < span[:, None]
+    chars = view.byte_at(start[:, None] + cols[None, :])
+    digit = (np.subtract(chars, 48, dtype=np.uint8) < 10) & inside
+    group = np.cumsum(~digit & inside, axis=1)  # the group each character is in
+    key = np.zeros(start.size, np.int64)
+    for g in range(5):
+        key += np.count_nonzero(digit & (group == g), axis=1).astype(np.int64) << (5 * g)
+    return key
 
 
 def validate(
@@ -187,11 +286,17 @@ class PanDetector(DigitDetector):
         text = hit.text()
         digits = text.replace(" ", "").replace("-", "")  # a chain: digits and separators
         details: dict = {"brand": _BRANDS[hit.tag], "digits": len(digits)}
-        if len(digits) != len(text):
-            details["separator"] = "space" if " " in text else "dash"
+        sep = {" ": "space", "-": "dash"}
+        kinds = {sep[ch] for ch in text if ch in sep}
+        if kinds:
+            details["separator"] = kinds.pop() if len(kinds) == 1 else "mixed"
         if digits in TEST_PANS:
             details["test"] = True
-        details.update(context.card_confidence(hit, grouped=len(digits) != len(text)))
+        # a consistent grouping is how card numbers are displayed; a mixed one is weaker
+        grouped = details.get("separator", "mixed") != "mixed"
+        details.update(context.card_confidence(hit, grouped=grouped))
+        if details["brand"] in CONTEXT_ONLY and "keyword" not in details:
+            details["confidence"] = round(max(0.05, details["confidence"] - 0.25), 2)
         return Described(digits.encode(), mask_pan(digits), details)
 
 

@@ -6,6 +6,16 @@ forbids storing at all after authorization (requirement 3.2.1).
 
 Sentinels are optional (applications often keep the data without them); the PAN must pass
 the same Luhn and IIN checks as a bare PAN. ASCII and UTF-16LE.
+
+Each field keeps to its alphabet. Track 1 is written in the 6-bit alphabet of ISO/IEC 7811-2
+(the characters 0x20-0x5F: space, digits, upper-case letters, punctuation; no lower case)
+with ``%``, ``^`` and ``?`` reserved as start sentinel, field separator and end sentinel, so
+the name (2-26 characters, ISO/IEC 7813) is any of the other 61 characters and text with a
+lower-case letter there is not track data. The PAN, expiry (YYMM, month 01-12) and service
+code are digits. The discretionary data may use the whole alphabet, which only an end
+sentinel delimits: up to a ``?`` it is any alphabet character, without one only the digits
+that follow (what Visa, Mastercard and Amex put there). Track 2 (ISO/IEC 7811-2 5-bit
+alphabet) is digits with ``=`` as separator.
 """
 
 from __future__ import annotations
@@ -21,8 +31,11 @@ from patterns.pan import _BRANDS, mask_pan, validate
 
 EQ, CARET, B, SEMI, QMARK, PCT = (ord(c) for c in "=^B;?%")
 
+#: the Track 1 alphabet (0x20-0x5F) without its sentinels and separator (% ? ^)
+T1_DATA = rb"[\x20-\x24\x26-\x3e\x40-\x5d\x5f]"
 TRACK1 = re.compile(
-    rb"(%?)B(\d{13,19})\^([A-Za-z0-9 /.'-]{2,26})\^(\d\d)(\d\d)(\d{3})(\d{0,50})(\??)"
+    rb"(%?)B(\d{13,19})\^(" + T1_DATA + rb"{2,26})\^(\d\d)(\d\d)(\d{3})"
+    rb"(?:(" + T1_DATA + rb"{0,60})(\?)|(\d{0,60}))"
 )
 TRACK1_MAX = 79  # characters, sentinels and LRC included
 TRACK2_MAX_DATA = 37  # characters between the sentinels
@@ -132,7 +145,7 @@ class Track1Detector(DigitDetector):
         details = {
             "brand": _BRANDS[hit.tag],
             "pan": mask_pan(pan),
-            "sentinels": bool(m.group(1)) and bool(m.group(8)),
+            "sentinels": bool(m.group(1)) and m.group(8) is not None,
             "confidence": 0.95,
         }
         value = hit.text().strip("%?").encode("latin-1", "replace")

@@ -44,12 +44,16 @@ from numpy.lib.stride_tricks import sliding_window_view
 from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
 from patterns.base import ENCODINGS, UTF16LE, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
+from scanner.units import EDGES, Unit
 
 DEFAULT_CHUNK = 4 * 1024 * 1024  # per-call unit; detectors cache-block inside (256 KiB)
 EDGE_BATCH = 4096  # edge windows scanned per batch (bounded memory)
 AROUND_BATCH = 8  # findings read between two releases of the pages they faulted in
 FAULT_REACH = 2 << 20  # a read may map a whole large folio (up to 2 MiB) around it
 PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across segments
+#: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
+#: (headers, device state, slack ...), addressed by their offset in the file or stream
+REGION_PREFIX = "region:"
 
 
 @dataclass
@@ -162,12 +166,13 @@ class Engine:
         """Scan every segment of ``image`` (main scan and edges), in this process."""
         return self._scan(image, main=True, edges=True, progress=progress)
 
-    def scan_part(self, image: MemoryImage, part: tuple) -> ScanResult:
-        """One unit of a split random-access image: ``("range", segment, lo, hi)`` main-scans
-        buffer bytes ``[lo, hi)`` of one segment; ``("edges",)`` does every segment's edges."""
-        if part[0] == "edges":
+    def scan_part(self, image: MemoryImage, unit: Unit) -> ScanResult:
+        """One unit of a split random-access image (``scanner.units``): a RANGE unit
+        main-scans buffer bytes ``[unit.lo, unit.hi)`` of segment ``unit.segment``; an EDGES
+        unit does every segment's edges."""
+        if unit.kind == EDGES:
             return self._scan(image, main=False, edges=True)
-        _, k, lo, hi = part
+        k, lo, hi = unit.segment, unit.lo, unit.hi
         seg = (image.fixed_segments or [])[k]
         result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
         result.findings = finalize(self.scan_range(image, seg, lo, hi), self.subsumes)
@@ -320,8 +325,13 @@ class Engine:
         if self.config.unmask:
             details["value"] = d.value.decode("latin-1")
         gpa = addr if space == GPA_SPACE else None
-        if space != GPA_SPACE:
-            details["block"] = image.spaces[space]
+        name = image.spaces[space]
+        if name.startswith(REGION_PREFIX):  # not guest memory: a part of the file itself
+            details["region"] = name[len(REGION_PREFIX) :]
+            if offset is None:
+                details["stream_offset"] = addr
+        elif space != GPA_SPACE:
+            details["block"] = name
             details["block_offset"] = addr
         if snapshot is not None:
             details["snapshot"] = snapshot

@@ -176,8 +176,9 @@ def test_invalid_ssn_never_reported(area, grp, serial):
     _absent(f"{area:03d}-{grp:02d}-{serial:04d}", "ssn")
 
 
-def test_known_invalid_and_unkeyed_bare_ssn_not_reported():
-    for s in ("078-05-1120", "219-09-9999", "123-45-6789", "1234-56-7890", "12-345-6789-0"):
+def test_overlong_and_unkeyed_bare_ssn_not_reported():
+    # (published numbers such as 078-05-1120: tests/test_card_rules.py)
+    for s in ("1234-56-7890", "12-345-6789-0"):
         _absent(s, "ssn")
     _absent("order 234567890 shipped", "ssn")
 

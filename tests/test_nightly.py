@@ -19,7 +19,7 @@ from tests.plant import PAGE, lime, luhn_digit
 
 PAN = "4556737586899855"
 PAN2 = "491761234567890" + luhn_digit("491761234567890")
-SSN = "234-56-7890"
+SSN = "536-90-7890"  # not a placeholder (docs/detectors.md)
 AWS = "AKIAJ7QXZ2M4KPL3WRT5"
 KEY_HEX = "00" * 32
 
