@@ -21,6 +21,7 @@ that lie further apart than a window do not mean what they would on a file.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from collections.abc import Iterable
@@ -104,6 +105,8 @@ class YaraDetector(Detector):
     def __init__(self, compiled: bytes, max_len: int = DEFAULT_MAX_LEN) -> None:
         self.compiled = compiled
         self.max_len = max_len  # type: ignore[misc]  # per instance: the user's --yara-max-len
+        # the rules are part of the version: a state database rescans when they change
+        self.version = f"1+{hashlib.sha256(compiled).hexdigest()[:16]}"  # type: ignore[misc]
         self._rules: Any = None
         self._strings: list[tuple[str, str, list[str], str]] = []
         self._ids: dict[tuple[str, str, str], int] = {}
@@ -159,6 +162,13 @@ class YaraDetector(Detector):
             masked=mask(hit.raw),
             details={"rule": rule, "namespace": namespace, "tags": tags, "string": ident},
         )
+
+
+def yara_detectors(paths: Iterable[str], max_len: int = DEFAULT_MAX_LEN) -> list[Detector]:
+    """The detector for the rule files ``paths`` (none when there are none): RuleError (a
+    ValueError) for a rule that does not compile or yara-python missing."""
+    paths = list(paths)
+    return [YaraDetector.from_files(paths, max_len)] if paths else []
 
 
 def mask(raw: bytes) -> str:
