@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from parsers import qemu_gpa
+from parsers import clock, qemu_gpa
 from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Segment
 
 FORMATS = ["qemu-migration"]
@@ -789,10 +789,12 @@ def open_mapped(
         image.warnings.append(ImageError(path, None, note))
     desc, desc_end = (None, None)
     if walker.phase == "devices":
-        desc, desc_end = parse_vmdesc(ev.data[end : end + VMDESC_SEARCH].tobytes())
+        devices = ev.data[end : end + VMDESC_SEARCH].tobytes()
+        desc, desc_end = parse_vmdesc(devices)
         if desc:
             image.meta["vmdesc"] = desc
             desc_end = end + desc_end
+        image.meta.update(clock.qemu_rtc(devices))
     if walker.stopped is not None:
         stop = max(walker.stopped, walker.payload_end)
     pieces = list(before) + stream_regions(walker, start, ev.size, stop, desc_end)
@@ -965,6 +967,7 @@ def _stream_rest(
     kind_after = "device-state" if devices else "unreferenced"
     pieces = [(kind_after, at, at + len(tail))]
     if devices:
+        image.meta.update(clock.qemu_rtc(tail))
         desc, desc_end = parse_vmdesc(tail)
         if desc:
             image.meta["vmdesc"] = desc
