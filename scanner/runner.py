@@ -403,11 +403,12 @@ def run(
 ) -> RunSummary:
     """Scan every image; results in input order. ``on_result(result)`` is called as soon as
     each image is complete (so a caller can store it before the next one finishes), in
-    completion order. Runs on ``backend`` (closed at the end), else on this machine with
-    ``jobs`` processes. When the backend is lost, images not complete are left out of the
+    completion order. Runs on ``backend`` (the caller's to close), else on this machine
+    with ``jobs`` processes. When the backend is lost, images not complete are left out of the
     results and an error says how many."""
     summary = summary or RunSummary()
     t0 = time.perf_counter()
+    own = backend is None
     backend = backend or LocalBackend(uuid.uuid4().hex, config, jobs)
     subsumes = {d.name: set(d.subsumes) for d in config.detectors}  # as Engine.subsumes
     parts: dict[int, list[ScanResult]] = {}
@@ -454,13 +455,14 @@ def run(
                 done_bytes += value.bytes_scanned
                 if not left[i]:
                     finish(i)
-                if progress:
+                if progress and progress.enabled:
                     progress(done_bytes, sum(sizes.values()), len(merged), len(specs), backend.note)
     except BackendLost as err:
         summary.not_scanned = len(specs) - len(merged)
         summary.errors.append(f"{err}; {summary.not_scanned} image(s) not scanned")
     finally:
-        backend.close()
+        if own:
+            backend.close()
     summary.results += [merged[i] for i in range(len(specs)) if i in merged]
     summary.seconds = time.perf_counter() - t0
     return summary

@@ -24,7 +24,7 @@ PAN = "4556737586899855"
 
 
 def big_raw(path, pages: int = 64) -> list[str]:
-    mem = bytearray(os.urandom(pages * PAGE))
+    mem = bytearray(random.Random(pages).randbytes(pages * PAGE))
     pans = []
     for k in range(0, pages * PAGE - 64, 4 * PAGE + 333):
         pan = make_pan(random.Random(k))
@@ -118,3 +118,12 @@ def test_file_changed_after_planning_is_an_input_error(tmp_path):
         fh.write(bytes(PAGE))
     with pytest.raises(ImageError, match="changed while it was being scanned"):
         layout.open()
+
+
+def test_worker_that_cannot_read_a_path_returns_an_input_error(tmp_path):
+    runner.install("t2", ScanConfig(select("cards"), key=b"k" * 32))
+    opened = runner.open_task("t2", runner.ImageSpec(str(tmp_path / "gone.raw")), 4)
+    runner.uninstall("t2")
+    assert opened.result is not None and opened.layout is None
+    (err,) = opened.result.errors
+    assert err.startswith(str(tmp_path / "gone.raw")) and "No such file" in err
