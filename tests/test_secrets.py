@@ -380,9 +380,9 @@ def test_any_token_of_one_repeated_character_not_reported(kind, seed, char):
     assert scan(put(fake, "ascii", 10, seed, "text"), name) == []
 
 
-@settings(max_examples=10, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=10)
 @given(page=st.integers(1, 4), back=st.integers(1, 60), shuffle=st.integers(0, 2**32 - 1))
-def test_engine_keyword_secret_across_a_page_seam(page, back, shuffle):
+def test_engine_keyword_secret_across_a_page_seam(page, back, shuffle, engine_scan):
     """The keyword on one page, the value on the next (or both on one), pages stored in or
     out of order: found once, at the value's GPA."""
     secret = aws_secret(random.Random(shuffle))
