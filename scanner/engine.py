@@ -203,6 +203,7 @@ class Engine:
                     progress(seg.extents.total())
         except ImageError as err:
             result.errors.append(str(err))
+        result.meta = dict(image.meta)  # a stream's metadata grows as it is read (guest_clock)
         if edges:
             for tier in self.tiers:
                 raw += self._lonely_edges(image, tier, pending[id(tier)])
