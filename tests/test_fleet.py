@@ -156,11 +156,11 @@ def test_killed_worker_still_gives_full_unduplicated_result(cluster, tmp_path, v
 
 def test_unreachable_scheduler_is_exit_2_one_line(tmp_path, vmleak):
     raw_with(tmp_path / "a.raw", {100: PAN})
-    with socket.socket() as s:  # a port the OS chose, closed again: nobody listens there
-        s.bind(("127.0.0.1", 0))
+    with socket.socket() as s:  # a port the OS chose, held (bound, never listening) for the
+        s.bind(("127.0.0.1", 0))  # whole run: no other process can take it meanwhile
         port = s.getsockname()[1]
-    r = vmleak("scan", "--dask", f"tcp://127.0.0.1:{port}", "--dask-timeout", "1",
-               str(tmp_path / "a.raw"))  # fmt: skip
+        r = vmleak("scan", "--dask", f"tcp://127.0.0.1:{port}", "--dask-timeout", "1",
+                   str(tmp_path / "a.raw"))  # fmt: skip
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vmleak: cannot reach the Dask")
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
