@@ -21,7 +21,8 @@ from tests.plant import PAGE, PAN, lime, raw_with
 from tests.samples import QEMU_DIR, dump_sample, qemu_sample
 from tests.vmware_writer import make_vm
 
-distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed",
+                                  exc_type=ImportError)
 
 PAN2 = "4929000000006"  # a 13-digit Visa test number
 SPLIT = 80 << 20  # bytes: above runner.SPLIT_MIN, so the image is cut into RANGE/EDGES units
