@@ -316,7 +316,9 @@ def test_cli_truncated_real_dump_reports_what_was_readable_and_exits_2(tmp_path:
     gpas = sorted(json.loads(line)["gpa"] for line in run.stdout.splitlines())
     assert gpas == sorted(g for g, _ in planted_pans(entry["plants"]))
     errors = [ln for ln in run.stderr.splitlines() if str(path) in ln]
-    assert len(errors) == 1 and f"{path} at offset 0x" in errors[0] and "truncated" in errors[0]
+    # the cause, then what it cost against the 1st bitmap (contract 4)
+    assert len(errors) == 2 and f"{path} at offset 0x" in errors[0] and "truncated" in errors[0]
+    assert "guest memory missing" in errors[1] and "67,371,008 bytes" in errors[1]
 
 
 @pytest.mark.parametrize("flat", [False, True])
