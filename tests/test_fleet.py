@@ -21,7 +21,8 @@ from tests.plant import PAGE, PAN, lime, raw_with
 from tests.samples import QEMU_DIR, dump_sample, qemu_sample
 from tests.vmware_writer import make_vm
 
-distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed",
+                                  exc_type=ImportError)
 
 PAN2 = "4929000000006"  # a 13-digit Visa test number
 SPLIT = 80 << 20  # bytes: above runner.SPLIT_MIN, so the image is cut into RANGE/EDGES units
@@ -156,11 +157,11 @@ def test_killed_worker_still_gives_full_unduplicated_result(cluster, tmp_path, v
 
 def test_unreachable_scheduler_is_exit_2_one_line(tmp_path, vmleak):
     raw_with(tmp_path / "a.raw", {100: PAN})
-    with socket.socket() as s:  # a port the OS chose, closed again: nobody listens there
-        s.bind(("127.0.0.1", 0))
+    with socket.socket() as s:  # a port the OS chose, held (bound, never listening) for the
+        s.bind(("127.0.0.1", 0))  # whole run: no other process can take it meanwhile
         port = s.getsockname()[1]
-    r = vmleak("scan", "--dask", f"tcp://127.0.0.1:{port}", "--dask-timeout", "1",
-               str(tmp_path / "a.raw"))  # fmt: skip
+        r = vmleak("scan", "--dask", f"tcp://127.0.0.1:{port}", "--dask-timeout", "1",
+                   str(tmp_path / "a.raw"))  # fmt: skip
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vmleak: cannot reach the Dask")
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
