@@ -98,6 +98,25 @@ def test_ms_xca_lznt1_example_and_codec_detection():
         hyperv.decode_page(hw.xpress_compress(text + text[:100]), PAGE)  # too long: refused
 
 
+def test_benchmark_writer_round_trips_and_compresses_each_distinct_page_once(
+    tmp_path, monkeypatch, read_gpa
+):
+    rng = random.Random(7)
+    kinds = [bytes(PAGE), page(1), page(2), page(3), rng.randbytes(PAGE)]
+    pages = [kinds[rng.randrange(len(kinds))] for _ in range(300)]  # two RamBlocks
+    raw = tmp_path / "m.img"
+    raw.write_bytes(b"".join(pages))
+    calls = []
+    real = hw.xpress_compress
+    monkeypatch.setattr(hw, "xpress_compress", lambda data: calls.append(data) or real(data))
+    runs = hw.write_vmrs_from_raw(str(raw), str(tmp_path / "m.vmrs"))
+    assert runs == [(0, 300)]
+    assert sorted(calls) == sorted(set(pages) - {bytes(PAGE), kinds[4]})  # each once, no random
+    with registry.open_image(str(tmp_path / "m.vmrs")) as image:
+        assert image.warnings == []
+        assert read_gpa(image, 0, 300 * PAGE) == raw.read_bytes()
+
+
 # --- layout readings ----------------------------------------------------------------------------
 
 
