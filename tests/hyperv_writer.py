@@ -178,7 +178,9 @@ class VmrsFile:
     (missing pages are zero). ``encoding``: one of ENCODINGS, or a list to draw from per page;
     ``fd_order``/``fc_mode``: the field orders of the disputed tags (Beyer's, VMkatz's);
     ``table_at``: "dissect" (0x2000), "beyer" (twice header_size), "vmkatz" (header field 26);
-    ``memory_keys``: write RamMemoryBlock keys (else RamBlocks are identity-mapped)."""
+    ``memory_keys``: write RamMemoryBlock keys (else RamBlocks are identity-mapped);
+    ``device_keys``: other array keys (device state), name -> value, stored in the key table
+    when under 2 KiB, else as file objects."""
 
     runs: list[tuple[int, int]]
     pages: dict[int, bytes] = field(default_factory=dict)
@@ -191,6 +193,7 @@ class VmrsFile:
     seed: int = 0
     sequences: tuple[int, int] = (1, 2)
     bad_header: int | None = None  # corrupt this header copy (0 or 1)
+    device_keys: dict[str, bytes] = field(default_factory=dict)
 
     def total_pages(self) -> int:
         return sum(-(-n // BLOCK_PAGES) * BLOCK_PAGES for _, n in self.runs)
@@ -292,6 +295,12 @@ class VmrsFile:
             data = self._encode_block(b, rng)
             at = add_file(data)
             entry(f"RamBlock{b}", 7, struct.pack("<IQ", len(data), at), flags=1, parent=(1, root))
+        for name, value in self.device_keys.items():
+            if len(value) < 2048:
+                entry(name, 7, struct.pack("<I", len(value)) + value, parent=(1, root))
+            else:
+                at = add_file(value)
+                entry(name, 7, struct.pack("<IQ", len(value), at), flags=1, parent=(1, root))
         entry("", 1, bytes(8))  # a free entry
         key_table = struct.pack("<HHHI", 2, 1, 1, 0) + bytes(entries) + bytes(4)
         kt_at = add_file(key_table)
