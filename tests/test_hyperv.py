@@ -16,7 +16,7 @@ from parsers.base import ImageError
 from tests import hyperv_writer as hw
 from tests.plant import luhn_digit
 
-pyfwnt = pytest.importorskip("pyfwnt")
+pyfwnt = pytest.importorskip("pyfwnt", exc_type=ImportError)
 
 PAGE = hw.PAGE
 GEN1 = [(0, 0xA0), (0x100, 0x160), (0x100000, 0x90)]  # 640 KiB, RAM from 1 MiB, RAM from 4 GiB
