@@ -100,8 +100,11 @@ def test_any_valid_record_found_once_at_its_gpa(tag, month, extra, seed, row, fo
     assert [(f.detector, f.gpa, f.length, f.encoding) for f in found] == [
         (name, at + off, length, enc)]
     assert pan not in found[0].masked and found[0].masked.split()[1].startswith(pan[:2])
-    # the record's PAN digits are not reported again as a bare PAN
-    assert [f for f in everything if f not in found] == []
+    # the record's PAN digits are not reported again as a bare PAN (digits glued on from the
+    # random neighbours may form other numbers, reported as what they are)
+    inside = [f for f in everything if f not in found
+              and at + off <= f.gpa and f.gpa + f.length <= at + off + length]
+    assert inside == []
 
 
 def corrupt(kind: str, tag: str, pan: str, rng: random.Random) -> str:
@@ -157,3 +160,16 @@ def test_template_and_details(engine_scan):
     (f,) = engine_scan(mem, 65536, None, "emv-pan")
     assert (f.gpa, f.length, f.details["form"]) == (at + 18, 20, "hex")
     assert "template" not in f.details and f.masked == "5A 476173******0119"
+
+
+def test_lone_binary_5a_stays_below_the_threshold(engine_scan):
+    # Python bytecode in the benchmark image: STORE_NAME 8 ('Z' 08), then LOAD_NAME/LOAD_CONST
+    # with small arguments — BCD-valid bytes that read as a Luhn-valid Discover number
+    code = b"Z\x08e\x04d\x06f\x02d\x07\x84\x01"
+    mem, at = plant(5, 7000, b"\x00" + code)
+    (f,) = engine_scan(mem, 65536, None, "emv-pan")
+    assert f.gpa == at + 1 and f.details["confidence"] < 0.3 and "next_tag" not in f.details
+    # the same ten bytes followed by the PAN sequence number (5F34) are a card record
+    mem, at = plant(5, 7000, b"\x00" + code[:10] + bytes.fromhex("5F340101"))
+    (f,) = engine_scan(mem, 65536, None, "emv-pan")
+    assert f.details["next_tag"] == "5F34" and f.details["confidence"] >= 0.3
