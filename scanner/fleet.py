@@ -38,8 +38,19 @@ from scanner.runner import BackendLost
 
 DEFAULT_TIMEOUT = 30.0  # seconds to reach the scheduler and to see a first worker
 LOCAL = "local:"  # --dask local:N: a LocalCluster of N worker processes on this machine
-#: the environment Dask's nannies give their workers, minus this variable (see DaskBackend)
-TRIM = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+#: Dask settings of the workers ``local:N`` starts (README "Fleet scans on Dask" gives them for
+#: workers started by hand). Dask's nannies set MALLOC_TRIM_THRESHOLD_ for their workers, which
+#: turns off glibc's adaptive mmap threshold: every large numpy temporary is then mapped and
+#: unmapped again, about 3x the CPU time of a scan (measured: benchmarks/README.md). The
+#: statistical profiler (every 10 ms), the event-loop health tick (20 ms) and the system
+#: monitor (500 ms) wake each worker's event loop, which then takes the GIL from the scanning
+#: thread: about 10% of the workers' CPU time with the defaults.
+WORKER_CONFIG: dict[str, Any] = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.admin.system-monitor.interval": "5s",
+}
 NOTE_EVERY = 2.0  # seconds between two looks at the cluster's workers for the progress bar
 
 
@@ -79,10 +90,7 @@ class DaskBackend:
             n = address[len(LOCAL) :]
             if not n.isdigit() or not 1 <= int(n) <= 256:
                 raise ValueError(f"--dask {address}: want local:N with N workers, 1 to 256")
-            # Dask's nannies set MALLOC_TRIM_THRESHOLD_ for their workers, which turns off
-            # glibc's adaptive mmap threshold: every large numpy temporary is then mmapped and
-            # unmapped again, tripling the CPU time of a scan. Workers run without it.
-            with dask.config.set({TRIM: None}):
+            with dask.config.set(WORKER_CONFIG):
                 self.cluster = self._local(int(n))
             target: Any = self.cluster
         else:

@@ -236,3 +236,25 @@ def test_scheduler_gone_commits_what_came_back_exit_2(tmp_path):
     ]
     assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
     assert json.loads(out.splitlines()[0])["image"].endswith("a-first.raw")
+
+
+def test_report_on_dask_equals_local(cluster, tmp_path, vmleak):
+    c, _ = cluster
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    raw_with(ds / "a.raw", {100: f"card {PAN}"})
+    mem = bytearray(8 * PAGE)
+    mem[5 * PAGE : 5 * PAGE + 18] = f" {PAN} ".encode()
+    (ds / "b.lime").write_bytes(lime(bytes(mem), [0, 1, 2, 3, 5, 6]))
+    docs = []
+    for how in (("-j", "2"), ("--dask", c.scheduler_address)):
+        out = tmp_path / how[0].strip("-")
+        r = vmleak("report", "-q", "-o", str(out), *how, str(ds))
+        assert r.returncode == 1, r.stderr
+        doc = json.loads((out / "report.json").read_text())
+        for k in ("started", "ended", "command_line"):
+            doc.pop(k)
+        docs.append(doc)
+    assert docs[0] == docs[1]
+    (b,) = [i for i in docs[1]["images"] if i["image"].endswith("b.lime")]
+    assert b["gpa_ranges"] == [[0, 4 * PAGE], [5 * PAGE, 7 * PAGE]]  # coverage from the worker
