@@ -62,46 +62,35 @@ for _i, _c in enumerate(b"0123456789ABCDEF"):
 # --- value checks, shared by both forms ---------------------------------------------------------
 
 
-def _check(nib: np.ndarray, count: np.ndarray, tag: int) -> tuple[np.ndarray, ...]:
+def _check(nib: np.ndarray, count: np.ndarray, tag: int) -> tuple[np.ndarray, np.ndarray]:
     """For candidate values as nibble rows (``nib``: (n, 38) int16, ``count`` nibbles each,
-    16 beyond): (ok, PAN digits right-aligned (n, 19), PAN digit count, brand index)."""
+    16 beyond): (valid, brand index). The structure is checked on every row; month, Luhn and
+    IIN only on the few that pass it."""
     n = nib.shape[0]
-    cols = np.arange(nib.shape[1])[None, :]
-    last = np.take_along_axis(nib, np.maximum(count - 1, 0)[:, None], 1)[:, 0]
-    padded = last == PAD
-    ndat = count - padded  # nibbles before the pad
-    data = cols < ndat[:, None]
-    big = (nib > 9) & data  # letters among the data nibbles
+    rows = np.arange(n)
+    ndat = count - (nib[rows, np.maximum(count - 1, 0)] == PAD)  # nibbles before the pad
+    big = (nib > 9) & (_NIBBLES[None, :] < ndat[:, None])  # letters among the data nibbles
+    nbig = np.count_nonzero(big, axis=1)
     if tag == TAG_PAN:
-        ok = ~big.any(axis=1)
         ndig = ndat
+        ok = nbig == 0
     else:
-        sep = np.where(big.any(axis=1), np.argmax(big, axis=1), nib.shape[1])  # first letter
-        at = np.minimum(sep, nib.shape[1] - 1)
-        is_sep = np.take_along_axis(nib, at[:, None], 1)[:, 0] == SEP
-        only = np.count_nonzero(big, axis=1) == 1
-        ndig = sep
-        ok = is_sep & only & (ndat - sep - 1 >= AFTER_SEP)
-        month = _pair(nib, np.minimum(sep + 3, nib.shape[1] - 2))
-        ok &= (month >= 1) & (month <= 12)
+        ndig = np.argmax(big, axis=1)  # the first letter: it must be the separator D
+        ok = (nbig == 1) & (nib[rows, ndig] == SEP) & (ndat - ndig - 1 >= AFTER_SEP)
     ok &= (ndig >= PAN_MIN) & (ndig <= PAN_MAX)
-    digits = np.zeros((n, PAN_MAX), np.int8)
-    if n:
-        # right-align the first ndig nibbles into PAN_MAX columns
-        src = np.clip(cols[:, :PAN_MAX] - (PAN_MAX - ndig)[:, None], 0, nib.shape[1] - 1)
-        take = np.take_along_axis(nib, src, 1)
-        digits = np.where(cols[:, :PAN_MAX] >= (PAN_MAX - ndig)[:, None], take, 0).astype(np.int8)
-    ok &= luhn_ok(digits, ndig)
+    idx = np.flatnonzero(ok)
+    if tag == TAG_TRACK2 and idx.size:
+        month = nib[idx, ndig[idx] + 3] * 10 + nib[idx, ndig[idx] + 4]
+        idx = idx[(month >= 1) & (month <= 12)]
+    # the PAN right-aligned in PAN_MAX columns, for Luhn and the IIN table
+    nd = ndig[idx]
+    src = _NIBBLES[None, :PAN_MAX] - (PAN_MAX - nd)[:, None]
+    digits = np.where(src >= 0, nib[idx[:, None], np.maximum(src, 0)], 0).astype(np.int8)
+    good = luhn_ok(digits, nd)
+    idx, digits, nd = idx[good], digits[good], nd[good]
     brand = np.full(n, -1, np.int64)
-    brand[ok] = brand_of(digits[ok], ndig[ok])
-    return ok & (brand >= 0), digits, ndig, brand
-
-
-def _pair(nib: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The two-digit number in nibbles ``at``, ``at + 1`` of each row."""
-    a = np.take_along_axis(nib, at[:, None], 1)[:, 0]
-    b = np.take_along_axis(nib, (at + 1)[:, None], 1)[:, 0]
-    return a.astype(np.int64) * 10 + b
+    brand[idx] = brand_of(digits, nd)
+    return brand >= 0, brand
 
 
 def _nibbles(values: np.ndarray) -> np.ndarray:
@@ -199,7 +188,7 @@ def _records(chunk: Chunk) -> dict[int, Hits]:
         count_a = np.concatenate(count)
         nib_a = np.concatenate(nib)
         nib_a[_NIBBLES[None, :] >= count_a[:, None]] = 16
-        ok, _, _, brand = _check(nib_a, count_a, t)
+        ok, brand = _check(nib_a, count_a, t)
         encs = np.concatenate([np.full(c.size, e, np.uint8)
                                for c, e in zip(count, enc, strict=True)])
         out[t] = Hits(np.concatenate(start)[ok], np.concatenate(length)[ok], encs[ok], brand[ok])
