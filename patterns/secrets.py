@@ -37,7 +37,6 @@ from patterns.context import text_around
 from patterns.scratch import (
     ALNUM,
     BASE64URL,
-    TEXT_MARGIN,
     anchor_hits,
     boundary_ok,
     charset,
@@ -121,16 +120,15 @@ class TokenDetector(Detector):
     """A detector for tokens of one issuer: subclasses set ``specs`` and ``check``."""
 
     group = "secrets"
+    stage = "anchors"  # the shared anchor pass of patterns/scratch.py
     context = 2  # the character glued before/after a token (UTF-16LE: 2 bytes)
     specs: tuple[Spec, ...]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # tokens are far shorter (Spec.max_len), but every text detector declares the same
-        # margin so the engine runs them on one chunk and they share the text gate and anchors
-        cls.max_len = TEXT_MARGIN - cls.context
+        cls.max_len = 2 * max(spec.max_len for spec in cls.specs)  # characters, UTF-16LE
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+    def may_touch(self, rows: Chunk) -> np.ndarray:
         """Rows (engine edge windows) with texty words near the middle: a token crossing it,
         or whose context does, has them."""
         return texty_near_middle(rows, self.context + 64)

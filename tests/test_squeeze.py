@@ -13,7 +13,7 @@ from parsers.base import Extents, MemoryImage, Segment
 from patterns.aes import expand_keys
 from patterns.base import Hits
 from patterns.registry import select
-from scanner.engine import PAGE, SQUEEZE_KEEP, Engine, ScanConfig, _Squeezed
+from scanner.engine import GAP_MIN, PAGE, Engine, ScanConfig, _Squeezed
 from tests.plant import encode, group, make_pan, make_ssn
 from tests.test_keys import key
 
@@ -79,29 +79,34 @@ def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near):
 
 
 def test_squeeze_keeps_zero_edges_and_drops_hits_across_a_gap():
-    data = np.zeros(16 * PAGE, np.uint8)
+    gap = 512
+    keep = gap // 2
+    base = np.zeros(17 * PAGE, np.uint8)
+    at = (-base.ctypes.data) % PAGE  # squeezing works on whole memory pages
+    data = base[at : at + 16 * PAGE]
     data[:PAGE] = 1
     data[5 * PAGE : 6 * PAGE] = 2  # pages 1-4 and 6-15 are zero
-    sq = _Squeezed.of(data, 0, data.size)
+    sq = _Squeezed.of(data, gap)
     assert sq is not None
-    assert sq.bstart.tolist() == [0, 5 * PAGE - SQUEEZE_KEEP, 16 * PAGE - SQUEEZE_KEEP]
-    assert sq.length.tolist() == [PAGE + SQUEEZE_KEEP, PAGE + 2 * SQUEEZE_KEEP, SQUEEZE_KEEP]
+    assert sq.bstart.tolist() == [0, 5 * PAGE - keep, 16 * PAGE - keep]
+    assert sq.length.tolist() == [PAGE + keep, PAGE + 2 * keep, keep]
     buf = sq.chunk.data
     for q, b, n in zip(sq.qstart.tolist(), sq.bstart.tolist(), sq.length.tolist(), strict=True):
         assert np.array_equal(buf[q : q + n], data[b : b + n])
     first_end = int(sq.qstart[1])
-    hits = sq.place(Hits.of([10, first_end - 4, first_end + 3], [8, 8, 8], 0))
-    assert hits.start.tolist() == [10, 5 * PAGE - SQUEEZE_KEEP + 3]  # the straddling one left out
-    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), 0, 16 * PAGE) is None  # no zero page
+    hits = Hits.of([10, first_end - 4, first_end + 3], [8, 8, 8], 0)
+    assert sq.inside(hits).tolist() == [True, False, True]  # the straddling one left out
+    assert sq.unsqueeze(hits.start[[0, 2]]).tolist() == [10, 5 * PAGE - keep + 3]
+    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), gap) is None  # no zero page
 
 
 def test_zeros_kept_cover_every_read_past_a_match():
     """A kernel crypto_aes_ctx is the farthest any detector reads past a match (its
-    decryption schedule after an encryption schedule): the zeros kept on both sides of a
-    squeezed-out run must cover it, so what lies beyond reads as zeros, as unsqueezed."""
+    decryption schedule after an encryption schedule): the zeros standing for a squeezed-out
+    run or a gap between pieces must cover it, so what lies beyond reads as zeros."""
     from patterns.aes import CTX_SIZE, AesKeyDetector
 
-    assert 2 * SQUEEZE_KEEP >= CTX_SIZE - AesKeyDetector.max_len
+    assert GAP_MIN >= CTX_SIZE - AesKeyDetector.max_len
 
 
 def test_token_ending_at_a_zero_page_is_not_glued_to_the_next_page():
