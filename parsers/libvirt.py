@@ -1,6 +1,7 @@
 """libvirt save images (``virsh save``, ``virsh managedsave``, external memory snapshots):
 a ``LibvirtQemudSave`` header, the domain XML, then a QEMU migration stream, raw, compressed
-with the ``save_image_format`` of qemu.conf, or in mapped-ram form (``sparse``). FORMATS.md 1.
+with the ``save_image_format`` of qemu.conf, or in mapped-ram form (``sparse``).
+Layout and sources: ``docs/formats.md`` §5 (container) and §6 (compressed payloads).
 
 A raw or sparse stream is scanned in place through mmap (zero copy). A compressed one is
 decompressed in bounded windows (never whole in memory): gzip, bzip2 and xz with the Python

@@ -1,7 +1,7 @@
 """qcow2 disks holding internal snapshots with VM state (``savevm``, ``virsh snapshot-create``
 internal): each snapshot's vmstate is a QEMU migration stream stored in the image's guest
 address space just past the disk data, reached through the snapshot's own L1/L2 tables
-(FORMATS.md section 3). The vmstate is read cluster by cluster (compressed clusters inflated)
+(``docs/formats.md`` §7). The vmstate is read cluster by cluster (compressed clusters inflated)
 and walked by :mod:`parsers.qemu` in bounded windows.
 
 Every snapshot with VM state is scanned in turn, or only the one named by

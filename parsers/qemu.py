@@ -1,6 +1,6 @@
 """QEMU migration streams (``QEVM`` version 3), as written by ``migrate`` to a file, by
 ``virsh dump`` without ``--memory-only``, inside libvirt save files and inside qcow2 internal
-snapshots (FORMATS.md section 2).
+snapshots (``docs/formats.md`` §4).
 
 The walker reads only record headers. Guest pages are never copied: for a file we mmap, each
 ``PAGE`` record's payload becomes one extent of a single fixed segment (zero copy); for a

@@ -3,7 +3,7 @@
 A QEMU migration stream addresses pages by (RAMBlock name, byte offset inside the block); it
 never says which guest-physical address (GPA) a block offset is. The mapping is a property of
 the machine type, the RAM size and a few options; this module reconstructs it the way QEMU's
-board code lays out main RAM (FORMATS.md 2.8):
+board code lays out main RAM (``docs/formats.md`` §4.8):
 
 - x86 ``pc`` (i440fx): below/above-4 GiB split at 3.5 GiB or, for RAM >= 3.5 GiB on machine
   types newer than 1.7 (gigabyte alignment), at 3 GiB (``hw/i386/pc_piix.c``);

@@ -1,7 +1,7 @@
 """VMware checkpoints (``.vmss`` suspend state, ``.vmsn`` snapshot state) and their memory
 (a companion ``.vmem`` file, or a ``Memory`` block embedded in the checkpoint).
 
-Byte layout (FORMATS.md sections 5 and 11; sources: crash ``vmware_vmss.[ch]``, written by
+Byte layout (``docs/formats.md`` §10 and §13; sources: crash ``vmware_vmss.[ch]``, written by
 VMware; volatility 2/3 ``vmware.py``; LeechCore ``device_file.c``), all little-endian:
 
 - a 12-byte header (magic, version, number of groups), then a table of 80-byte group entries
@@ -67,7 +67,7 @@ BLOCK_HEAD = {
     4: struct.Struct("<IIH"),  # the same with 32-bit sizes
 }
 
-# Every magic any reader accepts (FORMATS.md 5.1 and 11) -> (name, block size-field width).
+# Every magic any reader accepts (docs/formats.md §10.1 and §13) -> (name, block size-field width).
 # Width 4 for the two "version 0" magics (volatility and Rekall use ``magic & 0xF == 0``).
 MAGICS: dict[int, tuple[str, int]] = {
     0xBED2BED2: ("current", 8),  # crash CPTDUMP_MAGIC_NUMBER; all readers

@@ -79,6 +79,21 @@ SCAN_OPTIONS: list[Decorator] = [
         help="Worker processes (default: all cores).",
     ),
     click.option(
+        "--dask",
+        metavar="ADDRESS",
+        default=None,
+        help="Run the scan's units on a Dask cluster: a scheduler address "
+        "(tcp://host:8786; workers must see the same paths) or local:N (N worker processes "
+        "here). Needs pip install 'vmleak[dask]'.",
+    ),
+    click.option(
+        "--dask-timeout",
+        type=click.FloatRange(0.1),
+        default=30.0,
+        show_default=True,
+        help="Seconds to reach the Dask scheduler and see a first worker.",
+    ),
+    click.option(
         "--min-confidence",
         type=click.FloatRange(0, 1),
         default=DEFAULT_MIN_CONFIDENCE,

@@ -47,6 +47,7 @@ from numpy.lib.stride_tricks import sliding_window_view
 from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
+from scanner.units import EDGES, Unit
 
 DEFAULT_CHUNK = 4 * 1024 * 1024  # per-call unit; detectors cache-block inside (256 KiB)
 EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
@@ -313,16 +314,17 @@ class Engine:
         self._image_warnings(image, result)
         return result
 
-    def scan_part(self, image: MemoryImage, part: tuple) -> ScanResult:
-        """One unit of a split random-access image: ``("range", segment, lo, hi)`` scans the
-        guest bytes stored at buffer offsets ``[lo, hi)`` of one segment (matches starting
-        there; the image's whole layout is read around them, so no seam is left); ``("edges",)``
-        reports the image's warnings (a laid-out image has no seams left to scan)."""
+    def scan_part(self, image: MemoryImage, unit: Unit) -> ScanResult:
+        """One unit of a split random-access image (``scanner.units``): a RANGE unit scans
+        the guest bytes stored at buffer offsets ``[unit.lo, unit.hi)`` of segment
+        ``unit.segment`` (matches starting there; the image's layout is read around them, so
+        no seam is left); an EDGES unit reports the image's warnings (a laid-out image has no
+        seams left to scan)."""
         result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
-        if part[0] == "edges":
+        if unit.kind == EDGES:
             self._image_warnings(image, result)
             return result
-        _, k, lo, hi = part
+        k, lo, hi = unit.segment, unit.lo, unit.hi
         layout = _Layout.of(image.fixed_segments or [], self.gap)
         found = self._main(image, layout, layout.intervals(k, lo, hi))
         result.findings = finalize([f for f, _ in found], self.subsumes)

@@ -1,4 +1,4 @@
-"""Finding records (the JSON Lines contract of ARCHITECTURE.md) and the keyed fingerprint.
+"""Finding records (the JSON Lines contract, ``docs/architecture.md`` §7) and the keyed fingerprint.
 
 A finding is masked at creation: the full secret exists only as an HMAC-SHA256 fingerprint
 under a key kept outside every report, unless the user asked to unmask (then it travels in
@@ -18,7 +18,7 @@ from typing import Any
 KEY_ENV = "VMLEAK_FINGERPRINT_KEY"
 KEY_BYTES = 32
 
-# Field order of the JSON Lines contract (ARCHITECTURE.md), exactly.
+# Field order of the JSON Lines contract (docs/architecture.md §7), exactly.
 FIELDS = (
     "image",
     "format",

@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from parsers.base import GPA_SPACE, MemoryImage
+from scanner.units import merged
 
 RANGES_SHOWN = 16  # merged address ranges listed per address space by info
 
@@ -52,13 +53,7 @@ def extent_lines(img: MemoryImage) -> Iterator[str]:
         ]
         if not rows:
             continue
-        rows.sort()
-        runs: list[list[int]] = []
-        for a, n in rows:
-            if runs and a <= runs[-1][1]:
-                runs[-1][1] = max(runs[-1][1], a + n)
-            else:
-                runs.append([a, a + n])
+        runs = merged([(a, a + n) for a, n in rows])
         total = sum(n for _, n in rows)
         label = "GPA" if space_id == GPA_SPACE else space
         yield f"extents:  {label}: {len(rows)} extents, {total:,} bytes, {len(runs)} ranges"

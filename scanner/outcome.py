@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from scanner.baseline import Suppression
 from scanner.engine import ScanConfig
 from scanner.findings import Finding
-from scanner.runner import ImageSpec, RunSummary
+from scanner.runner import RunSummary
 
 if TYPE_CHECKING:  # the state database loads only when used (start-up time)
     from scanner.state import Change
@@ -45,7 +45,6 @@ class Outcome:
     state_path: str | None = None
     suppress: Suppression = field(default_factory=Suppression)
     removed: int = 0
-    specs: dict[str, ImageSpec] = field(default_factory=dict)  # how each image was opened
     #: findings of unchanged images left in the database, per detector: a nightly run that
     #: prints only changes, with nothing to suppress, needs their number, not themselves
     stored_counts: dict[str, int] = field(default_factory=dict)

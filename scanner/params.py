@@ -27,6 +27,8 @@ class ScanParams:
     input_format: str | None = None  # forced format, else detected from the content
     snapshot: str | None = None  # only this snapshot (qcow2)
     jobs: int | None = None  # worker processes (None: every core)
+    dask: str | None = None  # a Dask scheduler address, or local:N (scanner.fleet)
+    dask_timeout: float = 30.0  # seconds to reach the scheduler and see a worker
     min_confidence: float = DEFAULT_MIN_CONFIDENCE
     fingerprint_key_file: str | None = None  # None: $VMLEAK_FINGERPRINT_KEY or the user's key
     unmask: bool = False

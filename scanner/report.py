@@ -24,7 +24,6 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
-from parsers.base import GPA_SPACE, ImageError
 from patterns.registry import DETECTORS
 from scanner import __version__
 from scanner.baseline import write_private
@@ -33,7 +32,6 @@ from scanner.state import key_check
 
 if TYPE_CHECKING:
     from scanner.outcome import Outcome
-    from scanner.runner import ImageSpec
 
 NAMES = ("report.json", "report.html")
 HASH_BLOCK = 1 << 20  # bytes per read while hashing (memory stays bounded)
@@ -111,32 +109,6 @@ def sha256_file(path: str) -> dict[str, Any]:
     return {"path": path, "size": size, "sha256": h.hexdigest(), "mtime_ns": st.st_mtime_ns}
 
 
-def coverage(spec: ImageSpec) -> list[tuple[int, int]] | None:
-    """Guest-physical ranges [start, end) an image holds (from its extent tables; None for a
-    streamed image, whose extents are known only while decompressing)."""
-    try:
-        with spec.open() as image:
-            if not image.random_access:
-                return None
-            rows = sorted(
-                (int(a), int(a) + int(n))
-                for seg in image.fixed_segments or []
-                for a, n, sp in zip(
-                    seg.extents.addr, seg.extents.length, seg.extents.space, strict=True
-                )
-                if sp == GPA_SPACE
-            )
-    except ImageError:
-        return None
-    runs: list[list[int]] = []
-    for a, b in rows:
-        if runs and a <= runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], b)
-        else:
-            runs.append([a, b])
-    return [(a, b) for a, b in runs]
-
-
 def _finding_dict(f: Finding, reason: str | None, new: bool | None) -> dict[str, Any]:
     d = f.to_dict()
     d["pci"] = kind(f.detector)
@@ -173,7 +145,7 @@ def build(out: Outcome, argv: list[str], status: int) -> dict[str, Any]:
             if "mtime_ns" in h:
                 h["modified_since_scan_start"] = h.pop("mtime_ns") > started_ns
             files.append(h)
-        cov = coverage(out.specs[r.image]) if r.format and r.image in out.specs else None
+        cov = summary.coverage.get(r.image) if r.format else None
         findings = [
             _finding_dict(
                 f,

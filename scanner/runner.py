@@ -1,10 +1,11 @@
-"""Drives a scan of many inputs: finds the images, splits them into units of work, runs the
-units on a process pool (or inline), merges each image's findings.
+"""Drives a scan of many inputs: finds the images, runs their units of work
+(``scanner.units``) on a backend — inline, a local process pool, or a Dask cluster
+(``scanner.fleet``) — and merges each image's findings as soon as its units are back.
 
-A unit is (image spec, part): ``("all",)`` scans a whole image; for big mmapped images the
-main scan is split into byte ranges of one segment, ``("range", seg, lo, hi)``, plus one
-``("edges",)`` unit for the seams — the same units a distributed engine would schedule.
-Workers re-open the image themselves (parsing reads only headers and tables).
+Each image is parsed once, by the worker that runs its OPEN unit; that worker scans it whole
+or returns the layout and units of a large random-access image (``scanner.units``), which the
+driver then submits. The fingerprint key and detectors reach each worker process once
+(``install``), never with each unit.
 """
 
 from __future__ import annotations
@@ -13,16 +14,19 @@ import fnmatch
 import os
 import stat
 import sys
+import threading
 import time
+import uuid
 from collections import Counter
-from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
-from parsers.base import ImageError
+from parsers.base import ImageError, MemoryImage
 from parsers.registry import detect, open_image, primaries
 from scanner.engine import Engine, ScanConfig, ScanResult, finalize
+from scanner.units import EDGES, OPEN, RANGE, Layout, Unit, gpa_ranges
 
 SPLIT_MIN = 64 * 1024 * 1024  # images smaller than this are one unit
 
@@ -49,6 +53,9 @@ class RunSummary:
     unreadable: list[str] = field(default_factory=list)  # files in directories we could not read
     files: dict[str, list[str]] = field(default_factory=dict)  # image -> every file it used
     empty_dirs: list[str] = field(default_factory=list)  # directories given that held no image
+    #: image -> guest-physical ranges [start, end) it holds (None: streamed, or not opened)
+    coverage: dict[str, list[tuple[int, int]] | None] = field(default_factory=dict)
+    not_scanned: int = 0  # images left out because the backend was lost (run cut short)
     seconds: float = 0.0
 
     @property
@@ -216,142 +223,259 @@ def _classify(path: str, summary: RunSummary, found: list[str]) -> None:
 
 # --------------------------------------------------------------------------- worker side
 
-_WORKER: dict[str, Any] = {}
+_CONFIGS: dict[str, ScanConfig] = {}  # run token -> configuration, installed once per process
+_ENGINES = threading.local()  # per thread: run token -> Engine (an Engine is not thread-safe)
 
 
-def _init_worker(config: ScanConfig) -> None:
-    _WORKER["engine"] = Engine(config)
-    _WORKER["open"] = None
+def install(token: str, config: ScanConfig) -> None:
+    """Make run ``token``'s configuration (detectors, fingerprint key) known to this process."""
+    _CONFIGS[token] = config
 
 
-def _worker_image(spec: ImageSpec):
-    cached = _WORKER.get("open")
-    if cached and cached[0] == spec:
-        return cached[1]
-    if cached:
-        cached[1].close()
-    image = spec.open()
-    _WORKER["open"] = (spec, image)
-    return image
+def uninstall(token: str) -> None:
+    """Forget run ``token`` in this process."""
+    _CONFIGS.pop(token, None)
+    getattr(_ENGINES, "by_token", {}).pop(token, None)
 
 
-def run_unit(spec: ImageSpec, part: tuple) -> ScanResult:
-    """Scan one unit of work in this process (see module docstring)."""
-    engine: Engine = _WORKER["engine"]
+def _engine(token: str) -> Engine:
+    engines = _ENGINES.__dict__.setdefault("by_token", {})
+    if token not in engines:
+        engines[token] = Engine(_CONFIGS[token])
+    return engines[token]
+
+
+@dataclass
+class Opened:
+    """What an OPEN unit gives back: the image's files, its guest bytes (file bytes for a
+    stream), its guest-physical coverage, and either its ``result`` (scanned whole) or the
+    ``layout`` and ``units`` still to run."""
+
+    files: list[str]
+    total: int
+    coverage: list[tuple[int, int]] | None = None
+    result: ScanResult | None = None
+    layout: Layout | None = None
+    units: list[Unit] = field(default_factory=list)
+
+
+def plan(image: MemoryImage, pieces: int) -> list[Unit]:
+    """The RANGE and EDGES units of a random-access image of at least SPLIT_MIN buffer bytes,
+    each segment cut into at most ``pieces`` ranges; [] when it is better scanned whole."""
+    segs = image.fixed_segments or []
+    if pieces < 2 or not image.random_access or sum(s.data.size for s in segs) < SPLIT_MIN:
+        return []
+    units: list[Unit] = []
+    for k, seg in enumerate(segs):
+        n = seg.data.size
+        cuts = max(1, min(pieces, n // (SPLIT_MIN // 2)))
+        bounds = [n * i // cuts // 8 * 8 for i in range(cuts)] + [n]
+        units += [Unit(RANGE, k, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [*units, Unit(EDGES)]
+
+
+def open_task(token: str, spec: ImageSpec, pieces: int) -> Opened:
+    """Run an image's OPEN unit here: parse it, then scan it whole or plan its units (split
+    into at most ``pieces`` ranges per segment). An image that cannot be opened comes back as
+    a result holding the error."""
     try:
-        image = _worker_image(spec)
+        image = spec.open()
     except ImageError as err:
-        return ScanResult(image=spec.path, errors=[str(err)])
-    if part[0] == "all":
-        return engine.scan_image(image)
-    return engine.scan_part(image, part)
+        return Opened([spec.path], 0, result=ScanResult(image=spec.path, errors=[str(err)]))
+    with image:
+        files = list(image.files) or [spec.path]
+        total = sum(s.extents.total() for s in image.fixed_segments or [])
+        opened = Opened(files, total or os.path.getsize(spec.path), gpa_ranges(image))
+        units = plan(image, pieces)
+        layout = Layout.of(image) if units else None
+        if layout is None:
+            opened.result = _engine(token).scan_image(image)
+        else:
+            opened.layout, opened.units = layout, units
+    return opened
+
+
+def unit_task(token: str, layout: Layout, unit: Unit) -> ScanResult:
+    """Run a RANGE or EDGES unit here, on the image mapped again from ``layout``."""
+    try:
+        image = layout.open()
+    except ImageError as err:
+        return ScanResult(image=layout.path, errors=[str(err)])
+    with image:
+        return _engine(token).scan_part(image, unit)
+
+
+# --------------------------------------------------------------------------- backends
+
+
+class BackendLost(Exception):
+    """The backend can run nothing more (a Dask scheduler gone): what came back is kept."""
+
+
+class Backend(Protocol):
+    """Runs tasks (``open_task``/``unit_task``) somewhere. ``submit`` takes the task, its
+    arguments after the run token, and a label (Dask key); ``completed`` yields
+    (handle, result, error) of finished tasks, at least one per call, blocking until then,
+    and raises BackendLost when nothing more can come back; ``explain`` turns the error of a
+    task into an input error of its image when the cause lies outside vmleak (a worker
+    killed, e.g. by its memory limit), or None when it is a bug (then it is raised)."""
+
+    #: ranges per segment to cut a large image into (about twice the parallel slots)
+    pieces: int
+    note: str  # shown by the progress bar (the cluster's workers)
+
+    def submit(self, fn: Any, args: tuple, label: str) -> Any: ...
+
+    def completed(self, handles: set[Any]) -> Iterator[tuple[Any, Any, BaseException | None]]: ...
+
+    def explain(self, error: BaseException) -> str | None: ...
+
+    def close(self) -> None: ...
+
+
+class LocalBackend:
+    """This machine: with one job, or while only one task is there to run (a single small
+    image costs no process start), tasks run here one at a time; otherwise on a pool of
+    ``jobs`` processes, started on first need."""
+
+    def __init__(self, token: str, config: ScanConfig, jobs: int) -> None:
+        self.token, self.config, self.jobs = token, config, jobs
+        self.pieces = jobs * 2 if jobs > 1 else 1
+        self.note = ""
+        self.pool: ProcessPoolExecutor | None = None
+        self.queued: list[tuple[Future, Any, tuple]] = []
+        install(token, config)
+
+    def submit(self, fn: Any, args: tuple, label: str) -> Future:
+        fut: Future = Future()
+        self.queued.append((fut, fn, args))
+        return fut
+
+    def completed(self, handles: set[Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
+        if self.pool is None and (self.jobs <= 1 or len(handles) <= 1):
+            fut, fn, args = self.queued.pop(0)  # one at a time: each is stored before the next
+            try:
+                fut.set_result(fn(self.token, *args))
+            except Exception as exc:  # noqa: BLE001 - handed to the caller
+                fut.set_exception(exc)
+            yield fut, None if fut.exception() else fut.result(), fut.exception()
+            return
+        if self.queued:
+            if self.pool is None:
+                self.pool = ProcessPoolExecutor(
+                    max_workers=self.jobs, initializer=install, initargs=(self.token, self.config)
+                )
+            for fut, fn, args in self.queued:
+                real = self.pool.submit(fn, self.token, *args)
+                real.add_done_callback(lambda r, f=fut: _relay(r, f))
+            self.queued = []
+        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        for fut in done:
+            yield fut, None if fut.exception() else fut.result(), fut.exception()
+
+    def explain(self, error: BaseException) -> str | None:
+        return None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+        uninstall(self.token)
+
+
+def _relay(src: Future, dst: Future) -> None:
+    if src.exception() is not None:
+        dst.set_exception(src.exception())
+    else:
+        dst.set_result(src.result())
 
 
 # --------------------------------------------------------------------------- driver side
 
 
-def plan(spec: ImageSpec, jobs: int) -> tuple[list[tuple], int, list[str]]:
-    """Units for one image, its guest bytes (for progress) and every file it uses."""
-    with spec.open() as image:
-        files = list(image.files) or [spec.path]
-        if image.random_access and jobs > 1:
-            segs = image.fixed_segments or []
-            total = sum(s.extents.total() for s in segs)
-            size = sum(s.data.size for s in segs)
-            if size >= SPLIT_MIN:
-                units: list[tuple] = []
-                for k, seg in enumerate(segs):
-                    n = seg.data.size
-                    pieces = max(1, min(jobs * 2, n // (SPLIT_MIN // 2)))
-                    bounds = [n * i // pieces // 8 * 8 for i in range(pieces)] + [n]
-                    units += [("range", k, a, b) for a, b in zip(bounds, bounds[1:], strict=False)]
-                return units + [("edges",)], total, files
-        total = sum(s.extents.total() for s in image.fixed_segments or [])
-        return [("all",)], total or os.path.getsize(spec.path), files
-
-
 def run(
     specs: list[ImageSpec],
     config: ScanConfig,
-    jobs: int,
-    progress: Callable[[int, int], None] | None = None,
+    jobs: int = 1,
+    progress: Progress | None = None,
     summary: RunSummary | None = None,
     on_result: Callable[[ScanResult], None] | None = None,
+    backend: Backend | None = None,
 ) -> RunSummary:
-    """Scan every image; results in input order. ``progress(done_bytes, total_bytes)``;
-    ``on_result(result)`` is called as soon as each image is complete (so a caller can store
-    it before the next one finishes), in completion order."""
+    """Scan every image; results in input order. ``on_result(result)`` is called as soon as
+    each image is complete (so a caller can store it before the next one finishes), in
+    completion order. Runs on ``backend`` (the caller's to close), else on this machine
+    with ``jobs`` processes. When the backend is lost, images not complete are left out of the
+    results and an error says how many."""
     summary = summary or RunSummary()
     t0 = time.perf_counter()
+    own = backend is None
+    backend = backend or LocalBackend(uuid.uuid4().hex, config, jobs)
+    subsumes = {d.name: set(d.subsumes) for d in config.detectors}  # as Engine.subsumes
     parts: dict[int, list[ScanResult]] = {}
     merged: dict[int, ScanResult] = {}
-    units: list[tuple[int, ImageSpec, tuple]] = []
-    left: dict[int, int] = {}  # units of each image still to finish
-    total = 0
-    weights: dict[tuple[int, tuple], int] = {}
-    _init_worker(config)
-    engine = _WORKER["engine"]
+    left: dict[int, int] = {}  # units of each image still out
+    sizes = {i: _size(s.path) for i, s in enumerate(specs)}  # estimates until opened
+    handles: dict[Any, tuple[int, Unit]] = {}
+    done_bytes = 0
+
+    def submit(i: int, fn: Any, args: tuple, unit: Unit) -> None:
+        label = f"vmleak-{unit}-{os.path.basename(specs[i].path)}-{i}"
+        handles[backend.submit(fn, args, label)] = (i, unit)
+        left[i] = left.get(i, 0) + 1
 
     def finish(i: int) -> None:
-        merged[i] = merge(specs[i].path, parts.get(i, []), engine)
+        merged[i] = merge(specs[i].path, parts.pop(i, []), subsumes)
         if on_result:
             on_result(merged[i])
 
-    for i, spec in enumerate(specs):
-        try:
-            image_units, size, files = plan(spec, jobs)
-        except ImageError as err:
-            parts[i] = [ScanResult(image=spec.path, errors=[str(err)])]
-            finish(i)
-            continue
-        summary.files[spec.path] = files
-        total += size
-        mains = [u for u in image_units if u[0] != "edges"]
-        left[i] = len(image_units)
-        for u in image_units:
-            units.append((i, spec, u))
-            weights[(i, u)] = size // len(mains) if u in mains else 0
-    done = 0
-
-    def collect(i: int, u: tuple, result: ScanResult) -> None:
-        nonlocal done
-        parts.setdefault(i, []).append(result)
-        done += weights[(i, u)]
-        if progress:
-            progress(done, total)
-        left[i] -= 1
-        if not left[i]:
-            finish(i)
-
-    if jobs <= 1 or len(units) <= 1:
-        for i, spec, u in units:
-            result = run_unit(spec, u)
-            _release_worker()
-            collect(i, u, result)
-    else:
-        with ProcessPoolExecutor(
-            max_workers=jobs, initializer=_init_worker, initargs=(config,)
-        ) as pool:
-            futs = {pool.submit(run_unit, spec, u): (i, u) for i, spec, u in units}
-            pending = set(futs)
-            while pending:
-                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                for fut in finished:
-                    i, u = futs[fut]
-                    collect(i, u, fut.result())
-    summary.results += [merged[i] for i in range(len(specs))]
+    try:
+        for i, spec in enumerate(specs):
+            submit(i, open_task, (spec, backend.pieces), Unit(OPEN))
+        while handles:
+            for handle, value, error in backend.completed(set(handles)):
+                i, unit = handles.pop(handle)
+                left[i] -= 1
+                if error is not None:
+                    why = backend.explain(error)
+                    if why is None:
+                        raise error
+                    path = specs[i].path
+                    value = ScanResult(image=path, errors=[f"{path}: {unit} unit not run: {why}"])
+                if isinstance(value, Opened):
+                    summary.files[specs[i].path] = value.files
+                    summary.coverage[specs[i].path] = value.coverage
+                    sizes[i] = value.total
+                    if value.result is None:
+                        for u in value.units:
+                            assert value.layout is not None
+                            submit(i, unit_task, (value.layout.for_unit(u), u), u)
+                        continue
+                    value = value.result
+                parts.setdefault(i, []).append(value)
+                done_bytes += value.bytes_scanned
+                if not left[i]:
+                    finish(i)
+                if progress and progress.enabled:
+                    progress(done_bytes, sum(sizes.values()), len(merged), len(specs), backend.note)
+    except BackendLost as err:
+        summary.not_scanned = len(specs) - len(merged)
+        summary.errors.append(f"{err}; {summary.not_scanned} image(s) not scanned")
+    finally:
+        if own:
+            backend.close()
+    summary.results += [merged[i] for i in range(len(specs)) if i in merged]
     summary.seconds = time.perf_counter() - t0
     return summary
 
 
-def _release_worker() -> None:
-    cached = _WORKER.get("open")
-    if cached:
-        cached[1].close()
-        _WORKER["open"] = None
+def _size(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
 
 
-def merge(path: str, results: list[ScanResult], engine: Engine) -> ScanResult:
+def merge(path: str, results: list[ScanResult], subsumes: dict[str, set[str]]) -> ScanResult:
     """One image's result from the results of its units."""
     out = ScanResult(image=path)
     raw = []
@@ -362,7 +486,7 @@ def merge(path: str, results: list[ScanResult], engine: Engine) -> ScanResult:
         out.errors += [e for e in r.errors if e not in out.errors]
         out.warnings += [w for w in r.warnings if w not in out.warnings]
         out.bytes_scanned += r.bytes_scanned
-    out.findings = finalize(raw, engine.subsumes)
+    out.findings = finalize(raw, subsumes)
     return out
 
 
@@ -372,19 +496,26 @@ class Progress:
     def __init__(self, enabled: bool) -> None:
         self.enabled = enabled and sys.stderr.isatty()
         self.t0 = time.perf_counter()
+        self.width = 0
 
-    def __call__(self, done: int, total: int) -> None:
+    def __call__(
+        self, done: int, total: int, images: int = 0, of: int = 0, note: str = ""
+    ) -> None:
+        """``done`` of ``total`` guest bytes, ``images`` of ``of`` images complete."""
         if not self.enabled or total <= 0:
             return
         frac = min(1.0, done / total)
         rate = done / max(time.perf_counter() - self.t0, 1e-6) / 1e6
         bar = "#" * int(frac * 30)
-        sys.stderr.write(
-            f"\r[{bar:<30}] {frac * 100:5.1f}%  {done / 2**20:,.0f} MiB  {rate:,.0f} MB/s"
+        line = (
+            f"[{bar:<30}] {frac * 100:5.1f}%  {done / 2**20:,.0f} MiB  {rate:,.0f} MB/s  "
+            f"{images}/{of} images{'  ' + note if note else ''}"
         )
+        self.width = max(self.width, len(line))
+        sys.stderr.write("\r" + line)
         sys.stderr.flush()
 
     def close(self) -> None:
         if self.enabled:
-            sys.stderr.write("\r" + " " * 72 + "\r")
+            sys.stderr.write("\r" + " " * self.width + "\r")
             sys.stderr.flush()

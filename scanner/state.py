@@ -342,12 +342,14 @@ class StateDB:
             )
         return int(cur.lastrowid)
 
-    def finish_run(self, run_id: int, stats: dict[str, Any]) -> None:
+    def finish_run(self, run_id: int, stats: dict[str, Any], complete: bool = True) -> None:
+        """End a run with its counts: ``complete``, or ``interrupted`` when it was cut short
+        (images left unscanned; what was stored stays)."""
         with self.db:
             self.db.execute("BEGIN IMMEDIATE")
             self.db.execute(
-                "UPDATE runs SET ended=?, status='complete', stats=? WHERE id=?",
-                (_now(), json.dumps(stats), run_id),
+                "UPDATE runs SET ended=?, status=?, stats=? WHERE id=?",
+                (_now(), "complete" if complete else "interrupted", json.dumps(stats), run_id),
             )
 
     def runs(self) -> list[RunInfo]:

@@ -1,4 +1,4 @@
-"""Test-only writers of ELF cores and kdump-compressed dumps, following FORMATS.md section 4,
+"""Test-only writers of ELF cores and kdump-compressed dumps, following ``docs/formats.md`` §8-§9,
 for the variants the real QEMU 7.2 here cannot write (ELF32/big-endian cores, PN_XNUM,
 lzo/snappy/zstd pages, 32-bit kdump headers, incomplete dumps, odd flattened streams).
 
@@ -207,72 +207,3 @@ def write_kdump(path: str, pages: dict[int, bytes], opt: Kdump | None = None, *,
         data = flatten(data, **flat_args)
     with open(path, "wb") as fh:
         fh.write(data)
-
-
-def read_ranges(
-    image, ranges: list[tuple[int, int]], space: int = 0, errors: list | None = None
-) -> list[bytes | None]:
-    """Bytes of each (GPA, length) range, read through the image's extent tables (copied out
-    of reused windows); None for a range not wholly present. Also checks that no guest byte
-    is given twice with different values (extents must not overlap in the guest). With an
-    ``errors`` list, an ImageError raised by a streaming image after its readable segments
-    is appended there instead of propagating."""
-    import numpy as np
-
-    from parsers.base import ImageError
-
-    got = [bytearray(n) for _, n in ranges]
-    seen = [np.zeros(n, bool) for _, n in ranges]
-    try:
-        _collect(image, ranges, space, got, seen)
-    except ImageError as err:
-        if errors is None:
-            raise
-        errors.append(err)
-    return [bytes(b) if s.all() else None for b, s in zip(got, seen, strict=True)]
-
-
-def _collect(image, ranges, space, got, seen) -> None:
-    for seg in image.segments():
-        e = seg.extents
-        for b, a, ln, sp in zip(e.buf_offset.tolist(), e.addr.tolist(), e.length.tolist(),
-                                e.space.tolist(), strict=True):  # fmt: skip
-            if sp != space:
-                continue
-            for k, (g, n) in enumerate(ranges):
-                lo, hi = max(g, a), min(g + n, a + ln)
-                if lo >= hi:
-                    continue
-                piece = seg.data[b + lo - a : b + hi - a].tobytes()
-                prev = seen[k][lo - g : hi - g]
-                assert not prev.any() or bytes(got[k][lo - g : hi - g]) == piece
-                got[k][lo - g : hi - g] = piece
-                prev[:] = True
-
-
-def scan(path: str, detectors: str = "pan") -> list:
-    """Findings of a full engine scan of the image at ``path`` (format detected)."""
-    from parsers import registry
-    from patterns.registry import select
-    from scanner.engine import Engine, ScanConfig
-
-    engine = Engine(ScanConfig(select(detectors), key=b"k" * 32, chunk_size=64 * 1024))
-    with registry.open_image(path) as image:
-        result = engine.scan_image(image)
-    assert not result.errors, result.errors
-    return result.findings
-
-
-def planted_pans(plants: list[dict]) -> set[tuple[int, str]]:
-    """(GPA, encoding) of every 13-19 digit run in the planted values (ASCII and UTF-16LE),
-    i.e. where a PAN detector must report them."""
-    import re
-
-    out = set()
-    for p in plants:
-        data = bytes.fromhex(p["hex"])
-        for m in re.finditer(rb"(?<![0-9])[0-9]{13,19}(?![0-9])", data):
-            out.add((p["gpa"] + m.start(), "ascii"))
-        for m in re.finditer(rb"(?<![0-9]\0)(?:[0-9]\0){13,19}(?![0-9]\0)", data):
-            out.add((p["gpa"] + m.start(), "utf-16le"))
-    return out

@@ -5,6 +5,9 @@ from __future__ import annotations
 import random
 import struct
 
+import numpy as np
+
+from parsers.base import Extents, MemoryImage, Segment
 from patterns.pan import IIN_TABLE
 
 PAGE = 4096
@@ -62,3 +65,36 @@ def lime(memory: bytes, order: list[int]) -> bytes:
         out += struct.pack("<IIQQ8x", LIME_MAGIC, 1, start, start + PAGE - 1)
         out += memory[start : start + PAGE]
     return bytes(out)
+
+
+# Values the command-line tests plant: a published test Visa number and an SSN the SSA rules
+# accept that is not a well-known placeholder (docs/detectors.md).
+PAN = "4556737586899855"
+SSN = "536-90-7890"
+
+
+def raw_with(path, plants: dict[int, str], pages: int = 8) -> None:
+    """Write a raw image of ``pages`` zero pages with each text of ``plants`` (offset -> text)
+    at its offset, a space on either side."""
+    mem = bytearray(pages * PAGE)
+    for off, text in plants.items():
+        mem[off : off + len(text) + 2] = f" {text} ".encode()
+    path.write_bytes(bytes(mem))
+
+
+def memory_image(memory: bytes, order: list[int] | None = None, junk: int = 0xA5) -> MemoryImage:
+    """``memory`` as a MemoryImage from GPA 0: one extent, or (``order``) its 4 KiB pages
+    stored in that order with 8 ``junk`` bytes after each, so GPA-adjacent pages are never
+    buffer-adjacent (seams for the engine to stitch, as in a QEMU stream)."""
+    data = np.frombuffer(bytes(memory), np.uint8)
+    if order is None:
+        seg = Segment(data, Extents.build([0], [0], [data.size]), "mem")
+    else:
+        stride = PAGE + 8
+        buf = np.full(len(order) * stride, junk, np.uint8)
+        for k, pg in enumerate(order):
+            buf[k * stride : k * stride + PAGE] = data[pg * PAGE : (pg + 1) * PAGE]
+        ext = Extents.build([k * stride for k in range(len(order))],
+                            [pg * PAGE for pg in order], [PAGE] * len(order))
+        seg = Segment(buf, ext, "mem")
+    return MemoryImage(path="mem", format="test", files=["mem"], fixed_segments=[seg])

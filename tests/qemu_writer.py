@@ -1,18 +1,13 @@
 """Test-only writers for QEMU migration streams (incl. the mapped-ram layout of QEMU >= 9.0,
 which Debian's QEMU 7.2 cannot produce), libvirt save containers and qcow2 rewrites, following
-FORMATS.md sections 1-3. Nothing here is used by the product."""
+``docs/formats.md`` §4-§7. Nothing here is used by the product."""
 
 from __future__ import annotations
 
 import json
-import lzma
-import re
-import shutil
 import struct
 import zlib
 from pathlib import Path
-
-import numpy as np
 
 PAGE = 4096
 MIB = 1 << 20
@@ -307,59 +302,3 @@ def compress_qcow2_vmstate(src: Path, dst: Path, every: int = 2, zstd: bool = Fa
     data += bytes(-len(data) % 512)
     dst.write_bytes(bytes(data))
     return done
-
-
-# ---- helpers shared by the QEMU / libvirt / qcow2 tests ---------------------------------------
-
-SAMPLES = Path(__file__).resolve().parent.parent / "samples" / "qemu"
-MANIFEST = json.loads((SAMPLES / "manifest.json").read_text())
-
-
-def sample(name: str, tmp: Path) -> Path:
-    """The committed fixture ``name``, unpacked into ``tmp`` when it is stored xz-compressed."""
-    if not name.endswith(".xz"):
-        return SAMPLES / name
-    out = tmp / name.removesuffix(".xz")
-    if not out.exists():
-        with lzma.open(SAMPLES / name) as fin, open(out, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 1 << 20)
-    return out
-
-
-def read_gpa(image, gpa: int, n: int, space: int = 0) -> bytes:
-    """Bytes [gpa, gpa+n) of ``space`` as the image's extents give them; bytes no extent
-    covers read as zeros (a QEMU zero page is not stored). Walks every segment (the last
-    copy of a page wins, as in the guest)."""
-    out = bytearray(n)
-    for seg in image.segments():
-        e = seg.extents
-        sel = (e.space == space) & (e.addr < gpa + n) & (e.addr + e.length > gpa)
-        for i in np.flatnonzero(sel):
-            lo = max(gpa, int(e.addr[i]))
-            hi = min(gpa + n, int(e.addr[i] + e.length[i]))
-            b = int(e.buf_offset[i]) + lo - int(e.addr[i])
-            out[lo - gpa : hi - gpa] = seg.data[b : b + hi - lo].tobytes()
-    return bytes(out)
-
-
-def pan_gpas(plants: list[dict]) -> list[int]:
-    """GPA of the card number inside each planted text."""
-    out = []
-    for p in plants:
-        m = re.search(r"\d{13,19}", p["text"])
-        assert m is not None
-        out.append(p["gpa"] + m.start())
-    return sorted(out)
-
-
-def scan_pans(image) -> list:
-    """PAN findings of ``image`` through the engine (skips when the engine is absent)."""
-    import pytest
-
-    engine = pytest.importorskip("scanner.engine", reason="the scanning engine is not present")
-    from patterns import registry as detectors
-
-    eng = engine.Engine(engine.ScanConfig(detectors=detectors.select("pan"), key=b"k" * 32))
-    result = eng.scan_image(image)
-    assert not result.errors, result.errors
-    return sorted((f for f in result.findings if f.detector == "pan"), key=lambda f: f.gpa)

@@ -8,10 +8,9 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
-from parsers.base import Extents, MemoryImage, Segment
 from patterns import aes
 from patterns.aes import AesKeyDetector, expand_keys, is_degenerate
 from patterns.base import Chunk, Hit
@@ -19,7 +18,7 @@ from patterns.base import Chunk, Hit
 pyaes = pytest.importorskip("pyaes", reason="pyaes is the reference key expansion")
 
 DET = AesKeyDetector()
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40)
 KEY = st.sampled_from([16, 24, 32]).flatmap(lambda n: st.binary(min_size=n, max_size=n))
 
 
@@ -63,7 +62,7 @@ def find(buf: bytes) -> list[tuple[int, int, dict, bytes]]:
 
 
 @given(key=KEY)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30)
 def test_expansion_matches_pyaes(key: bytes) -> None:
     ours = expand_keys(np.frombuffer(key, np.uint8)[None, :])[0].tobytes()
     assert ours == pyaes_schedule(key)
@@ -78,7 +77,7 @@ FIPS197 = [
 
 
 @pytest.mark.parametrize(("key_hex", "last_word"), FIPS197)
-def test_fips197_appendix_a(key_hex: str, last_word: str) -> None:
+def test_fips197_appendix_a(key_hex: str, last_word: str, key) -> None:
     key = bytes.fromhex(key_hex)
     schedule = expand_keys(np.frombuffer(key, np.uint8)[None, :])[0].tobytes()
     assert schedule[-4:].hex() == last_word  # the published vector, not our own code
@@ -113,7 +112,7 @@ def test_planted_found_once(key: bytes, seed: int, kind: str, swapped: bool, whe
 
 @pytest.mark.parametrize("nbytes", [16, 24, 32])
 @pytest.mark.parametrize("swapped", [False, True])
-def test_schedule_ending_at_the_last_byte_of_a_chunk(nbytes: int, swapped: bool) -> None:
+def test_schedule_ending_at_the_last_byte_of_a_chunk(nbytes: int, swapped: bool, key) -> None:
     """At every byte alignment, a schedule whose last byte is the chunk's last is found."""
     key = bytes(range(7, 7 + nbytes))
     schedule = pyaes_schedule(key)
@@ -201,7 +200,7 @@ def test_degenerate_and_filler_memory_not_reported() -> None:
 
 
 @pytest.mark.parametrize("nbytes", [16, 24, 32])
-def test_linux_crypto_aes_ctx_is_one_key(nbytes: int) -> None:
+def test_linux_crypto_aes_ctx_is_one_key(nbytes: int, key) -> None:
     key = bytes(range(7, 7 + nbytes))
     enc, dec = pyaes_schedule(key), pyaes_decrypt_schedule(key)
     ctx = bytearray(484)  # u32 key_enc[60]; u32 key_dec[60]; u32 key_length
@@ -218,7 +217,7 @@ def test_linux_crypto_aes_ctx_is_one_key(nbytes: int) -> None:
     assert [(s, n, d.get("container")) for s, n, d, _ in find(buf)] == [(333, len(enc), None)]
 
 
-def test_masked_shows_size_and_two_bytes_each_end() -> None:
+def test_masked_shows_size_and_two_bytes_each_end(key) -> None:
     key = bytes.fromhex(FIPS197[0][0])
     buf = background(5, 2048, "random")
     buf[64 : 64 + 176] = pyaes_schedule(key)
@@ -232,39 +231,15 @@ def test_masked_shows_size_and_two_bytes_each_end() -> None:
 # --- through the engine -----------------------------------------------------------------------
 
 
-def engine_scan(buf: bytes, chunk: int, order: list[int] | None = None,
-                detectors: str = "aes-key") -> list:
-    """Findings of the engine on ``buf`` as guest memory from GPA 0: one extent, or (``order``)
-    its 4 KiB pages stored in that order, 8 junk bytes apart."""
-    from patterns.registry import select
-    from scanner.engine import Engine, ScanConfig
-
-    page = 4096
-    data = np.frombuffer(bytes(buf), np.uint8)
-    if order is None:
-        ext = Extents.build([0], [0], [data.size])
-        seg = Segment(data, ext, "mem")
-    else:  # pages stored out of order, 8 junk bytes apart: seams for the engine to stitch
-        stride = page + 8
-        out = np.full(len(order) * stride, 0xA5, np.uint8)
-        for k, pg in enumerate(order):
-            out[k * stride : k * stride + page] = data[pg * page : (pg + 1) * page]
-        ext = Extents.build([k * stride for k in range(len(order))],
-                            [pg * page for pg in order], [page] * len(order))
-        seg = Segment(out, ext, "mem")
-    image = MemoryImage(path="mem", format="test", files=["mem"], fixed_segments=[seg])
-    eng = Engine(ScanConfig(select(detectors), key=b"k" * 32, chunk_size=chunk))
-    return eng.scan_image(image).findings
-
-
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25)
 @given(
     key=KEY,
     where=st.integers(0, 8 * 4096 - 256),
     chunk=st.sampled_from([4096, 4100, 65536, 262144]),
     shuffle=st.integers(0, 2**32 - 1),
 )
-def test_engine_any_offset_any_chunking(key: bytes, where: int, chunk: int, shuffle: int) -> None:
+def test_engine_any_offset_any_chunking(key: bytes, where: int, chunk: int, shuffle: int,
+                                        engine_scan) -> None:
     pytest.importorskip("scanner.engine", reason="engine not present")
     assume(not is_degenerate(key))
     schedule = pyaes_schedule(key)
@@ -279,10 +254,11 @@ def test_engine_any_offset_any_chunking(key: bytes, where: int, chunk: int, shuf
         ]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=20)
 @given(where=st.integers(0, 8 * 4096 - 484), nbytes=st.sampled_from([16, 24, 32]),
        shuffle=st.integers(0, 2**32 - 1))
-def test_engine_crypto_aes_ctx_once(where: int, nbytes: int, shuffle: int) -> None:
+def test_engine_crypto_aes_ctx_once(where: int, nbytes: int, shuffle: int, engine_scan,
+                                    key) -> None:
     """A crypto_aes_ctx anywhere, pages in or out of order: one key, never two."""
     key = bytes(range(40, 40 + nbytes))
     enc, dec = pyaes_schedule(key), pyaes_decrypt_schedule(key)

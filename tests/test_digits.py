@@ -25,7 +25,7 @@ def chains_of(text: bytes, block: int) -> digits.Chains:
         digits.CHAIN_BLOCK = saved
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(text=TEXT, block=st.integers(1, 40))
 def test_chains_in_blocks_equal_chains_in_one_piece(text, block):
     whole = chains_of(text, 1 << 20)
@@ -34,7 +34,7 @@ def test_chains_in_blocks_equal_chains_in_one_piece(text, block):
         assert np.array_equal(getattr(whole, name), getattr(parts, name)), name
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(text=TEXT, block=st.integers(1, 40))
 def test_plain_chains_are_the_lone_digit_runs(text, block):
     """Every 7..64-digit run with no space or dash joining it to another digit is a chain
@@ -56,7 +56,7 @@ def test_plain_chains_are_the_lone_digit_runs(text, block):
         assert not text[s - 1 : s].isdigit() and not text[e : e + 1].isdigit()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(text=TEXT, block=st.integers(1, 40))
 def test_grouped_chains_read_like_the_text(text, block):
     """Digit groups joined by single spaces or dashes: every chain with a group key spells

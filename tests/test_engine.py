@@ -7,18 +7,17 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parsers.base import Extents, MemoryImage, Segment
 from patterns.base import Chunk, Described, Detector, Hit, Hits
 from patterns.pan import IIN_TABLE
 from patterns.registry import select
 from scanner.engine import Engine, ScanConfig
-from tests.plant import PAGE, encode, group, make_pan, make_ssn
+from tests.plant import PAGE, encode, group, make_pan, make_ssn, memory_image
 
 NPAGES = 8
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=60)
 
 
 def background(seed: int, kind: str) -> bytearray:
@@ -33,26 +32,11 @@ def background(seed: int, kind: str) -> bytearray:
     return bytearray(data.tobytes())
 
 
-def image_of(memory: bytes, order: list[int]) -> MemoryImage:
-    """A MemoryImage whose buffer holds the pages in ``order``, 8 junk bytes between pages
-    (like a QEMU stream), so GPA-adjacent pages are never buffer-adjacent unless in order."""
-    stride = PAGE + 8
-    buf = np.full(len(order) * stride, 0x37, np.uint8)  # '7': junk a detector would glue on
-    for k, pg in enumerate(order):
-        buf[k * stride : k * stride + PAGE] = np.frombuffer(
-            memory[pg * PAGE : (pg + 1) * PAGE], np.uint8
-        )
-    ext = Extents.build(
-        [k * stride for k in range(len(order))], [pg * PAGE for pg in order], [PAGE] * len(order)
-    )
-    return MemoryImage(
-        path="mem", format="test", files=["mem"], fixed_segments=[Segment(buf, ext, "mem")]
-    )
-
-
 def scan(memory: bytes, order: list[int], chunk: int, detectors: str = "all"):
+    """Findings over ``memory`` stored as pages in ``order`` with 8 bytes of '7' between them:
+    junk a detector would glue on if it joined pages that are not adjacent in the guest."""
     eng = Engine(ScanConfig(select(detectors), key=b"k" * 32, chunk_size=chunk))
-    return eng.scan_image(image_of(memory, order)).findings
+    return eng.scan_image(memory_image(memory, order, junk=0x37)).findings
 
 
 plant_args = dict(
@@ -135,7 +119,7 @@ def _absent(text: str, detectors: str):
         assert found == [], (text, enc, found)
 
 
-@settings(max_examples=80, deadline=None)
+@settings(max_examples=80)
 @given(seed=st.integers(0, 2**32 - 1), change=st.integers(1, 9))
 def test_luhn_invalid_pan_never_reported(seed, change):
     pan = make_pan(random.Random(seed))
@@ -143,7 +127,7 @@ def test_luhn_invalid_pan_never_reported(seed, change):
     _absent(bad, "cards")
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     seed=st.integers(0, 2**32 - 1),
     lead=st.sampled_from("0789"),
@@ -164,7 +148,7 @@ def test_wrong_iin_and_overlong_runs_never_reported(seed, lead, extra):
             assert all(f.length != len(encode(pan, enc)) for f in _found(longer, "pan", enc))
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     area=st.sampled_from([0, 666, 900, 950, 999, 123]),
     grp=st.integers(0, 99),
@@ -223,7 +207,7 @@ class _Marker(Detector):
         return Described(hit.raw, "<***>", {})
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40)
 @given(page=st.integers(0, NPAGES - 1), end=st.booleans(), shuffle=st.booleans(),
        seed=st.integers(0, 1000))
 def test_context_free_match_at_an_extent_edge_found_once(page, end, shuffle, seed):
@@ -231,7 +215,7 @@ def test_context_free_match_at_an_extent_edge_found_once(page, end, shuffle, see
     at = page * PAGE + (PAGE - 5 if end else 0)  # touching the page's last or first byte
     mem[at : at + 5] = b"<KEY>"
     eng = Engine(ScanConfig([_Marker()], key=b"k" * 32, chunk_size=8192))
-    found = eng.scan_image(image_of(bytes(mem), layout(seed, shuffle))).findings
+    found = eng.scan_image(memory_image(bytes(mem), layout(seed, shuffle), 0x37)).findings
     assert [f.gpa for f in found] == [at]
 
 
@@ -262,7 +246,8 @@ def test_every_format_found_at_every_alignment():
                 at = pos + len(raw) + 700
         assert at < len(mem)
         eng = Engine(ScanConfig(select("all"), key=b"k" * 32, chunk_size=256 * 1024))
-        found = eng.scan_image(image_of(bytes(mem), list(range(len(mem) // PAGE)))).findings
+        image = memory_image(bytes(mem), list(range(len(mem) // PAGE)), 0x37)
+        found = eng.scan_image(image).findings
         assert set(plants) <= {(f.detector, f.gpa) for f in found}
 
 
@@ -274,6 +259,6 @@ def test_ssn_keyword_up_to_24_characters_before_the_number():
             text = f"social security{'x' * (gap - 2)}: {ssn}" if gap else f"SSN{ssn}"
             raw = encode(f" {text} ", enc)
             mem[5001 : 5001 + len(raw)] = raw
-            image = image_of(bytes(mem), list(range(len(mem) // PAGE)))
+            image = memory_image(bytes(mem), list(range(len(mem) // PAGE)), 0x37)
             hits = Engine(ScanConfig(select("ssn"), key=b"k" * 32)).scan_image(image).findings
             assert len(hits) == found, (enc, gap)

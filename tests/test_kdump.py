@@ -3,41 +3,22 @@
 from __future__ import annotations
 
 import builtins
-import gzip
 import json
-import shutil
 import struct
 import tracemalloc
 import zlib
 from pathlib import Path
 
 import pytest
-from dumpwriter import (
-    Kdump,
-    assemble_kdump,
-    elf_note,
-    flatten,
-    planted_pans,
-    read_ranges,
-    scan,
-    write_kdump,
-)
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers import kdump, registry
 from parsers.base import ImageError
+from tests.dumpwriter import Kdump, assemble_kdump, elf_note, flatten, write_kdump
+from tests.samples import dump_entry, dump_sample, dumps_of, planted_pans
 
-DUMPS = Path(__file__).resolve().parent.parent / "samples" / "dumps"
-MANIFEST = json.loads((DUMPS / "manifest.json").read_text())
 PAGE = 4096
-
-
-def unpack(entry: dict, tmp: Path) -> Path:
-    out = tmp / entry["file"].removesuffix(".gz")
-    with gzip.open(DUMPS / entry["file"]) as fin, open(out, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-    return out
 
 
 def problems(image, errors: list) -> str:
@@ -53,11 +34,10 @@ def scan_all(image) -> None:
         assert (ext.buf_offset + ext.length <= seg.data.size).all()
 
 
-@pytest.mark.parametrize(
-    "entry", [d for d in MANIFEST["dumps"] if d["format"] == "kdump"], ids=lambda d: d["file"]
-)
-def test_real_qemu_kdump_planted_values_at_their_gpas(entry: dict, tmp_path: Path) -> None:
-    path = unpack(entry, tmp_path)
+@pytest.mark.parametrize("entry", dumps_of("kdump"), ids=lambda d: d["file"])
+def test_real_qemu_kdump_planted_values_at_their_gpas(entry: dict, tmp_path: Path,
+                                                      read_ranges) -> None:
+    path = dump_sample(entry["file"], tmp_path)
     with registry.open_image(str(path)) as image:
         assert image.format == "kdump" and not image.random_access
         assert image.meta["compression"] == "zlib"
@@ -113,7 +93,8 @@ def pages_for_test() -> dict[int, bytes]:
 @pytest.mark.parametrize("codec", ["zlib", "lzo", "snappy", "zstd", "none"])
 @pytest.mark.parametrize("bits,order", [(64, "<"), (32, "<"), (64, ">"), (32, ">")])
 @pytest.mark.parametrize("flat", [False, True])
-def test_written_codecs_layouts(tmp_path: Path, codec: str, bits: int, order: str, flat: bool):
+def test_written_codecs_layouts(tmp_path: Path, codec: str, bits: int, order: str, flat: bool,
+                                read_ranges):
     if codec == "lzo":
         pytest.importorskip("lzokay", reason="LZO pages need the lzokay package")
     if codec in ("snappy", "zstd"):
@@ -154,7 +135,7 @@ def test_metadata_from_sub_header(tmp_path: Path) -> None:
         assert image.meta["utsname_release"] == "6.1.0-test"
 
 
-def test_flattened_overwrites_last_writer_wins(tmp_path: Path) -> None:
+def test_flattened_overwrites_last_writer_wins(tmp_path: Path, read_ranges) -> None:
     pages = pages_for_test()
     path = tmp_path / "dump"
     write_kdump(str(path), pages, flat=True, chunk=3000, overwrite=True)
@@ -163,7 +144,7 @@ def test_flattened_overwrites_last_writer_wins(tmp_path: Path) -> None:
         assert not image.warnings
 
 
-def test_incomplete_dump_lost_pages_reported(tmp_path: Path) -> None:
+def test_incomplete_dump_lost_pages_reported(tmp_path: Path, read_ranges) -> None:
     pages = pages_for_test()
     path = tmp_path / "dump"
     write_kdump(str(path), pages, Kdump(lost={4, 5}, incomplete=True))
@@ -177,7 +158,8 @@ def test_incomplete_dump_lost_pages_reported(tmp_path: Path) -> None:
     assert "marked incomplete" in text
 
 
-def test_missing_codec_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_missing_codec_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                    read_ranges) -> None:
     pytest.importorskip("cramjam", reason="writing snappy pages needs cramjam")
     pages = pages_for_test()
     path = tmp_path / "dump"
@@ -198,7 +180,7 @@ def test_missing_codec_is_a_warning(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     assert "snappy not readable" in text and "cramjam" in text
 
 
-def test_page_expanding_past_block_is_rejected(tmp_path: Path) -> None:
+def test_page_expanding_past_block_is_rejected(tmp_path: Path, read_ranges) -> None:
     pages = pages_for_test()
     blob = bytearray(assemble_kdump(pages, Kdump()))
     bomb = zlib.compress(bytes(64 << 20))  # 64 MiB of zeros in ~64 KiB
@@ -245,11 +227,10 @@ def test_truncated_descriptors_and_data(tmp_path: Path) -> None:
     assert "past the end of the file" in text
 
 
-@settings(
-    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=80)
 @given(data=st.data(), flat=st.booleans())
-def test_corrupted_dumps_fail_cleanly(tmp_path: Path, data: st.DataObject, flat: bool) -> None:
+def test_corrupted_dumps_fail_cleanly(tmp_path: Path, data: st.DataObject, flat: bool,
+                                      drain) -> None:
     blob = bytearray(assemble_kdump(pages_for_test(), Kdump()))
     regions = [(0, 0x1E0), (PAGE, PAGE + 0x70), (2 * PAGE, 4 * PAGE), (4 * PAGE, 4 * PAGE + 1600)]
     for _ in range(data.draw(st.integers(0, 6))):
@@ -266,36 +247,31 @@ def test_corrupted_dumps_fail_cleanly(tmp_path: Path, data: st.DataObject, flat:
     path.write_bytes(bytes(blob[:cut]))
     tracemalloc.start()
     try:
-        with kdump.open_image(str(path), "kdump", {}) as image:
-            scan_all(image)
-    except ImageError as err:
-        assert str(err).startswith(str(path))
+        drain(str(path), "kdump")
     finally:
         peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
     assert peak < 96 << 20
 
 
-@pytest.mark.parametrize(
-    "entry", [d for d in MANIFEST["dumps"] if d["format"] == "kdump"], ids=lambda d: d["file"]
-)
-def test_scan_real_kdump_finds_planted_pans_once(entry: dict, tmp_path: Path) -> None:
-    path = unpack(entry, tmp_path)
-    found = [(f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan"]
+@pytest.mark.parametrize("entry", dumps_of("kdump"), ids=lambda d: d["file"])
+def test_scan_real_kdump_finds_planted_pans_once(entry: dict, tmp_path: Path, scan) -> None:
+    path = dump_sample(entry["file"], tmp_path)
+    found = [(f.gpa, f.encoding) for f in scan(str(path), chunk_size=64 * 1024)]
     assert sorted(found) == sorted(planted_pans(entry["plants"]))
 
 
 @pytest.mark.parametrize("codec", ["zlib", "none"])
-def test_scan_pan_straddling_raw_and_compressed_pages(tmp_path: Path, codec: str) -> None:
+def test_scan_pan_straddling_raw_and_compressed_pages(tmp_path: Path, codec: str, scan) -> None:
     """PFN 4 ends with '40128888' and PFN 5 starts with '88881881': one PAN across a page
     seam, found once at its GPA whether the pages come from windows or the mmap."""
     path = tmp_path / "dump"
     write_kdump(str(path), pages_for_test(), Kdump(codec=codec))
-    found = sorted((f.gpa, f.encoding) for f in scan(str(path)) if f.detector == "pan")
+    found = sorted((f.gpa, f.encoding) for f in scan(str(path), chunk_size=64 * 1024))
     assert found == [(3 * PAGE + 5, "ascii"), (5 * PAGE - 8, "ascii")]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(
     records=st.lists(
         st.tuples(st.integers(0, 300), st.binary(min_size=0, max_size=80)),
@@ -336,20 +312,12 @@ def test_flattened_interval_map_equals_naive_reassembly(records: list) -> None:
                     assert src.view(lo, n, "test").tobytes() == bytes(piece)
 
 
-def test_cli_truncated_real_dump_reports_what_was_readable_and_exits_2(tmp_path: Path) -> None:
-    import subprocess
-    import sys
-
-    entry = next(d for d in MANIFEST["dumps"] if d["file"] == "pc-64M.kdump-zlib.gz")
-    path = unpack(entry, tmp_path)
+def test_cli_truncated_real_dump_reports_what_was_readable_and_exits_2(tmp_path: Path,
+                                                                       vmleak) -> None:
+    entry = dump_entry("pc-64M.kdump-zlib.gz")
+    path = dump_sample(entry["file"], tmp_path)
     path.write_bytes(path.read_bytes()[:-30000])  # the tail of the page data is cut off
-    run = subprocess.run(
-        [sys.executable, "-m", "scanner", "scan", "--format", "jsonl", str(path)],
-        capture_output=True,
-        text=True,
-        cwd=Path(__file__).resolve().parent.parent,
-        timeout=120,
-    )
+    run = vmleak("scan", "--format", "jsonl", str(path))
     assert run.returncode == 2
     gpas = sorted(json.loads(line)["gpa"] for line in run.stdout.splitlines())
     assert gpas == sorted(g for g, _ in planted_pans(entry["plants"]))
@@ -359,7 +327,7 @@ def test_cli_truncated_real_dump_reports_what_was_readable_and_exits_2(tmp_path:
 
 @pytest.mark.parametrize("flat", [False, True])
 def test_tiny_batches_runs_and_windows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
-                                       flat: bool) -> None:  # fmt: skip
+                                       flat: bool, read_ranges) -> None:  # fmt: skip
     """Runs of raw pages crossing batch boundaries, longer than a segment, windows of 3 pages:
     every page still read once, from the right place."""
     import random
@@ -387,12 +355,10 @@ def test_tiny_batches_runs_and_windows(tmp_path: Path, monkeypatch: pytest.Monke
     assert all(size <= 5 * PAGE for reused, _, size in segs if not reused)
 
 
-@settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=60)
 @given(data=st.data(), codec=st.sampled_from(["zlib", "lzo", "snappy", "zstd"]))
 def test_corrupted_compressed_pages_fail_cleanly(
-    tmp_path: Path, data: st.DataObject, codec: str
+    tmp_path: Path, data: st.DataObject, codec: str, read_ranges
 ) -> None:
     """Garbage inside compressed page data: each codec's errors become 'does not decode'
     problems (an ImageError at the end of the stream), never another exception."""
@@ -414,8 +380,8 @@ def test_corrupted_compressed_pages_fail_cleanly(
 
 
 def test_real_i386_guest_kdump_has_64bit_layout_despite_i686(tmp_path: Path) -> None:
-    entry = next(d for d in MANIFEST["dumps"] if d["file"].startswith("i386-"))
-    path = unpack(entry, tmp_path)
+    entry = dump_entry("i386-pc-64M.kdump-zlib.flat.gz")
+    path = dump_sample(entry["file"], tmp_path)
     with registry.open_image(str(path)) as image:
         assert image.meta["utsname_machine"] == "i686"
         assert image.meta["guest_bits"] == 64  # what QEMU 7.2 writes

@@ -9,25 +9,23 @@ import binascii
 import shutil
 import struct
 import subprocess
-from functools import cache
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from patterns.base import Chunk, Hit
 from patterns.der import CURVES, EcKeyDetector, RsaKeyDetector, ed25519_public
 from patterns.pem import OPENSSH_MAGIC, PemKeyDetector, SshKeyDetector, Wire
-from tests.test_aes import engine_scan  # the engine over one extent or shuffled pages
 
 crypto = pytest.importorskip("cryptography", reason="keys are generated with cryptography")
 from cryptography.hazmat.primitives import serialization as ser  # noqa: E402
-from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed25519, rsa  # noqa: E402
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
 
 DETECTORS = {d.name: d for d in (RsaKeyDetector(), EcKeyDetector(), PemKeyDetector(),
                                  SshKeyDetector())}
-SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=30)
 NOENC = ser.NoEncryption()
 ENC = ser.BestAvailableEncryption(b"correct horse")
 PEM, DER = ser.Encoding.PEM, ser.Encoding.DER
@@ -35,17 +33,6 @@ TRAD, PKCS8, OPENSSH = (ser.PrivateFormat.TraditionalOpenSSL, ser.PrivateFormat.
                         ser.PrivateFormat.OpenSSH)
 EC_CURVES = {"prime256v1": ec.SECP256R1, "secp384r1": ec.SECP384R1, "secp521r1": ec.SECP521R1,
              "secp256k1": ec.SECP256K1}
-
-
-@cache
-def key(kind: str):  # -> a cryptography private key object
-    if kind.startswith("rsa"):
-        return rsa.generate_private_key(65537, int(kind[3:]))
-    if kind == "dsa":
-        return dsa.generate_private_key(1024)
-    if kind == "ed25519":
-        return ed25519.Ed25519PrivateKey.generate()
-    return ec.generate_private_key(EC_CURVES[kind]())
 
 
 def background(seed: int, size: int) -> bytearray:
@@ -85,7 +72,7 @@ DER_CASES = [
 ]
 
 
-def expected_span(kind: str, blob: bytes, where: int) -> tuple[int, int]:
+def expected_span(kind: str, blob: bytes, where: int, key) -> tuple[int, int]:
     """Where a planted DER key is reported: a PKCS#8 key at its inner key when that is a
     key on its own (the traditional form found verbatim inside), else the whole blob."""
     inner = b"" if kind == "ed25519" else key(kind).private_bytes(DER, TRAD, NOENC)
@@ -95,11 +82,11 @@ def expected_span(kind: str, blob: bytes, where: int) -> tuple[int, int]:
 
 @pytest.mark.parametrize(("kind", "fmt", "name", "container"), DER_CASES)
 @pytest.mark.parametrize("where", [0, 1, 4093])
-def test_der_keys_found_once(kind: str, fmt, name: str, container: str, where: int) -> None:
+def test_der_keys_found_once(kind: str, fmt, name: str, container: str, where: int, key) -> None:
     blob = key(kind).private_bytes(DER, fmt, NOENC)
     buf = plant(blob, where)
     found = scan(buf, name)
-    assert [(s, n) for s, n, _, _ in found] == [expected_span(kind, blob, where)]
+    assert [(s, n) for s, n, _, _ in found] == [expected_span(kind, blob, where, key)]
     details = found[0][3]
     assert details["container"] == container
     if name == "rsa-key":
@@ -127,7 +114,7 @@ def test_curve_constants_are_consistent() -> None:
 @SETTINGS
 @given(index=st.integers(0, 10**6), delta=st.integers(1, 255),
        case=st.sampled_from(["rsa1024-1", "rsa1024-8", "prime256v1-1", "secp384r1-8"]))
-def test_der_one_changed_byte_not_reported(index: int, delta: int, case: str) -> None:
+def test_der_one_changed_byte_not_reported(index: int, delta: int, case: str, key) -> None:
     kind, fmt = case.split("-")
     blob = bytearray(key(kind).private_bytes(DER, TRAD if fmt == "1" else PKCS8, NOENC))
     i = index % len(blob)
@@ -142,7 +129,7 @@ def test_der_one_changed_byte_not_reported(index: int, delta: int, case: str) ->
 
 
 @pytest.mark.parametrize("kind", ["rsa2048", "prime256v1"])
-def test_der_truncated_not_reported(kind: str) -> None:
+def test_der_truncated_not_reported(kind: str, key) -> None:
     blob = key(kind).private_bytes(DER, TRAD, NOENC)
     for cut in (1, 2, len(blob) // 2):
         buf = background(2, 6000)
@@ -176,7 +163,7 @@ def encode(text: bytes, encoding: str) -> bytes:
 @pytest.mark.parametrize(("kind", "fmt", "enc", "label", "encrypted"), PEM_CASES)
 @pytest.mark.parametrize(("encoding", "where"), [("ascii", 0), ("ascii", 777), ("utf-16le", 778),
                                                  ("utf-16le", 1001)])
-def test_pem_found_once(kind, fmt, enc, label, encrypted, encoding, where) -> None:
+def test_pem_found_once(kind, fmt, enc, label, encrypted, encoding, where, key) -> None:
     pem = key(kind).private_bytes(PEM, fmt, enc)
     assert pem.startswith(f"-----BEGIN {label}-----".encode())
     blob = encode(pem.rstrip(b"\n"), encoding)
@@ -193,7 +180,7 @@ def test_pem_found_once(kind, fmt, enc, label, encrypted, encoding, where) -> No
 @SETTINGS
 @given(pos=st.integers(0, 10**6), char=st.sampled_from("AQgw+/019"),
        case=st.sampled_from(["rsa1024", "prime256v1", "dsa"]))
-def test_pem_changed_body_not_reported(pos: int, char: str, case: str) -> None:
+def test_pem_changed_body_not_reported(pos: int, char: str, case: str, key) -> None:
     pem = key(case).private_bytes(PEM, TRAD, NOENC)
     lines = pem.split(b"\n")
     body = b"".join(lines[1:-2])
@@ -209,7 +196,7 @@ def test_pem_changed_body_not_reported(pos: int, char: str, case: str) -> None:
     assert scan(plant(text, 50, size=4096), "pem-key") == []
 
 
-def test_pem_truncated_not_reported() -> None:
+def test_pem_truncated_not_reported(key) -> None:
     pem = key("rsa1024").private_bytes(PEM, TRAD, NOENC)
     for cut in (5, 30, 100, len(pem) // 2):
         assert scan(plant(pem[:-cut], 10, size=4096), "pem-key") == []
@@ -260,7 +247,7 @@ def test_ssh_keygen_keys_every_form(kind: str, passphrase: str, tmp_path) -> Non
             assert scan(plant(bytes(bad), 64), "ssh-key") == [], i - start
 
 
-def test_openssh_from_cryptography_is_found() -> None:
+def test_openssh_from_cryptography_is_found(key) -> None:
     pem = key("ed25519").private_bytes(PEM, OPENSSH, NOENC).rstrip(b"\n")
     found = scan(plant(pem, 99), "ssh-key")
     assert [(s, n, d["key_type"]) for s, n, _, d in found] == [(99, len(pem), "ssh-ed25519")]
@@ -276,7 +263,7 @@ def _wire(*parts: bytes | int) -> bytes:
     return out
 
 
-def ppk(version: int, kind: str, encryption: str = "none") -> bytes:
+def ppk(key, version: int, kind: str, encryption: str = "none") -> bytes:
     """A PuTTY key file as PuTTY writes it (public blob from cryptography's OpenSSH public key;
     private blob per the PPK format: RSA d, p, q, iqmp / ECDSA d / Ed25519 seed). The MAC is
     not checked by the detector and is random here."""
@@ -310,9 +297,9 @@ def ppk(version: int, kind: str, encryption: str = "none") -> bytes:
 @pytest.mark.parametrize("version", [2, 3])
 @pytest.mark.parametrize("kind", ["rsa2048", "prime256v1", "ed25519"])
 @pytest.mark.parametrize("encoding", ["ascii", "utf-16le"])
-def test_putty_ppk(version: int, kind: str, encoding: str) -> None:
+def test_putty_ppk(key, version: int, kind: str, encoding: str) -> None:
     for encryption in ("none", "aes256-cbc"):
-        blob = encode(ppk(version, kind, encryption), encoding)
+        blob = encode(ppk(key, version, kind, encryption), encoding)
         found = scan(plant(blob, 501), "ssh-key")
         assert [(s, n) for s, n, _, _ in found] == [(501, len(blob))]
         details = found[0][3]
@@ -322,9 +309,9 @@ def test_putty_ppk(version: int, kind: str, encoding: str) -> None:
 
 @pytest.mark.parametrize(("kind", "other_kind"), [("rsa2048", "rsa1024"),
                                                   ("prime256v1", "secp384r1")])
-def test_putty_ppk_wrong_private_part_not_reported(kind: str, other_kind: str) -> None:
-    good = ppk(2, kind).split(b"\r\n")
-    other = ppk(2, other_kind).split(b"\r\n")
+def test_putty_ppk_wrong_private_part_not_reported(kind: str, other_kind: str, key) -> None:
+    good = ppk(key, 2, kind).split(b"\r\n")
+    other = ppk(key, 2, other_kind).split(b"\r\n")
     # one key's public lines with another's private lines: the key math fails
     n_pub = int(good[3].split(b": ")[1])
     mixed = good[: 4 + n_pub] + other[4 + int(other[3].split(b": ")[1]) :]
@@ -334,11 +321,12 @@ def test_putty_ppk_wrong_private_part_not_reported(kind: str, other_kind: str) -
 # --- through the engine -----------------------------------------------------------------------
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15)
 @given(where=st.integers(0, 40000), chunk=st.sampled_from([4096, 5000, 65536]),
        form=st.sampled_from(["der", "pem", "pem16", "ppk", "openssh-bin"]),
        shuffle=st.integers(0, 2**32 - 1))
-def test_engine_any_offset_any_chunking(where: int, chunk: int, form: str, shuffle: int) -> None:
+def test_engine_any_offset_any_chunking(where: int, chunk: int, form: str, shuffle: int,
+                                        engine_scan, key) -> None:
     """Found once at its GPA, in one extent or with the pages stored out of order (so the
     key straddles page seams the engine stitches)."""
     blob, name = {
@@ -346,14 +334,14 @@ def test_engine_any_offset_any_chunking(where: int, chunk: int, form: str, shuff
         "pem": (key("prime256v1").private_bytes(PEM, TRAD, NOENC).rstrip(b"\n"), "pem-key"),
         "pem16": (encode(key("rsa1024").private_bytes(PEM, PKCS8, ENC).rstrip(b"\n"),
                          "utf-16le"), "pem-key"),
-        "ppk": (ppk(3, "ed25519"), "ssh-key"),
+        "ppk": (ppk(key, 3, "ed25519"), "ssh-key"),
         "openssh-bin": (base64.b64decode(b"".join(
             key("ed25519").private_bytes(PEM, OPENSSH, NOENC).split(b"\n")[1:-2])), "ssh-key"),
     }[form]
     buf = plant(blob, where, size=48 * 1024, seed=where)
     order = list(range(12))
     np.random.default_rng(shuffle).shuffle(order)
-    at, length = expected_span("rsa2048", blob, where) if form == "der" else (where, len(blob))
+    at, length = expected_span("rsa2048", blob, where, key) if form == "der" else (where, len(blob))
     for layout in (None, order):
         found = engine_scan(bytes(buf), chunk, layout, "keys")
         assert [(f.detector, f.gpa, f.length) for f in found] == [(name, at, length)]
@@ -376,9 +364,9 @@ def test_pkcs8_v2_ed25519_public_key_checked() -> None:
     assert scan(plant(bytes(bad), 40), "ec-key") == []
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(data=st.data(), form=st.sampled_from(["der1", "der8", "sec1", "pem", "dsa", "ppk", "ssh"]))
-def test_damaged_input_never_raises(data, form: str) -> None:
+def test_damaged_input_never_raises(data, form: str, key) -> None:
     """Flipped, cut and random bytes: parsers answer 'not a key', never another exception."""
     from patterns import der as dermod
     from patterns import pem as pemmod
@@ -389,7 +377,7 @@ def test_damaged_input_never_raises(data, form: str) -> None:
         "sec1": lambda: key("secp384r1").private_bytes(DER, TRAD, NOENC),
         "pem": lambda: key("prime256v1").private_bytes(PEM, PKCS8, NOENC),
         "dsa": lambda: key("dsa").private_bytes(PEM, TRAD, NOENC),
-        "ppk": lambda: ppk(3, "rsa1024"),
+        "ppk": lambda: ppk(key, 3, "rsa1024"),
         "ssh": lambda: key("ed25519").private_bytes(PEM, OPENSSH, NOENC),
     }[form]()
     buf = bytearray(blob)

@@ -16,27 +16,23 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from qemu_writer import (
-    MANIFEST,
+
+from parsers import libvirt, registry
+from parsers.base import ImageError
+from tests.qemu_writer import (
     MIB,
     PAGE,
     Qevm,
     libvirt_head,
     libvirt_save,
     mapped_ram_stream,
-    pan_gpas,
     ram_stream,
-    read_gpa,
-    sample,
-    scan_pans,
 )
+from tests.samples import QEMU_MANIFEST, pan_gpas, qemu_sample
 
-from parsers import libvirt, registry
-from parsers.base import ImageError
-
-SAVES = sorted(k for k, v in MANIFEST.items() if v["kind"] == "libvirt-save")
+SAVES = sorted(k for k, v in QEMU_MANIFEST.items() if v["kind"] == "libvirt-save")
 PAGES = {0x1000: b"guest page one", 0x5000: b"x" * PAGE, 0xF000: b"last"}
 # long runs of pages and of zero pages (decoded in numpy batches), cut by windows below
 PAGES.update({0x20000 + i * PAGE: b"run page %d" % i for i in range(60)})
@@ -70,16 +66,16 @@ COMPRESSORS = {
 
 def need_tool(name: str) -> None:
     """Skip when reading the fixture needs a decompressor program that is absent."""
-    kind = MANIFEST[name].get("compression")
+    kind = QEMU_MANIFEST[name].get("compression")
     if kind in libvirt.PIPE_TOOLS and shutil.which(libvirt.PIPE_TOOLS[kind][0]) is None:
         pytest.skip(f"reading {kind} saves needs the {kind} program, not installed")
 
 
 @pytest.mark.parametrize("name", SAVES)
-def test_real_save_metadata_and_plants(name: str) -> None:
+def test_real_save_metadata_and_plants(name: str, read_gpa) -> None:
     need_tool(name)
-    entry = MANIFEST[name]
-    with registry.open_image(str(sample(name, Path("."))), None) as image:
+    entry = QEMU_MANIFEST[name]
+    with registry.open_image(str(qemu_sample(name, Path("."))), None) as image:
         m = image.meta
         assert image.format == "libvirt-save"
         assert m["guest_name"] == entry["guest_name"]
@@ -95,25 +91,25 @@ def test_real_save_metadata_and_plants(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", SAVES)
-def test_real_save_scan(name: str) -> None:
+def test_real_save_scan(name: str, scan) -> None:
     need_tool(name)
-    with registry.open_image(str(sample(name, Path(".")))) as image:
-        found = scan_pans(image)
+    with registry.open_image(str(qemu_sample(name, Path(".")))) as image:
+        found = scan(image)
         if not image.random_access:
             assert all(f.offset is None for f in found)  # bytes not stored plainly in the file
-    assert [f.gpa for f in found] == pan_gpas(MANIFEST[name]["plants"])
+    assert [f.gpa for f in found] == pan_gpas(QEMU_MANIFEST[name]["plants"])
 
 
-def test_raw_save_is_mapped_with_file_offsets() -> None:
-    path = sample("libvirt-raw.save", Path("."))
+def test_raw_save_is_mapped_with_file_offsets(scan) -> None:
+    path = qemu_sample("libvirt-raw.save", Path("."))
     raw = path.read_bytes()
     with registry.open_image(str(path)) as image:
         (seg,) = image.fixed_segments
         e = seg.extents
         assert np.array_equal(e.file_offset, e.buf_offset)
         assert e.file_offset.min() > image.meta["payload_offset"]
-        plant = MANIFEST["libvirt-raw.save"]["plants"][0]
-        found = scan_pans(image)
+        plant = QEMU_MANIFEST["libvirt-raw.save"]["plants"][0]
+        found = scan(image)
     first = min(found, key=lambda f: f.gpa)
     assert raw[first.offset : first.offset + 6] == plant["text"].split("=")[1][:6].encode()
 
@@ -122,7 +118,7 @@ def test_raw_save_is_mapped_with_file_offsets() -> None:
 
 
 @pytest.mark.parametrize("fmt", sorted(COMPRESSORS))
-def test_every_compression(tmp_path: Path, fmt: int) -> None:
+def test_every_compression(tmp_path: Path, fmt: int, read_gpa) -> None:
     data = libvirt_save(COMPRESSORS[fmt](STREAM), fmt, 256 * PAGE)
     with registry.open_image(write(tmp_path, data)) as image:
         assert image.meta["compression"] == libvirt.FORMAT_NAMES[fmt]
@@ -132,7 +128,7 @@ def test_every_compression(tmp_path: Path, fmt: int) -> None:
         assert not image.warnings
 
 
-def test_small_windows_split_records_and_pages(tmp_path: Path) -> None:
+def test_small_windows_split_records_and_pages(tmp_path: Path, read_gpa) -> None:
     """Windows far smaller than the stream: records cut at every place still decode."""
     from parsers import qemu
 
@@ -150,14 +146,14 @@ def test_small_windows_split_records_and_pages(tmp_path: Path) -> None:
             assert read_gpa(image, off, len(content)) == content
 
 
-def test_multi_member_gzip(tmp_path: Path) -> None:
+def test_multi_member_gzip(tmp_path: Path, read_gpa) -> None:
     half = len(STREAM) // 2
     payload = gzip.compress(STREAM[:half]) + gzip.compress(STREAM[half:])
     with registry.open_image(write(tmp_path, libvirt_save(payload, 1, 256 * PAGE))) as image:
         assert read_gpa(image, 0xF000, 4) == b"last"
 
 
-def test_version1_byte_swapped_and_interrupted(tmp_path: Path) -> None:
+def test_version1_byte_swapped_and_interrupted(tmp_path: Path, read_gpa) -> None:
     data = libvirt_save(STREAM, 0, 256 * PAGE, version=1)
     with registry.open_image(write(tmp_path, data, "v1.save")) as image:
         assert image.meta["libvirt_header_version"] == 1
@@ -173,7 +169,7 @@ def test_version1_byte_swapped_and_interrupted(tmp_path: Path) -> None:
         assert read_gpa(image, 0x1000, 14) == PAGES[0x1000]
 
 
-def test_header_format_disagreeing_with_payload(tmp_path: Path) -> None:
+def test_header_format_disagreeing_with_payload(tmp_path: Path, read_gpa) -> None:
     data = libvirt_save(bz2.compress(STREAM), 1, 256 * PAGE)  # says gzip, is bzip2
     with registry.open_image(write(tmp_path, data)) as image:
         assert image.meta["compression"] == "bzip2"
@@ -196,7 +192,7 @@ def test_bad_headers(tmp_path: Path) -> None:
         registry.open_image(write(tmp_path, data))
 
 
-def test_sparse_mapped_ram_save(tmp_path: Path) -> None:
+def test_sparse_mapped_ram_save(tmp_path: Path, read_gpa) -> None:
     head, start = libvirt_head(6, 4 * MIB, machine="pc-q35-9.2")
     stream = mapped_ram_stream([("pc.ram", 4 * MIB, {7: b"sparse page"})], prefix=start)
     with registry.open_image(write(tmp_path, head + stream)) as image:
@@ -243,43 +239,31 @@ def test_missing_tool_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
 
 # ---- robustness ---------------------------------------------------------------------------------
 
-HYPO = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
-
-
-def _drain(path: str) -> None:
-    try:
-        with registry.open_image(path, "libvirt-save") as image:
-            for seg in image.segments():
-                e = seg.extents
-                assert np.all(e.buf_offset + e.length <= seg.data.size)
-    except ImageError as err:
-        assert str(err).startswith(path)
-
-
-@settings(max_examples=30, **HYPO)
+@settings(max_examples=30)
 @given(fmt=st.sampled_from([0, 1, 2, 3, 4]), frac=st.floats(0, 1),
        flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=3))
-def test_truncated_or_corrupted_saves(tmp_path: Path, fmt: int, frac: float, flips: list) -> None:
+def test_truncated_or_corrupted_saves(tmp_path: Path, drain, fmt: int, frac: float,
+                                      flips: list) -> None:
     full = libvirt_save(COMPRESSORS[fmt](STREAM), fmt, 256 * PAGE)
     data = bytearray(full[: int(len(full) * frac)])
     for f, x in flips:
         if data:
             data[int(f * (len(data) - 1))] ^= x
-    _drain(write(tmp_path, bytes(data), "h.save"))
+    drain(write(tmp_path, bytes(data), "h.save"), "libvirt-save")
 
 
-@settings(max_examples=15, **HYPO)
+@settings(max_examples=15)
 @given(name=st.sampled_from(SAVES), frac=st.floats(0.0, 1.0), flip=st.floats(0, 1))
 def test_truncated_or_corrupted_real_saves(tmp_path: Path, name: str, frac: float,
-                                           flip: float) -> None:
+                                           flip: float, drain) -> None:
     need_tool(name)
-    real = sample(name, tmp_path).read_bytes()
+    real = qemu_sample(name, tmp_path).read_bytes()
     data = bytearray(real[: max(1, int(len(real) * frac))])
     data[int(flip * (len(data) - 1))] ^= 0x5A
-    _drain(write(tmp_path, bytes(data), "r.save"))
+    drain(write(tmp_path, bytes(data), "r.save"), "libvirt-save")
 
 
-def test_hostile_domain_xml_is_a_warning(tmp_path: Path) -> None:
+def test_hostile_domain_xml_is_a_warning(tmp_path: Path, read_gpa) -> None:
     head, start = libvirt_head(0, 256 * PAGE)
     xml_at = 92
     for bad in (b"<domain><name>x</name><memory>" + b"9" * 5000 + b"</memory></domain>\0",

@@ -38,7 +38,7 @@ def _scan(path):
         return Engine(ScanConfig(select("pan"), key=b"k" * 32)).scan_image(image)
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(cut=st.integers(1, NPAGES * (PAGE + 32) - 1), seed=st.integers(0, 100))
 def test_truncated_lime_scans_what_is_there(tmp_path_factory, cut, seed):
     mem, _ = _memory()
@@ -58,7 +58,7 @@ def test_truncated_lime_scans_what_is_there(tmp_path_factory, cut, seed):
         assert result.errors, "a cut inside a range or header is reported"
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=60)
 @given(flip=st.integers(0, NPAGES * (PAGE + 32) - 1), value=st.integers(1, 255))
 def test_corrupted_lime_never_crashes(tmp_path_factory, flip, value):
     mem, _ = _memory()

@@ -15,32 +15,11 @@ import time
 import pytest
 
 from scanner.state import StateDB
-from tests.plant import PAGE, lime, luhn_digit
+from tests.plant import PAGE, PAN, SSN, lime, luhn_digit, raw_with
 
-PAN = "4556737586899855"
 PAN2 = "491761234567890" + luhn_digit("491761234567890")
-SSN = "536-90-7890"  # not a placeholder (docs/detectors.md)
 AWS = "AKIAJ7QXZ2M4KPL3WRT5"
 KEY_HEX = "00" * 32
-
-
-def vmleak(*args: str, env: dict | None = None, timeout: int = 120) -> subprocess.CompletedProcess:
-    e = dict(os.environ, VMLEAK_FINGERPRINT_KEY=KEY_HEX)
-    e.update(env or {})
-    return subprocess.run(
-        [sys.executable, "-m", "scanner", *args],
-        capture_output=True,
-        text=True,
-        env=e,
-        timeout=timeout,
-    )
-
-
-def raw_with(path, plants: dict[int, str], pages: int = 8) -> None:
-    mem = bytearray(pages * PAGE)
-    for off, text in plants.items():
-        mem[off : off + len(text) + 2] = f" {text} ".encode()
-    path.write_bytes(bytes(mem))
 
 
 @pytest.fixture
@@ -55,7 +34,7 @@ def tree(tmp_path):
     (ds / "vm2" / "mem.lime").write_bytes(lime(bytes(mem), [3, 1, 0, 2, 4, 5, 6, 7]))
     raw_with(ds / "clean.raw", {})
     (ds / "notes.txt").write_text("not an image")
-    (ds / "blob.bin").write_bytes(os.urandom(1000))
+    (ds / "blob.bin").write_bytes(bytes(range(256)) * 4)  # no magic, not whole pages
     os.mkfifo(ds / "pipe")
     outside = tmp_path / "outside.raw"
     raw_with(outside, {500: PAN2})
@@ -74,7 +53,7 @@ def jsonl(r: subprocess.CompletedProcess) -> list[dict]:
     return [json.loads(x) for x in r.stdout.splitlines()]
 
 
-def test_incremental_runs_new_resolved_fail_on(tree, tmp_path):
+def test_incremental_runs_new_resolved_fail_on(tree, tmp_path, vmleak):
     db = str(tmp_path / "state.db")
     scan = ("scan", "--state", db, "-j", "1", "--format", "jsonl")
     r = vmleak(*scan, "--fail-on", "new", str(tree))
@@ -123,7 +102,7 @@ def test_incremental_runs_new_resolved_fail_on(tree, tmp_path):
     assert "2 scanned, 0 unchanged" in summary_line(r)  # the two images left
 
 
-def test_config_change_rescans_and_other_key_refused(tree, tmp_path):
+def test_config_change_rescans_and_other_key_refused(tree, tmp_path, vmleak):
     db = str(tmp_path / "state.db")
     vmleak("scan", "--state", db, "-q", str(tree))
     r = vmleak("scan", "--state", db, "--detectors", "cards", str(tree))
@@ -133,7 +112,7 @@ def test_config_change_rescans_and_other_key_refused(tree, tmp_path):
     assert "Traceback" not in r.stderr
 
 
-def test_globs_and_follow_symlinks(tree, tmp_path):
+def test_globs_and_follow_symlinks(tree, tmp_path, vmleak):
     r = vmleak("scan", "--format", "jsonl", "--exclude", "vm2", str(tree))
     assert {os.path.basename(x["image"]) for x in jsonl(r)} == {"vm1.raw"}
     assert "excluded by --include/--exclude" in r.stderr
@@ -144,7 +123,7 @@ def test_globs_and_follow_symlinks(tree, tmp_path):
     assert len(pans) == 2 and any(x["image"].endswith("link-out.raw") for x in pans)
 
 
-def test_baseline_and_allowlist(tree, tmp_path):
+def test_baseline_and_allowlist(tree, tmp_path, vmleak):
     db = str(tmp_path / "state.db")
     assert vmleak("scan", "--state", db, "-q", str(tree)).returncode == 1
     base = tmp_path / "baseline.json"
@@ -171,7 +150,7 @@ def test_baseline_and_allowlist(tree, tmp_path):
     assert r.returncode == 2 and "another fingerprint key" in r.stderr
 
 
-def test_killed_run_keeps_stored_results(tmp_path):
+def test_killed_run_keeps_stored_results(tmp_path, vmleak):
     ds = tmp_path / "ds"
     ds.mkdir()
     raw_with(ds / "a-first.raw", {100: PAN})
@@ -212,7 +191,7 @@ def test_killed_run_keeps_stored_results(tmp_path):
     assert "interrupted" in runs[0] and "complete" in runs[1]
 
 
-def test_concurrent_run_waits_then_fails_clearly(tree, tmp_path):
+def test_concurrent_run_waits_then_fails_clearly(tree, tmp_path, vmleak):
     db = tmp_path / "state.db"
     with StateDB(db, bytes.fromhex(KEY_HEX), writer=True):
         t0 = time.monotonic()
@@ -231,7 +210,7 @@ def written_files(*roots) -> list:
     return out
 
 
-def test_no_secret_in_anything_written_unless_unmask(tree, tmp_path):
+def test_no_secret_in_anything_written_unless_unmask(tree, tmp_path, vmleak):
     state_home = tmp_path / "xdg"
     env = {"XDG_STATE_HOME": str(state_home)}
     default_db = str(state_home / "vmleak" / "state.db")
@@ -271,7 +250,7 @@ def test_no_secret_in_anything_written_unless_unmask(tree, tmp_path):
         assert PAN.encode() not in open(f, "rb").read()
 
 
-def test_relative_inputs_are_remembered_absolute(tree, tmp_path):
+def test_relative_inputs_are_remembered_absolute(tree, tmp_path, vmleak):
     db = str(tmp_path / "state.db")
     e = dict(os.environ, VMLEAK_FINGERPRINT_KEY=KEY_HEX)
     cmd = [sys.executable, "-m", "scanner", "scan", "--state", db, "--format", "jsonl"]
@@ -285,7 +264,7 @@ def test_relative_inputs_are_remembered_absolute(tree, tmp_path):
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="running as root: file permissions do not stop reads")
-def test_unreadable_file_in_tree_is_listed_not_fatal(tree):
+def test_unreadable_file_in_tree_is_listed_not_fatal(tree, vmleak):
     locked = tree / "locked.raw"
     raw_with(locked, {100: PAN})
     locked.chmod(0)
@@ -293,7 +272,7 @@ def test_unreadable_file_in_tree_is_listed_not_fatal(tree):
     assert r.returncode == 1 and f"cannot read {locked}" in r.stderr
 
 
-def test_empty_or_missing_datastore_resolves_nothing(tree, tmp_path):
+def test_empty_or_missing_datastore_resolves_nothing(tree, tmp_path, vmleak):
     db = str(tmp_path / "state.db")
     vmleak("scan", "--state", db, "-q", str(tree))
     hidden = tmp_path / "hidden"
@@ -309,7 +288,7 @@ def test_empty_or_missing_datastore_resolves_nothing(tree, tmp_path):
     assert r.returncode == 0 and "0 scanned, 3 unchanged" in summary_line(r) and r.stdout == ""
 
 
-def test_companion_files_are_one_image_and_tracked(tmp_path):
+def test_companion_files_are_one_image_and_tracked(tmp_path, vmleak):
     from tests import vmware_writer as w
 
     ds = tmp_path / "ds"
@@ -355,7 +334,7 @@ def test_unchanged_second_run_reads_no_image(tree, tmp_path, monkeypatch):
     assert str(victim) in {os.path.abspath(p) for p in opened}
 
 
-def test_since_last_counts_unchanged_findings_without_reading_them_back(tree, tmp_path):
+def test_since_last_counts_unchanged_findings_without_reading_them_back(tree, tmp_path, vmleak):
     """--since-last prints only changes: the findings of unchanged images are counted in the
     database for the summary and exit status, and the counts match a run that reads them."""
     db = str(tmp_path / "state.db")

@@ -7,25 +7,25 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from qemu_writer import MANIFEST, compress_qcow2_vmstate, pan_gpas, read_gpa, sample, scan_pans
 
 from parsers import qcow2, registry
 from parsers.base import ImageError
+from tests.qemu_writer import compress_qcow2_vmstate
+from tests.samples import QEMU_MANIFEST, pan_gpas, qemu_sample
 
 NAME = "savevm.qcow2.xz"
-ENTRY = MANIFEST[NAME]
+ENTRY = QEMU_MANIFEST[NAME]
 
 
 @pytest.fixture(scope="module")
 def disk(tmp_path_factory) -> Path:
-    return sample(NAME, tmp_path_factory.mktemp("qcow2"))
+    return qemu_sample(NAME, tmp_path_factory.mktemp("qcow2"))
 
 
-def check_snapshot(image, snap: str) -> None:
+def check_snapshot(image, snap: str, read_gpa) -> None:
     for plant in ENTRY["snapshots"][snap]:
         assert read_gpa(image, plant["gpa"], len(plant["text"])) == plant["text"].encode()
 
@@ -42,15 +42,15 @@ def test_snapshot_list_and_metadata(disk: Path) -> None:
 
 
 @pytest.mark.parametrize("snap", ["first", "second"])
-def test_one_snapshot_by_name_or_id(disk: Path, snap: str) -> None:
+def test_one_snapshot_by_name_or_id(disk: Path, snap: str, scan, read_gpa) -> None:
     with registry.open_image(str(disk), options={"snapshot": snap}) as image:
         assert image.meta["snapshot"] == snap
-        check_snapshot(image, snap)
-        found = scan_pans(image)
+        check_snapshot(image, snap, read_gpa)
+        found = scan(image)
     assert [f.gpa for f in found] == pan_gpas(ENTRY["snapshots"][snap])
     ident = {"first": "1", "second": "2"}[snap]
     with registry.open_image(str(disk), options={"snapshot": ident}) as image:
-        check_snapshot(image, snap)
+        check_snapshot(image, snap, read_gpa)
 
 
 def test_every_snapshot_is_scanned_by_default(disk: Path) -> None:
@@ -68,7 +68,7 @@ def test_unknown_snapshot(disk: Path) -> None:
 
 
 @pytest.mark.parametrize("codec", ["deflate", "zstd"])
-def test_compressed_vmstate_clusters(disk: Path, tmp_path: Path, codec: str) -> None:
+def test_compressed_vmstate_clusters(disk: Path, tmp_path: Path, codec: str, read_gpa) -> None:
     if codec == "zstd":
         pytest.importorskip("cramjam", reason="zstd clusters need the cramjam package")
     out = tmp_path / "compressed.qcow2"
@@ -77,7 +77,7 @@ def test_compressed_vmstate_clusters(disk: Path, tmp_path: Path, codec: str) -> 
     for snap in ("first", "second"):
         with registry.open_image(str(out), options={"snapshot": snap}) as image:
             assert codec in image.meta["compression"]
-            check_snapshot(image, snap)
+            check_snapshot(image, snap, read_gpa)
 
 
 def test_disk_without_snapshots_is_not_memory(tmp_path: Path) -> None:
@@ -104,25 +104,12 @@ def test_encrypted_and_bad_cluster_bits(disk: Path, tmp_path: Path) -> None:
 
 # ---- robustness ---------------------------------------------------------------------------------
 
-HYPO = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
-
-
-def _drain(path: str) -> None:
-    try:
-        with registry.open_image(path, "qcow2-snapshot") as image:
-            for seg in image.segments():
-                e = seg.extents
-                assert np.all(e.buf_offset + e.length <= seg.data.size)
-    except ImageError as err:
-        assert str(err).startswith(path)
-
-
-@settings(max_examples=25, **HYPO)
+@settings(max_examples=25)
 @given(frac=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)),
                                             max_size=3),
        meta_flip=st.tuples(st.integers(0, 0x2FF), st.integers(1, 255)))
 def test_truncated_or_corrupted_disk(disk: Path, tmp_path: Path, frac: float, flips: list,
-                                    meta_flip: tuple) -> None:
+                                    meta_flip: tuple, drain) -> None:
     real = disk.read_bytes()
     data = bytearray(real[: max(1, int(len(real) * frac))])
     for f, x in flips:
@@ -132,14 +119,14 @@ def test_truncated_or_corrupted_disk(disk: Path, tmp_path: Path, frac: float, fl
         data[pos] ^= x
     path = tmp_path / "h.qcow2"
     path.write_bytes(bytes(data))
-    _drain(str(path))
+    drain(str(path), "qcow2-snapshot")
 
 
-@settings(max_examples=40, **HYPO)
+@settings(max_examples=40)
 @given(region=st.sampled_from(["snapshots", "l1", "l2"]), at=st.integers(0, 255),
        value=st.sampled_from([0x00, 0xFF, 0x7F, 0x80, 0x40]))
 def test_lies_in_the_snapshot_l1_and_l2_tables(disk: Path, tmp_path: Path, region: str,
-                                              at: int, value: int) -> None:
+                                              at: int, value: int, drain) -> None:
     data = bytearray(disk.read_bytes())
     img = qcow2.Qcow2(qcow2.Evidence(str(disk)))
     snap = img.snapshots[0]
@@ -150,4 +137,4 @@ def test_lies_in_the_snapshot_l1_and_l2_tables(disk: Path, tmp_path: Path, regio
     data[min(base + at, len(data) - 1)] = value  # the snapshot table may end the file
     path = tmp_path / "lie.qcow2"
     path.write_bytes(bytes(data))
-    _drain(str(path))
+    drain(str(path), "qcow2-snapshot")

@@ -12,27 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
-from qemu_writer import (
-    F_XBZRLE,
-    MANIFEST,
-    MIB,
-    PAGE,
-    Qevm,
-    mapped_ram_stream,
-    pan_gpas,
-    ram_stream,
-    read_gpa,
-    sample,
-    scan_pans,
-)
 
 from parsers import qemu, qemu_gpa, registry
 from parsers.base import ImageError
+from tests.qemu_writer import F_XBZRLE, MIB, PAGE, Qevm, mapped_ram_stream, ram_stream
+from tests.samples import QEMU_MANIFEST, pan_gpas, qemu_sample
 
 GIB = 1 << 30
-STREAMS = sorted(k for k, v in MANIFEST.items() if v["kind"] == "qemu-migration")
+STREAMS = sorted(k for k, v in QEMU_MANIFEST.items() if v["kind"] == "qemu-migration")
 
 
 @pytest.fixture(scope="module")
@@ -50,9 +39,9 @@ def write(tmp_path: Path, data: bytes, name: str = "s.qevm") -> str:
 
 
 @pytest.mark.parametrize("name", STREAMS)
-def test_real_stream_plants_at_their_gpas(unpacked: Path, name: str) -> None:
-    entry = MANIFEST[name]
-    with registry.open_image(str(sample(name, unpacked))) as image:
+def test_real_stream_plants_at_their_gpas(unpacked: Path, name: str, read_gpa) -> None:
+    entry = QEMU_MANIFEST[name]
+    with registry.open_image(str(qemu_sample(name, unpacked))) as image:
         assert image.format == "qemu-migration"
         family = {"pc": "pc-i440fx-", "q35": "pc-q35-", "virt": "virt-"}[entry["machine"]]
         assert image.meta["machine"].startswith(family)
@@ -64,14 +53,14 @@ def test_real_stream_plants_at_their_gpas(unpacked: Path, name: str) -> None:
 
 
 @pytest.mark.parametrize("name", STREAMS)
-def test_real_stream_scan_finds_each_pan_once_at_its_gpa(unpacked: Path, name: str) -> None:
-    with registry.open_image(str(sample(name, unpacked))) as image:
-        found = scan_pans(image)
-    assert [f.gpa for f in found] == pan_gpas(MANIFEST[name]["plants"])
+def test_real_stream_scan_finds_each_pan_once_at_its_gpa(unpacked: Path, name: str, scan) -> None:
+    with registry.open_image(str(qemu_sample(name, unpacked))) as image:
+        found = scan(image)
+    assert [f.gpa for f in found] == pan_gpas(QEMU_MANIFEST[name]["plants"])
 
 
 def test_raw_stream_is_scanned_in_place(unpacked: Path) -> None:
-    path = sample("pc-64m.qevm", unpacked)
+    path = qemu_sample("pc-64m.qevm", unpacked)
     raw = path.read_bytes()
     with registry.open_image(str(path)) as image:
         (seg,) = image.fixed_segments
@@ -87,16 +76,16 @@ def test_raw_stream_is_scanned_in_place(unpacked: Path) -> None:
         pages = image.meta["pages"]
     # every PAGE record's payload is an extent; nothing else is
     assert e.total() == pages * PAGE
-    plant = MANIFEST["pc-64m.qevm"]["plants"][0]
+    plant = QEMU_MANIFEST["pc-64m.qevm"]["plants"][0]
     assert plant["text"].encode() in raw
 
 
-def test_content_above_4gib_both_machines(unpacked: Path) -> None:
+def test_content_above_4gib_both_machines(unpacked: Path, read_gpa) -> None:
     for name, split in (("pc-5g.qevm.xz", 3 * GIB), ("q35-5g.qevm.xz", 2 * GIB)):
-        with registry.open_image(str(sample(name, unpacked))) as image:
+        with registry.open_image(str(qemu_sample(name, unpacked))) as image:
             (ram,) = [b for b in image.meta["blocks"] if b["name"] == "pc.ram"]
             assert ram["gpa"] == [[0, 0, split], [split, 4 * GIB, 5 * GIB - split]]
-            high = [p for p in MANIFEST[name]["plants"] if p["gpa"] >= 4 * GIB]
+            high = [p for p in QEMU_MANIFEST[name]["plants"] if p["gpa"] >= 4 * GIB]
             assert len(high) == 2
             for p in high:
                 assert read_gpa(image, p["gpa"], len(p["text"])) == p["text"].encode()
@@ -106,7 +95,7 @@ def test_content_above_4gib_both_machines(unpacked: Path) -> None:
 
 
 def test_zlib_compressed_pages(unpacked: Path) -> None:
-    with registry.open_image(str(sample("q35-64m-compress.qevm.xz", unpacked))) as image:
+    with registry.open_image(str(qemu_sample("q35-64m-compress.qevm.xz", unpacked))) as image:
         assert image.meta["compressed_pages"] > 0
         assert not image.random_access  # inflated pages come as windows after the mapping
         segs = list(image.segments())
@@ -114,15 +103,15 @@ def test_zlib_compressed_pages(unpacked: Path) -> None:
 
 
 def test_numa_nodes_are_packed_in_node_order(unpacked: Path) -> None:
-    with registry.open_image(str(sample("q35-numa.qevm.xz", unpacked))) as image:
+    with registry.open_image(str(qemu_sample("q35-numa.qevm.xz", unpacked))) as image:
         gpa = {b["name"]: b["gpa"] for b in image.meta["blocks"]}
     assert "pc.ram" not in gpa
     assert gpa["ram-node0"] == [[0, 0, 32 * MIB]]
     assert gpa["ram-node1"] == [[0, 32 * MIB, 32 * MIB]]
 
 
-def test_other_blocks_get_named_spaces(unpacked: Path) -> None:
-    with registry.open_image(str(sample("pc-64m.qevm", unpacked))) as image:
+def test_other_blocks_get_named_spaces(unpacked: Path, read_gpa) -> None:
+    with registry.open_image(str(qemu_sample("pc-64m.qevm", unpacked))) as image:
         names = {b["name"]: b["gpa"] for b in image.meta["blocks"]}
         assert names["pc.bios"] is None
         space = image.spaces.index("block:pc.bios")
@@ -131,14 +120,13 @@ def test_other_blocks_get_named_spaces(unpacked: Path) -> None:
         assert tail[0] == 0xEA  # ljmp
 
 
-def test_volatility3_reads_the_same_bytes(unpacked: Path) -> None:
-    pytest.importorskip("volatility3", reason="volatility3 is not installed")
+def test_volatility3_reads_the_same_bytes(unpacked: Path, read_gpa, vol3) -> None:
     from volatility3.framework import contexts
     from volatility3.framework.layers import physical
     from volatility3.framework.layers import qemu as vqemu
 
     for name in ("pc-64m.qevm", "pc-5g.qevm.xz"):
-        path = sample(name, unpacked)
+        path = qemu_sample(name, unpacked)
         ctx = contexts.Context()
         ctx.config["base.location"] = path.as_uri()
         ctx.layers.add_layer(physical.FileLayer(ctx, "base", "base"))
@@ -146,9 +134,9 @@ def test_volatility3_reads_the_same_bytes(unpacked: Path) -> None:
         layer = vqemu.QemuSuspendLayer(ctx, "top", "top")
         ctx.layers.add_layer(layer)
         rng = random.Random(7)
-        ram = MANIFEST[name]["ram_size"]
+        ram = QEMU_MANIFEST[name]["ram_size"]
         low = min(ram, 3 * GIB)
-        gpas = [p["gpa"] for p in MANIFEST[name]["plants"]]
+        gpas = [p["gpa"] for p in QEMU_MANIFEST[name]["plants"]]
         gpas += [rng.randrange(0, low - 256) for _ in range(40)]
         gpas += [0x200000 - 40, 0xF0000, low - 4096]
         if ram > 4 * GIB:
@@ -216,7 +204,8 @@ def test_numa_split_crosses_into_the_second_node() -> None:
 # ---- written streams: what QEMU 7.2 does not write here ----------------------------------------
 
 
-def test_continue_across_sections_fill_pages_flush_hook_and_extra_blocks(tmp_path: Path) -> None:
+def test_continue_across_sections_fill_pages_flush_hook_and_extra_blocks(tmp_path: Path,
+                                                                         read_gpa) -> None:
     pages = {0: b"first page", 0x3000: b"a" * PAGE, 0x7000: b"tail of RAM"}
     vga = ("0000:00:02.0/vga.vram", 4 * PAGE, {PAGE: b"vga text"})
     data = ram_stream(pages, 8 * PAGE, extra_blocks=(vga,))
@@ -229,7 +218,7 @@ def test_continue_across_sections_fill_pages_flush_hook_and_extra_blocks(tmp_pat
         assert image.meta["pages"] == 4 and image.meta["zero_pages"] == 5
 
 
-def test_arm_page_bits_subsection_uuid_and_ignore_shared(tmp_path: Path) -> None:
+def test_arm_page_bits_subsection_uuid_and_ignore_shared(tmp_path: Path, read_gpa) -> None:
     uuid = bytes(range(16))
     data = ram_stream(
         {0x2000: b"arm guest"}, 4 * PAGE, machine="virt-9.0", block="mach-virt.ram",
@@ -242,14 +231,14 @@ def test_arm_page_bits_subsection_uuid_and_ignore_shared(tmp_path: Path) -> None
         assert image.meta["page_size"] == PAGE
 
 
-def test_1k_target_pages(tmp_path: Path) -> None:
+def test_1k_target_pages(tmp_path: Path, read_gpa) -> None:
     data = ram_stream({0x400: b"small pages"}, 8 * 1024, machine="virt-2.12",
                       block="mach-virt.ram", page_size=1024, page_bits_subsection=True)
     with registry.open_image(write(tmp_path, data)) as image:
         assert read_gpa(image, GIB + 0x400, 11) == b"small pages"
 
 
-def test_no_configuration_section_uses_the_machine_option(tmp_path: Path) -> None:
+def test_no_configuration_section_uses_the_machine_option(tmp_path: Path, read_gpa) -> None:
     data = ram_stream({0x1000: b"old stream"}, 4 * PAGE, machine=None, footers=False)
     with registry.open_image(write(tmp_path, data)) as image:
         assert read_gpa(image, 0x1000, 10) == bytes(10)  # no GPA without a machine type
@@ -259,7 +248,7 @@ def test_no_configuration_section_uses_the_machine_option(tmp_path: Path) -> Non
     assert read_gpa(image, 0x1000, 10) == b"old stream"
 
 
-def test_xbzrle_is_a_clear_error_after_the_readable_pages(tmp_path: Path) -> None:
+def test_xbzrle_is_a_clear_error_after_the_readable_pages(tmp_path: Path, read_gpa) -> None:
     w = Qevm()
     w.start()
     w.blocks([("pc.ram", 4 * PAGE)])
@@ -289,7 +278,7 @@ def test_unknown_flags_and_sections_are_errors(tmp_path: Path) -> None:
         qemu.open_image(write(tmp_path, b"QEVM\0\0\0\2" + bytes(64)), "qemu-migration", {})
 
 
-def test_mapped_ram_file_is_mapped_in_place(tmp_path: Path) -> None:
+def test_mapped_ram_file_is_mapped_in_place(tmp_path: Path, read_gpa) -> None:
     ram = 8 * MIB
     pages = {0: b"page zero", 5: b"x" * PAGE, 2047: b"last page"}
     vga = {1: b"mapped vga"}
@@ -308,7 +297,7 @@ def test_mapped_ram_file_is_mapped_in_place(tmp_path: Path) -> None:
         assert image.meta["vmdesc"]["devices"] == 1
 
 
-def test_mapped_ram_empty_bitmap_scans_the_whole_area(tmp_path: Path) -> None:
+def test_mapped_ram_empty_bitmap_scans_the_whole_area(tmp_path: Path, read_gpa) -> None:
     data = mapped_ram_stream([("pc.ram", MIB, {3: b"unflagged"})], empty_bitmap=True)
     with registry.open_image(write(tmp_path, data)) as image:
         assert any("empty page bitmap" in w.message for w in image.warnings)
@@ -322,12 +311,12 @@ def test_mapped_ram_offsets_outside_the_file(tmp_path: Path) -> None:
         registry.open_image(write(tmp_path, cut))
 
 
-def test_written_stream_scan_finds_straddling_pan_once(tmp_path: Path) -> None:
+def test_written_stream_scan_finds_straddling_pan_once(tmp_path: Path, scan) -> None:
     pan = b"4532015112830366"
     pages = {0x1000: b"\0" * (PAGE - 8) + pan[:8], 0x2000: pan[8:] + b" end"}
     data = ram_stream(pages, 16 * PAGE)
     with registry.open_image(write(tmp_path, data)) as image:
-        found = scan_pans(image)
+        found = scan(image)
     assert [f.gpa for f in found] == [0x2000 - 8]
 
 
@@ -337,44 +326,32 @@ SMALL = ram_stream({0: b"p" * 100, 0x3000: b"q" * 100}, 8 * PAGE,
                    extra_blocks=(("pc.rom", 2 * PAGE, {0: b"rom"}),))
 
 
-def _drain(path: str) -> None:
-    try:
-        with registry.open_image(path, "qemu-migration") as image:
-            for seg in image.segments():
-                e = seg.extents
-                assert np.all(e.buf_offset + e.length <= seg.data.size)
-                assert np.all(e.buf_offset >= 0)
-    except ImageError as err:
-        assert str(err).startswith(path)
-
-
-HYPO = {"deadline": None, "suppress_health_check": [HealthCheck.function_scoped_fixture]}
-
-
-@settings(max_examples=60, **HYPO)
+@settings(max_examples=60)
 @given(cut=st.integers(0, len(SMALL)), flips=st.lists(
     st.tuples(st.integers(0, len(SMALL) - 1), st.integers(1, 255)), max_size=4))
-def test_truncated_or_corrupted_written_stream(tmp_path: Path, cut: int, flips: list) -> None:
+def test_truncated_or_corrupted_written_stream(tmp_path: Path, cut: int, flips: list,
+                                               drain) -> None:
     data = bytearray(SMALL[:cut])
     for pos, x in flips:
         if pos < len(data):
             data[pos] ^= x
-    _drain(write(tmp_path, bytes(data), "h.qevm"))
+    drain(write(tmp_path, bytes(data), "h.qevm"), "qemu-migration")
 
 
-@settings(max_examples=25, **HYPO)
+@settings(max_examples=25)
 @given(frac=st.floats(0, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)),
                                             max_size=3))
-def test_truncated_or_corrupted_real_stream(tmp_path: Path, frac: float, flips: list) -> None:
-    real = (sample("pc-64m.qevm", tmp_path)).read_bytes()
+def test_truncated_or_corrupted_real_stream(tmp_path: Path, frac: float, flips: list,
+                                            drain) -> None:
+    real = (qemu_sample("pc-64m.qevm", tmp_path)).read_bytes()
     data = bytearray(real[: int(len(real) * frac)])
     for f, x in flips:
         if data:
             data[int(f * (len(data) - 1))] ^= x
-    _drain(write(tmp_path, bytes(data), "r.qevm"))
+    drain(write(tmp_path, bytes(data), "r.qevm"), "qemu-migration")
 
 
-def test_absurd_sizes_do_not_allocate(tmp_path: Path) -> None:
+def test_absurd_sizes_do_not_allocate(tmp_path: Path, read_gpa) -> None:
     w = Qevm()
     w.start()
     w.blocks([("pc.ram", 1 << 50)])  # a petabyte block, declared
@@ -392,27 +369,27 @@ def test_absurd_sizes_do_not_allocate(tmp_path: Path) -> None:
     assert peak < 32 * MIB
 
 
-def test_real_arm_stream_page_bits_and_ram_base(unpacked: Path) -> None:
+def test_real_arm_stream_page_bits_and_ram_base(unpacked: Path, read_gpa) -> None:
     name = "arm-virt-64m.qevm.xz"
-    if name not in MANIFEST:
+    if name not in QEMU_MANIFEST:
         pytest.skip("no ARM fixture (samples/gen_qemu.py needs qemu-system-aarch64)")
-    with registry.open_image(str(sample(name, unpacked))) as image:
+    with registry.open_image(str(qemu_sample(name, unpacked))) as image:
         assert image.meta["page_size"] == PAGE  # from configuration/target-page-bits
         (ram,) = [b for b in image.meta["blocks"] if b["name"] == "mach-virt.ram"]
         assert ram["gpa"] == [[0, GIB, 64 * MIB]]
         assert read_gpa(image, 0x100123, 8) == bytes(8)  # nothing below the RAM base
 
 
-@settings(max_examples=15, **HYPO)
+@settings(max_examples=15)
 @given(frac=st.floats(0.02, 1), flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)),
                                                min_size=1, max_size=3))
 def test_corrupted_compressed_page_stream(unpacked: Path, tmp_path: Path, frac: float,
-                                          flips: list) -> None:
-    real = sample("q35-64m-compress.qevm.xz", unpacked).read_bytes()
+                                          flips: list, drain) -> None:
+    real = qemu_sample("q35-64m-compress.qevm.xz", unpacked).read_bytes()
     data = bytearray(real[: int(len(real) * frac)])
     for f, x in flips:
         data[int(f * (len(data) - 1))] ^= x
-    _drain(write(tmp_path, bytes(data), "c.qevm"))
+    drain(write(tmp_path, bytes(data), "c.qevm"), "qemu-migration")
 
 
 def test_corrupt_zlib_page_is_an_error_naming_its_offset(tmp_path: Path) -> None:
@@ -431,7 +408,7 @@ def test_corrupt_zlib_page_is_an_error_naming_its_offset(tmp_path: Path) -> None
     assert info.value.offset == bad_at
 
 
-def test_pages_beyond_their_block_are_dropped_with_a_warning(tmp_path: Path) -> None:
+def test_pages_beyond_their_block_are_dropped_with_a_warning(tmp_path: Path, read_gpa) -> None:
     w = Qevm()
     w.start()
     w.blocks([("pc.ram", 4 * PAGE)])
@@ -445,7 +422,7 @@ def test_pages_beyond_their_block_are_dropped_with_a_warning(tmp_path: Path) -> 
         assert read_gpa(image, 0, 6) == b"inside"
 
 
-def test_resent_pages_keep_both_copies(tmp_path: Path) -> None:
+def test_resent_pages_keep_both_copies(tmp_path: Path, read_gpa, scan) -> None:
     """Live migration re-sends dirtied pages: the stale copy is guest data too."""
     w = Qevm()
     w.start()
@@ -457,7 +434,7 @@ def test_resent_pages_keep_both_copies(tmp_path: Path) -> None:
     w.eos()
     with registry.open_image(write(tmp_path, w.finish())) as image:
         assert read_gpa(image, PAGE, 3) == b"new"  # the last copy is the final content
-        found = scan_pans(image)
+        found = scan(image)
     assert sorted((f.gpa, f.masked) for f in found) == [
         (PAGE + 9, "453201******0366"), (PAGE + 9, "554433******9989")
     ]

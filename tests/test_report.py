@@ -14,14 +14,13 @@ import subprocess
 import pytest
 
 from scanner.report import STRIP_W, strip_svg
-from tests.plant import PAGE, lime
-from tests.test_nightly import PAN, SSN, raw_with, vmleak
+from tests.plant import PAGE, PAN, SSN, lime, raw_with
 
 TRACK2 = ";4556737586899855=25121010000012300000?"
 
 
 @pytest.fixture
-def evidence(tmp_path):
+def evidence(tmp_path, vmleak):
     ds = tmp_path / "ds"
     ds.mkdir()
     raw_with(ds / "a.raw", {100: f"card {PAN}", 3 * PAGE + 50: TRACK2}, pages=16)
@@ -74,7 +73,7 @@ def test_report_json_ties_findings_to_bytes(evidence):
     assert doc["exit_status"] == 1 and doc["unmasked"] is False
 
 
-def test_report_files_private_self_contained_and_not_overwritten(evidence, tmp_path):
+def test_report_files_private_self_contained_and_not_overwritten(evidence, tmp_path, vmleak):
     ds, out, _ = evidence
     assert stat.S_IMODE(out.stat().st_mode) == 0o700
     for name in ("report.json", "report.html"):

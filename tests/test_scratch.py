@@ -40,7 +40,7 @@ def test_every_detector_registers_its_anchors() -> None:
     assert ANCHORS[b"\x02\x01"] is False  # DER's version: bytes only
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=300)
 @given(
     body=st.lists(st.sampled_from(ALPHABET), max_size=200),
     plants=st.lists(

@@ -10,7 +10,7 @@ import random
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from patterns.base import Chunk, Hit
@@ -24,11 +24,10 @@ from patterns.secrets import (
     github_checksum_ok,
     pattern_head,
 )
-from tests.test_aes import engine_scan  # the engine over one extent or shuffled pages
 
 DETS = {d.name: d for d in (AwsKeyDetector(), GithubTokenDetector(), SlackTokenDetector(),
                             StripeKeyDetector(), GcpApiKeyDetector(), JwtDetector())}
-SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+SETTINGS = settings(max_examples=40)
 B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 
@@ -197,12 +196,12 @@ def test_jwt_not_json_payload_not_reported() -> None:
     assert scan(put(f"{head}.{junk}.c2lnbmF0dXJl", "ascii", 0, 2), "jwt") == []
 
 
-@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=15)
 @given(kind=st.sampled_from(KINDS), where=st.integers(2, 20000),
        chunk=st.sampled_from([4096, 4099, 65536]), encoding=st.sampled_from(["ascii", "utf-16le"]),
        shuffle=st.integers(0, 2**32 - 1))
 def test_engine_any_offset_any_chunking(kind: str, where: int, chunk: int, encoding: str,
-                                        shuffle: int) -> None:
+                                        shuffle: int, engine_scan) -> None:
     """Found once at its GPA, in one extent or with the pages stored out of order."""
     name, tok = token(kind, random.Random(where))
     codec = "utf-16-le" if encoding == "utf-16le" else "ascii"

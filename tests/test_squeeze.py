@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers.base import Extents, MemoryImage, Segment
@@ -15,12 +15,11 @@ from patterns.base import Hits
 from patterns.registry import select
 from scanner.engine import GAP_MIN, PAGE, Engine, ScanConfig, _Squeezed
 from tests.plant import encode, group, make_pan, make_ssn
-from tests.test_keys import key
 
 NPAGES = 48
 
 
-def secrets(rng: random.Random) -> list[bytes]:
+def secrets(rng: random.Random, key) -> list[bytes]:
     """One of each kind the detector families look for: text and binary."""
     from cryptography.hazmat.primitives import serialization as ser
 
@@ -50,11 +49,11 @@ def findings(data: np.ndarray, squeeze: bool, chunk: int) -> list[tuple]:
     return sorted((f.detector, f.gpa, f.length, f.fingerprint) for f in found)
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60)
 @given(seed=st.integers(0, 2**32 - 1), chunk=st.sampled_from([16 * PAGE, 64 * PAGE + 8, 1 << 22]),
        near=st.lists(st.one_of(st.integers(-700, 700), st.sampled_from(["end", "start"])),
                      min_size=7, max_size=7))
-def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near):
+def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near, key):
     """Pages are zero, random or text of digits and letters; each secret is planted across or
     beside a page edge (``near`` bytes from it, or ending / starting right at it), so many touch
     a zero page, beyond which the next page's characters would glue on if the squeeze did not
@@ -69,7 +68,7 @@ def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near):
         elif kind > 0.4:
             text = np.frombuffer(b"0123456789ABCDEFabcdef", np.uint8)
             data[p * PAGE : (p + 1) * PAGE] = gen.choice(text, PAGE)
-    for blob, off in zip(secrets(rng), near, strict=True):
+    for blob, off in zip(secrets(rng, key), near, strict=True):
         edge = rng.randrange(1, NPAGES - 2) * PAGE
         at = edge - len(blob) if off == "end" else edge if off == "start" else edge + off
         data[at : at + len(blob)] = np.frombuffer(blob, np.uint8)

@@ -10,7 +10,7 @@ import tempfile
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers import registry, vmware
@@ -27,18 +27,6 @@ PLANTS = {BELOW: b"below-the-hole!!", ABOVE: b"above-the-hole!!", 0x1234: b"low-
 UUID = "56 4d 0a 1b 2c 3d 4e 5f-60 71 82 93 a4 b5 c6 d7"
 
 
-def read_gpa(image: MemoryImage, gpa: int, n: int) -> bytes | None:
-    """``n`` bytes at ``gpa`` read through the extent table, None if unmapped."""
-    for seg in image.segments():
-        e = seg.extents
-        hit = np.flatnonzero((e.space == 0) & (e.addr <= gpa) & (gpa + n <= e.addr + e.length))
-        if hit.size:
-            k = int(hit[0])
-            start = int(e.buf_offset[k] + gpa - e.addr[k])
-            return seg.data[start : start + n].tobytes()
-    return None
-
-
 def layout() -> list[w.Region]:
     return w.pci_hole_layout(LOW_PAGES, HIGH_PAGES)
 
@@ -47,9 +35,9 @@ def open_any(path: str) -> MemoryImage:
     return registry.open_image(path)
 
 
-def assert_plants(image: MemoryImage, plants: dict[int, bytes]) -> None:
+def assert_plants(image: MemoryImage, plants: dict[int, bytes], read_present) -> None:
     for gpa, data in plants.items():
-        assert read_gpa(image, gpa, len(data)) == data, hex(gpa)
+        assert read_present(image, gpa, len(data)) == data, hex(gpa)
 
 
 def assert_sane(image: MemoryImage) -> None:
@@ -72,7 +60,7 @@ def assert_sane(image: MemoryImage) -> None:
 
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
 @pytest.mark.parametrize("ext", [".vmss", ".vmsn"])
-def test_separate_vmem_gpas_across_pci_hole(tmp_path, magic, ext):
+def test_separate_vmem_gpas_across_pci_hole(tmp_path, magic, ext, read_present):
     out = w.make_vm(
         tmp_path,
         "vm-Snapshot1",
@@ -87,9 +75,9 @@ def test_separate_vmem_gpas_across_pci_hole(tmp_path, magic, ext):
         with open_any(path) as image:
             assert image.format == want
             assert image.warnings == []
-            assert_plants(image, PLANTS)
-            assert read_gpa(image, BELOW + 16, 1) is None  # inside the hole
-            assert read_gpa(image, ABOVE - 1, 1) is None
+            assert_plants(image, PLANTS, read_present)
+            assert read_present(image, BELOW + 16, 1) is None  # inside the hole
+            assert read_present(image, ABOVE - 1, 1) is None
             seg = image.fixed_segments[0]
             assert seg.file == out["vmem"]
             assert image.files[:2] == [
@@ -105,7 +93,7 @@ def test_separate_vmem_gpas_across_pci_hole(tmp_path, magic, ext):
 
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
 @pytest.mark.parametrize("ext", [".vmss", ".vmsn"])
-def test_embedded_memory_gpas_across_pci_hole(tmp_path, magic, ext):
+def test_embedded_memory_gpas_across_pci_hole(tmp_path, magic, ext, read_present):
     out = w.make_vm(
         tmp_path,
         "old",
@@ -120,7 +108,7 @@ def test_embedded_memory_gpas_across_pci_hole(tmp_path, magic, ext):
     with open_any(out["checkpoint"]) as image:
         assert image.warnings == []
         assert image.meta["memory"] == "embedded"
-        assert_plants(image, PLANTS)
+        assert_plants(image, PLANTS, read_present)
         seg = image.fixed_segments[0]
         assert seg.file == out["checkpoint"]
         base = out["memory_base"]
@@ -129,18 +117,18 @@ def test_embedded_memory_gpas_across_pci_hole(tmp_path, magic, ext):
         assert_sane(image)
 
 
-def test_embedded_flat_memory(tmp_path):
+def test_embedded_flat_memory(tmp_path, read_present):
     plants = {0x10: b"flat-embedded", 3 * MiB: b"at-3MiB"}
     out = w.make_vm(
         tmp_path, "old", memory_size=4 * MiB, plants=plants, regions=None, embedded=True
     )
     with open_any(out["checkpoint"]) as image:
         assert image.meta["layout"] == "flat"
-        assert_plants(image, plants)
-        assert read_gpa(image, 4 * MiB, 1) is None
+        assert_plants(image, plants, read_present)
+        assert read_present(image, 4 * MiB, 1) is None
 
 
-def test_lone_vmem_is_flat_with_warning(tmp_path):
+def test_lone_vmem_is_flat_with_warning(tmp_path, read_present):
     plants = {BELOW: b"below", LOW_PAGES * w.PAGE: b"next-page"}  # data offsets
     out = w.make_vm(
         tmp_path, "lone", memory_size=4 * MiB, plants=plants, regions=None, with_checkpoint=False
@@ -148,8 +136,8 @@ def test_lone_vmem_is_flat_with_warning(tmp_path):
     # flat: the bytes of the first region are at their GPAs, the rest at file offsets
     with open_any(out["vmem"]) as image:
         assert image.format == "vmware-vmem"
-        assert read_gpa(image, BELOW, 5) == b"below"
-        assert read_gpa(image, LOW_PAGES * w.PAGE, 9) == b"next-page"
+        assert read_present(image, BELOW, 5) == b"below"
+        assert read_present(image, LOW_PAGES * w.PAGE, 9) == b"next-page"
         assert len(image.warnings) == 1
         msg = str(image.warnings[0])
         assert "may be wrong" in msg and out["vmem"] in msg and "\n" not in msg
@@ -162,15 +150,15 @@ def test_lone_vmem_not_page_multiple_is_not_claimed(tmp_path):
     assert vmware.probe(b"x" * 4096, str(path)) is None
 
 
-def test_checkpoint_without_regions_maps_vmem_flat(tmp_path):
+def test_checkpoint_without_regions_maps_vmem_flat(tmp_path, read_present):
     out = w.make_vm(tmp_path, "flat", memory_size=2 * MiB, plants={0x5000: b"flat"}, regions=None)
     with open_any(out["vmem"]) as image:
         assert image.warnings == []
         assert image.meta["layout"] == "flat"
-        assert read_gpa(image, 0x5000, 4) == b"flat"
+        assert read_present(image, 0x5000, 4) == b"flat"
 
 
-def test_arm64_flat_starts_at_2gib(tmp_path):
+def test_arm64_flat_starts_at_2gib(tmp_path, read_present):
     out = w.make_vm(
         tmp_path,
         "mac",
@@ -181,11 +169,11 @@ def test_arm64_flat_starts_at_2gib(tmp_path):
     )
     with open_any(out["checkpoint"]) as image:
         assert image.meta["platform"] == "arm64"
-        assert read_gpa(image, vmware.ARM64_RAM_BASE + 0x5000, 3) == b"arm"
-        assert read_gpa(image, 0x5000, 3) is None
+        assert read_present(image, vmware.ARM64_RAM_BASE + 0x5000, 3) == b"arm"
+        assert read_present(image, 0x5000, 3) is None
 
 
-def test_padsize_before_region_tags_is_honoured(tmp_path):
+def test_padsize_before_region_tags_is_honoured(tmp_path, read_present):
     out = w.make_vm(
         tmp_path,
         "pad",
@@ -196,25 +184,25 @@ def test_padsize_before_region_tags_is_honoured(tmp_path):
     )
     with open_any(out["checkpoint"]) as image:
         assert image.warnings == []
-        assert_plants(image, PLANTS)
+        assert_plants(image, PLANTS, read_present)
 
 
-def test_three_regions(tmp_path):
+def test_three_regions(tmp_path, read_present):
     regions = [w.Region(0, 0, 0xA0), w.Region(0x100, 0xA0, 0x200), w.Region(0x100000, 0x2A0, 0x60)]
     plants = {0x9FFF0: b"under-640K", 0x100000: b"at-1MiB", 0x100000000 + 0x5FFF0: b"top-of-ram"}
     out = w.make_vm(tmp_path, "three", memory_size=0x300 * w.PAGE, plants=plants, regions=regions)
     with open_any(out["checkpoint"]) as image:
-        assert_plants(image, plants)
-        assert read_gpa(image, 0xA0000, 1) is None
+        assert_plants(image, plants, read_present)
+        assert read_present(image, 0xA0000, 1) is None
         assert len(image.meta["regions"]) == 3
 
 
-def test_truncated_vmem_cuts_the_last_region(tmp_path):
+def test_truncated_vmem_cuts_the_last_region(tmp_path, read_present):
     out = w.make_vm(tmp_path, "cut", memory_size=4 * MiB, plants=PLANTS, regions=layout())
     os.truncate(out["vmem"], 3 * MiB + 8192)
     with open_any(out["checkpoint"]) as image:
-        assert read_gpa(image, ABOVE, 16) == PLANTS[ABOVE]
-        assert read_gpa(image, HOLE_END + 8192, 1) is None
+        assert read_present(image, ABOVE, 16) == PLANTS[ABOVE]
+        assert read_present(image, HOLE_END + 8192, 1) is None
         assert any("cut" in str(x) for x in image.warnings)
         assert_sane(image)
 
@@ -313,25 +301,25 @@ def test_companions_and_primary_grouping(tmp_path):
     assert len(memory_files) == len(set(memory_files)) == 4
 
 
-def test_embedded_checkpoint_does_not_describe_a_vmem(tmp_path):
+def test_embedded_checkpoint_does_not_describe_a_vmem(tmp_path, read_present):
     out = w.make_vm(tmp_path, "both", memory_size=MiB, plants={}, regions=None, embedded=True)
     w.write_vmem(tmp_path / "both.vmem", MiB, {0: b"separate"})
     groups = vmware.primary([str(p) for p in tmp_path.iterdir()])
     assert sorted(groups) == sorted([[str(tmp_path / "both.vmem")], [out["checkpoint"]]])
     with open_any(str(tmp_path / "both.vmem")) as image:
-        assert read_gpa(image, 0, 8) == b"separate"
+        assert read_present(image, 0, 8) == b"separate"
         assert any("embeds its own memory" in str(x) for x in image.warnings)
 
 
-def test_upper_case_extensions_pair(tmp_path):
+def test_upper_case_extensions_pair(tmp_path, read_present):
     out = w.make_vm(tmp_path, "WIN", memory_size=4 * MiB, plants=PLANTS, regions=layout())
     os.rename(out["vmem"], tmp_path / "WIN.VMEM")
     os.rename(out["checkpoint"], tmp_path / "WIN.VMSS")
     with open_any(str(tmp_path / "WIN.VMSS")) as image:
         assert image.fixed_segments[0].file == str(tmp_path / "WIN.VMEM")
-        assert_plants(image, PLANTS)
+        assert_plants(image, PLANTS, read_present)
     with open_any(str(tmp_path / "WIN.VMEM")) as image:
-        assert_plants(image, PLANTS)
+        assert_plants(image, PLANTS, read_present)
 
 
 def test_checkpoint_without_memory_or_vmem_is_an_error(tmp_path):
@@ -432,9 +420,7 @@ def _check_hostile(path: str) -> None:
         assert image.fixed_segments[0].data.size == size
 
 
-SETTINGS = settings(
-    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+SETTINGS = settings(max_examples=60)
 
 
 @SETTINGS
@@ -478,7 +464,7 @@ def test_hostile_byte_flips(hostile, kind, flips):
     _check_hostile(path)
 
 
-def test_hostile_overlapping_and_outside_regions(tmp_path):
+def test_hostile_overlapping_and_outside_regions(tmp_path, read_present):
     regions = [
         w.Region(0, 0, 0x100),
         w.Region(0x80, 0x100, 0x100),  # GPA overlap
@@ -489,7 +475,7 @@ def test_hostile_overlapping_and_outside_regions(tmp_path):
         tmp_path, "bad", memory_size=0x200 * w.PAGE, plants={0x10: b"ok"}, regions=regions
     )
     with open_any(out["checkpoint"]) as image:
-        assert read_gpa(image, 0x10, 2) == b"ok"
+        assert read_present(image, 0x10, 2) == b"ok"
         msgs = [str(x) for x in image.warnings]
         assert sum("dropped" in m for m in msgs) == 3
         assert all(out["checkpoint"] in m and " at offset " in m for m in msgs if "dropped" in m)
@@ -513,7 +499,7 @@ def test_every_region_outside_the_data_is_an_error(tmp_path):
         open_any(out["checkpoint"])
 
 
-def test_hostile_tag_budget_keeps_the_memory_group(tmp_path, monkeypatch):
+def test_hostile_tag_budget_keeps_the_memory_group(tmp_path, monkeypatch, read_present):
     monkeypatch.setattr(vmware, "MAX_TAGS", 500)
     noise = [w.u32("reg", k, k) for k in range(2000)]
     groups = [("device", noise), ("memory", w.memory_group(layout()))]
@@ -521,7 +507,7 @@ def test_hostile_tag_budget_keeps_the_memory_group(tmp_path, monkeypatch):
     w.write_checkpoint(path, groups)
     w.write_vmem(tmp_path / "noisy.vmem", 4 * MiB, {ABOVE - HOLE_END + LOW_PAGES * w.PAGE: b"hi"})
     with open_any(str(path)) as image:
-        assert read_gpa(image, ABOVE, 2) == b"hi"
+        assert read_present(image, ABOVE, 2) == b"hi"
         assert any("stopped after 500 tags" in str(x) for x in image.warnings)
 
 
@@ -530,15 +516,6 @@ def test_hostile_tag_budget_keeps_the_memory_group(tmp_path, monkeypatch):
 PAN_BELOW = b"4111111111111111"  # well-known test PANs (reported with details.test)
 PAN_ABOVE = b"5555555555554444"
 PAN_LOW = b"4012888888881881"
-
-
-def _scan(path: str, fmt: str | None = None):
-    from patterns import registry as detectors
-    from scanner.engine import Engine, ScanConfig
-
-    engine = Engine(ScanConfig(detectors=detectors.select("pan"), key=b"test-key"))
-    with registry.open_image(path, fmt) as image:
-        return engine.scan_image(image)
 
 
 def _found(result) -> dict[int, tuple[str, str, int]]:
@@ -550,7 +527,7 @@ def _found(result) -> dict[int, tuple[str, str, int]]:
     [(".vmss", False), (".vmsn", False), (".vmss", True), (".vmsn", True)],
     ids=["vmss+vmem", "vmsn+vmem", "embedded-vmss", "embedded-vmsn"],
 )
-def test_scan_reports_pans_at_gpas_around_the_pci_hole(tmp_path, ext, embedded):
+def test_scan_reports_pans_at_gpas_around_the_pci_hole(tmp_path, ext, embedded, scan_result):
     plants = {BELOW: PAN_BELOW, ABOVE: PAN_ABOVE, 0x2000: PAN_LOW}
     out = w.make_vm(
         tmp_path,
@@ -564,7 +541,7 @@ def test_scan_reports_pans_at_gpas_around_the_pci_hole(tmp_path, ext, embedded):
     holder = out["checkpoint"] if embedded else out["vmem"]
     base = out["memory_base"]
     for path in filter(None, (out["checkpoint"], out["vmem"])):
-        result = _scan(path)
+        result = scan_result(path)
         assert result.errors == [] and result.warnings == []
         assert _found(result) == {
             BELOW: ("411111******1111", holder, base + BELOW),
@@ -573,31 +550,31 @@ def test_scan_reports_pans_at_gpas_around_the_pci_hole(tmp_path, ext, embedded):
         }
 
 
-def test_scan_never_joins_the_two_sides_of_the_hole(tmp_path):
+def test_scan_never_joins_the_two_sides_of_the_hole(tmp_path, scan_result):
     # 8 digits end region 0 and 8 digits start region 1: adjacent in the .vmem, a valid PAN
     # there, but 4 GiB - 3 MiB apart in the guest.
     plants = {LOW_PAGES * w.PAGE - 8: PAN_BELOW[:8], ABOVE: PAN_BELOW[8:]}
     out = w.make_vm(tmp_path, "split", memory_size=4 * MiB, plants=plants, regions=layout())
-    assert _found(_scan(out["checkpoint"])) == {}
-    raw = _found(_scan(out["vmem"], "raw"))  # the same file without its region map
+    assert _found(scan_result(out["checkpoint"])) == {}
+    raw = _found(scan_result(out["vmem"], fmt="raw"))  # the same file without its region map
     assert list(raw) == [LOW_PAGES * w.PAGE - 8]
 
 
-def test_scan_lone_vmem_flat_with_warning(tmp_path):
+def test_scan_lone_vmem_flat_with_warning(tmp_path, scan_result):
     plants = {BELOW: PAN_BELOW, LOW_PAGES * w.PAGE + 64: PAN_ABOVE}  # data offsets
     out = w.make_vm(
         tmp_path, "lone", memory_size=4 * MiB, plants=plants, regions=None, with_checkpoint=False
     )
-    result = _scan(out["vmem"])
+    result = scan_result(out["vmem"])
     assert result.format == "vmware-vmem"
     assert set(_found(result)) == set(plants)  # GPA = file offset
     assert len(result.warnings) == 1 and "may be wrong" in result.warnings[0]
 
 
-def test_scan_checkpoint_declaring_flat_memory(tmp_path):
+def test_scan_checkpoint_declaring_flat_memory(tmp_path, scan_result):
     plants = {BELOW: PAN_BELOW, LOW_PAGES * w.PAGE + 64: PAN_ABOVE}
     out = w.make_vm(tmp_path, "flat", memory_size=4 * MiB, plants=plants, regions=None)
-    result = _scan(out["vmem"])
+    result = scan_result(out["vmem"])
     assert result.warnings == []
     assert set(_found(result)) == set(plants)
 
@@ -626,47 +603,33 @@ def test_companions_of_an_embedded_checkpoint_exclude_the_vmem(tmp_path):
 # --- the command line ---------------------------------------------------------------------
 
 
-def _vmleak(*args: str):
-    import subprocess
-    import sys
-
-    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
-    return subprocess.run(
-        [sys.executable, "-m", "scanner", *args],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=120,
-    )
-
-
-def test_cli_scan_finds_pans_at_gpas_and_exit_1(tmp_path):
+def test_cli_scan_finds_pans_at_gpas_and_exit_1(tmp_path, vmleak):
     import json
 
     out = w.make_vm(
         tmp_path, "vm", memory_size=4 * MiB, plants={ABOVE: PAN_ABOVE}, regions=layout()
     )
-    run = _vmleak("scan", "--format", "jsonl", out["checkpoint"])
+    run = vmleak("scan", "--format", "jsonl", out["checkpoint"])
     assert run.returncode == 1, run.stderr
     (row,) = [json.loads(x) for x in run.stdout.splitlines()]
     assert (row["gpa"], row["file"], row["format"]) == (ABOVE, out["vmem"], "vmware-vmss")
 
 
-def test_cli_checkpoint_without_memory_exits_2_with_one_line(tmp_path):
+def test_cli_checkpoint_without_memory_exits_2_with_one_line(tmp_path, vmleak):
     out = w.make_vm(tmp_path, "vm", memory_size=MiB, plants={}, regions=layout())
     os.remove(out["vmem"])
-    run = _vmleak("scan", out["checkpoint"])
+    run = vmleak("scan", out["checkpoint"])
     assert run.returncode == 2
     lines = [x for x in run.stderr.splitlines() if out["checkpoint"] in x]
     assert len(lines) == 1 and "vm.vmem is not beside it" in lines[0]
     assert "Traceback" not in run.stderr
 
 
-def test_cli_info_lists_regions_and_groups(tmp_path):
+def test_cli_info_lists_regions_and_groups(tmp_path, vmleak):
     out = w.make_vm(
         tmp_path, "vm", memory_size=4 * MiB, plants={}, regions=layout(), vmx=("Guest X", UUID)
     )
-    run = _vmleak("info", out["vmem"])
+    run = vmleak("info", out["vmem"])
     assert run.returncode == 0, run.stderr
     for text in ("vmware-vmem", "Guest X", "MKSVMX", "screenshot", "0x000100000000"):
         assert text in run.stdout

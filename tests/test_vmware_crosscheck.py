@@ -1,7 +1,7 @@
 """Every checkpoint the test writer makes is read by an independent reader too, with identical
 bytes at a sample of GPAs: volatility3's VmwareLayer (.vmem + checkpoint) and LeechCore's
 file device (.vmem + checkpoint; memory embedded in a .vmsn). Which reader accepts which
-variant is FORMATS.md section 11 (observed against the real tools); a variant no available
+variant is ``docs/formats.md`` §13 (observed against the real tools); a variant no available
 reader accepts is skipped with the reason. padsize is cross-checked through the embedded
 Memory block (padded to a page boundary); a padded block before the region tags has no
 independent reader (volatility3 ignores padsize, LeechCore assumes 4-byte memory-group values,
@@ -16,11 +16,10 @@ import pytest
 
 from parsers import registry, vmware
 from tests import vmware_writer as w
-from tests.test_vmware import read_gpa
 
 MiB = 1 << 20
 
-# FORMATS.md 11: magics each reader accepts.
+# docs/formats.md §13: magics each reader accepts.
 VOL3_MAGICS = {w.MAGIC_V0, w.MAGIC_RESTORED, w.MAGIC_CURRENT, w.MAGIC_PARTIAL}
 LEECH_MAGICS = {w.MAGIC_CURRENT, w.MAGIC_PARTIAL, w.MAGIC_RESTORED}
 CRASH_REASON = (
@@ -49,7 +48,7 @@ def _samples(regions: list[w.Region], seed: int) -> dict[int, bytes]:
 
 
 def _vol3_reader(vmem: str, checkpoint: str):
-    pytest.importorskip("volatility3", reason="volatility3 is not installed")
+    """volatility3's VmwareLayer over the pair (callers request the ``vol3`` fixture)."""
     from pathlib import Path
 
     from volatility3.framework import contexts
@@ -67,10 +66,9 @@ def _vol3_reader(vmem: str, checkpoint: str):
 
 
 @contextlib.contextmanager
-def _leech_reader(path: str):
+def _leech_reader(leechcore, path: str):
     """LeechCore reads whole pages only; return a reader of any (GPA, length)."""
-    lcp = pytest.importorskip("leechcorepyc", reason="leechcorepyc is not installed")
-    lc = lcp.LeechCore("file://" + path)
+    lc = leechcore.LeechCore("file://" + path)
     try:
 
         def read(gpa: int, n: int) -> bytes:
@@ -83,10 +81,10 @@ def _leech_reader(path: str):
         lc.close()
 
 
-def _compare(image_path: str, samples: dict[int, bytes], other_read) -> None:
+def _compare(image_path: str, samples: dict[int, bytes], other_read, read_present) -> None:
     with registry.open_image(image_path) as image:
         for gpa, token in samples.items():
-            ours = read_gpa(image, gpa, len(token))
+            ours = read_present(image, gpa, len(token))
             theirs = other_read(gpa, len(token))
             assert ours == token, hex(gpa)
             assert theirs == ours, hex(gpa)
@@ -110,27 +108,29 @@ def _separate(tmp_path, magic: int, ext: str, size: int):
 
 @pytest.mark.parametrize("ext", [".vmss", ".vmsn"])
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
-def test_volatility3_reads_the_same_bytes(tmp_path, magic, ext):
+def test_volatility3_reads_the_same_bytes(tmp_path, magic, ext, read_present, vol3):
     if magic not in VOL3_MAGICS:
-        pytest.skip(f"volatility3 refuses magic {magic:#x} (FORMATS.md 11)")
+        pytest.skip(f"volatility3 refuses magic {magic:#x} (docs/formats.md §13)")
     out, samples = _separate(tmp_path, magic, ext, 4 * MiB)
     read = _vol3_reader(out["vmem"], out["checkpoint"])
     for path in (out["checkpoint"], out["vmem"]):
-        _compare(path, samples, read)
+        _compare(path, samples, read, read_present)
 
 
 @pytest.mark.parametrize("ext", [".vmss", ".vmsn"])
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
-def test_leechcore_reads_the_same_bytes(tmp_path, magic, ext):
+def test_leechcore_reads_the_same_bytes(tmp_path, magic, ext, read_present, leechcore):
     if magic not in LEECH_MAGICS:
-        pytest.skip(f"LeechCore refuses magic {magic:#x} and reads the .vmem flat (FORMATS.md 11)")
+        pytest.skip(f"LeechCore refuses magic {magic:#x} and reads the .vmem flat "
+                    "(docs/formats.md §13)")
     out, samples = _separate(tmp_path, magic, ext, LEECH_MIN_FILE)
-    with _leech_reader(out["vmem"]) as read:
-        _compare(out["vmem"], samples, read)
+    with _leech_reader(leechcore, out["vmem"]) as read:
+        _compare(out["vmem"], samples, read, read_present)
 
 
 @pytest.mark.parametrize("magic", w.ALL_MAGICS, ids=hex)
-def test_embedded_memory_leechcore_reads_the_same_bytes(tmp_path, magic):
+def test_embedded_memory_leechcore_reads_the_same_bytes(tmp_path, magic, read_present,
+                                                        leechcore):
     if magic not in LEECH_MAGICS:
         pytest.skip(
             f"embedded memory with magic {magic:#x}: volatility3 never reads embedded memory, "
@@ -155,5 +155,5 @@ def test_embedded_memory_leechcore_reads_the_same_bytes(tmp_path, magic):
     block = vmware.read_checkpoint(out["checkpoint"]).memory_block()
     head_end = block.offset + 2 + len("Memory") + 2 * 4 + 8 + 8 + 2
     assert block.data_offset - head_end > 0
-    with _leech_reader(out["checkpoint"]) as read:
-        _compare(out["checkpoint"], samples, read)
+    with _leech_reader(leechcore, out["checkpoint"]) as read:
+        _compare(out["checkpoint"], samples, read, read_present)

@@ -5,35 +5,23 @@ volatility3's reading of the ELF core QEMU dumped from the very same guest."""
 
 from __future__ import annotations
 
-import gzip
-import json
 import random
-import shutil
 import struct
 from pathlib import Path
 
 import pytest
-from dumpwriter import Load, read_ranges, write_elf
 
 from parsers import registry
+from tests.dumpwriter import Load, write_elf
+from tests.samples import dump_entry, dump_sample, dumps_of
 
-DUMPS = Path(__file__).resolve().parent.parent / "samples" / "dumps"
-MANIFEST = json.loads((DUMPS / "manifest.json").read_text())
 PAGE = 4096
-
-
-def unpack(name: str, tmp: Path) -> tuple[Path, dict]:
-    entry = next(d for d in MANIFEST["dumps"] if d["file"] == name)
-    out = tmp / name.removesuffix(".gz")
-    with gzip.open(DUMPS / name) as fin, open(out, "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-    return out, entry
 
 
 def vol3_layer(path: Path, kind: str):
     """A volatility3 layer of ``kind`` ("elf" or "lime") over ``path``, built the way its
-    automagic does: a context, a FileLayer named in the config by file:// URI, the layer."""
-    pytest.importorskip("volatility3", reason="volatility3 is not installed")
+    automagic does: a context, a FileLayer named in the config by file:// URI, the layer.
+    (Callers request the ``vol3`` fixture, which skips when volatility3 cannot load.)"""
     from volatility3.framework import contexts
     from volatility3.framework.layers import elf, lime, physical
 
@@ -68,11 +56,9 @@ def vol3_spans(layer) -> list[tuple[int, int]]:
     return [(m[0], m[1]) for m in layer.mapping(0, layer.maximum_address + 1, ignore_errors=True)]
 
 
-@pytest.mark.parametrize(
-    "name", [d["file"] for d in MANIFEST["dumps"] if d["format"] == "elf-core"]
-)
-def test_real_elf_against_volatility3(tmp_path: Path, name: str) -> None:
-    path, entry = unpack(name, tmp_path)
+@pytest.mark.parametrize("name", [d["file"] for d in dumps_of("elf-core")])
+def test_real_elf_against_volatility3(tmp_path: Path, name: str, read_ranges, vol3) -> None:
+    path, entry = dump_sample(name, tmp_path), dump_entry(name)
     layer = vol3_layer(path, "elf")
     spans = vol3_spans(layer)
     ranges = sample_ranges(spans, entry["plants"], seed=len(name))
@@ -83,7 +69,7 @@ def test_real_elf_against_volatility3(tmp_path: Path, name: str) -> None:
         assert mine == layer.read(gpa, n), hex(gpa)
 
 
-def test_written_elf_against_volatility3(tmp_path: Path) -> None:
+def test_written_elf_against_volatility3(tmp_path: Path, read_ranges, vol3) -> None:
     rng = random.Random(5)
     layout = [(0, 0xA0000), (0x100000, 0x53000), (0x2000_0000, 0x3000), (1 << 32, 0x8000)]
     loads = [Load(g, rng.randbytes(n)) for g, n in layout]
@@ -105,7 +91,7 @@ def write_lime(path: Path, ranges: list[tuple[int, bytes]]) -> None:
             fh.write(data)
 
 
-def test_lime_against_volatility3(tmp_path: Path) -> None:
+def test_lime_against_volatility3(tmp_path: Path, read_ranges, vol3) -> None:
     rng = random.Random(9)
     parts = [(0x1000, rng.randbytes(0x9F000)), (0x100000, rng.randbytes(0x200000)),
              (0x1_0000_0000, rng.randbytes(0x5000))]  # fmt: skip
@@ -120,15 +106,15 @@ def test_lime_against_volatility3(tmp_path: Path) -> None:
     assert ours == [layer.read(g, n) for g, n in ranges]
 
 
-def test_real_elf_against_leechcore(tmp_path: Path) -> None:
-    lcp = pytest.importorskip("leechcorepyc", reason="leechcorepyc is not installed")
-    path, entry = unpack("pc-64M.elf.gz", tmp_path)
+def test_real_elf_against_leechcore(tmp_path: Path, read_ranges, leechcore) -> None:
+    name = "pc-64M.elf.gz"
+    path, entry = dump_sample(name, tmp_path), dump_entry(name)
     with registry.open_image(str(path)) as image:
         ext = image.fixed_segments[0].extents
         spans = list(zip(ext.addr.tolist(), ext.length.tolist(), strict=True))
         ranges = sample_ranges(spans, entry["plants"], seed=3)
         ours = read_ranges(image, ranges)
-    lc = lcp.LeechCore("file://" + str(path))
+    lc = leechcore.LeechCore("file://" + str(path))
     try:
         for (gpa, n), mine in zip(ranges, ours, strict=True):
             first = gpa & ~(PAGE - 1)
@@ -139,11 +125,12 @@ def test_real_elf_against_leechcore(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("name", ["pc-64M.kdump-zlib.gz", "pc-64M.kdump-zlib.flat.gz"])
-def test_kdump_against_volatility3_on_the_same_guests_elf(tmp_path: Path, name: str) -> None:
+def test_kdump_against_volatility3_on_the_same_guests_elf(tmp_path: Path, name: str, read_ranges,
+                                                          vol3) -> None:
     """QEMU dumped one guest both ways: our kdump reading must equal volatility3's reading
     of the ELF core at every sampled GPA (kdump pages we skip must be all-zero there)."""
-    elf_path, _ = unpack("pc-64M.elf.gz", tmp_path)
-    path, entry = unpack(name, tmp_path)
+    elf_path = dump_sample("pc-64M.elf.gz", tmp_path)
+    path, entry = dump_sample(name, tmp_path), dump_entry(name)
     layer = vol3_layer(elf_path, "elf")
     ranges = []  # split at page boundaries: a skipped zero page is skipped whole
     for gpa, n in sample_ranges(vol3_spans(layer), entry["plants"], seed=4):
@@ -163,21 +150,16 @@ def test_kdump_against_volatility3_on_the_same_guests_elf(tmp_path: Path, name: 
     assert compared >= len(entry["plants"])
 
 
-def test_extract_output_opens_in_volatility3(tmp_path: Path) -> None:
+def test_extract_output_opens_in_volatility3(tmp_path: Path, vmleak, vol3) -> None:
     """`vmleak extract` of a real QEMU ELF dump: volatility3 reads the flat raw file it writes
     (a FileLayer, GPA = file offset) with the same bytes as the dump's own ELF layer."""
-    import subprocess
-    import sys
-
-    pytest.importorskip("volatility3", reason="volatility3 is not installed")
     from volatility3.framework import contexts
     from volatility3.framework.layers import physical
 
-    name = next(d["file"] for d in MANIFEST["dumps"] if d["format"] == "elf-core")
-    path, entry = unpack(name, tmp_path)
+    name = dumps_of("elf-core")[0]["file"]
+    path, entry = dump_sample(name, tmp_path), dump_entry(name)
     flat = tmp_path / "guest.raw"
-    done = subprocess.run([sys.executable, "-m", "scanner", "extract", str(path), "-o", str(flat)],
-                          capture_output=True, text=True, timeout=120)
+    done = vmleak("extract", str(path), "-o", str(flat))
     assert done.returncode == 0, done.stderr
     elf = vol3_layer(path, "elf")
     ctx = contexts.Context()

@@ -1,6 +1,6 @@
 """TEST-ONLY writer of VMware checkpoints (.vmss/.vmsn) and .vmem files.
 
-Follows the layout documented in FORMATS.md sections 5 and 11 (crash ``vmware_vmss.[ch]``,
+Follows the layout documented in ``docs/formats.md`` §10 and §13 (crash ``vmware_vmss.[ch]``,
 volatility 2/3, LeechCore): 12-byte header, 80-byte group entries, tags ending with a zero u16,
 blocks with 4- or 8-byte size fields and ``padsize`` padding, the ``memory`` group's region
 tags, and memory either in a ``.vmem`` or embedded as the ``Memory[0][0]`` block. Memory is

@@ -36,4 +36,4 @@ class StateWriter(Printer):
 
     def finish(self, out: Outcome) -> None:
         assert out.run_id is not None, "begin first"
-        self.db.finish_run(out.run_id, out.stats())
+        self.db.finish_run(out.run_id, out.stats(), complete=not out.summary.not_scanned)

@@ -1,0 +1,183 @@
+"""Units of work and what a worker needs to run them without parsing the image again.
+
+Every image starts as one ``open`` unit: a worker parses it once, and either scans it whole
+(small images, streamed images, one worker) or, for a large random-access image, returns its
+:class:`Layout` — the files, the byte span of each segment buffer in its file, the extent
+tables, metadata and warnings — plus ``range`` units (main scan of buffer bytes
+``[lo, hi)`` of one segment) and one ``edges`` unit (every segment's extent edges). Those
+units then run anywhere the same files are visible, each mapping the files from the layout
+(no parse). The same units serve the local process pool and Dask; all of them pickle.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import numpy as np
+
+from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Remark, Segment
+
+OPEN, RANGE, EDGES = "open", "range", "edges"
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One unit of work of one image: ``kind`` OPEN (parse, then scan whole or plan), RANGE
+    (main scan of buffer bytes ``[lo, hi)`` of segment ``segment``) or EDGES (the edge pass of
+    every segment)."""
+
+    kind: str
+    segment: int = 0
+    lo: int = 0
+    hi: int = 0
+
+    def __str__(self) -> str:
+        return f"range-{self.segment}-{self.lo:x}" if self.kind == RANGE else self.kind
+
+
+@dataclass
+class SegmentLayout:
+    """Where one segment buffer lies: ``length`` bytes at byte ``offset`` of ``file``, its
+    extent table, and its snapshot."""
+
+    file: str
+    offset: int
+    length: int
+    extents: Extents
+    snapshot: str | None = None
+
+
+@dataclass
+class Layout:
+    """A parsed random-access image, as far as scanning needs it (module docstring).
+    ``stamps`` holds each mapped file's (size, mtime_ns) at parse time: a unit refuses a file
+    that changed since. Warnings are kept as (is a remark, file, offset, message): exceptions
+    with their own constructor do not pickle."""
+
+    path: str
+    format: str
+    files: list[str]
+    meta: dict[str, Any]
+    spaces: list[str]
+    warnings: list[tuple[bool, str, int | None, str]]
+    segments: list[SegmentLayout]
+    stamps: dict[str, tuple[int, int]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, image: MemoryImage) -> Layout | None:
+        """The layout of a random-access image whose every segment is a view of a whole-file
+        mapping of its own file (as ``Evidence`` makes); None otherwise."""
+        segs = []
+        for seg in image.fixed_segments or []:
+            where = _mapped_at(seg.data)
+            if where is None or where[0] != os.path.getsize(seg.file):
+                return None
+            segs.append(SegmentLayout(seg.file, where[1], seg.data.size, seg.extents, seg.snapshot))
+        stamps = {}
+        for s in segs:
+            st = os.stat(s.file)
+            stamps[s.file] = (st.st_size, st.st_mtime_ns)
+        warnings = [(isinstance(w, Remark), w.file, w.offset, w.message) for w in image.warnings]
+        return cls(
+            image.path,
+            image.format,
+            list(image.files),
+            dict(image.meta),
+            list(image.spaces),
+            warnings,
+            segs,
+            stamps,
+        )
+
+    def for_unit(self, unit: Unit) -> Layout:
+        """What ``unit`` needs: a RANGE unit only the extents of its segment that overlap its
+        range (no other can hold a match starting there), an EDGES unit everything."""
+        if unit.kind != RANGE:
+            return self
+        segs = []
+        for k, s in enumerate(self.segments):
+            e = s.extents
+            keep = (
+                (e.buf_offset < unit.hi) & (e.buf_offset + e.length > unit.lo)
+                if k == unit.segment
+                else np.zeros(len(e), bool)
+            )
+            sliced = Extents(*(a[keep] for a in (e.buf_offset, e.addr, e.length, e.file_offset,
+                                                  e.space)))  # fmt: skip
+            segs.append(replace(s, extents=sliced))
+        return replace(self, segments=segs)
+
+    def open(self) -> MemoryImage:
+        """The image again, from the files (mapped, not parsed); ImageError when a file is
+        gone or changed since the layout was taken."""
+        image = MemoryImage(
+            self.path,
+            self.format,
+            list(self.files),
+            dict(self.meta),
+            list(self.spaces),
+            [(Remark if r else ImageError)(f, o, m) for r, f, o, m in self.warnings],
+            fixed_segments=[],
+        )
+        mapped: dict[str, Evidence] = {}
+        try:
+            for s in self.segments:
+                ev = mapped.get(s.file)
+                if ev is None:
+                    ev = mapped[s.file] = Evidence(s.file)
+                    image.closers.append(ev.close)
+                    st = os.stat(s.file)
+                    if (st.st_size, st.st_mtime_ns) != self.stamps.get(s.file):
+                        raise ImageError(s.file, None, "changed while it was being scanned")
+                data = ev.data[s.offset : s.offset + s.length]
+                image.fixed_segments.append(Segment(data, s.extents, s.file, snapshot=s.snapshot))
+        except (ImageError, OSError) as err:
+            image.close()
+            if isinstance(err, ImageError):
+                raise
+            raise ImageError(self.path, None, err.strerror or str(err)) from None
+        return image
+
+
+def _mapped_at(data: np.ndarray) -> tuple[int, int] | None:
+    """(length of the mapping, offset of ``data`` in it) when ``data`` views an mmap."""
+    base, root = data, data
+    while isinstance(base, np.ndarray):
+        root, base = base, base.base
+    if isinstance(base, memoryview):
+        base = base.obj
+    if not isinstance(base, mmap.mmap):
+        return None
+    offset = data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+    return len(base), offset
+
+
+def gpa_ranges(image: MemoryImage) -> list[tuple[int, int]] | None:
+    """Guest-physical ranges [start, end) a random-access image holds, merged (from its extent
+    tables; None for a streamed image, whose extents are known only while decompressing)."""
+    if not image.random_access:
+        return None
+    rows = [
+        (int(a), int(a) + int(n))
+        for seg in image.fixed_segments or []
+        for a, n in zip(
+            seg.extents.addr[seg.extents.space == GPA_SPACE],
+            seg.extents.length[seg.extents.space == GPA_SPACE],
+            strict=True,
+        )
+    ]
+    return merged(rows)
+
+
+def merged(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Ranges [start, end) sorted and joined where they touch or overlap."""
+    runs: list[list[int]] = []
+    for a, b in sorted(rows):
+        if runs and a <= runs[-1][1]:
+            runs[-1][1] = max(runs[-1][1], b)
+        else:
+            runs.append([a, b])
+    return [(a, b) for a, b in runs]

@@ -1,0 +1,1 @@
+"""vmleak's test suite (a package, so helper modules are imported as ``tests.X``)."""
