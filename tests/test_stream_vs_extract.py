@@ -5,13 +5,13 @@ same memory handed to the engine as streamed segments (decompression windows) in
 
 from __future__ import annotations
 
-import functools
 import random
 import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-from hypothesis import HealthCheck, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers import registry
@@ -20,17 +20,18 @@ from patterns.aes import expand_keys
 from patterns.registry import select
 from scanner.engine import Engine, ScanConfig
 from scanner.imageinfo import extract
+from tests.conftest import TEST_KEY
 from tests.plant import encode, group, make_pan, make_ssn
-from tests.qemu_writer import libvirt_save, ram_stream, sample
+from tests.qemu_writer import libvirt_save, ram_stream
+from tests.samples import qemu_sample
 
 PAGE = 4096
 NPAGES = 40
-KEY = b"k" * 32
 
 
 def findings(image: MemoryImage) -> list[tuple]:
     """Every detector's findings in guest-physical memory, as comparable tuples."""
-    result = Engine(ScanConfig(select("all"), key=KEY)).scan_image(image)
+    result = Engine(ScanConfig(select("all"), key=TEST_KEY)).scan_image(image)
     assert not result.errors
     return sorted(
         (f.detector, f.gpa, f.length, f.encoding, f.fingerprint, f.confidence)
@@ -52,24 +53,17 @@ def scan_extract(path: Path, tmp: Path) -> list[tuple]:
 
 
 def test_real_qemu_stream_scans_like_its_extract(tmp_path: Path) -> None:
-    stream = sample("pc-64m.qevm", tmp_path)
+    stream = qemu_sample("pc-64m.qevm", tmp_path)
     found = scan_file(stream)
     assert len(found) >= 3  # the planted card numbers, one across a page boundary
     assert found == scan_extract(stream, tmp_path)
 
 
-@functools.cache
-def rsa_key():  # noqa: ANN201 (a cryptography private key)
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    return rsa.generate_private_key(65537, 1024)
-
-
-def secrets(rng: random.Random) -> list[bytes]:
-    """One of each kind the detector families look for, text and binary."""
+def secrets(rng: random.Random, rsa: Any) -> list[bytes]:
+    """One of each kind the detector families look for, text and binary (``rsa``: a
+    cryptography RSA private key)."""
     from cryptography.hazmat.primitives import serialization as ser
 
-    rsa = rsa_key()
     der = rsa.private_bytes(ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL,
                             ser.NoEncryption())
     pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
@@ -84,7 +78,7 @@ def secrets(rng: random.Random) -> list[bytes]:
     ]
 
 
-def memory(seed: int, near: list[int]) -> bytes:
+def memory(seed: int, near: list[int], rsa: Any) -> bytes:
     """NPAGES pages, each zero, text or random; the secrets planted at offsets ``near`` from
     random page boundaries (so across them, or just before or after a zero page)."""
     rng = random.Random(seed)
@@ -97,7 +91,7 @@ def memory(seed: int, near: list[int]) -> bytes:
         elif kind > 0.35:
             text = np.frombuffer(b"lorem ipsum 0123456789 card=;", np.uint8)
             mem[p * PAGE : (p + 1) * PAGE] = gen.choice(text, PAGE)
-    for blob, off in zip(secrets(rng), near, strict=False):
+    for blob, off in zip(secrets(rng, rsa), near, strict=False):
         at = rng.randrange(1, NPAGES - 2) * PAGE + off - len(blob) // 2
         at = min(max(at, 0), mem.size - len(blob))
         mem[at : at + len(blob)] = np.frombuffer(blob, np.uint8)
@@ -108,18 +102,17 @@ def pages_of(mem: bytes) -> dict[int, bytes]:
     return {a: mem[a : a + PAGE] for a in range(0, len(mem), PAGE) if any(mem[a : a + PAGE])}
 
 
-SETTINGS = settings(max_examples=25, deadline=None, suppress_health_check=[
-    HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+SETTINGS = settings(max_examples=25)
 
 
 @SETTINGS
 @given(seed=st.integers(0, 2**32 - 1),
        near=st.lists(st.integers(-600, 600), min_size=7, max_size=7),
        gzip=st.booleans())
-def test_written_stream_scans_like_its_extract(tmp_path: Path, seed: int, near: list[int],
-                                               gzip: bool) -> None:
+def test_written_stream_scans_like_its_extract(tmp_path: Path, key: Any, seed: int,
+                                               near: list[int], gzip: bool) -> None:
     """A stream mapped in place (pages gathered in guest order) or decompressed in windows."""
-    mem = memory(seed, near)
+    mem = memory(seed, near, key("rsa1024"))
     stream = ram_stream(pages_of(mem), len(mem))
     path = tmp_path / f"s{seed}.{'save' if gzip else 'qevm'}"
     if gzip:
@@ -135,11 +128,11 @@ def test_written_stream_scans_like_its_extract(tmp_path: Path, seed: int, near: 
 @given(seed=st.integers(0, 2**32 - 1),
        near=st.lists(st.integers(-600, 600), min_size=7, max_size=7),
        windows=st.integers(1, 6), shuffle=st.booleans())
-def test_streamed_segments_scan_like_flat_memory(seed: int, near: list[int], windows: int,
-                                                 shuffle: bool) -> None:
+def test_streamed_segments_scan_like_flat_memory(key: Any, seed: int, near: list[int],
+                                                 windows: int, shuffle: bool) -> None:
     """The stored pages handed over in ``windows`` reused buffers (pages of a window in any
     order, 8 junk bytes apart): seams between windows are stitched, nothing else changes."""
-    mem = memory(seed, near)
+    mem = memory(seed, near, key("rsa1024"))
     pages = sorted(pages_of(mem).items())
     if shuffle:
         random.Random(seed).shuffle(pages)
@@ -160,3 +153,39 @@ def test_streamed_segments_scan_like_flat_memory(seed: int, near: list[int], win
     flat = MemoryImage(path="mem", format="test", files=["mem"], fixed_segments=[
         Segment(np.frombuffer(mem, np.uint8), Extents.single(len(mem), 0, 0), "mem")])
     assert findings(streamed) == findings(flat)
+
+
+def test_units_of_a_page_stream_scan_like_the_whole(tmp_path: Path, monkeypatch: Any) -> None:
+    """RANGE units of an image whose pages are stored out of order (each unit reading its
+    guest neighbours from wherever they are stored) find what one scan of it finds."""
+    import pickle
+
+    from scanner import runner
+    from tests.plant import lime
+
+    rng = random.Random(7)
+    mem = bytearray(rng.randbytes(64 * PAGE))
+    for k in range(1, 64, 3):  # card numbers across page boundaries
+        text = f" {group(make_pan(rng), ' ')} ".encode()
+        at = k * PAGE - len(text) // 2
+        mem[at : at + len(text)] = text
+    order = list(range(64))
+    rng.shuffle(order)
+    img = tmp_path / "shuffled.lime"
+    img.write_bytes(lime(bytes(mem), order))
+    monkeypatch.setattr(runner, "SPLIT_MIN", 8 * PAGE)
+    runner.install("u", ScanConfig(select("cards"), key=TEST_KEY, chunk_size=16384))
+    try:
+        spec = runner.ImageSpec(str(img))
+        opened = runner.open_task("u", spec, 4)
+        assert opened.layout is not None and len(opened.units) == 5
+        found = []
+        for u in opened.units:
+            found += runner.unit_task("u", *pickle.loads(pickle.dumps(
+                (opened.layout.for_unit(u), u)))).findings
+        whole = runner.open_task("u", spec, 1).result
+    finally:
+        runner.uninstall("u")
+    assert whole is not None and len(whole.findings) >= 15
+    assert sorted((f.gpa, f.fingerprint) for f in found) == sorted(
+        (f.gpa, f.fingerprint) for f in whole.findings)
