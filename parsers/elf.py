@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from parsers import clock
 from parsers.base import (
     GPA_SPACE,
     Evidence,
@@ -330,6 +331,7 @@ def vmcoreinfo_meta(text: bytes) -> dict[str, str]:
         m = re.search(rb"(?m)^" + key + rb"=([^\n\0]{1,64})", text)
         if m:
             meta[name] = m.group(1).decode("ascii", "replace")
+    meta.update(clock.crashtime(text))
     return meta
 
 

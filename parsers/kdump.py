@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from parsers import clock
 from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
 from parsers.elf import note_meta, vmcoreinfo_meta
 
@@ -368,6 +369,7 @@ class _Dump:
             }
         )
         image.meta = {k: v for k, v in image.meta.items() if v not in ("", None)}
+        image.meta.update(clock.kdump(src.view(0, 0x1A0, "kdump header").tobytes(), order, bits))
         if sub.split:
             # One part of a split dump: the other PFN ranges are in other files.
             image.meta["split_pfns"] = [sub.start_pfn_64, sub.end_pfn_64]

@@ -29,7 +29,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from parsers import qemu_gpa
+from parsers import clock, qemu_gpa
 from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Segment
 
 FORMATS = ["qemu-migration"]
@@ -693,6 +693,7 @@ def open_mapped(
         desc = parse_vmdesc(ev.data[end : end + VMDESC_SEARCH].tobytes())
         if desc:
             image.meta["vmdesc"] = desc
+        image.meta.update(clock.qemu_rtc(ev.data[end : end + VMDESC_SEARCH].tobytes()))
 
 
 def _walk_released(walker: Walker, ev: Evidence, buf: memoryview, start: int) -> int:
@@ -797,6 +798,7 @@ def stream_segments(
             desc = parse_vmdesc(tail)
             if desc:
                 image.meta["vmdesc"] = desc
+            image.meta.update(clock.qemu_rtc(tail))
         for note in walker.warnings:
             image.warnings.append(ImageError(image.path, None, note))
         if err is not None:

@@ -14,10 +14,10 @@ import stat
 from types import ModuleType
 from typing import Any
 
-from parsers import elf, kdump, libvirt, lime, qcow2, qemu, raw, vmware
+from parsers import elf, hyperv, kdump, libvirt, lime, qcow2, qemu, raw, vbox, vmware
 from parsers.base import ImageError, MemoryImage
 
-PARSERS: list[ModuleType] = [elf, kdump, libvirt, lime, qcow2, qemu, vmware, raw]
+PARSERS: list[ModuleType] = [elf, kdump, libvirt, lime, qcow2, qemu, vmware, vbox, hyperv, raw]
 
 HEAD_BYTES = 4096  # enough for every magic we know
 

@@ -144,12 +144,17 @@ def stop(proc: subprocess.Popen, qmp: Qmp) -> None:
     proc.wait(timeout=30)
 
 
+def today() -> str:
+    """The UTC day the fixture is made: the guest's RTC (``guest_clock``) starts at it."""
+    return time.strftime("%Y-%m-%d", time.gmtime())
+
+
 def entry(
     kind: str, machine: str, ram: int, planted: list[tuple[int, bytes]], **kw: object
 ) -> dict:
     return {
         "kind": kind, "machine": machine, "ram_size": ram,
-        "plants": [{"gpa": g, "text": t.decode()} for g, t in planted], **kw,
+        "plants": [{"gpa": g, "text": t.decode()} for g, t in planted], "made": today(), **kw,
     }
 
 
@@ -242,7 +247,7 @@ def qcow2_fixture(out: Path, work: Path, manifest: dict) -> None:
     packed = xz_file(disk, out)
     manifest[packed.name] = {
         "kind": "qcow2-snapshot", "machine": "pc", "ram_size": ram, "snapshots": snaps,
-        "unpack": "xz",
+        "unpack": "xz", "made": today(),
     }
     print(f"wrote {packed} ({packed.stat().st_size} bytes)")
 

@@ -9,6 +9,7 @@ a ``ScanParams`` field of the same name; an option of one command goes on that c
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from collections.abc import Callable
@@ -25,7 +26,7 @@ from scanner.engine import DEFAULT_CHUNK
 from scanner.execute import execute, warn
 from scanner.findings import load_key
 from scanner.imageinfo import extract as extract_gpa
-from scanner.imageinfo import info_lines
+from scanner.imageinfo import info_json, info_lines
 from scanner.outcome import EXIT_CLEAN, EXIT_ERROR, EXIT_FOUND, FAIL_ON
 from scanner.params import DEFAULT_MIN_CONFIDENCE, ScanParams
 from scanner.runner import ImageSpec, inside
@@ -166,6 +167,31 @@ SCAN_OPTIONS: list[Decorator] = [
         type=click.Path(dir_okay=False),
         default=None,
         help="Allowlist file: fingerprints, PAN IIN ranges or test-pans, each with a reason.",
+    ),
+    click.option(
+        "--yara",
+        multiple=True,
+        metavar="RULES",
+        type=click.Path(),
+        help="YARA rules (a .yar file or a directory of .yar/.yara files; repeatable): each "
+        "string match is reported once at its GPA as detector yara, masked. Needs "
+        "pip install 'vmleak[yara]'.",
+    ),
+    click.option(
+        "--yara-max-len",
+        type=click.IntRange(1, 1 << 20),
+        default=4096,
+        show_default=True,
+        help="Bytes of a YARA string match found whole across page seams and chunk edges "
+        "(YARA's own limit for regular expressions is 4096).",
+    ),
+    click.option(
+        "--dormant-days",
+        type=click.IntRange(0),
+        default=90,
+        show_default=True,
+        help="Mark images saved more than this many days ago (guest clock, else file time) "
+        "as dormant.",
     ),
     click.option(
         "--fail-on",
@@ -362,11 +388,36 @@ def _image_spec(image: str, input_format: str | None, snapshot: str | None) -> I
 @click.argument("image", type=click.Path())
 @click.option("--input-format", type=click.Choice(input_formats()), default=None)
 @click.option("--snapshot", default=None, help="Only this snapshot (qcow2 images).")
-def info(image: str, input_format: str | None, snapshot: str | None) -> None:
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one object with the metadata, guest_clock (the guest's wall-clock time at "
+    "save, null where the format does not record it) and file_mtime.",
+)
+def info(image: str, input_format: str | None, snapshot: str | None, fmt: str) -> None:
     """Show an image's format, guest, RAM and extent map."""
     with _image_spec(image, input_format, snapshot).open() as img:
+        if fmt == "json":
+            click.echo(json.dumps(info_json(img), indent=1, default=str))
+            return
         for line in info_lines(img):
             click.echo(line)
+
+
+@main.command("vol3-path")
+def vol3_path() -> None:
+    """Print the directory to give volatility3 with -p: vol -p "$(vmleak vol3-path)" -f IMAGE
+    PLUGIN opens every format vmleak reads, and adds the plugin vmleak.Scan."""
+    from scanner.vol3 import PLUGIN_DIR
+
+    try:
+        import volatility3  # noqa: F401
+    except ImportError:
+        warn("note: volatility3 is not installed here: pip install 'vmleak[vol3]'")
+    click.echo(str(PLUGIN_DIR))
 
 
 @main.command()

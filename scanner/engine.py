@@ -311,6 +311,7 @@ class Engine:
             result.findings = finalize([f for f, _ in found], self.subsumes)
         else:
             self._streamed(image, result, progress)
+        result.meta = dict(image.meta)  # a stream's metadata grows as it is read (guest_clock)
         self._image_warnings(image, result)
         return result
 

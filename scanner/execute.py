@@ -14,6 +14,8 @@ from datetime import datetime, timezone
 import click
 
 from patterns.registry import select
+from patterns.yara import yara_detectors
+from scanner import dormant
 from scanner.baseline import Allowlist, Baseline, Suppression
 from scanner.engine import ScanConfig, ScanResult
 from scanner.findings import load_key
@@ -73,6 +75,7 @@ def execute(
         dets = select(p.detectors)
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--detectors") from None
+    dets += yara_detectors(p.yara, p.yara_max_len)  # rule errors stop us before any image
     key = load_key(p.fingerprint_key_file)
     if p.unmask:
         warn("WARNING: --unmask given: full secret values are shown")
@@ -125,6 +128,7 @@ class _Job:
 
     def _scan(self, specs: list[ImageSpec]) -> None:
         def each(result: ScanResult) -> None:
+            dormant.mark(result, self.p.dormant_days)
             for printer in self.sinks:
                 printer.image(result)
 
@@ -185,6 +189,7 @@ class _Job:
                 rec = db.image_record(path)
                 summary.files[path] = rec.pop("files")
                 by_path[path] = ScanResult(image=path, findings=stored.get(path, []), **rec)
+                dormant.mark(by_path[path], p.dormant_days)
             summary.results = [by_path[x] for x in paths if x in by_path]  # all, unless cut
             # Gone from a tree means removed; but a datastore that is missing or empty (not
             # mounted tonight) is an error, and resolves nothing.

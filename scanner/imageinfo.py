@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 
-from parsers.base import GPA_SPACE, MemoryImage
+from parsers.base import GPA_SPACE, ImageError, MemoryImage
+from scanner.dormant import file_mtime
 from scanner.units import merged
 
 RANGES_SHOWN = 16  # merged address ranges listed per address space by info
@@ -36,6 +38,29 @@ def info_lines(img: MemoryImage) -> Iterator[str]:
         yield "extents:  streamed (compressed); mapped while scanning"
     for w in img.warnings:
         yield f"warning:  {w}"
+
+
+def info_json(img: MemoryImage) -> dict[str, Any]:
+    """What ``vmleak info --format json`` prints: format, files, metadata, warnings, and
+    ``guest_clock`` / ``file_mtime`` (ISO-8601 UTC or null). A compressed stream holds its
+    device state (the guest clock) at its end, so it is read through first."""
+    problems = []
+    if not img.random_access:
+        try:
+            for _ in img.segments():
+                pass
+        except ImageError as err:  # damaged further on: what came before is still shown
+            problems.append(str(err))
+    meta = dict(img.meta)
+    return {
+        "image": img.path,
+        "format": img.format,
+        "files": list(img.files),
+        "guest_clock": meta.pop("guest_clock", None),
+        "file_mtime": file_mtime(img.path),
+        "meta": meta,
+        "warnings": [str(w) for w in img.warnings] + problems,
+    }
 
 
 def extent_lines(img: MemoryImage) -> Iterator[str]:

@@ -45,6 +45,9 @@ class ScanParams:
     fail_on: str | None = None  # outcome.FAIL_ON; None: the command's default
     full: bool = False  # --full: rescan every image (implies a state database)
     since_last: bool = False  # --since-last: print only changes (implies a state database)
+    yara: tuple[str, ...] = ()  # YARA rule files or directories (patterns.yara)
+    yara_max_len: int = 4096  # bytes of a YARA match found whole across a seam
+    dormant_days: int = 90  # images saved longer ago are marked dormant (scanner.dormant)
 
     @classmethod
     def take(cls, opts: dict[str, Any]) -> ScanParams:
@@ -52,7 +55,7 @@ class ScanParams:
         left is the command's own: output format, report directory, ...)."""
         names = [f.name for f in dataclasses.fields(cls) if f.name in opts]
         values = {n: opts.pop(n) for n in names}
-        for n in ("inputs", "include", "exclude"):
+        for n in ("inputs", "include", "exclude", "yara"):
             if n in values:
                 values[n] = tuple(values[n])
         return cls(**values)

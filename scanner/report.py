@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any
 
 from patterns.registry import DETECTORS
-from scanner import __version__
+from scanner import __version__, dormant
 from scanner.baseline import write_private
 from scanner.findings import Finding
 from scanner.state import key_check
@@ -222,6 +222,7 @@ def build(out: Outcome, argv: list[str], status: int) -> dict[str, Any]:
             for k, v in PCI.items()
         },
         "images": images,
+        "dormant_images": dormant.dormant(summary.results),
         "resolved": [c.to_dict() for c in changes if c.kind == "resolved"],
         "input_errors": summary.errors,
         "unreadable": summary.unreadable,
@@ -306,6 +307,7 @@ def render_html(doc: dict[str, Any]) -> str:
             + _e(", ".join(f"{n} {why}" for why, n in sorted(s["skipped"].items())))
             + ".</p>"
         )
+    out += dormant.html(doc.get("dormant_images") or [], _e)
     out += _detector_table(doc)
     out += _pci_table(doc)
     out.append(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from scanner import dormant
 from scanner.execute import warn
 from scanner.outcome import Outcome
 
@@ -44,6 +45,7 @@ def paragraph(out: Outcome, status: int) -> str:
             f"(not rescanned), {out.removed} removed; {new} new, {resolved} resolved since the "
             "last run"
         )
+    parts += dormant.summary_part(s.results)
     held = len(s.findings) - len(reportable)
     if held:
         parts.append(f"{held} accepted by baseline/allowlist")

@@ -1,0 +1,851 @@
+"""VirtualBox saved states (``.sav``, SSM format V2.0), as written by "Save state", snapshots
+of a running or paused VM, and teleportation streams saved to a file.
+
+Sources (docs/formats.md, "VirtualBox"): VirtualBox ``src/VBox/VMM/VMMR3/SSM.cpp`` (the format
+description at its top, ``SSMFILEHDR``, ``SSMFILEUNITHDRV2``, ``SSMRECTERM``, ``SSMFILEDIR``,
+``SSMFILEFTR``, ``ssmR3DataWriteRecHdr``, ``ssmR3DataWriteBig``, ``ssmR3DataReadRecHdrV2``,
+``SSMR3PutStruct``, ``SSMR3PutStrZ``) and ``PGMSavedState.cpp`` (``pgmR3SaveExec``,
+``pgmR3LiveExec``, ``pgmR3SaveRamPages``, ``pgmR3SaveMmio2Pages``, the ROM savers and the
+``PGM_STATE_REC_*`` record types). All integers little-endian.
+
+A file is a 64-byte header, then units (``\\nUnit\\n\\0`` header + name, then data records),
+then a ``\\nTheEnd`` unit header, a directory and a footer. A unit's data is a sequence of
+records; concatenating their decoded bytes (raw, LZF, zero) gives the unit's data stream, which
+the unit's owner reads with its own layout. Only the ``pgm`` unit holds guest memory: a few
+structures and range tables, then page records (a type byte, an address when bit 7 is set,
+then the page). A live save writes the ``pgm`` unit once per pass and then a final pass: the
+last record for a page wins; earlier copies are still bytes in the file and are scanned as
+``region:superseded`` (address = offset in the file's SSM data stream: the decoded bytes of
+every unit, concatenated in file order; plainly stored copies also carry their file offset).
+
+Guest pages stored plainly inside one raw record are mapped in place (zero copy); pages in
+LZF records (and pages split across records) are decoded into bounded windows, each LZF record
+at most 4 KiB of output as VirtualBox's own reader requires. MMIO2 pages (video RAM and other
+device memory) have no guest-physical address: they are scanned in ``block:<range name>``
+spaces, addressed by their offset in the range; ROM pages likewise
+(``block:<rom> (virgin)`` / ``block:<rom> (shadow)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import struct
+import zlib
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+
+FORMATS = ["vbox-sav"]
+
+PAGE = 4096
+MAGIC_BASE = b"\x7fVirtualBox SavedState "  # every SSM version starts with this
+MAGIC_V2 = b"\x7fVirtualBox SavedState V2.0\n\0\0\0\0"  # SSMFILEHDR_MAGIC_V2_0 + NUL: 32 bytes
+
+# SSMFILEHDR (64 bytes):
+FILE_HEADER = struct.Struct(
+    "<32s"  # szMagic
+    "H"  # u16VerMajor: VirtualBox version that wrote the file
+    "H"  # u16VerMinor
+    "I"  # u32VerBuild
+    "I"  # u32SvnRev
+    "B"  # cHostBits: 32 or 64
+    "B"  # cbGCPhys: bytes of a guest-physical address in the stream (4 or 8)
+    "B"  # cbGCPtr: bytes of a guest pointer
+    "B"  # u8Reserved
+    "I"  # cUnits: units that may have stored data
+    "I"  # fFlags: bit 0 stream CRC-32, bit 1 written by a live save
+    "I"  # cbMaxDecompr
+    "I"  # u32CRC: CRC-32 of these 64 bytes with this field zero
+)
+FLAG_STREAM_CRC32 = 1
+FLAG_LIVE_SAVE = 2
+
+# SSMFILEUNITHDRV2 (44 bytes, then cbName bytes of name incl. NUL):
+UNIT_HEADER = struct.Struct(
+    "<8s"  # szMagic: UNIT_MAGIC or END_MAGIC
+    "Q"  # offStream: stream offset of this header (= file offset for a file)
+    "I"  # u32CurStreamCRC
+    "I"  # u32CRC: CRC-32 of header + name with this field zero
+    "I"  # u32Version: the unit's data version
+    "I"  # u32Instance
+    "I"  # u32Pass: 0.. for live passes, PASS_FINAL for the final one
+    "I"  # fFlags: must be zero
+    "I"  # cbName: name length incl. NUL (<= 48)
+)
+UNIT_MAGIC = b"\nUnit\n\0"
+END_MAGIC = b"\nTheEnd"
+MAX_NAME = 48  # SSM_MAX_NAME_SIZE
+PASS_FINAL = 0xFFFFFFFF  # SSM_PASS_FINAL
+
+# SSMFILEDIR head (then cEntries x {u64 off, u32 instance, u32 name CRC}) and SSMFILEFTR:
+DIR_HEAD = struct.Struct("<8sII")  # szMagic "\nDir\n\0\0", u32CRC, cEntries
+DIR_ENTRY = struct.Struct("<QII")
+DIR_MAGIC = b"\nDir\n\0\0"
+FOOTER = struct.Struct("<8sQIIII")  # szMagic, offStream, u32StreamCRC, cDirEntries, reserved, CRC
+FOOTER_MAGIC = b"\nFooter"
+
+# Data records: byte 0 = 0x80 | important(0x10) | type; then the size, UTF-8 style.
+REC_FIXED = 0x80
+REC_FLAGS_MASK = 0xE0  # bits 5 and 6 must be clear, bit 7 set
+REC_TERM = 1  # SSMRECTERM: 16 bytes in all, ends the unit
+REC_RAW = 2  # size bytes of unit data
+REC_LZF = 3  # u8 decompressed size in KiB, then size-1 bytes of LZF data
+REC_ZERO = 4  # u8 size in KiB of zero data (size field is 1)
+REC_NAMED = 5  # reserved by SSM, never written: an error here
+TERM = struct.Struct("<BBHIQ")  # type byte, cbRec (14), fFlags, u32StreamCRC, cbUnit
+MAX_DECODED = 4096  # a LZF/zero record decodes to at most this (SSM's reader buffer)
+
+# SSMR3PutStruct markers around a structure.
+STRUCT_BEGIN = 0x19200102
+STRUCT_END = 0x19920406
+MAX_STRUCT = 4096  # bytes searched for a structure's end marker
+MAX_CPUS = 1024  # PGMCPU structures read after the PGM one
+
+# pgm unit page records (PGMSavedState.cpp PGM_STATE_REC_*). Bit 7 (FLAG_ADDR): an address
+# follows the type byte (RAM: a guest-physical address of cbGCPhys bytes; MMIO2 and ROM: u8
+# range id + u32 page index), else the page follows the previous one of its kind.
+PG_RAM_ZERO = 0x00
+PG_RAM_RAW = 0x01  # + 4096 bytes
+PG_MMIO2_RAW = 0x02  # + 4096 bytes
+PG_MMIO2_ZERO = 0x03
+PG_ROM_VIRGIN = 0x04  # + u8 protection + 4096 bytes
+PG_ROM_SHW_RAW = 0x05  # + u8 protection + 4096 bytes
+PG_ROM_SHW_ZERO = 0x06  # + u8 protection
+PG_ROM_PROT = 0x07  # + u8 protection
+PG_RAM_BALLOONED = 0x08
+PG_END = 0xFF
+PG_FLAG_ADDR = 0x80
+PGM_VERSIONS = range(11, 15)  # 11 pre-balloon .. 14 (VirtualBox 7.1); <= 10 lack RAM config
+PGM_UNIT = "pgm"
+
+MAX_PAGE_RECORDS = 1 << 25  # page records kept (32 Mi pages = 128 GiB): a bound on memory
+MAX_GPA = 1 << 52  # RAM pages above this are not physical addresses
+MAX_RANGES = 254  # range ids are u8, 0xFF ends the list
+WINDOW_PAGES = 1024  # decoded pages per reused window (4 MiB)
+
+# Page kinds in the record table (what a record's bytes are).
+_ZERO, _PLAIN, _LZF, _SPLIT = 0, 1, 2, 3
+
+
+@dataclass
+class _Range:
+    """An MMIO2 or ROM range from the pgm unit's tables."""
+
+    kind: str  # "mmio2" or "rom"
+    ident: int
+    device: str
+    instance: int
+    region: int
+    desc: str
+    gcphys: int | None  # ROM only
+    size: int
+
+
+@dataclass
+class _Unit:
+    name: str
+    instance: int
+    version: int
+    pass_: int
+    offset: int  # file offset of the unit header
+    data_offset: int  # file offset of its first record
+
+
+@dataclass
+class _State:
+    """What the walk of a file found (the page table is filled by _PgmReader)."""
+
+    path: str
+    size: int
+    cb_gcphys: int = 8
+    live: bool = False
+    units: list[_Unit] = field(default_factory=list)
+    problems: list[ImageError] = field(default_factory=list)
+    mmio2: dict[int, _Range] = field(default_factory=dict)
+    rom: dict[int, _Range] = field(default_factory=dict)
+    ram_hole: int | None = None
+    ram_size: int | None = None
+    passes: list[int] = field(default_factory=list)  # pass numbers of the pgm units
+    stream_base: int = 0  # decoded bytes of the units walked so far
+    # One entry per page record, in file order: key (space << 48 | address), what the bytes
+    # are (_ZERO, _PLAIN, _LZF, _SPLIT), where (file offset / LZF payload offset / index in
+    # ``split``), LZF payload length, and offset in the SSM data stream.
+    key: array = field(default_factory=lambda: array("q"))
+    kind: array = field(default_factory=lambda: array("b"))
+    where: array = field(default_factory=lambda: array("q"))
+    clen: array = field(default_factory=lambda: array("i"))
+    soff: array = field(default_factory=lambda: array("q"))
+    split: list[bytes] = field(default_factory=list)
+    spaces: dict[str, int] = field(default_factory=dict)
+
+    def fail(self, offset: int | None, message: str) -> ImageError:
+        return ImageError(self.path, offset, message)
+
+
+class _Stop(Exception):
+    """The walk cannot go on; ``err`` says where and why."""
+
+    def __init__(self, err: ImageError) -> None:
+        super().__init__(str(err))
+        self.err = err
+
+
+def crc32(data: bytes) -> int:
+    """RTCrc32: the usual CRC-32 (zlib's)."""
+    return zlib.crc32(data) & 0xFFFFFFFF
+
+
+def _with_zero_crc(raw: bytes, at: int) -> bytes:
+    return raw[:at] + b"\0\0\0\0" + raw[at + 4 :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Records
+
+
+def read_record_header(data: np.ndarray, pos: int, end: int, st: _State) -> tuple[int, int, int]:
+    """(type, offset of the record's data, size in bytes) of the record at file offset ``pos``.
+
+    Raises _Stop for a bad type/flags byte, a malformed size or one running past ``end``."""
+    if pos + 2 > end:
+        raise _Stop(st.fail(pos, "truncated: unit data ends inside a record header"))
+    b0, b1 = int(data[pos]), int(data[pos + 1])
+    rtype = b0 & 0x0F
+    if b0 & REC_FLAGS_MASK != REC_FIXED or not REC_TERM <= rtype <= REC_NAMED:
+        raise _Stop(st.fail(pos, f"unknown SSM record type byte {b0:#04x}"))
+    if rtype == REC_TERM:
+        return rtype, pos + 2, TERM.size - 2
+    if not b1 & 0x80:
+        return rtype, pos + 2, b1
+    # UTF-8 style: the count of leading one bits of byte 1 is the size field's length.
+    if not b1 & 0x20:
+        n, value = 2, b1 & 0x1F
+    elif not b1 & 0x10:
+        n, value = 3, b1 & 0x0F
+    elif not b1 & 0x08:
+        n, value = 4, b1 & 0x07
+    elif not b1 & 0x04:
+        n, value = 5, b1 & 0x03
+    elif not b1 & 0x02:
+        n, value = 6, b1 & 0x01
+    else:
+        raise _Stop(st.fail(pos, f"invalid SSM record size byte {b1:#04x}"))
+    if pos + 1 + n > end:
+        raise _Stop(st.fail(pos, "truncated: unit data ends inside a record header"))
+    for k in range(2, n + 1):
+        c = int(data[pos + k])
+        if c & 0xC0 != 0x80:
+            raise _Stop(st.fail(pos, f"invalid SSM record size continuation byte {c:#04x}"))
+        value = (value << 6) | (c & 0x3F)
+    return rtype, pos + 1 + n, value
+
+
+# ---------------------------------------------------------------------------------------------
+# The pgm unit's data stream
+
+
+class _Cursor:
+    """Reads a unit's data stream record by record, straight from the mmap.
+
+    ``pos`` is the file offset of the next record header; the current piece is
+    (kind, file offset of its bytes, bytes left, LZF payload length, decoded bytes for LZF).
+    ``logical`` counts decoded bytes consumed (offset in the unit's data stream)."""
+
+    def __init__(self, ev: Evidence, st: _State, pos: int) -> None:
+        self.data = ev.data
+        self.size = ev.size
+        self.st = st
+        self.pos = pos
+        self.kind = -1
+        self.at = 0  # file offset of the current piece's remaining bytes (raw)
+        self.left = 0  # decoded bytes left in the current piece
+        self.lzf_off = 0
+        self.lzf_len = 0
+        self.lzf_data: bytes | None = None
+        self.lzf_total = 0
+        self.logical = 0
+        self.ended = False
+        self.term_at = -1
+        self.rec_at = pos  # file offset of the current record's header
+
+    def _next(self) -> None:
+        """Load the next record with data; _Stop at the unit's end or on damage."""
+        while True:
+            if self.ended:
+                raise _Stop(self.st.fail(self.term_at, "pgm unit data ends before its END record"))
+            start = self.rec_at = self.pos
+            rtype, p, n = read_record_header(self.data, start, self.size, self.st)
+            if rtype == REC_TERM:
+                if p + n > self.size:
+                    raise _Stop(self.st.fail(start, "truncated: termination record"))
+                self.pos = p + n
+                self.ended = True
+                self.term_at = start
+                continue
+            if p + n > self.size:
+                raise _Stop(
+                    self.st.fail(start, f"truncated: record of {n} bytes runs past end of file")
+                )
+            self.pos = p + n
+            if rtype == REC_RAW:
+                if n == 0:
+                    continue
+                self.kind, self.at, self.left = REC_RAW, p, n
+                return
+            if rtype in (REC_LZF, REC_ZERO):
+                if n < 1 or (rtype == REC_ZERO and n != 1):
+                    raise _Stop(self.st.fail(start, f"SSM record of type {rtype} with size {n}"))
+                kib = int(self.data[p])
+                out = kib * 1024
+                if out == 0 or out > MAX_DECODED:
+                    raise _Stop(
+                        self.st.fail(start, f"SSM record claims {out} decoded bytes (max 4096)")
+                    )
+                if rtype == REC_ZERO:
+                    self.kind, self.left = REC_ZERO, out
+                else:
+                    self.kind, self.left = REC_LZF, out
+                    self.lzf_off, self.lzf_len, self.lzf_data = p + 1, n - 1, None
+                    self.lzf_total = out
+                return
+            raise _Stop(self.st.fail(start, "SSM named-data record (type 5) is not supported"))
+
+    def _lzf(self) -> bytes:
+        if self.lzf_data is None:
+            self.lzf_data = lzf_decode(
+                self.data[self.lzf_off : self.lzf_off + self.lzf_len].tobytes(),
+                self.lzf_total,
+                self.st,
+                self.lzf_off - 1,
+            )
+        return self.lzf_data
+
+    def read(self, n: int) -> bytes:
+        """The next ``n`` decoded bytes (small fields)."""
+        out = b""
+        while n:
+            if self.left == 0:
+                self._next()
+            take = min(n, self.left)
+            if self.kind == REC_RAW:
+                out += self.data[self.at : self.at + take].tobytes()
+                self.at += take
+            elif self.kind == REC_ZERO:
+                out += bytes(take)
+            else:
+                done = self.lzf_total - self.left
+                out += self._lzf()[done : done + take]
+            self.left -= take
+            self.logical += take
+            n -= take
+        return out
+
+    def u8(self) -> int:
+        return self.read(1)[0]
+
+    def u32(self) -> int:
+        return int.from_bytes(self.read(4), "little")
+
+    def u64(self) -> int:
+        return int.from_bytes(self.read(8), "little")
+
+    def strz(self, limit: int = 1024) -> str:
+        """SSMR3PutStrZ: u32 length, then the characters (no NUL)."""
+        n = self.u32()
+        at = self.rec_at
+        if n > limit:
+            raise _Stop(self.st.fail(at, f"string of {n} bytes in the pgm unit"))
+        return self.read(n).decode("utf-8", "replace")
+
+    def page(self) -> tuple[int, int, int]:
+        """Consume one 4 KiB page: (kind, where, LZF length) for the record table."""
+        if self.left == 0:
+            self._next()
+        if self.kind == REC_RAW and self.left >= PAGE:
+            at = self.at
+            self.at += PAGE
+            self.left -= PAGE
+            self.logical += PAGE
+            return _PLAIN, at, 0
+        if self.kind == REC_ZERO and self.left >= PAGE:
+            self.left -= PAGE
+            self.logical += PAGE
+            return _ZERO, 0, 0
+        if self.kind == REC_LZF and self.left == self.lzf_total == PAGE:
+            self.left = 0
+            self.logical += PAGE
+            return _LZF, self.lzf_off, self.lzf_len
+        # A page split across records, or one part of a bigger LZF block: decode it now.
+        data = self.read(PAGE)
+        if not any(data):
+            return _ZERO, 0, 0
+        self.st.split.append(data)
+        return _SPLIT, len(self.st.split) - 1, 0
+
+    def finish(self) -> None:
+        """Move past the unit's termination record; its data must be used up."""
+        while not self.ended:
+            if self.left:
+                raise _Stop(self.st.fail(self.rec_at, "pgm unit has data after its END record"))
+            try:
+                self._next()
+            except _Stop:
+                if not self.ended:
+                    raise
+            else:
+                raise _Stop(self.st.fail(self.rec_at, "pgm unit has data after its END record"))
+
+
+def lzf_decode(payload: bytes, size: int, st: _State, at: int) -> bytes:
+    """Decode one LZF record to exactly ``size`` bytes (_Stop naming the record otherwise)."""
+    lzf = _lzf_module()
+    if lzf is None:
+        raise _Stop(
+            st.fail(at, "LZF-compressed record: python package 'python-neo-lzf' is not installed")
+        )
+    try:
+        out = lzf.decompress(payload, size)
+    except Exception as exc:  # the binding raises a bare error type for corrupt input
+        raise _Stop(st.fail(at, f"LZF record does not decode: {exc}")) from None
+    if out is None or len(out) != size:
+        raise _Stop(st.fail(at, f"LZF record does not decode to {size} bytes"))
+    return out
+
+
+def _lzf_module() -> Any:
+    try:
+        import lzf
+    except ImportError:
+        return None
+    return lzf
+
+
+class _PgmReader:
+    """Walks one pgm unit's data and appends its page records to the state's table."""
+
+    def __init__(self, ev: Evidence, st: _State, unit: _Unit) -> None:
+        self.st = st
+        self.unit = unit
+        self.cur = _Cursor(ev, st, unit.data_offset)
+        self.last_ram = -1  # GPA of the previous RAM record (any RAM kind)
+        self.last_idx: dict[int, tuple[int, int]] = {}  # kind group -> (range id, page index)
+
+    def run(self) -> int:
+        """Walk the unit; returns the file offset after its termination record."""
+        u, cur = self.unit, self.cur
+        final = u.pass_ == PASS_FINAL
+        if final:
+            self._structs()
+        if (final and not self.st.live) or (not final and u.pass_ == 0):
+            self._config()
+        self._pages()
+        # After END the unit must end (its TERM record).
+        cur.finish()
+        return cur.pos
+
+    def _structs(self) -> None:
+        """Skip the PGM structure and one PGMCPU structure per vCPU (begin/end markers)."""
+        cur = self.cur
+        for n in range(MAX_CPUS + 1):
+            at = cur.rec_at
+            if n:
+                peek = self._peek_u32()
+                if peek != STRUCT_BEGIN:
+                    return
+            marker = cur.u32()
+            if marker != STRUCT_BEGIN:
+                raise _Stop(self.st.fail(at, f"pgm unit: structure marker {marker:#010x}"))
+            window = b""
+            while True:
+                window += cur.read(1)
+                if window[-4:] == STRUCT_END.to_bytes(4, "little"):
+                    break
+                if len(window) > MAX_STRUCT:
+                    raise _Stop(self.st.fail(at, "pgm unit: structure without its end marker"))
+
+    def _peek_u32(self) -> int:
+        """The next u32 of the stream without consuming it (read from a copy of the cursor)."""
+        return copy.copy(self.cur).u32()
+
+    def _gcphys(self) -> int:
+        return int.from_bytes(self.cur.read(self.st.cb_gcphys), "little")
+
+    def _config(self) -> None:
+        """RAM config (u32 hole, u64 RAM size), then the ROM and MMIO2 range tables."""
+        cur, st = self.cur, self.st
+        st.ram_hole = cur.u32()
+        st.ram_size = cur.u64()
+        for kind in ("rom", "mmio2"):
+            table = st.rom if kind == "rom" else st.mmio2
+            for _ in range(MAX_RANGES + 1):
+                ident = cur.u8()
+                at = cur.rec_at
+                if ident == 0xFF:
+                    break
+                device = cur.strz(64)
+                instance = cur.u32()
+                region = cur.u8()
+                desc = cur.strz(256)
+                gcphys = self._gcphys() if kind == "rom" else None
+                size = self._gcphys()
+                if ident == 0 or size % PAGE:
+                    raise _Stop(st.fail(at, f"pgm unit: bad {kind} range entry {ident}"))
+                table[ident] = _Range(kind, ident, device, instance, region, desc, gcphys, size)
+            else:
+                raise _Stop(st.fail(cur.rec_at, f"pgm unit: {kind} range table does not end"))
+
+    def _space(self, name: str) -> int:
+        sp = self.st.spaces.get(name)
+        if sp is None:
+            sp = self.st.spaces[name] = len(self.st.spaces) + 1
+        return sp
+
+    def _range_page(self, rtype: int, group: str, flagged: bool, at: int) -> tuple[_Range, int]:
+        """(range, page index) of an MMIO2/ROM record: explicit, or the previous + 1."""
+        cur, st = self.cur, self.st
+        if flagged:
+            ident = cur.u8()
+            index = cur.u32()
+        else:
+            prev = self.last_idx.get(group)
+            if prev is None:
+                raise _Stop(st.fail(at, f"page record {rtype:#04x} continues no earlier page"))
+            ident, index = prev[0], prev[1] + 1
+        table = st.mmio2 if group == "mmio2" else st.rom
+        rng = table.get(ident)
+        if rng is None:
+            raise _Stop(st.fail(at, f"page record for unknown {group} range id {ident}"))
+        if index * PAGE >= rng.size:
+            raise _Stop(st.fail(at, f"page {index} beyond {group} range {rng.desc!r}"))
+        self.last_idx[group] = (ident, index)
+        return rng, index
+
+    def _add(self, key: int, kind: int, where: int, clen: int, soff: int) -> None:
+        st = self.st
+        if len(st.key) >= MAX_PAGE_RECORDS:
+            raise _Stop(st.fail(self.cur.rec_at, f"more than {MAX_PAGE_RECORDS} page records"))
+        st.key.append(key)
+        st.kind.append(kind)
+        st.where.append(where)
+        st.clen.append(clen)
+        st.soff.append(soff)
+
+    def _record(self, key: int, has_data: bool, base: int) -> None:
+        """Add a page record: its 4 KiB are consumed from the stream when it has data."""
+        if not has_data:
+            self._add(key, _ZERO, 0, 0, 0)
+            return
+        soff = base + self.cur.logical
+        kind, where, clen = self.cur.page()
+        self._add(key, kind, where, clen, soff)
+
+    def _pages(self) -> None:
+        cur, st = self.cur, self.st
+        base = st.stream_base
+        while True:
+            rtype = cur.u8()
+            at = cur.rec_at
+            if rtype == PG_END:
+                return
+            flagged = bool(rtype & PG_FLAG_ADDR)
+            kind = rtype & ~PG_FLAG_ADDR
+            if kind in (PG_RAM_ZERO, PG_RAM_RAW, PG_RAM_BALLOONED):
+                if flagged:
+                    gpa = self._gcphys()
+                elif self.last_ram < 0:
+                    raise _Stop(st.fail(at, f"page record {rtype:#04x} continues no earlier page"))
+                else:
+                    gpa = self.last_ram + PAGE
+                if gpa % PAGE or gpa >= MAX_GPA:
+                    raise _Stop(st.fail(at, f"RAM page record at unaligned or absurd GPA {gpa:#x}"))
+                self.last_ram = gpa
+                self._record(gpa, kind == PG_RAM_RAW, base)
+            elif kind in (PG_MMIO2_RAW, PG_MMIO2_ZERO):
+                rng, index = self._range_page(rtype, "mmio2", flagged, at)
+                key = (self._space(f"block:{rng.desc}") << 48) | (index * PAGE)
+                self._record(key, kind == PG_MMIO2_RAW, base)
+            elif PG_ROM_VIRGIN <= kind <= PG_ROM_PROT:
+                rng, index = self._range_page(rtype, "rom", flagged, at)
+                cur.u8()  # protection
+                if kind in (PG_ROM_VIRGIN, PG_ROM_SHW_RAW, PG_ROM_SHW_ZERO):
+                    which = "virgin" if kind == PG_ROM_VIRGIN else "shadow"
+                    key = (self._space(f"block:{rng.desc} ({which})") << 48) | (index * PAGE)
+                    self._record(key, kind != PG_ROM_SHW_ZERO, base)
+            else:
+                raise _Stop(st.fail(at, f"unknown pgm page record type {rtype:#04x}"))
+
+
+# ---------------------------------------------------------------------------------------------
+# File walk
+
+
+def _read_header(ev: Evidence, st: _State) -> dict[str, Any]:
+    raw = ev.need(0, FILE_HEADER.size, "SSM file header")
+    f = FILE_HEADER.unpack(raw)
+    magic = f[0]
+    if not magic.startswith(MAGIC_BASE):
+        raise ImageError(st.path, 0, "not a VirtualBox saved state (no SSM magic)")
+    if magic != MAGIC_V2:
+        version = magic[len(MAGIC_BASE) :].split(b"\n")[0].decode("ascii", "replace")
+        raise ImageError(
+            st.path,
+            0,
+            f"VirtualBox saved state format {version!r} is not supported (only V2.0, written "
+            "by VirtualBox 3.1 and later)",
+        )
+    (_, vmaj, vmin, build, rev, host_bits, cb_gcphys, cb_gcptr, _, units, flags, _, crc) = f
+    if crc32(_with_zero_crc(raw, 60)) != crc:
+        st.problems.append(st.fail(60, "SSM file header CRC-32 mismatch (header damaged)"))
+    if cb_gcphys not in (4, 8):
+        raise ImageError(st.path, 0x2D, f"guest-physical address size {cb_gcphys} (need 4 or 8)")
+    st.cb_gcphys = cb_gcphys
+    st.live = bool(flags & FLAG_LIVE_SAVE)
+    return {
+        "vbox_version": f"{vmaj}.{vmin}.{build}r{rev}",
+        "host_bits": host_bits,
+        "gcphys_bytes": cb_gcphys,
+        "gcptr_bytes": cb_gcptr,
+        "units_declared": units,
+        "live_save": st.live,
+        "stream_crc32": bool(flags & FLAG_STREAM_CRC32),
+    }
+
+
+def _skip_unit(ev: Evidence, st: _State, pos: int) -> tuple[int, int]:
+    """Walk a unit's records to its TERM record without decoding; returns (position after it,
+    decoded bytes of the unit's data)."""
+    decoded = 0
+    data = ev.data
+    while True:
+        start = pos
+        rtype, p, n = read_record_header(data, pos, ev.size, st)
+        if p + n > ev.size:
+            raise _Stop(st.fail(start, f"truncated: record of {n} bytes runs past end of file"))
+        if rtype == REC_TERM:
+            return p + n, decoded
+        if rtype == REC_RAW:
+            decoded += n
+        elif rtype in (REC_LZF, REC_ZERO):
+            if n < 1:
+                raise _Stop(st.fail(start, f"SSM record of type {rtype} with size 0"))
+            decoded += int(data[p]) * 1024
+        else:
+            raise _Stop(st.fail(start, "SSM named-data record (type 5) is not supported"))
+        pos = p + n
+
+
+def walk(ev: Evidence, st: _State) -> dict[str, Any]:
+    """Walk every unit of the file, filling ``st``; returns metadata. Damage after the header
+    becomes a problem in ``st.problems`` and ends the walk (what came before is kept)."""
+    meta = _read_header(ev, st)
+    pos = FILE_HEADER.size
+    names: list[str] = []
+    try:
+        while True:
+            head = ev.data[pos : pos + UNIT_HEADER.size].tobytes()
+            if len(head) < UNIT_HEADER.size:
+                raise _Stop(st.fail(pos, "truncated: file ends before the end-of-units marker"))
+            magic, _, _, crc, version, instance, pass_, flags, cb_name = UNIT_HEADER.unpack(head)
+            if magic == END_MAGIC + b"\0":
+                _tail(ev, st, pos + UNIT_HEADER.size, meta)
+                break
+            if magic != UNIT_MAGIC + b"\0":
+                raise _Stop(st.fail(pos, "expected a unit header (\\nUnit\\n) here"))
+            if not 1 <= cb_name <= MAX_NAME or flags:
+                raise _Stop(st.fail(pos, f"unit header with name size {cb_name}, flags {flags}"))
+            name_raw = ev.data[pos + UNIT_HEADER.size : pos + UNIT_HEADER.size + cb_name].tobytes()
+            if len(name_raw) < cb_name:
+                raise _Stop(st.fail(pos, "truncated: unit header name"))
+            if crc32(_with_zero_crc(head + name_raw, 0x14)) != crc:
+                st.problems.append(st.fail(pos, "unit header CRC-32 mismatch"))
+            name = name_raw.split(b"\0", 1)[0].decode("ascii", "replace")
+            unit = _Unit(name, instance, version, pass_, pos, pos + UNIT_HEADER.size + cb_name)
+            st.units.append(unit)
+            names.append(name)
+            if name == PGM_UNIT:
+                if version not in PGM_VERSIONS:
+                    raise _Stop(
+                        st.fail(pos, f"pgm unit version {version} is not supported (11-14)")
+                    )
+                if pass_ != PASS_FINAL:
+                    st.live = True
+                st.passes.append(pass_)
+                reader = _PgmReader(ev, st, unit)
+                pos = reader.run()
+                st.stream_base += reader.cur.logical
+            else:
+                pos, decoded = _skip_unit(ev, st, unit.data_offset)
+                st.stream_base += decoded
+    except _Stop as stop:
+        st.problems.append(stop.err)
+    meta["units"] = sorted(set(names))
+    return meta
+
+
+def _tail(ev: Evidence, st: _State, pos: int, meta: dict[str, Any]) -> None:
+    """Directory and footer after the end marker: checked, reported, never fatal."""
+    head = ev.data[pos : pos + DIR_HEAD.size].tobytes()
+    if len(head) < DIR_HEAD.size or head[:8] != DIR_MAGIC + b"\0":
+        st.problems.append(st.fail(pos, "no unit directory after the end marker"))
+        return
+    _, crc, count = DIR_HEAD.unpack(head)
+    end = pos + DIR_HEAD.size + count * DIR_ENTRY.size
+    if count > 1 << 16 or end + FOOTER.size > ev.size:
+        st.problems.append(st.fail(pos, f"unit directory of {count} entries runs past the file"))
+        return
+    body = ev.data[pos:end].tobytes()
+    if crc32(_with_zero_crc(body, 8)) != crc:
+        st.problems.append(st.fail(pos, "unit directory CRC-32 mismatch"))
+    foot = ev.data[end : end + FOOTER.size].tobytes()
+    magic, _, _, entries, _, fcrc = FOOTER.unpack(foot)
+    if magic != FOOTER_MAGIC + b"\0" or crc32(_with_zero_crc(foot, 28)) != fcrc:
+        st.problems.append(st.fail(end, "footer missing or CRC-32 mismatch"))
+    elif entries != count:
+        st.problems.append(st.fail(end, "footer and directory disagree on the unit count"))
+    meta["directory_entries"] = count
+
+
+# ---------------------------------------------------------------------------------------------
+# From the page table to segments
+
+
+def _resolve(st: _State) -> tuple[np.ndarray, np.ndarray]:
+    """(winners, superseded): indexes into the page table of the records that hold the guest's
+    page (the last record of each page) and of the earlier copies that hold data."""
+    key = np.frombuffer(st.key, np.int64) if len(st.key) else np.zeros(0, np.int64)
+    kind = np.frombuffer(st.kind, np.int8) if len(st.kind) else np.zeros(0, np.int8)
+    if key.size == 0:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+    order = np.argsort(key, kind="stable")
+    k = key[order]
+    last = np.ones(k.size, bool)
+    last[:-1] = k[1:] != k[:-1]
+    win = np.zeros(key.size, bool)
+    win[order[last]] = True
+    data = kind != _ZERO
+    return np.flatnonzero(win & data), np.flatnonzero(~win & data)
+
+
+def _space_of(key: np.ndarray, names: dict[int, int]) -> np.ndarray:
+    """Image space ids for the state's space numbers (0 = GPA)."""
+    sp = key >> 48
+    out = np.zeros(sp.size, np.int64)
+    for st_sp, img_sp in names.items():
+        out[sp == st_sp] = img_sp
+    return out
+
+
+def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
+    """Give ``image`` its segments: one fixed segment over the mmap (plain pages, winners and
+    superseded copies), then windows of decoded pages."""
+    names = {num: image.space_id(name) for name, num in st.spaces.items()}
+    superseded_space = image.space_id("region:superseded")
+    win, old = _resolve(st)
+    key = np.frombuffer(st.key, np.int64) if len(st.key) else np.zeros(0, np.int64)
+    kind = np.frombuffer(st.kind, np.int8) if len(st.kind) else np.zeros(0, np.int8)
+    where = np.frombuffer(st.where, np.int64) if len(st.where) else np.zeros(0, np.int64)
+    clen = np.frombuffer(st.clen, np.int32) if len(st.clen) else np.zeros(0, np.int32)
+    soff = np.frombuffer(st.soff, np.int64) if len(st.soff) else np.zeros(0, np.int64)
+    mask = (1 << 48) - 1
+    # address, space, file offset (or -1), record index for every scanned copy
+    addr = np.concatenate((key[win] & mask, soff[old]))
+    space = np.concatenate((_space_of(key[win], names), np.full(old.size, superseded_space)))
+    rec = np.concatenate((win, old))
+    plain = kind[rec] == _PLAIN
+    fo = where[rec[plain]]
+    main = Extents.build(fo, addr[plain], np.full(fo.size, PAGE), fo, space[plain])
+    decoded = np.flatnonzero(~plain)
+    path = st.path
+
+    def stream() -> Iterator[Segment]:
+        yield Segment(ev.data, main, path)
+        if decoded.size == 0:
+            return
+        buf = np.zeros(min(WINDOW_PAGES, decoded.size) * PAGE, np.uint8)
+        problems: list[ImageError] = []
+        for lo in range(0, decoded.size, WINDOW_PAGES):
+            part = decoded[lo : lo + WINDOW_PAGES]
+            keep = []
+            for slot, j in enumerate(part.tolist()):
+                r = int(rec[j])
+                try:
+                    page = _page_bytes(ev, st, int(kind[r]), int(where[r]), int(clen[r]))
+                except _Stop as stop:
+                    problems.append(stop.err)
+                    continue
+                buf[len(keep) * PAGE : (len(keep) + 1) * PAGE] = np.frombuffer(page, np.uint8)
+                keep.append(slot)
+            if not keep:
+                continue
+            sel = part[keep]
+            n = len(keep)
+            ext = Extents.build(
+                np.arange(n, dtype=np.int64) * PAGE, addr[sel], np.full(n, PAGE), None, space[sel]
+            )
+            yield Segment(buf[: n * PAGE], ext, path, reused=True)
+        if problems:
+            seen = {str(w) for w in image.warnings}
+            image.warnings += [p for p in problems[1:] if str(p) not in seen]
+            raise problems[0]
+
+    image.stream = stream
+    gpa_pages = int(np.count_nonzero((key[win] >> 48) == 0))
+    image.meta.update(
+        {
+            "pages_stored": int(win.size),
+            "gpa_pages_stored": gpa_pages,
+            "superseded_copies": int(old.size),
+            "page_records": len(st.key),
+        }
+    )
+
+
+def _page_bytes(ev: Evidence, st: _State, kind: int, where: int, clen: int) -> bytes:
+    if kind == _LZF:
+        return lzf_decode(ev.data[where : where + clen].tobytes(), PAGE, st, where - 1)
+    if kind == _SPLIT:
+        return st.split[where]
+    raise AssertionError(kind)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parser interface
+
+
+def probe(head: bytes, path: str) -> str | None:
+    return "vbox-sav" if head.startswith(MAGIC_BASE) else None
+
+
+def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
+    """Walk the saved state's units and map its guest pages (see the module docstring)."""
+    if fmt not in FORMATS:
+        raise ImageError(path, None, f"unknown VirtualBox format {fmt!r}")
+    with Evidence(path).closed_on_error() as ev:
+        st = _State(path, ev.size)
+        meta = walk(ev, st)
+        if not st.passes and st.problems:
+            raise st.problems[0]
+        if not st.passes:
+            raise ImageError(path, None, "this saved state holds no pgm unit (no guest memory)")
+        image = MemoryImage(path=path, format="vbox-sav", files=[path], closers=[ev.close])
+        image.meta.update(meta)
+        image.meta["pgm_passes"] = [("final" if p == PASS_FINAL else p) for p in st.passes]
+        if st.ram_size is not None:
+            image.meta["ram_size"] = st.ram_size
+        if st.ram_hole is not None:
+            image.meta["ram_hole"] = st.ram_hole
+        image.meta["mmio2_ranges"] = [
+            f"{r.ident}: {r.desc} ({r.device}#{r.instance}, {r.size} bytes)"
+            for r in st.mmio2.values()
+        ]
+        image.meta["rom_ranges"] = [
+            f"{r.ident}: {r.desc} at {r.gcphys:#x} ({r.size} bytes)" for r in st.rom.values()
+        ]
+        build(ev, st, image)
+        image.warnings.extend(st.problems)
+    return image

@@ -1,0 +1,313 @@
+"""VirtualBox saved states (.sav): GPAs below and above the RAM hole, live saves whose later
+passes supersede earlier page copies, MMIO2 (video RAM) pages without a GPA, every record kind
+(LZF, raw, zero, pages split across records), extract, and hostile files (hypothesis).
+
+Fixtures come from ``tests/vbox_writer.py``, written from the same public sources as the parser
+(no VirtualBox product runs here)."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from parsers import registry, vbox
+from parsers.base import ImageError
+from tests import vbox_writer as w
+from tests.plant import luhn_digit
+
+PAGE = w.PAGE
+GiB = 1 << 30
+HIGH = 4 * GiB  # RAM above the hole starts here
+PAN_A = "4111111111111111"
+PAN_B = "5555555555554444"
+PAN_C = "4012888888881881"
+PAN_D = "378282246310005"
+
+
+def filler(seed: int) -> bytes:
+    """A page of memory-like bytes: some text, some zeros, some noise (compresses a little)."""
+    rng = random.Random(seed)
+    out = bytearray(PAGE)
+    for k in range(0, PAGE, 64):
+        if rng.random() < 0.5:
+            out[k : k + 64] = rng.randbytes(64)
+        elif rng.random() < 0.5:
+            out[k : k + 20] = b"the quick brown fox "
+    return bytes(out)
+
+
+def card_line(pan: str) -> bytes:
+    """``pan`` as a line of text after a card keyword. It ends with a newline, not a space: a
+    digit right after a lone space would join the PAN into a longer digit-group run, which is
+    no PAN (patterns/pan.py), and the filler after it may start with a digit."""
+    return f" card {pan}\n".encode()
+
+
+def with_text(page: bytes, at: int, text: str) -> bytes:
+    b = bytearray(page)
+    data = card_line(text)
+    b[at : at + len(data)] = data
+    return bytes(b)
+
+
+def pans(result) -> list[tuple[int | None, str | None, str]]:
+    """(gpa, region or block, masked) of every PAN finding, sorted."""
+    out = []
+    for f in result.findings:
+        if f.detector == "pan":
+            where = f.details.get("region") or f.details.get("block")
+            out.append((f.gpa, where, f.masked))
+    return sorted(out, key=lambda t: (t[0] is None, t[0] or 0, t[1] or "", t[2]))
+
+
+def mmio2() -> list[w.Range]:
+    return [w.Range(1, "VRam", 1 << 20)]
+
+
+def simple_pass() -> w.Pass:
+    """RAM pages below the hole and above 4 GiB, a zero and a ballooned page, MMIO2 pages."""
+    return w.Pass(
+        ram={
+            0x0: filler(1),
+            0x1000: with_text(filler(2), 4000, PAN_A),  # straddles into the next page
+            0x2000: filler(3),
+            0x3000: None,
+            0x4000: "balloon",
+            HIGH: with_text(filler(4), 100, PAN_B),
+            HIGH + 0x1000: filler(5),
+        },
+        mmio2={(1, 0): with_text(filler(6), 300, PAN_C), (1, 1): None},
+        rom_virgin={(1, 0): filler(7)},
+        rom_shadow={(1, 0): None},
+    )
+
+
+def roms() -> list[w.Range]:
+    return [w.Range(1, "PC BIOS", PAGE, gcphys=0xFFFFF000)]
+
+
+@pytest.mark.parametrize("codec", ["ssm", "raw", "small", ["ssm", "raw", "small"]], ids=str)
+def test_plain_save_gpas_mmio2_and_rom(tmp_path, codec, scan_result):
+    path = w.SavFile([simple_pass()], mmio2=mmio2(), rom=roms(), codec=codec, seed=5).write(
+        str(tmp_path / "vm.sav")
+    )
+    assert registry.detect(path)[1] == "vbox-sav"
+    with registry.open_image(path) as image:
+        assert image.format == "vbox-sav"
+        assert image.meta["ram_size"] == 64 << 20 and image.meta["ram_hole"] == 512 << 20
+        assert image.meta["pgm_passes"] == ["final"]
+        assert image.warnings == []
+        assert "block:VRam" in image.spaces and "block:PC BIOS (virgin)" in image.spaces
+    result = scan_result(path)
+    assert result.errors == [] and result.warnings == []
+    assert pans(result) == [
+        (0x1000 + 4006, None, "411111******1111"),
+        (HIGH + 106, None, "555555******4444"),
+        (None, "block:VRam", "401288******1881"),
+    ]
+
+
+def test_live_save_last_pass_wins_and_superseded_copies_are_reported(tmp_path, scan_result):
+    p0 = w.Pass(
+        ram={0x1000: with_text(filler(1), 10, PAN_A), 0x2000: with_text(filler(2), 10, PAN_D)},
+        mmio2={(1, 0): with_text(filler(3), 10, PAN_C)},
+    )
+    p1 = w.Pass(ram={0x1000: with_text(filler(4), 50, PAN_B)})
+    final = w.Pass(ram={0x2000: None, 0x1000: with_text(filler(5), 50, PAN_B)})
+    path = w.SavFile([p0, p1, final], mmio2=mmio2(), seed=2).write(str(tmp_path / "live.sav"))
+    with registry.open_image(path) as image:
+        assert image.meta["live_save"] and image.meta["pgm_passes"] == [0, 1, "final"]
+        assert image.meta["superseded_copies"] == 3
+    found = pans(scan_result(path))
+    # The guest's page 0x1000 is the final pass's copy; 0x2000 ended as a zero page.
+    assert (0x1000 + 56, None, "555555******4444") in found
+    assert [f for f in found if f[0] is not None] == [(0x1000 + 56, None, "555555******4444")]
+    old = sorted(f[2] for f in found if f[1] and "superseded" in f[1])
+    # pass 0's PAN_A and PAN_D and pass 1's PAN_B copy: still bytes in the file
+    assert old == sorted(["411111******1111", "3782*******0005", "555555******4444"])
+    assert (None, "block:VRam", "401288******1881") in found  # MMIO2 page never superseded
+
+
+def test_extract_equals_the_guest_memory(tmp_path, vmleak):
+    rng = random.Random(9)
+    final: dict[int, bytes | str | None] = {}
+    expected: dict[int, bytes] = {}
+    for k in range(24):
+        gpa = rng.choice([0, HIGH - (512 << 20) - 16 * PAGE, HIGH]) + k * PAGE
+        data = filler(100 + k)
+        final[gpa] = data
+        expected[gpa] = data
+    p0 = w.Pass(ram={g: filler(900 + i) for i, g in enumerate(list(final)[:8])})
+    path = w.SavFile([p0, w.Pass(ram=final)], codec=["ssm", "raw", "small"], seed=4).write(
+        str(tmp_path / "x.sav")
+    )
+    out = tmp_path / "guest.raw"
+    r = vmleak("extract", path, "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with open(out, "rb") as fh:
+        for gpa, data in expected.items():
+            fh.seek(gpa)
+            assert fh.read(PAGE) == data, hex(gpa)
+    assert os.path.getsize(out) == max(expected) + PAGE
+
+
+def test_info_and_scan_cli(tmp_path, vmleak):
+    path = w.SavFile([simple_pass()], mmio2=mmio2(), rom=roms()).write(str(tmp_path / "v.sav"))
+    info = vmleak("info", path)
+    assert info.returncode == 0, info.stderr
+    assert "vbox-sav" in info.stdout and "VRam" in info.stdout
+    r = vmleak("scan", "--detectors", "pan", str(tmp_path))
+    assert r.returncode == 1, r.stderr
+    assert "411111******1111" in r.stdout
+
+
+def test_v1_files_and_other_versions_are_clear_errors(tmp_path):
+    p = tmp_path / "old.sav"
+    p.write_bytes(b"\x7fVirtualBox SavedState V1.2\n" + bytes(100))
+    with pytest.raises(ImageError, match="'V1.2' is not supported"):
+        registry.open_image(str(p))
+
+
+def test_unknown_page_record_is_an_error_after_the_readable_pages(tmp_path, scan_result):
+    data = bytearray(w.SavFile([simple_pass()], codec="raw", mmio2=mmio2(), rom=roms()).to_bytes())
+    # The record type byte of the page at HIGH + 0x1000 (implicit, right after HIGH's page):
+    # the raw record holding the single byte 0x01 before the last RAM page.
+    page = filler(5)
+    at = data.index(page) - 4 - 3  # raw record header (3 bytes: 0x92 0x81 0x01?) + type byte
+    rec = data.rfind(b"\x92\x01\x01", 0, at + 8)
+    assert rec > 0
+    data[rec + 2] = 0x42
+    path = tmp_path / "bad.sav"
+    path.write_bytes(bytes(data))
+    result = scan_result(str(path))
+    assert any("unknown pgm page record type 0x42" in e for e in result.errors)
+    found = pans(result)
+    assert (0x1000 + 4006, None, "411111******1111") in found  # before the bad record
+
+
+# --- hypothesis: any PAN at any GPA, whatever the record mix ---------------------------------
+
+
+@st.composite
+def layouts(draw):
+    n_pages = draw(st.integers(2, 12))
+    base = draw(st.sampled_from([0, 0x100000, HIGH - 8 * PAGE, HIGH, 5 * GiB]))
+    gpas = sorted(draw(st.sets(st.integers(0, 40), min_size=n_pages, max_size=n_pages)))
+    gpas = [base + g * PAGE for g in gpas]
+    target = draw(st.sampled_from(gpas))
+    offset = draw(st.integers(0, PAGE - 1))
+    passes = draw(st.integers(1, 3))
+    codec = draw(st.sampled_from(["ssm", "raw", "small", "mix"]))
+    seed = draw(st.integers(0, 1 << 16))
+    return gpas, target, offset, passes, codec, seed
+
+
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(layouts())
+def test_any_pan_at_any_gpa_is_found_once_there(tmp_path, scan_result, layout):
+    gpas, target, offset, passes, codec, seed = layout
+    rng = random.Random(seed)
+    body = "4" + "".join(rng.choice("0123456789") for _ in range(14))
+    pan = body + luhn_digit(body)  # a Visa number: an issuer every rule set reports
+    text = card_line(pan)
+    mem = {g: bytearray(filler(seed + i)) for i, g in enumerate(gpas)}
+    # the PAN at target+offset, spilling into the next page when that page is present
+    start = target + offset
+    for k, byte in enumerate(text):
+        g = (start + k) // PAGE * PAGE
+        if g not in mem:
+            text = text[:k]
+            break
+        mem[g][(start + k) % PAGE] = byte
+    whole = pan in text.decode()
+    # earlier passes hold unrelated data at some of the same pages
+    plist = [w.Pass(ram={g: filler(7000 + i) for i, g in enumerate(gpas) if rng.random() < 0.5})
+             for _ in range(passes - 1)]  # fmt: skip
+    plist.append(w.Pass(ram={g: bytes(b) for g, b in mem.items()}))
+    mix = ["ssm", "raw", "small"] if codec == "mix" else codec
+    path = w.SavFile(plist, codec=mix, seed=seed).write(str(tmp_path / "h.sav"))
+    found = [f for f in pans(scan_result(path)) if f[0] is not None]
+    if whole:  # the filler holds no card numbers: the planted one is the only finding
+        assert [(f[0], f[2][-4:]) for f in found] == [(start + 6, pan[-4:])]
+    else:
+        assert found == []
+
+
+# --- hostile files -----------------------------------------------------------------------------
+
+
+def drain(path: str) -> list[str]:
+    """Open and read every segment; return the problems. Anything but ImageError fails."""
+    problems = []
+    try:
+        with registry.open_image(path, "vbox-sav") as image:
+            problems += [str(x) for x in image.warnings]
+            for seg in image.segments():
+                assert seg.extents.buf_offset.size == seg.extents.length.size
+    except ImageError as err:
+        problems.append(str(err))
+    return problems
+
+
+_BASE = w.SavFile(
+    [simple_pass(), w.Pass(ram={0x1000: filler(11)})], mmio2=mmio2(), rom=roms(), codec="ssm"
+).to_bytes()
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    cut=st.integers(0, len(_BASE)),
+    flips=st.lists(st.tuples(st.integers(0, len(_BASE) - 1), st.integers(0, 255)), max_size=6),
+)
+def test_truncated_or_flipped_files_give_clear_errors(tmp_path, cut, flips):
+    data = bytearray(_BASE[:cut] if cut < len(_BASE) else _BASE)
+    for at, v in flips:
+        if at < len(data):
+            data[at] = v
+    path = tmp_path / "hostile.sav"
+    path.write_bytes(bytes(data))
+    problems = drain(str(path))
+    for p in problems:
+        assert str(path) in p and "\n" not in p
+    if cut < len(_BASE) and cut >= 64:
+        assert problems  # a truncated file always says so
+
+
+def test_absurd_sizes_do_not_allocate(tmp_path):
+    import tracemalloc
+
+    data = bytearray(_BASE)
+    # a record header claiming 2 GiB of data; a LZF record claiming 255 KiB decoded
+    at = data.index(b"\x93", 64 + 44)
+    bad = bytes(data[:at]) + bytes([0x92, 0xFD, 0xBF, 0xBF, 0xBF, 0xBF, 0xBF]) + bytes(64)
+    bad2 = bytearray(data)
+    lz = bad2.index(b"\x93\xe0")
+    bad2[lz + 4] = 255
+    for i, blob in enumerate((bad, bytes(bad2))):
+        p = tmp_path / f"absurd{i}.sav"
+        p.write_bytes(blob)
+        tracemalloc.start()
+        problems = drain(str(p))
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+        assert problems and peak < 64 << 20
+
+
+def test_lzf_record_layout_matches_ssm():
+    """Each compressed page is one record: 0x93, a 3-byte size, the KiB byte (4), LZF data."""
+    u = w._Unit("ssm", random.Random(0))
+    u.big(filler(1))
+    out = bytes(u.out)
+    assert out[0] == 0x93 and out[1] & 0xF0 == 0xE0 and out[4] == 4
+    st_ = vbox._State("x", len(out))
+    rtype, p, n = vbox.read_record_header(np.frombuffer(out, np.uint8), 0, len(out), st_)
+    assert (rtype, p, n) == (3, 4, len(out) - 4)
