@@ -4,26 +4,19 @@ with the ``save_image_format`` of qemu.conf, or in mapped-ram form (``sparse``).
 Layout and sources: ``docs/formats.md`` §5 (container) and §6 (compressed payloads).
 
 A raw or sparse stream is scanned in place through mmap (zero copy). A compressed one is
-decompressed in bounded windows (never whole in memory): gzip, bzip2 and xz with the Python
-standard library, lzop and zstd through the ``lzop`` / ``zstd`` programs (the same ones
-libvirt itself runs to restore), read through a pipe. Decompression stops with an error when
-the stream grows past twice the guest RAM it declares (plus a margin): a decompression bomb.
+decompressed in-process in bounded windows (never whole in memory) by ``parsers.codecs``:
+gzip, bzip2, xz, lzop and zstd. Decompression stops with an error when the stream grows past
+twice the guest RAM it declares (plus a margin): a decompression bomb.
 """
 
 from __future__ import annotations
 
-import bz2
-import lzma
-import shutil
 import struct
-import subprocess
-import tempfile
 import xml.etree.ElementTree as ET
-import zlib
 from collections.abc import Iterator
 from typing import Any
 
-from parsers import qemu
+from parsers import codecs, qemu
 from parsers.base import Evidence, ImageError, MemoryImage, Segment
 
 FORMATS = ["libvirt-save"]
@@ -47,16 +40,7 @@ VERSIONS = (1, 2)
 # format enum (qemu_saveimage_format.h, on-disk ABI) -> name
 FORMAT_NAMES = {0: "raw", 1: "gzip", 2: "bzip2", 3: "xz", 4: "lzop", 5: "zstd", 6: "sparse"}
 # Payload magics, to check the header's claim (and to decide for version 1 images).
-PAYLOAD_MAGICS = {
-    "raw": qemu.MAGIC,
-    "gzip": b"\x1f\x8b",
-    "bzip2": b"BZh",
-    "xz": b"\xfd7zXZ\x00",
-    "lzop": b"\x89LZO\x00\r\n\x1a\n",
-    "zstd": b"\x28\xb5\x2f\xfd",
-}
-PIPE_TOOLS = {"lzop": ["lzop", "-dc", "--ignore-warn"], "zstd": ["zstd", "-dcq"]}
-READ_CHUNK = 1 << 20  # compressed bytes read at a time
+PAYLOAD_MAGICS = {"raw": qemu.MAGIC, **codecs.PAYLOAD_MAGICS}
 BOMB_MARGIN = 64 << 20  # bytes of stream allowed beyond twice the declared RAM
 MAX_XML = 16 << 20  # a domain XML larger than this is not parsed
 MEMORY_UNITS = {
@@ -121,116 +105,6 @@ def parse_domain_xml(xml: bytes) -> dict[str, Any]:
     return out
 
 
-class _PyDecompressor:
-    """gzip / bzip2 / xz payload decompressed with the standard library, bounded output per
-    read; concatenated members (pigz, pbzip2, multi-stream xz) are followed."""
-
-    def __init__(self, ev: Evidence, start: int, kind: str) -> None:
-        self.ev, self.pos, self.kind = ev, start, kind
-        self.back = b""  # input read but not yet given to a decompressor
-        self.dec = self._new()
-        self.problem: ImageError | None = None
-        self.done = False
-        self.start = start
-
-    def _new(self) -> Any:
-        if self.kind == "gzip":
-            return zlib.decompressobj(wbits=31)
-        if self.kind == "bzip2":
-            return bz2.BZ2Decompressor()
-        return lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
-
-    def _input(self) -> bytes:
-        if self.back:
-            data, self.back = self.back, b""
-            return data
-        data = self.ev.read(self.pos, READ_CHUNK)
-        self.pos += len(data)
-        return data
-
-    def fail(self, offset: int, message: str) -> ImageError:
-        where = f"{self.kind} stream offset {offset:#x}"
-        return ImageError(self.ev.path, self.start, f"{where}: {message}")
-
-    def read(self, n: int) -> bytes:
-        while not self.done:
-            d = self.dec
-            if self.kind == "gzip":
-                data = d.unconsumed_tail or self._input()
-            else:
-                data = self._input() if d.needs_input else b""
-            if not data and (self.kind == "gzip" or d.needs_input):
-                self._stop("compressed data ends before its end marker (truncated)")
-                break
-            try:
-                out = d.decompress(data, n)
-            except (zlib.error, OSError, EOFError, lzma.LZMAError) as exc:
-                self._stop(f"compressed data is corrupt ({exc})")
-                break
-            if d.eof:
-                self._next_member(d.unused_data)
-            if out:
-                return out
-        return b""
-
-    def _next_member(self, rest: bytes) -> None:
-        following = rest or self._input()
-        magic = PAYLOAD_MAGICS[self.kind]
-        if following.startswith(magic):
-            self.back = following
-            self.dec = self._new()
-        else:
-            self.done = True  # trailing zero padding or garbage after the last member
-
-    def _stop(self, message: str) -> None:
-        at = self.pos - len(self.back)
-        self.problem = ImageError(self.ev.path, at, f"{self.kind} payload: {message}")
-        self.done = True
-
-    def close(self) -> None:
-        self.dec = None
-
-
-class _PipeDecompressor:
-    """lzop / zstd payload decompressed by the external program, the file given as its stdin
-    (positioned at the payload) and its output read through a pipe a chunk at a time."""
-
-    def __init__(self, ev: Evidence, start: int, kind: str) -> None:
-        self.ev, self.start, self.kind = ev, start, kind
-        self.problem: ImageError | None = None
-        tool = PIPE_TOOLS[kind]
-        if shutil.which(tool[0]) is None:
-            raise ImageError(ev.path, start, f"{kind} payload needs the {tool[0]!r} program")
-        self.fh = open(ev.path, "rb")  # noqa: SIM115 - closed in close()
-        self.fh.seek(start)
-        self.err = tempfile.TemporaryFile()
-        self.proc = subprocess.Popen(
-            tool, stdin=self.fh, stdout=subprocess.PIPE, stderr=self.err
-        )
-
-    def fail(self, offset: int, message: str) -> ImageError:
-        where = f"{self.kind} stream offset {offset:#x}"
-        return ImageError(self.ev.path, self.start, f"{where}: {message}")
-
-    def read(self, n: int) -> bytes:
-        data = self.proc.stdout.read(n) if self.proc.stdout else b""
-        if not data and self.problem is None and self.proc.wait() != 0:
-            self.err.seek(0)
-            msg = self.err.read(400).decode("utf-8", "replace").strip().splitlines()
-            detail = msg[-1] if msg else f"exit status {self.proc.returncode}"
-            self.problem = ImageError(self.ev.path, self.start, f"{self.kind} payload: {detail}")
-        return data
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait()
-        if self.proc.stdout:
-            self.proc.stdout.close()
-        self.fh.close()
-        self.err.close()
-
-
 def _sniff(ev: Evidence, start: int) -> str | None:
     head = ev.read(start, 16)
     for name, magic in PAYLOAD_MAGICS.items():
@@ -288,13 +162,15 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
         qemu.open_mapped(ev, start, image, machine, options)
         meta.setdefault("ram_size", meta.get("declared_memory"))
         return
-    opener = _PipeDecompressor if kind in PIPE_TOOLS else _PyDecompressor
+    opener, remark = codecs.opener(ev, kind)
+    if remark is not None:
+        image.warnings.append(remark)
     declared_ram = meta.get("declared_memory") or 0
 
     def limit(mem_total: int) -> int:
         return 2 * max(declared_ram, mem_total) + qemu.WINDOW + BOMB_MARGIN
 
-    first = opener(ev, start, kind)
+    first = opener(start, limit(0))
     try:
         prefix = b""
         while len(prefix) < qemu.PEEK and (data := first.read(qemu.PEEK - len(prefix))):
@@ -308,7 +184,9 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
     meta.update(walker.meta())
     meta.setdefault("ram_size", declared_ram or None)
 
+    bound = limit(walker.mem_total)
+
     def stream() -> Iterator[Segment]:
-        return qemu.stream_segments(opener(ev, start, kind), image, machine, options, limit)
+        return qemu.stream_segments(opener(start, bound), image, machine, options, limit)
 
     image.stream = stream

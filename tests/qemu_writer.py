@@ -302,3 +302,58 @@ def compress_qcow2_vmstate(src: Path, dst: Path, every: int = 2, zstd: bool = Fa
     data += bytes(-len(data) % 512)
     dst.write_bytes(bytes(data))
     return done
+
+
+def lzop_compress(data: bytes, flags: int = 0x03000001, block: int = 256 * 1024,
+                  version: int = 0x1040, method: int = 1, name: bytes = b"",
+                  extra: bytes | None = None) -> bytes:
+    """An lzop file of ``data`` as lzop writes it (``docs/formats.md`` §6.2): the header with
+    its checksum, ``block``-byte blocks LZO1X-compressed by ``lzokay`` (stored as is when that
+    does not shrink them) with the checksums ``flags`` asks for, the end marker. The default
+    flags are lzop's own from stdin on Unix (F_ADLER32_D, OS byte 3)."""
+    import lzokay
+
+    from parsers import codecs as c
+
+    head = struct.pack(">HH", version, 0x20A0)
+    if version >= c.LZOP_V0940:
+        head += struct.pack(">H", 0x0940)
+    head += bytes([method])
+    if version >= c.LZOP_V0940:
+        head += b"\x05"
+    if extra is not None:
+        flags |= c.F_H_EXTRA_FIELD
+    head += struct.pack(">II", flags, 0o100644) + struct.pack(">I", 0)
+    if version >= c.LZOP_V0940:
+        head += struct.pack(">I", 0)
+    head += bytes([len(name)]) + name
+    check = zlib.crc32 if flags & c.F_H_CRC32 else zlib.adler32
+    out = bytearray(c.LZOP_MAGIC + head + struct.pack(">I", check(head)))
+    if extra is not None:
+        field = struct.pack(">I", len(extra)) + extra
+        out += field + struct.pack(">I", check(field))
+    for at in range(0, len(data), block):
+        raw = data[at : at + block]
+        packed = bytes(lzokay.compress(raw))
+        stored = len(packed) >= len(raw)
+        body = raw if stored else packed
+        out += struct.pack(">II", len(raw), len(body))
+        sums = [(c.F_ADLER32_D, zlib.adler32, raw), (c.F_CRC32_D, zlib.crc32, raw)]
+        if not stored:
+            sums += [(c.F_ADLER32_C, zlib.adler32, body), (c.F_CRC32_C, zlib.crc32, body)]
+        for bit, fn, what in sums:
+            if flags & bit:
+                out += struct.pack(">I", fn(what))
+        out += body
+    return bytes(out + struct.pack(">I", 0))
+
+
+def zstd_compress(data: bytes, frames: int = 1) -> bytes:
+    """``data`` as ``frames`` consecutive zstd frames (as ``zstd`` or a parallel writer
+    produces), compressed by the standard library's zstd module or its backport."""
+    try:
+        from compression import zstd
+    except ImportError:
+        from backports import zstd
+    step = -(-len(data) // frames) or 1
+    return b"".join(zstd.compress(data[i : i + step]) for i in range(0, len(data), step))

@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import bz2
 import gzip
+import json
 import lzma
 import shutil
 import struct
-import subprocess
+import sys
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -19,16 +20,18 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parsers import libvirt, registry
-from parsers.base import ImageError
+from parsers import codecs, libvirt, registry
+from parsers.base import ImageError, Remark
 from tests.qemu_writer import (
     MIB,
     PAGE,
     Qevm,
     libvirt_head,
     libvirt_save,
+    lzop_compress,
     mapped_ram_stream,
     ram_stream,
+    zstd_compress,
 )
 from tests.samples import QEMU_MANIFEST, pan_gpas, qemu_sample
 
@@ -45,35 +48,21 @@ def write(tmp_path: Path, data: bytes, name: str = "g.save") -> str:
     return str(p)
 
 
-def tool_compress(tool: str, data: bytes) -> bytes:
-    if shutil.which(tool) is None:
-        pytest.skip(f"the {tool} program is not installed")
-    return subprocess.run([tool, "-c"], input=data, capture_output=True, check=True).stdout
-
-
 COMPRESSORS = {
     0: lambda d: d,
     1: gzip.compress,
     2: bz2.compress,
     3: lambda d: lzma.compress(d, format=lzma.FORMAT_XZ),
-    4: lambda d: tool_compress("lzop", d),
-    5: lambda d: tool_compress("zstd", d),
+    4: lzop_compress,
+    5: zstd_compress,
 }
 
 
 # ---- real virsh save files --------------------------------------------------------------------
 
 
-def need_tool(name: str) -> None:
-    """Skip when reading the fixture needs a decompressor program that is absent."""
-    kind = QEMU_MANIFEST[name].get("compression")
-    if kind in libvirt.PIPE_TOOLS and shutil.which(libvirt.PIPE_TOOLS[kind][0]) is None:
-        pytest.skip(f"reading {kind} saves needs the {kind} program, not installed")
-
-
 @pytest.mark.parametrize("name", SAVES)
 def test_real_save_metadata_and_plants(name: str, read_gpa) -> None:
-    need_tool(name)
     entry = QEMU_MANIFEST[name]
     with registry.open_image(str(qemu_sample(name, Path("."))), None) as image:
         m = image.meta
@@ -92,7 +81,6 @@ def test_real_save_metadata_and_plants(name: str, read_gpa) -> None:
 
 @pytest.mark.parametrize("name", SAVES)
 def test_real_save_scan(name: str, scan) -> None:
-    need_tool(name)
     with registry.open_image(str(qemu_sample(name, Path(".")))) as image:
         found = scan(image)
         if not image.random_access:
@@ -137,8 +125,8 @@ def test_small_windows_split_records_and_pages(tmp_path: Path, read_gpa) -> None
     image = registry.open_image(path)
     for window in (PAGE + 1, 3 * PAGE + 7, 5 * PAGE - 3, 40 * PAGE + 11):
         def stream(window=window):
-            src = libvirt._PyDecompressor(libvirt.Evidence(path), image.meta["payload_offset"],
-                                          "gzip")
+            src = codecs.StreamDecoder(libvirt.Evidence(path), image.meta["payload_offset"],
+                                       "gzip")
             return qemu.stream_segments(src, image, None, {}, lambda _: 1 << 30, window=window)
 
         image.stream = stream
@@ -229,18 +217,58 @@ def test_decompression_bomb_stops_bounded(tmp_path: Path) -> None:
     assert peak < 200 * MIB  # windows, not the whole expansion
 
 
-def test_missing_tool_is_a_clear_error(tmp_path: Path, monkeypatch) -> None:
-    data = libvirt_save(COMPRESSORS[4](STREAM), 4, 256 * PAGE)
-    path = write(tmp_path, data)
-    monkeypatch.setattr(libvirt.shutil, "which", lambda _: None)
-    with pytest.raises(ImageError, match="needs the 'lzop' program"):
+@pytest.mark.parametrize("kind", ["lzop", "zstd"])
+def test_without_binding_the_program_decompresses_with_a_remark(tmp_path: Path, monkeypatch,
+                                                                read_gpa, kind: str) -> None:
+    """Where the binding cannot load, the program libvirt itself uses reads the payload (and
+    the image says so); where neither is there, a clear error names both."""
+    fmt = {"lzop": 4, "zstd": 5}[kind]
+    path = write(tmp_path, libvirt_save(COMPRESSORS[fmt](STREAM), fmt, 256 * PAGE))
+    real = codecs.decoder_factory
+
+    def no_binding(name: str):
+        if name == kind:
+            raise ImportError("hidden by the test")
+        return real(name)
+
+    monkeypatch.setattr(codecs, "decoder_factory", no_binding)
+    if shutil.which(kind) is not None:
+        with registry.open_image(path) as image:
+            (remark,) = image.warnings
+            assert isinstance(remark, Remark)
+            assert f"with the {kind!r} program instead" in str(remark)
+            assert read_gpa(image, 0xF000, 4) == b"last"
+    monkeypatch.setattr(codecs.shutil, "which", lambda _: None)
+    with pytest.raises(ImageError, match=f"cannot be loaded .*the {kind!r} program is not"):
         registry.open_image(path)
+
+
+def test_lzop_and_zstd_saves_scan_with_only_the_venv_on_path(tmp_path: Path, vmleak) -> None:
+    """A scan host without the lzop/zstd programs: the real lzop save (libvirt 9.0) and a
+    written zstd save scan with PATH holding only the venv's bin/, with the same findings as
+    with the programs on PATH, at the planted GPAs."""
+    lzop_save = str(qemu_sample("libvirt-lzop.save", tmp_path))
+    pan_page = b"card=4532015112830366;".ljust(64, b".")
+    stream = ram_stream({0x3000: pan_page}, 64 * PAGE)
+    zstd_save = write(tmp_path, libvirt_save(zstd_compress(stream, frames=3), 5, 64 * PAGE))
+    bare = {"PATH": str(Path(sys.executable).parent)}
+    runs = {}
+    for name, env in (("bare", bare), ("full", None)):
+        r = vmleak("scan", "--format", "jsonl", "--detectors", "pan", lzop_save, zstd_save,
+                   env=env)
+        assert r.returncode == 1, r.stderr
+        runs[name] = sorted((x["image"], x["gpa"], x["fingerprint"])
+                            for x in map(json.loads, r.stdout.splitlines()))
+    assert runs["bare"] == runs["full"]
+    plants = pan_gpas(QEMU_MANIFEST["libvirt-lzop.save"]["plants"])
+    assert [g for img, g, _ in runs["bare"] if img == lzop_save] == plants
+    assert [g for img, g, _ in runs["bare"] if img == zstd_save] == [0x3000 + 5]
 
 
 # ---- robustness ---------------------------------------------------------------------------------
 
 @settings(max_examples=30)
-@given(fmt=st.sampled_from([0, 1, 2, 3, 4]), frac=st.floats(0, 1),
+@given(fmt=st.sampled_from([0, 1, 2, 3, 4, 5]), frac=st.floats(0, 1),
        flips=st.lists(st.tuples(st.floats(0, 1), st.integers(1, 255)), max_size=3))
 def test_truncated_or_corrupted_saves(tmp_path: Path, drain, fmt: int, frac: float,
                                       flips: list) -> None:
@@ -256,7 +284,6 @@ def test_truncated_or_corrupted_saves(tmp_path: Path, drain, fmt: int, frac: flo
 @given(name=st.sampled_from(SAVES), frac=st.floats(0.0, 1.0), flip=st.floats(0, 1))
 def test_truncated_or_corrupted_real_saves(tmp_path: Path, name: str, frac: float,
                                            flip: float, drain) -> None:
-    need_tool(name)
     real = qemu_sample(name, tmp_path).read_bytes()
     data = bytearray(real[: max(1, int(len(real) * frac))])
     data[int(flip * (len(data) - 1))] ^= 0x5A

@@ -80,6 +80,8 @@ class VmleakLayer(interfaces.layers.DataLayerInterface):
             self.memory = guest_memory(path)
         except ImageError as err:
             raise exceptions.LayerException(name, str(err)) from None
+        if self.memory.snapshot:
+            vollog.warning(f"vmleak: {path}: the newest of its snapshots, {self.memory.snapshot}")
         for warning in self.memory.image.warnings:
             vollog.warning(f"vmleak: {warning}")
 

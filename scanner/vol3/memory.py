@@ -13,6 +13,7 @@ RAM blocks' GPA ranges are in ``meta["blocks"]``): those read as zeros, as on a 
 from __future__ import annotations
 
 import bisect
+import heapq
 import mmap
 import os
 import tempfile
@@ -42,11 +43,17 @@ class Run:
 
 
 class GuestMemory:
-    """Guest-physical memory of an image opened through vmleak's parser registry."""
+    """Guest-physical memory of an image opened through vmleak's parser registry (of a qcow2
+    disk with several internal snapshots, the newest one: ``snapshot`` names it)."""
 
     def __init__(self, path: str) -> None:
         self.image: MemoryImage = registry.open_image(path)
+        snaps = self.image.meta.get("scanned_snapshots") or []
+        if len(snaps) > 1:  # one guest at a time: the newest snapshot (qcow2)
+            self.image.close()
+            self.image = registry.open_image(path, None, {"snapshot": snaps[-1]})
         self.format = self.image.format
+        self.snapshot: str | None = self.image.meta.get("snapshot") if len(snaps) > 1 else None
         self._spill: mmap.mmap | None = None
         runs = self._fixed_runs() if self.image.random_access else self._spilled_runs()
         self.runs = _disjoint(_declared_zeros(self.image) + runs)
@@ -144,21 +151,31 @@ def _declared_zeros(image: MemoryImage) -> list[Run]:
 
 
 def _disjoint(runs: list[Run]) -> list[Run]:
-    """``runs`` sorted by GPA with overlaps removed. Where a page was stored twice (a live
-    migration re-sends dirtied pages) the copy stored later wins when both start at the same
-    address (the usual case: whole pages); otherwise the one starting later wins."""
-    order = sorted(range(len(runs)), key=lambda k: (runs[k].start, k))
+    """``runs`` cut into non-overlapping runs sorted by GPA. Where runs overlap, the one listed
+    later wins: the copy of a page stored later in the image (a live migration re-sends
+    dirtied pages; a restore keeps the last), and any stored byte over the declared zeros."""
+    events = sorted(
+        [(r.start, 1, k) for k, r in enumerate(runs)] + [(r.end, 0, k) for k, r in enumerate(runs)]
+    )
     out: list[Run] = []
-    for k in order:
-        r = runs[k]
-        while out and r.start < out[-1].end:
-            prev = out.pop()
-            if prev.start < r.start:
-                out.append(Run(prev.start, r.start - prev.start, prev.buf, prev.offset))
-            if prev.end > r.end:  # r lies inside prev: prev's tail follows r
-                skip = r.end - prev.start
-                out.append(r)
-                r = Run(r.end, prev.end - r.end, prev.buf, prev.offset + skip)
-        out.append(r)
-    out.sort(key=lambda x: x.start)
+    active: list[int] = []  # max-heap of run indices (negated); ended ones dropped lazily
+    ended: set[int] = set()
+    at = 0
+    for pos, opening, k in events:
+        while active and -active[0] in ended:
+            heapq.heappop(active)
+        if active and pos > at:
+            w = runs[-active[0]]
+            prev = out[-1] if out else None
+            if prev is not None and prev.buf is w.buf and prev.end == at and (
+                w.buf is None or prev.offset + prev.length == w.offset + at - w.start
+            ):
+                out[-1] = Run(prev.start, pos - prev.start, prev.buf, prev.offset)
+            else:
+                out.append(Run(at, pos - at, w.buf, w.offset + at - w.start))
+        at = pos
+        if opening:
+            heapq.heappush(active, -k)
+        else:
+            ended.add(k)
     return out
