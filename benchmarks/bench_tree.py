@@ -16,9 +16,18 @@ Both scans must report the same number of findings. Each figure includes the com
 start-up cost (Python, numpy and detector imports), printed separately (``--version`` run)
 so it can be subtracted for small trees.
 
+With ``--dask`` the tree is also scanned with ``--dask local:JOBS`` (a LocalCluster of JOBS
+worker processes) against ``--jobs JOBS``: wall-clock medians and CPU time (user + sys of the
+whole process tree, workers included: the figure to trust on a shared machine), each also
+net of its fixed cost (the same command on one 4 KiB image: interpreter, imports, pool or
+cluster start). Both must print the same findings. Then a scaling table on paper: workers
+against the expected fleet throughput, min(workers x the measured per-core rate, storage
+bandwidth), for the ``--bandwidth`` figures given (GB/s).
+
 Usage::
 
     python benchmarks/bench_tree.py --count 200 --size 1MiB --jobs 2
+    python benchmarks/bench_tree.py --count 200 --size 16MiB --jobs 2 --dask
 """
 
 from __future__ import annotations
@@ -26,6 +35,7 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import resource
 import shutil
 import statistics
 import subprocess
@@ -60,14 +70,26 @@ def content(size: int, seed: int) -> bytes:
 
 
 def vmleak(args: list[str], env: dict[str, str]) -> tuple[float, subprocess.CompletedProcess]:
+    dt, _, r = run_timed(args, env)
+    return dt, r
+
+
+def run_timed(
+    args: list[str], env: dict[str, str]
+) -> tuple[float, float, subprocess.CompletedProcess]:
+    """Wall seconds, CPU seconds (user + sys of the command and every process it waited for:
+    pool or Dask workers) and the completed command."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     r = subprocess.run(
         [sys.executable, "-m", "scanner", *args], capture_output=True, text=True, env=env, cwd=ROOT
     )
     dt = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime
     if r.returncode not in (0, 1):
         raise SystemExit(f"vmleak {' '.join(args)} failed:\n{r.stderr}")
-    return dt, r
+    return dt, cpu, r
 
 
 def timed(args: list[str], env: dict[str, str], repeat: int, before=None) -> tuple[float, int]:
@@ -81,6 +103,60 @@ def timed(args: list[str], env: dict[str, str], repeat: int, before=None) -> tup
     return statistics.median(times), len(r.stdout.splitlines())
 
 
+def medians(
+    ways: dict[str, list[str]], env: dict[str, str], repeat: int
+) -> dict[str, tuple[float, float, list[str]]]:
+    """Per way (a command line): median wall and CPU seconds of ``repeat`` runs and the
+    sorted output of the last. The ways take turns, so a change in the machine's load falls
+    on all of them alike."""
+    runs: dict[str, list] = {k: [] for k in ways}
+    for _ in range(repeat):
+        for name, args in ways.items():
+            runs[name].append(run_timed(args, env))
+    return {
+        k: (
+            statistics.median(dt for dt, _, _ in v),
+            statistics.median(c for _, c, _ in v),
+            sorted(v[-1][2].stdout.splitlines()),
+        )
+        for k, v in runs.items()
+    }
+
+
+def dask_comparison(a: argparse.Namespace, tree: str, work: str, env: dict[str, str]) -> None:
+    """``--dask local:JOBS`` against ``--jobs JOBS`` on the tree, then the scaling table."""
+    tiny = os.path.join(work, "tiny.raw")
+    with open(tiny, "wb") as fh:
+        fh.write(bytes(PAGE))
+    common = ["scan", "-q", "--no-progress", "--format", "jsonl"]
+    ways = {"jobs": ["--jobs", str(a.jobs)], "dask": ["--dask", f"local:{a.jobs}"]}
+    fixed = medians({k: [*common, *how, tiny] for k, how in ways.items()}, env, a.repeat)
+    full = medians({k: [*common, *how, tree] for k, how in ways.items()}, env, a.repeat)
+    got = {k: (*full[k][:2], *fixed[k][:2], full[k][2]) for k in ways}
+    assert got["jobs"][4] == got["dask"][4], "--dask and --jobs printed different findings"
+    mb = a.count * (a.size // PAGE * PAGE) / 1e6
+    print(f"dask vs local pool: {a.count} images, {mb:,.0f} MB, {a.jobs} workers each; "
+          f"{len(got['jobs'][4])} findings (identical); median of {a.repeat}")  # fmt: skip
+    print("                        wall s   MB/s   net MB/s  |  CPU s   MB per CPU s  "
+          "fixed wall / CPU s")  # fmt: skip
+    for name, (wall, cpu, fw, fc, _) in got.items():
+        label = f"--dask local:{a.jobs}" if name == "dask" else f"--jobs {a.jobs}"
+        print(f"  {label:<20} {wall:7.2f} {mb / wall:7.0f} {mb / max(wall - fw, 1e-9):9.0f}  |"
+              f" {cpu:6.2f} {mb / max(cpu - fc, 1e-9):10.0f}"
+              f"       {fw:5.2f} / {fc:5.2f}")  # fmt: skip
+    (jw, jc, jfw, jfc, _), (dw, dc, dfw, dfc, _) = got["jobs"], got["dask"]
+    print(f"  dask throughput as % of --jobs: wall {jw / dw * 100:.0f}%, net of fixed costs "
+          f"{(jw - jfw) / max(dw - dfw, 1e-9) * 100:.0f}%, by CPU time "
+          f"{(jc - jfc) / max(dc - dfc, 1e-9) * 100:.0f}% (target: within 10%)")  # fmt: skip
+    per_core = mb / max(dc - dfc, 1e-9)  # MB per CPU second of the Dask run, workers included
+    bands = [float(x) for x in a.bandwidth.split(",")]
+    print(f"scaling on paper: per-core rate {per_core:,.0f} MB/s (this run, every detector); "
+          "expected fleet throughput min(workers x rate, storage bandwidth), GB/s")  # fmt: skip
+    print("  workers " + "".join(f"  storage {b:g} GB/s" for b in bands))
+    for w in (1, 2, 4, 8, 16, 32, 64):
+        print(f"  {w:7d} " + "".join(f"  {min(w * per_core / 1e3, b):17.2f}" for b in bands))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--count", type=int, default=200)
@@ -88,6 +164,10 @@ def main() -> None:
     ap.add_argument("--jobs", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", help="build the files in this directory and keep them")
+    ap.add_argument("--dask", action="store_true", help="also --dask local:JOBS vs --jobs JOBS")
+    ap.add_argument("--dask-only", action="store_true", help="only the Dask comparison")
+    ap.add_argument("--bandwidth", default="1.1,2.8,11",
+                    help="storage bandwidths for the scaling table, GB/s (10/25/100 GbE)")
     a = ap.parse_args()
     compile_package()
     size = a.size // PAGE * PAGE
@@ -112,6 +192,12 @@ def main() -> None:
 
     common = ["scan", "-q", "--no-progress", "--format", "jsonl", "-j", str(a.jobs)]
     vmleak([*common, tree], env)  # warm the page cache and imports
+    if a.dask or a.dask_only:
+        dask_comparison(a, tree, work, env)
+    if a.dask_only:
+        if not a.keep:
+            shutil.rmtree(work)
+        return
     vmleak([*common, large], env)
     startup, _ = timed(["--version"], env, a.repeat)
     t_large, n_large = timed([*common, large], env, a.repeat)

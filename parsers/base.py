@@ -20,6 +20,18 @@ from typing import Any
 import numpy as np
 
 GPA_SPACE = 0  # index of the guest-physical address space in MemoryImage.spaces
+REGION_PREFIX = "region:"  # spaces of file bytes outside guest memory, scanned anyway
+#: the kinds of ``region:<kind>`` spaces (docs/formats.md, "Bytes outside guest memory")
+REGION_KINDS = (
+    "header",  # a format's headers and tables (libvirt XML and its padding, ELF/kdump headers)
+    "device-state",  # a QEMU stream's device sections (CPU registers, device buffers)
+    "trailing",  # bytes after the format's end marker or last structure
+    "slack",  # allocated but unused bytes (qcow2 cluster tails past the vmstate)
+    "superseded",  # older copies of pages a later record replaces
+    "padding",  # alignment gaps between structures
+    "metadata",  # checkpoint groups and tags other than memory (VMware)
+    "unreferenced",  # file bytes inside the format's span that no structure accounts for
+)
 
 
 class ImageError(Exception):
@@ -43,6 +55,96 @@ class Remark(ImageError):
     """A note about an image that does not mean any of it went unread (e.g. "addresses may
     be wrong"): shown as a warning, without the error exit status. Every other ImageError a
     parser puts in ``MemoryImage.warnings`` is a damaged or unreadable part."""
+
+
+@dataclass
+class Coverage:
+    """What an image declares about its guest memory against what was read of it (contract
+    4; docs/architecture.md). All sizes in bytes.
+
+    - ``declared``: guest memory the image says it holds (RAM block list, kdump 1st bitmap,
+      VMware memSize or regions, PT_LOAD sizes, LiME ranges ...), None when it says nothing;
+      ``declared_by`` names that field, ``declared_at`` its file offset (None: not one place);
+    - ``excluded``: of ``declared``, what the format leaves out on purpose (kdump dump level,
+      ELF ``begin/length`` filter), with ``excluded_why``: stated, never an error;
+    - ``read``: guest memory accounted for: bytes mapped in extents of guest spaces plus pages
+      the format stores as fill (QEMU zero pages, kdump shared zero page); each page once;
+    - ``stopped_at``: file offset where reading stopped short, when known;
+    - ``outside``: file bytes outside guest memory scanned anyway (``region:*`` extents);
+    - ``structure``: file bytes the parser decodes as structure and does not scan (record
+      headers of 8-16 bytes that cannot hold a secret, bitmaps, page descriptors).
+    A parser fills these as it reads; :meth:`MemoryImage.check_coverage` compares them once
+    everything was read.
+    """
+
+    declared: int | None = None
+    declared_by: str = ""
+    declared_at: int | None = None
+    excluded: int = 0
+    excluded_why: str = ""
+    read: int = 0
+    stopped_at: int | None = None
+    outside: int = 0
+    structure: int = 0
+
+    @property
+    def missing(self) -> int:
+        """Declared bytes neither read nor excluded on purpose (0 when nothing is declared)."""
+        if self.declared is None:
+            return 0
+        return max(0, self.declared - self.excluded - self.read)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The figures for ``info``, reports and the state database (None-valued ones left out)."""
+        out = {
+            "declared": self.declared,
+            "declared_by": self.declared_by or None,
+            "read": self.read,
+            "missing": self.missing,
+            "excluded": self.excluded,
+            "excluded_why": self.excluded_why or None,
+            "outside": self.outside,
+            "structure": self.structure,
+        }
+        return {k: v for k, v in out.items() if v is not None}
+
+
+def file_regions(
+    size: int, spans: list[tuple[str, int, int]], guest: list[tuple[int, int]]
+) -> list[tuple[str, int, int]]:
+    """The bytes ``[0, size)`` of a file that are not guest memory, as (kind, first, end).
+
+    ``spans`` are the format's structures (kind, first, end) in priority order: where two
+    overlap (a hostile table), the earlier keeps the bytes; ``guest`` are the (first, end)
+    ranges holding guest memory, left out. Bytes in neither are ``unreferenced`` before the
+    end of the last structure or guest range, ``trailing`` after it."""
+    cuts = {0, size}
+    for _, a, b in spans:
+        cuts.update((min(max(a, 0), size), min(max(b, 0), size)))
+    for a, b in guest:
+        cuts.update((min(max(a, 0), size), min(max(b, 0), size)))
+    edges = sorted(cuts)
+    g = sorted(guest)
+    last = max([b for _, _, b in spans] + [b for _, b in guest] + [0])
+    out: list[tuple[str, int, int]] = []
+    gi = 0
+    for lo, hi in zip(edges[:-1], edges[1:], strict=True):
+        while gi < len(g) and g[gi][1] <= lo:
+            gi += 1
+        if gi < len(g) and g[gi][0] <= lo < g[gi][1]:
+            continue  # guest memory
+        kind = next((k for k, a, b in spans if a <= lo < b), None)
+        kind = kind or ("unreferenced" if lo < last else "trailing")
+        if out and out[-1][0] == kind and out[-1][2] == lo:
+            out[-1] = (kind, out[-1][1], hi)
+        else:
+            out.append((kind, lo, hi))
+    return out
+
+
+def mib(n: int) -> str:
+    """``n`` bytes for a message: exact bytes, and MiB when large."""
+    return f"{n:,} bytes ({n / 2**20:,.1f} MiB)" if n >= 1 << 20 else f"{n:,} bytes"
 
 
 @dataclass
@@ -101,6 +203,17 @@ class Extents:
         return cls(b.copy(), a.copy(), ln.copy(), fo.copy(), sp.copy())
 
     @classmethod
+    def concat(cls, *parts: Extents) -> Extents:
+        """One table holding every extent of ``parts`` (tables of the same buffer)."""
+        return cls.build(
+            np.concatenate([p.buf_offset for p in parts]),
+            np.concatenate([p.addr for p in parts]),
+            np.concatenate([p.length for p in parts]),
+            np.concatenate([p.file_offset for p in parts]),
+            np.concatenate([p.space for p in parts]),
+        )
+
+    @classmethod
     def single(cls, length: int, addr: int = 0, file_offset: int = -1) -> Extents:
         """One extent covering a whole buffer of ``length`` bytes at ``addr``."""
         return cls.build([0], [addr], [length], [file_offset])
@@ -154,6 +267,7 @@ class MemoryImage:
     fixed_segments: list[Segment] | None = None
     stream: Any = None  # Callable[[], Iterator[Segment]] for streaming images
     closers: list[Any] = field(default_factory=list)
+    coverage: Coverage = field(default_factory=Coverage)
 
     @property
     def random_access(self) -> bool:
@@ -171,6 +285,67 @@ class MemoryImage:
         if name not in self.spaces:
             self.spaces.append(name)
         return self.spaces.index(name)
+
+    def region_space(self, kind: str) -> int:
+        """Index of the ``region:<kind>`` space (contract 1: file bytes outside guest memory,
+        addressed by their offset in the file or in the decompressed stream)."""
+        if kind not in REGION_KINDS:
+            raise ValueError(f"unknown region kind {kind!r}")
+        return self.space_id(REGION_PREFIX + kind)
+
+    def region_extents(
+        self, pieces: list[tuple[str, int, int]], buf_base: int = 0, file_base: int | None = 0
+    ) -> Extents:
+        """Extents of ``region:<kind>`` spaces for ``pieces`` (kind, first, end), addressed by
+        offset in the file (or decompressed stream); ``buf_base``: that offset of buffer byte
+        0; ``file_base``: file offset of offset 0 when stored plainly (None: in a decompressed
+        stream, file offsets -1)."""
+        pieces = [(k, a, b) for k, a, b in pieces if b > a]
+        first = np.array([a for _, a, _ in pieces], np.int64)
+        length = np.array([b - a for _, a, b in pieces], np.int64)
+        space = np.array([self.region_space(k) for k, _, _ in pieces], np.int64)
+        fo = None if file_base is None else first + file_base
+        return Extents.build(first - buf_base, first, length, fo, space)
+
+    def is_guest_space(self, space: int) -> bool:
+        """Whether bytes of address space ``space`` are guest memory (GPA, a RAM block with no
+        GPA, a process core's virtual addresses), not a ``region:*`` of the file."""
+        return not self.spaces[space].startswith(REGION_PREFIX)
+
+    def guest_bytes(self, ext: Extents) -> int:
+        """Bytes of ``ext`` in guest spaces (see :meth:`is_guest_space`)."""
+        guest = np.array([self.is_guest_space(i) for i in range(len(self.spaces))], bool)
+        return int(ext.length[guest[ext.space]].sum()) if len(ext) else 0
+
+    def region_bytes(self, ext: Extents) -> int:
+        """Bytes of ``ext`` in ``region:*`` spaces."""
+        return int(ext.length.sum()) - self.guest_bytes(ext) if len(ext) else 0
+
+    def check_coverage(self) -> ImageError | None:
+        """Compare what the image declares with what was read (call once everything was
+        read); the problem, if any, is also added to ``warnings`` (an error: exit 2).
+
+        Memory missing that the format does not leave out on purpose is damage or truncation;
+        an image that yields no guest memory at all is an error even when the format allows
+        it (every page excluded), since its scan proves nothing."""
+        cov = self.coverage
+        err = None
+        if cov.missing:
+            where = cov.stopped_at if cov.stopped_at is not None else cov.declared_at
+            err = ImageError(
+                self.path,
+                where,
+                f"guest memory missing: {cov.declared_by or 'the image'} declares "
+                f"{mib(cov.declared or 0)}, {mib(cov.read)} read"
+                + (f", {mib(cov.excluded)} excluded by the format" if cov.excluded else "")
+                + " (damaged or truncated; everything readable was scanned)",
+            )
+        elif cov.read == 0:
+            why = f": {cov.excluded_why}" if cov.excluded else ""
+            err = ImageError(self.path, cov.stopped_at, f"no guest memory in this image{why}")
+        if err is not None and str(err) not in {str(w) for w in self.warnings}:
+            self.warnings.append(err)
+        return err
 
     def close(self) -> None:
         for closer in reversed(self.closers):

@@ -26,6 +26,7 @@ from parsers.base import (
     MemoryImage,
     Remark,
     Segment,
+    file_regions,
 )
 
 FORMATS = ["elf-core"]
@@ -105,6 +106,7 @@ MACHINES = {3: "i386", 62: "x86_64", 183: "aarch64", 40: "arm", 20: "ppc", 21: "
 
 MAX_NOTE_BYTES = 16 << 20  # notes read for metadata only; a bigger PT_NOTE is skipped
 MAX_GPA = 1 << 62  # physical addresses at or beyond this are not real RAM
+PAGE = 4096  # an unexplained gap this long between segments is damage, not alignment
 
 
 def probe(head: bytes, path: str) -> str | None:
@@ -172,9 +174,68 @@ def _parse(ev: Evidence, path: str) -> MemoryImage:
     unstored = 0xFFFFFFFF if cls == ELFCLASS32 else 0xFFFFFFFFFFFFFFFF
     ext = _load_extents(ev, path, image, phdrs, e_phoff, unstored)
     _read_notes(ev, path, image, phdrs, e_phoff, order)
-    image.fixed_segments = [Segment(ev.data, ext, path)]
     image.meta["stored_bytes"] = ext.total()
+    table_end = e_phoff + table_size
+    if e_phnum == PN_XNUM:
+        table_end = max(table_end, e_shoff + e_shentsize * e_shnum)
+    regions = _regions(ev, image, phdrs, ext, table_end, e_phoff, unstored)
+    image.coverage.read = ext.total()
+    image.coverage.outside = regions.total()
+    image.coverage.structure = ev.size - ext.total() - regions.total()
+    image.fixed_segments = [Segment(ev.data, Extents.concat(ext, regions), path)]
+    image.check_coverage()
     return image
+
+
+def _regions(
+    ev: Evidence,
+    image: MemoryImage,
+    phdrs: np.ndarray,
+    ext: Extents,
+    table_end: int,
+    phoff: int,
+    unstored: int,
+) -> Extents:
+    """The file's bytes outside guest memory, as ``region:*`` extents at their file offsets:
+    the ELF header and program header table (``header``), the notes (``metadata``), bytes
+    after the last thing a header points at (``trailing``) and gaps between them
+    (``unreferenced``). A program header that is neither PT_LOAD nor PT_NOTE yet stores data,
+    or a gap of a page or more between segments, is damage (a PT_LOAD turned into something
+    else): an error, and its bytes are scanned without GPA."""
+    size = ev.size
+    spans = [("header", 0, table_end)]
+    entsize = phdrs.dtype.itemsize
+    for i, h in enumerate(phdrs.tolist()):
+        ptype, off, filesz = h[0], int(phdrs["p_offset"][i]), int(phdrs["p_filesz"][i])
+        if off == unstored or filesz == 0 or off >= size:
+            continue
+        if ptype == PT_NOTE:
+            spans.append(("metadata", off, min(size, off + filesz)))
+        elif ptype != PT_LOAD:
+            image.warnings.append(
+                ImageError(
+                    image.path,
+                    phoff + i * entsize,
+                    f"program header {i} has type {ptype} yet stores {filesz:,} bytes at "
+                    f"{off:#x} (a damaged PT_LOAD?): those bytes are scanned without GPA",
+                )
+            )
+    guest = list(zip(ext.file_offset.tolist(), (ext.file_offset + ext.length).tolist(),
+                     strict=True))  # fmt: skip
+    pieces = file_regions(size, spans, guest)
+    gaps = [(a, b) for k, a, b in pieces if k == "unreferenced"]
+    gap = sum(b - a for a, b in gaps)
+    damaged = any("yet stores" in w.message for w in image.warnings)
+    if gap >= PAGE and not damaged:
+        image.warnings.append(
+            ImageError(
+                image.path,
+                gaps[0][0],
+                f"{gap:,} bytes between the segments belong to no program header "
+                "(damaged headers?): scanned without GPA",
+            )
+        )
+    return image.region_extents(pieces)
 
 
 def _load_extents(
@@ -185,7 +246,12 @@ def _load_extents(
     index = np.flatnonzero(phdrs["p_type"] == PT_LOAD)
     loads = phdrs[index]
     if loads.size == 0:
-        raise ImageError(path, phoff, "ELF core has no PT_LOAD program header: no memory in it")
+        # Scanned anyway (every byte lands in a region): the error says why nothing has a GPA.
+        image.warnings.append(
+            ImageError(path, phoff, "ELF core has no PT_LOAD program header: no memory in it")
+        )
+        image.coverage.declared_by = "the PT_LOAD program headers"
+        return Extents.build([], [], [])
     entsize = phdrs.dtype.itemsize
     # Python ints: the fields are unsigned 64-bit and must not wrap in the checks below.
     offset = loads["p_offset"].astype(object)
@@ -211,6 +277,17 @@ def _load_extents(
     missing = sum(m - min(f, m) for f, m in zip(filesz, memsz, strict=True))
     if missing:
         image.meta["not_stored_bytes"] = int(missing)
+    # Declared: what the PT_LOADs map; excluded on purpose: what they say is not stored
+    # (p_filesz < p_memsz, p_offset = -1: a begin/length filtered dump).
+    stored = np.array([min(f, m) if o != unstored else 0 for o, f, m in
+                       zip(offset, filesz, memsz, strict=True)], dtype=object)  # fmt: skip
+    cov = image.coverage
+    cov.declared = image.meta["ram_size"]
+    cov.declared_by = "the PT_LOAD program headers"
+    cov.declared_at = phoff
+    cov.excluded = cov.declared - _union_length(paddr, stored)
+    if cov.excluded:
+        cov.excluded_why = "PT_LOADs that map memory the dump does not store (a filtered dump)"
     starts, addrs, lens = [], [], []
     for i, hdr_index in enumerate(index):
         where = phoff + int(hdr_index) * entsize
@@ -239,9 +316,11 @@ def _load_extents(
         addrs.append(gpa)
         lens.append(size)
     if not starts:
-        if image.warnings:
-            raise image.warnings[0]
-        raise ImageError(path, phoff, "no PT_LOAD stores any bytes in this file")
+        if not image.warnings:
+            image.warnings.append(
+                ImageError(path, phoff, "no PT_LOAD stores any bytes in this file")
+            )
+        return Extents.build([], [], [])
     ext = _dedup(np.asarray(starts, np.int64), np.asarray(addrs, np.int64),
                  np.asarray(lens, np.int64))  # fmt: skip
     ext.space[:] = space

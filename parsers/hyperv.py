@@ -32,6 +32,8 @@ below follows public reverse-engineering notes, which disagree in places (docs/f
 Legacy ``.bin`` files are guest RAM, read identity-mapped (VMkatz) — its layout past the MMIO
 gap is not publicly documented, so a large one gets a warning. A ``.bin`` has no magic: it is
 taken as Hyper-V memory only beside its ``.vsv`` (same name), which is listed as a companion.
+The ``.vsv`` (device state, undocumented layout) is scanned whole as ``region:device-state``,
+addressed by its file offset: device buffers can hold guest data too.
 
 Raw pages and raw blocks are scanned in place (zero copy); compressed and pattern pages are
 decoded into bounded windows through libfwnt (``pyfwnt``), each page into at most its size.
@@ -674,16 +676,33 @@ def _open_bin(path: str) -> MemoryImage:
     if ev.size > BIN_GAP_WARNING:
         warnings.append(Remark(path, None, "legacy .bin read identity-mapped (VMkatz's reading): "
                                "addresses past the MMIO gap below 4 GiB may be wrong"))  # fmt: skip
-    seg = Segment(ev.data, Extents.single(ev.size, addr=0, file_offset=0), path)
-    return MemoryImage(
+    image = MemoryImage(
         path=path,
         format="hyperv-bin",
         files=[path, *([vsv] if vsv else [])],
         meta={"ram_size": ev.size, "layout": "identity", "vsv": vsv},
         warnings=warnings,
-        fixed_segments=[seg],
+        fixed_segments=[Segment(ev.data, Extents.single(ev.size, addr=0, file_offset=0), path)],
         closers=[ev.close],
     )
+    if vsv:
+        _add_vsv(image, vsv)
+    return image
+
+
+def _add_vsv(image: MemoryImage, vsv: str) -> None:
+    """Scan the ``.vsv`` whole as ``region:device-state`` (address = file offset). One that
+    cannot be read is a warning: the guest memory in the ``.bin`` is still scanned."""
+    try:
+        ev = Evidence(vsv)
+    except ImageError as err:
+        image.warnings.append(err)
+        return
+    image.closers.append(ev.close)
+    if ev.size:
+        ext = Extents.build([0], [0], [ev.size], [0], [image.space_id("region:device-state")])
+        image.fixed_segments.append(Segment(ev.data, ext, vsv))
+    image.meta["vsv_size"] = ev.size
 
 
 # ---------------------------------------------------------------------------------------------

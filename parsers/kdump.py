@@ -398,8 +398,15 @@ class _Dump:
         dump.ndesc = dump._popcount(dump.bitmap2, "2nd bitmap")
         image.meta["ram_size"] = ram * bs
         image.meta["pages_stored"] = dump.ndesc
+        cov = image.coverage
+        cov.declared, cov.declared_at = ram * bs, bm_off
+        cov.declared_by = "the dump's 1st bitmap (RAM pages)"
         if ram > dump.ndesc:
             image.meta["pages_excluded"] = ram - dump.ndesc  # left out by the dump level
+            cov.excluded = (ram - dump.ndesc) * bs
+            cov.excluded_why = (
+                f"{ram - dump.ndesc:,} pages left out by the dump (dump level {sub.dump_level})"
+            )
         return dump
 
     def _popcount(self, offset: int, what: str) -> int:
@@ -602,6 +609,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     yielded, the first kind is raised as ImageError (part of the dump was unreadable) and the
     other kinds are added to image.warnings."""
     src, bs, path = dump.src, dump.block_size, image.path
+    image.coverage.read = 0
     codecs = _codecs()
     window = _Window(bs)
     runs = _Runs(src, bs, path)
@@ -645,12 +653,22 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
         if window.pfns:
             yield window.segment(path)
     except ImageError:
+        _settle(dump, image, k)
         _add_warnings(image, dump.problems())
         raise
+    _settle(dump, image, dump.ndesc)
     problems = dump.problems()
     _add_warnings(image, problems[1:])
     if problems:
         raise problems[0]
+
+
+def _settle(dump: _Dump, image: MemoryImage, walked: int) -> None:
+    """Contract 4 once the pages were read: ``walked`` descriptors were reached, of which the
+    counted bad pages were unreadable (all-zero pages count as read: nothing to scan)."""
+    bad = sum(count for count, _ in dump.tally.values())
+    image.coverage.read = max(0, walked - bad) * dump.block_size
+    image.check_coverage()
 
 
 def _add_warnings(image: MemoryImage, problems: list[ImageError]) -> None:

@@ -6,7 +6,13 @@ Layout and sources: ``docs/formats.md`` §5 (container) and §6 (compressed payl
 A raw or sparse stream is scanned in place through mmap (zero copy). A compressed one is
 decompressed in-process in bounded windows (never whole in memory) by ``parsers.codecs``:
 gzip, bzip2, xz, lzop and zstd. Decompression stops with an error when the stream grows past
-twice the guest RAM it declares (plus a margin): a decompression bomb.
+the bound :func:`stream_bound` sets from the smallest trustworthy declaration (the XML
+``<memory>``, the RAM block list, for gzip the deflate ratio limit): a decompression bomb
+stops within seconds whatever it claims.
+
+Every byte of the file outside guest memory is scanned too (``region:header`` for the save
+header, XML and cookie, ``region:padding`` for the zero padding after them; the stream's own
+regions are :func:`parsers.qemu.stream_regions`).
 """
 
 from __future__ import annotations
@@ -16,8 +22,10 @@ import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from parsers import codecs, qemu
-from parsers.base import Evidence, ImageError, MemoryImage, Segment
+from parsers.base import Coverage, Evidence, ImageError, MemoryImage, Segment
 
 FORMATS = ["libvirt-save"]
 
@@ -41,7 +49,16 @@ VERSIONS = (1, 2)
 FORMAT_NAMES = {0: "raw", 1: "gzip", 2: "bzip2", 3: "xz", 4: "lzop", 5: "zstd", 6: "sparse"}
 # Payload magics, to check the header's claim (and to decide for version 1 images).
 PAYLOAD_MAGICS = {"raw": qemu.MAGIC, **codecs.PAYLOAD_MAGICS}
-BOMB_MARGIN = 64 << 20  # bytes of stream allowed beyond twice the declared RAM
+BOMB_MARGIN = 64 << 20  # bytes of stream allowed beyond the bound (device state, headers)
+#: stream bytes per declared RAM byte a paused save can need: each page once plus its 8-byte
+#: record header (0.2% at 4 KiB); libvirt pauses the domain before saving, so no page is resent
+STREAM_FACTOR = 1.25
+#: RAM blocks a stream holds beyond the XML ``<memory>`` (VGA and QXL RAM, ROMs, firmware,
+#: ACPI tables: tens of MiB, QXL with large video memory a few hundred)
+NON_RAM_ALLOWANCE = 256 << 20
+#: deflate cannot expand data more than 1032:1 (a 258-byte match per 2 bits at best; zlib's
+#: technical notes): a gzip payload's stream is at most this many times its compressed size
+DEFLATE_MAX_RATIO = 1032
 MAX_XML = 16 << 20  # a domain XML larger than this is not parsed
 MEMORY_UNITS = {
     "b": 1, "bytes": 1, "k": 1 << 10, "kib": 1 << 10, "kb": 1000, "m": 1 << 20, "mib": 1 << 20,
@@ -105,12 +122,47 @@ def parse_domain_xml(xml: bytes) -> dict[str, Any]:
     return out
 
 
+def stream_bound(kind: str, compressed: int, xml_ram: int | None, mem_total: int) -> int:
+    """The most decompressed stream bytes a ``kind`` payload of ``compressed`` bytes may
+    yield: STREAM_FACTOR times the smallest trustworthy declaration of guest memory (the RAM
+    block list total ``mem_total`` once read, the XML ``<memory>`` plus NON_RAM_ALLOWANCE),
+    plus a margin, and for gzip never more than the deflate ratio allows. Before anything is
+    declared, the first window and the margin."""
+    trusted = [n for n in (mem_total, xml_ram and xml_ram + NON_RAM_ALLOWANCE) if n]
+    bound = int(STREAM_FACTOR * min(trusted, default=0)) + qemu.WINDOW + BOMB_MARGIN
+    if kind == "gzip":
+        bound = min(bound, DEFLATE_MAX_RATIO * compressed + BOMB_MARGIN)
+    return bound
+
+
 def _sniff(ev: Evidence, start: int) -> str | None:
     head = ev.read(start, 16)
     for name, magic in PAYLOAD_MAGICS.items():
         if head.startswith(magic):
             return name
     return None
+
+
+def _header_regions(ev: Evidence, hdr: dict[str, Any], start: int) -> list[tuple[str, int, int]]:
+    """The save header, XML and cookie (``header``) and the zero padding after them up to the
+    stream (``padding``), as (kind, first, end) file offsets."""
+    area = ev.data[HEADER_SIZE:start]
+    nul = np.flatnonzero(area == 0)
+    cookie = hdr["cookie_offset"]
+    after = nul[nul >= cookie] if 0 < cookie < area.size else nul
+    content = HEADER_SIZE + (int(after[0]) + 1 if after.size else area.size)
+    return [(k, a, b) for k, a, b in (("header", 0, content), ("padding", content, start)) if b > a]
+
+
+def _settle(image: MemoryImage) -> None:
+    """Compare declared and read memory once the stream was read; a stream that never
+    reached its RAM block list is held to the XML ``<memory>``."""
+    cov = image.coverage
+    if cov.declared is None and image.meta.get("declared_memory"):
+        cov.declared = image.meta["declared_memory"]
+        cov.declared_by = "the domain XML <memory>"
+        cov.declared_at = HEADER_SIZE
+    image.check_coverage()
 
 
 def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
@@ -158,17 +210,19 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
                 path, 28, f"header says {declared} but the payload is {found}; read as {found}"
             ))
     meta["compression"] = kind
+    head = _header_regions(ev, hdr, start)
     if kind in ("raw", "sparse"):
-        qemu.open_mapped(ev, start, image, machine, options)
+        qemu.open_mapped(ev, start, image, machine, options, head)
         meta.setdefault("ram_size", meta.get("declared_memory"))
+        _settle(image)
         return
     opener, remark = codecs.opener(ev, kind)
     if remark is not None:
         image.warnings.append(remark)
-    declared_ram = meta.get("declared_memory") or 0
+    xml_ram = meta.get("declared_memory")
 
     def limit(mem_total: int) -> int:
-        return 2 * max(declared_ram, mem_total) + qemu.WINDOW + BOMB_MARGIN
+        return stream_bound(kind, ev.size - start, xml_ram, mem_total)
 
     first = opener(start, limit(0))
     try:
@@ -182,11 +236,20 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
         raise first.problem
     walker.assign_spaces(image)
     meta.update(walker.meta())
-    meta.setdefault("ram_size", declared_ram or None)
+    meta.setdefault("ram_size", xml_ram or None)
 
     bound = limit(walker.mem_total)
 
     def stream() -> Iterator[Segment]:
-        return qemu.stream_segments(opener(start, bound), image, machine, options, limit)
+        image.coverage = Coverage()
+        ext = image.region_extents(head)
+        image.coverage.outside = ext.total()
+        yield Segment(ev.data[:start], ext, path)
+        try:
+            yield from qemu.stream_segments(opener(start, bound), image, machine, options, limit)
+        except ImageError:
+            _settle(image)
+            raise
+        _settle(image)
 
     image.stream = stream

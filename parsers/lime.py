@@ -39,8 +39,9 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     ev = Evidence(path)
     image = MemoryImage(path=path, format="lime", files=[path], closers=[ev.close])
     bufs, addrs, lens = [], [], []
-    pos = 0
+    pos = declared = 0
     while pos < ev.size:
+        length = None
         try:
             magic, version, start, end = HEADER.unpack(ev.need(pos, HEADER.size, "LiME header"))
             if magic != MAGIC or version != VERSION:
@@ -57,6 +58,7 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
                     bufs.append(pos + HEADER.size)
                     addrs.append(start)
                     lens.append(have)
+                pos = ev.size  # the rest of the file is that range: no trailing bytes
                 raise ImageError(
                     path, pos, f"LiME range of {length} bytes runs past end of file (truncated)"
                 )
@@ -65,12 +67,23 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
                 ev.close()
                 raise
             image.warnings.append(err)
+            declared += length or 0
             break
+        declared += length
         bufs.append(pos + HEADER.size)
         addrs.append(start)
         lens.append(length)
         pos += HEADER.size + length
     ext = Extents.build(bufs, addrs, lens, file_offset=np.asarray(bufs, np.int64))
-    image.fixed_segments = [Segment(ev.data, ext, path)]
+    # Range headers are structure; bytes after the last range (or from a bad header on) are
+    # not, and are scanned as region:trailing.
+    pieces = [("trailing", pos, ev.size)] if pos < ev.size else []
+    regions = image.region_extents(pieces)
+    image.fixed_segments = [Segment(ev.data, Extents.concat(ext, regions), path)]
     image.meta = {"ram_size": ext.total(), "ranges": len(ext)}
+    cov = image.coverage
+    cov.declared, cov.declared_by = declared, "the LiME range headers"
+    cov.read, cov.outside = ext.total(), regions.total()
+    cov.structure = ev.size - cov.read - cov.outside
+    image.check_coverage()
     return image

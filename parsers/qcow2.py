@@ -16,7 +16,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from parsers import qemu
-from parsers.base import Evidence, ImageError, MemoryImage, Segment
+from parsers.base import Coverage, Evidence, ImageError, MemoryImage, Segment
 
 FORMATS = ["qcow2-snapshot"]
 
@@ -281,12 +281,18 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         return 2 * mem_total + qemu.WINDOW + (64 << 20)
 
     def stream() -> Iterator[Segment]:
-        for snap in chosen:
-            for seg in qemu.stream_segments(
-                _VmstateReader(img, snap), image, options.get("machine"), options, limit
-            ):
-                seg.snapshot = snap["name"]
-                yield seg
+        image.coverage = Coverage()
+        try:
+            for snap in chosen:
+                for seg in qemu.stream_segments(
+                    _VmstateReader(img, snap), image, options.get("machine"), options, limit
+                ):
+                    seg.snapshot = snap["name"]
+                    yield seg
+        except ImageError:
+            image.check_coverage()
+            raise
+        image.check_coverage()
 
     image.stream = stream
     return image

@@ -84,6 +84,9 @@ INFLATE_BATCH = 4096  # compressed pages inflated per segment
 PEEK = 1 << 20  # decompressed prefix read at open time for the metadata
 RUN_PROBE = 16  # same-kind records in a row before a run is decoded with numpy
 RUN_MAX = 1 << 16  # records decoded per numpy batch
+MAP_MAX = 256 << 20  # bytes of page bitmap per RAM block (8 TiB of 4 KiB pages); past it, count
+SIGN_BIT = 1 << 63  # record words at or above this hold no page offset (array("q") bound)
+NO_EXTENT = -1  # page_pos of a page accounted for but not mapped from the buffer (fill, zlib)
 
 
 @dataclass
@@ -95,6 +98,41 @@ class _Block:
     lengths: np.ndarray | None = None
     gpas: np.ndarray | None = None
     mapped: tuple[int, int] | None = None  # mapped-ram (bitmap_offset, pages_offset)
+
+
+class _PageMap:
+    """Which pages of each RAM block the stream held (one bit per page), so a page sent twice
+    (live migration resends dirty pages) counts once against the block list. A block whose
+    map would take more than MAP_MAX bytes is counted by record instead."""
+
+    def __init__(self, sizes: list[int], page_size: int) -> None:
+        self.ps = page_size
+        self.sizes = sizes
+        self.whole: set[int] = set()  # blocks accounted for entirely (mapped-ram)
+        self.maps = [
+            np.zeros(-(-(s // page_size) // 8), np.uint8) if s // page_size // 8 <= MAP_MAX
+            else None
+            for s in sizes
+        ]  # fmt: skip
+        self.counted = 0  # pages of blocks without a map
+
+    def mark(self, blk: np.ndarray, addr: np.ndarray) -> None:
+        """Note pages at block offsets ``addr`` (bytes) of blocks ``blk`` (all inside)."""
+        for b in np.unique(blk).tolist():
+            m = self.maps[b]
+            idx = addr[blk == b] // self.ps
+            if m is None:
+                self.counted += idx.size
+            else:
+                np.bitwise_or.at(m, idx >> 3, np.left_shift(1, idx & 7).astype(np.uint8))
+
+    def pages(self) -> int:
+        """Distinct pages noted."""
+        return self.counted + sum(
+            self.sizes[b] // self.ps if b in self.whole else int(np.bitwise_count(m).sum())
+            for b, m in enumerate(self.maps)
+            if m is not None or b in self.whole
+        )
 
 
 class _Incomplete(Exception):
@@ -139,6 +177,12 @@ class Walker:
     warnings: list[str] = field(default_factory=list)
     main_ram: int = 0  # bytes of main RAM (the blocks with a GPA)
     carried_block: int = -1  # current block when the buffer being walked began
+    seen: _PageMap | None = None  # pages accounted for, per block (from the block list on)
+    mem_size_at: int | None = None  # stream offset of the MEM_SIZE record (the block list)
+    header_end: int | None = None  # stream offset just past the block list
+    devices_at: int | None = None  # stream offset where device state begins
+    stopped: int | None = None  # stream offset of the item the walk failed in
+    payload_end: int = 0  # stream offset just past the last page payload taken
 
     # ---- driving -------------------------------------------------------------------------
 
@@ -159,6 +203,9 @@ class Walker:
                     p = self._ram(buf, p, n)
             except _Incomplete:
                 p = start
+            except ImageError:
+                self.stopped = max(self.base + start, self.payload_end)
+                raise
             if p == start:
                 break
         if final and self.phase != "devices":
@@ -246,6 +293,7 @@ class Walker:
         if not self.ram_ended and self.blocks:
             self.warnings.append("stream has no final ram section (live migration cut short?)")
         self.phase = "devices"
+        self.devices_at = self.base + p
         return p
 
     def _configuration(self, buf: Any, p: int, n: int) -> int:
@@ -310,7 +358,8 @@ class Walker:
         while p + 8 <= n:
             (w,) = unpack(buf, p)
             f = w & fmask
-            if (f == page_cont or f == zero_cont) and self.cur_block >= 0:
+            # (a word with the top bit set is no page offset: the slow path refuses it)
+            if (f == page_cont or f == zero_cont) and self.cur_block >= 0 and w < SIGN_BIT:
                 same = same + 1 if f == last else 0
                 last = f
                 size = rec if f == page_cont else 9
@@ -320,11 +369,11 @@ class Walker:
                     continue
                 if p + size > n:
                     break
-                if f == page_cont:
-                    pos_append(p + 8)
-                    addr_append(w - f)
-                else:
-                    self.zero_pages += 1  # a fill page holds no secret: nothing to scan
+                # a fill page holds no secret: accounted for, not scanned
+                pos_append(p + 8 if f == page_cont else NO_EXTENT)
+                addr_append(w - f)
+                if f == zero_cont:
+                    self.zero_pages += 1
                 p += size
             else:
                 last = -1
@@ -350,10 +399,11 @@ class Walker:
             m = int(bad[0]) if bad.size else k
             if code & F_PAGE:
                 pos = np.arange(p + 8, p + 8 + m * size, size, dtype=np.int64)
-                self.page_pos.frombytes(pos.tobytes())
-                self.page_addr.frombytes((words[:m] - np.uint64(code)).astype(np.int64).tobytes())
             else:
+                pos = np.full(m, NO_EXTENT, np.int64)
                 self.zero_pages += m
+            self.page_pos.frombytes(pos.tobytes())
+            self.page_addr.frombytes((words[:m] - np.uint64(code)).astype(np.int64).tobytes())
             p += m * size
             if m < k or k < batch:
                 return p
@@ -403,12 +453,11 @@ class Walker:
             self.cur_block = blk
         if kind == F_ZERO:
             self.zero_pages += 1
-        elif kind == F_PAGE:
-            self.page_pos.append(q)
-            self.page_addr.append(addr)
-        else:
+        elif kind == F_COMPRESS_PAGE:
             self.compressed.append((q + 4, clen, blk, addr))
             self.compressed_pages += 1
+        self.page_pos.append(q if kind == F_PAGE else NO_EXTENT)
+        self.page_addr.append(addr)
         return end
 
     def _block_index(self, name: str, at: int) -> int:
@@ -444,6 +493,9 @@ class Walker:
             seen += size
         self.blocks = blocks
         self.mem_total = total
+        self.mem_size_at = at
+        self.header_end = self.base + p
+        self.seen = _PageMap([b.size for b in blocks], self.page_size)
         self._map_blocks()
         return p
 
@@ -509,6 +561,8 @@ class Walker:
         None for a decompression window (file offsets -1)."""
         pos = np.array(self.page_pos, np.int64)
         addr = np.array(self.page_addr, np.int64)
+        if pos.size:
+            self.payload_end = max(self.payload_end, self.base + int(pos.max()) + self.page_size)
         # Block of each page: the block current when the buffer began, then each switch.
         blk = np.full(pos.size, self.carried_block, np.int64)
         if self.block_marks and pos.size:
@@ -520,11 +574,15 @@ class Walker:
         self.page_addr = array("q")
         self.block_marks = []
         self.carried_block = self.cur_block
-        sizes = np.array([b.size for b in self.blocks], np.int64)
-        ok = (blk >= 0) & (addr + self.page_size <= sizes[np.maximum(blk, 0)])
+        sizes = np.array([b.size for b in self.blocks] or [0], np.int64)
+        ok = (blk >= 0) & (addr >= 0) & (addr + self.page_size <= sizes[np.maximum(blk, 0)])
         if not ok.all():
             self.warnings.append(f"{int((~ok).sum())} page records lie beyond their RAM block")
             pos, addr, blk = pos[ok], addr[ok], blk[ok]
+        if self.seen is not None:
+            self.seen.mark(blk, addr)
+        mapped = pos != NO_EXTENT
+        pos, addr, blk = pos[mapped], addr[mapped], blk[mapped]
         addr_out, space = self.addresses(blk, addr)
         self.pages += pos.size
         fo = None if file_offset_base is None else pos + file_offset_base
@@ -548,6 +606,8 @@ class Walker:
                 )
                 bits[:] = True
             idx = np.flatnonzero(bits).astype(np.int64) * ps
+            if self.seen is not None:  # a page the bitmap leaves out is a zero page
+                self.seen.whole.add(i)
             addr, space = self.addresses(np.full(idx.size, i, np.int64), idx)
             parts.append((pages_off + idx, addr, space))
             self.pages += idx.size
@@ -615,9 +675,10 @@ class Walker:
         return out
 
 
-def parse_vmdesc(tail: bytes) -> dict[str, Any] | None:
+def parse_vmdesc(tail: bytes) -> tuple[dict[str, Any] | None, int | None]:
     """The VM description JSON at the end of a stream (``0x06``, be32 length, JSON), found in
-    ``tail`` (the bytes after the RAM). Returns a summary, or None when absent/unreadable."""
+    ``tail`` (the bytes after the RAM). Returns a summary (None when absent or unreadable) and
+    the offset in ``tail`` just past the JSON, where the stream ends (None when not found)."""
     at = tail.find(b'{"page_size"')
     while at >= 5:
         if tail[at - 5] == SEC_VMDESC:
@@ -625,31 +686,81 @@ def parse_vmdesc(tail: bytes) -> dict[str, Any] | None:
             try:
                 desc = json.loads(tail[at : at + ln])
             except (ValueError, UnicodeDecodeError):
-                return None
+                return None, None
             devices = desc.get("devices") if isinstance(desc, dict) else None
             if not isinstance(devices, list):
-                return None
+                return None, None
             return {
                 "page_size": desc.get("page_size"),
                 "devices": len(devices),
                 "device_names": sorted(
                     {str(d.get("name")) for d in devices[:4096] if isinstance(d, dict)}
                 ),
-            }
+            }, min(at + ln, len(tail))
         at = tail.find(b'{"page_size"', at + 1)
-    return None
+    return None, None
+
+
+def account(walker: Walker, image: MemoryImage, stopped_at: int | None) -> None:
+    """Fill ``image.coverage`` from what ``walker`` saw (contract 4): the RAM block list
+    declares every block's size; each page the stream held (stored, fill or zlib page) counts
+    once. ``stopped_at``: file offset where the walk stopped short, if it did. Without a block
+    list, what a container declared (libvirt XML) stays the declaration."""
+    cov = image.coverage
+    cov.stopped_at = stopped_at
+    if walker.blocks:
+        cov.declared = walker.mem_total
+        cov.declared_by = "the stream's RAM block list"
+        cov.declared_at = walker.mem_size_at
+    pages = walker.seen.pages() if walker.seen is not None else 0
+    cov.read += pages * walker.page_size
+    if "x-ignore-shared" in walker.capabilities and cov.declared:
+        cov.excluded = max(0, cov.declared - cov.read)
+        cov.excluded_why = "x-ignore-shared: shared RAM blocks are not in the stream"
+
+
+def stream_regions(
+    walker: Walker, start: int, end: int, stop: int | None, desc_end: int | None
+) -> list[tuple[str, int, int]]:
+    """The stream's bytes outside guest memory, as (kind, first, end) stream offsets, for a
+    stream occupying ``[start, end)``: the header (file header, configuration, block list),
+    device state (from the first device section to the end of the VM description), what
+    follows the stream (trailing) and, when the walk failed at ``stop``, everything from
+    there (unreferenced: it may hold pages the walker could not decode). Record headers
+    between pages are decoded structure, not regions (docs/formats.md)."""
+    out = []
+    mapped = "mapped-ram" in walker.capabilities  # its header runs past the page areas
+    head_end = walker.header_end if walker.header_end is not None and not mapped else None
+    if head_end is None and not mapped:
+        head_end = walker.devices_at if walker.devices_at is not None else stop
+    if head_end is not None:
+        out.append(("header", start, min(head_end, end)))
+    if walker.devices_at is not None:
+        tail_end = min(desc_end, end) if desc_end is not None else end
+        out.append(("device-state", walker.devices_at, tail_end))
+        out.append(("trailing", tail_end, end))
+    elif stop is not None:
+        out.append(("unreferenced", stop, end))
+    return [(k, a, b) for k, a, b in out if b > a]
 
 
 # ---- the two ways to feed the walker ---------------------------------------------------------
 
 
 def open_mapped(
-    ev: Evidence, start: int, image: MemoryImage, machine: str | None, options: dict[str, Any]
+    ev: Evidence,
+    start: int,
+    image: MemoryImage,
+    machine: str | None,
+    options: dict[str, Any],
+    before: list[tuple[str, int, int]] = (),
 ) -> None:
     """Walk the stream that starts at file offset ``start`` of the mmapped ``ev`` and make
     ``image`` scan its pages in place: one fixed segment (zero copy), plus inflated windows
-    when the stream holds zlib-compressed pages. Problems after a readable prefix become
-    warnings; a stream unreadable from the start is an ImageError."""
+    when the stream holds zlib-compressed pages; the file's other bytes in ``region:*``
+    spaces (the container's ``before`` pieces, (kind, first, end) file offsets, and the
+    stream's own). Fills ``image.coverage`` (the caller checks it). Problems after a readable
+    prefix become warnings; a stream unreadable from the start is an ImageError."""
     path = ev.path
 
     def fail(off: int, msg: str) -> ImageError:
@@ -658,6 +769,8 @@ def open_mapped(
     walker = Walker(fail, machine=machine, file_size=ev.size)
     walker.max_ram_below_4g = options.get("max_ram_below_4g")
     buf = memoryview(ev.data)
+    stop = None
+    walker.base = 0
     try:
         end = _walk_released(walker, ev, buf, start)
     except ImageError as err:
@@ -674,7 +787,22 @@ def open_mapped(
         ext = walker.take_extents(0)
     for note in walker.warnings:
         image.warnings.append(ImageError(path, None, note))
-    main = Segment(ev.data, ext, path)
+    desc, desc_end = (None, None)
+    if walker.phase == "devices":
+        devices = ev.data[end : end + VMDESC_SEARCH].tobytes()
+        desc, desc_end = parse_vmdesc(devices)
+        if desc:
+            image.meta["vmdesc"] = desc
+            desc_end = end + desc_end
+        image.meta.update(clock.qemu_rtc(devices))
+    if walker.stopped is not None:
+        stop = max(walker.stopped, walker.payload_end)
+    pieces = list(before) + stream_regions(walker, start, ev.size, stop, desc_end)
+    regions = image.region_extents(pieces, 0, 0)
+    account(walker, image, stop)
+    image.coverage.outside += image.region_bytes(regions)
+    image.coverage.structure += ev.size - ext.total() - image.region_bytes(regions)
+    main = Segment(ev.data, Extents.concat(ext, regions), path)
     if walker.compressed:
         records = walker.compressed
 
@@ -689,11 +817,6 @@ def open_mapped(
     image.meta["compressed_pages"] = walker.compressed_pages
     image.meta["pages"] = walker.pages + walker.compressed_pages
     image.meta["zero_pages"] = walker.zero_pages
-    if walker.phase == "devices":
-        desc = parse_vmdesc(ev.data[end : end + VMDESC_SEARCH].tobytes())
-        if desc:
-            image.meta["vmdesc"] = desc
-        image.meta.update(clock.qemu_rtc(ev.data[end : end + VMDESC_SEARCH].tobytes()))
 
 
 def _walk_released(walker: Walker, ev: Evidence, buf: memoryview, start: int) -> int:
@@ -737,10 +860,13 @@ def stream_segments(
     window: int = WINDOW,
 ) -> Iterator[Segment]:
     """Walk the stream ``src`` in bounded windows, yielding one reused segment per window (its
-    extents point at page payloads inside it) plus inflated windows for compressed pages.
+    extents point at page payloads inside it) plus inflated windows for compressed pages,
+    then the stream's bytes outside guest memory (header, device state, what follows the
+    stream or a point where the walk failed) in ``region:*`` spaces at their stream offsets.
     ``limit(mem_total)`` is the most stream bytes allowed given the RAM size the stream
-    declared (0 if not yet known): past it the stream is a decompression bomb. Raises
-    ImageError after yielding what was readable. Closes ``src``."""
+    declared (0 if not yet known): past it the stream is a decompression bomb. Adds what was
+    read to ``image.coverage`` (not checked here: a container may hold several streams).
+    Raises ImageError after yielding what was readable. Closes ``src``."""
     walker = Walker(src.fail, machine=machine)
     walker.max_ram_below_4g = options.get("max_ram_below_4g")
     slack = 1 << 20  # one record larger than this is refused
@@ -749,6 +875,16 @@ def stream_segments(
     fill = p = 0
     eof = False
     err: ImageError | None = None
+    header_done = False
+    rest_at = 0  # stream offset where the bytes after guest RAM begin
+
+    def bomb(at: int) -> ImageError:
+        return src.fail(
+            at,
+            f"stream expands past {limit(walker.mem_total)} bytes, far more than the guest "
+            "RAM it declares (decompression bomb?)",
+        )
+
     try:
         while err is None:
             while fill < arr.size and not eof:
@@ -758,13 +894,8 @@ def stream_segments(
                     break
                 arr[fill : fill + len(data)] = np.frombuffer(data, np.uint8)
                 fill += len(data)
-                cap = limit(walker.mem_total)
-                if walker.base + fill > cap:
-                    err = src.fail(
-                        walker.base + fill,
-                        f"stream expands past {cap} bytes, far more than the guest RAM it "
-                        "declares (decompression bomb?)",
-                    )
+                if walker.base + fill > limit(walker.mem_total):
+                    err = bomb(walker.base + fill)
                     break
             try:
                 p = walker.walk(buf, 0, fill, final=False)
@@ -772,6 +903,20 @@ def stream_segments(
                 err = exc
             walker.assign_spaces(image)
             ext = walker.take_extents(None)
+            if err is None and eof and walker.phase != "devices":
+                where = "inside a record" if p < fill else "before the end of guest RAM"
+                err = src.problem or src.fail(walker.base + p, f"truncated: stream ends {where}")
+                walker.stopped = walker.base + p
+            if walker.phase == "devices":
+                rest_at = walker.devices_at or 0
+            elif err is not None:
+                rest_at = max(walker.stopped or walker.base + p, walker.payload_end)
+            if not header_done and (walker.header_end is not None or err or walker.devices_at):
+                header_done = True
+                head = [("header", walker.base, walker.header_end or rest_at)]
+                head = [h for h in head if h[2] > h[1]]
+                image.coverage.outside += sum(b - a for _, a, b in head)
+                ext = Extents.concat(ext, image.region_extents(head, walker.base, None))
             if len(ext):
                 yield Segment(arr[:fill], ext, image.path, reused=True)
             if walker.compressed:
@@ -779,32 +924,70 @@ def stream_segments(
                 walker.compressed = []
             if err is not None or walker.phase == "devices":
                 break
-            if eof:
-                where = "inside a record" if p < fill else "before the end of guest RAM"
-                err = src.problem or src.fail(walker.base + p, f"truncated: stream ends {where}")
-                break
             if p == 0 and fill == arr.size:
                 err = src.fail(walker.base, "record larger than the decode window")
+                rest_at = walker.base
                 break
             arr[: fill - p] = arr[p:fill].copy()
             walker.base += p
             fill -= p
-        if err is None:
-            tail = arr[p:fill].tobytes()
-            while len(tail) < VMDESC_SEARCH and not eof:
-                data = src.read(VMDESC_SEARCH - len(tail))
-                eof = not data
-                tail += data
-            desc = parse_vmdesc(tail)
-            if desc:
-                image.meta["vmdesc"] = desc
-            image.meta.update(clock.qemu_rtc(tail))
+        carry = arr[max(0, rest_at - walker.base) : fill].tobytes()
+        err = yield from _stream_rest(src, image, walker, carry, rest_at, eof, err, bomb, limit)
         for note in walker.warnings:
             image.warnings.append(ImageError(image.path, None, note))
+        account(walker, image, None)
         if err is not None:
             raise err
     finally:
         src.close()
+
+
+def _stream_rest(
+    src: StreamSource,
+    image: MemoryImage,
+    walker: Walker,
+    carry: bytes,
+    at: int,
+    eof: bool,
+    err: ImageError | None,
+    bomb: Callable[[int], ImageError],
+    limit: Callable[[int], int],
+) -> Iterator[Segment]:
+    """Segments of the stream's bytes from stream offset ``at`` (``carry`` holds the first of
+    them) to its end, outside guest memory: device state up to the end of the VM description
+    and trailing bytes after it; or, after a failed walk, unreferenced bytes. Read in windows
+    of at most WINDOW bytes, within the bomb limit. Returns the error to raise (``err``, or
+    a bomb)."""
+    devices = walker.phase == "devices"
+    tail = carry
+    while devices and len(tail) < VMDESC_SEARCH and not eof:
+        data = src.read(VMDESC_SEARCH - len(tail))
+        eof = not data
+        tail += data
+    kind_after = "device-state" if devices else "unreferenced"
+    pieces = [(kind_after, at, at + len(tail))]
+    if devices:
+        image.meta.update(clock.qemu_rtc(tail))
+        desc, desc_end = parse_vmdesc(tail)
+        if desc:
+            image.meta["vmdesc"] = desc
+            end = at + desc_end
+            pieces = [("device-state", at, end), ("trailing", end, at + len(tail))]
+            kind_after = "trailing"
+    pos = at
+    while tail:
+        if pos + len(tail) > limit(walker.mem_total):
+            return err or bomb(pos + len(tail))
+        pieces = [(k, a, b) for k, a, b in pieces if b > a]
+        image.coverage.outside += sum(b - a for _, a, b in pieces)
+        ext = image.region_extents(pieces, pos, None)
+        yield Segment(np.frombuffer(tail, np.uint8), ext, image.path, reused=True)
+        pos += len(tail)
+        tail = b"" if eof else src.read(WINDOW)
+        pieces = [(kind_after, pos, pos + len(tail))]
+    if src.problem is not None and err is None and devices:
+        return src.problem
+    return err
 
 
 def peek_meta(
@@ -839,4 +1022,5 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         image = MemoryImage(path=path, format="qemu-migration", files=[path], closers=[ev.close])
         open_mapped(ev, 0, image, options.get("machine"), options)
     image.meta["compression"] = "none"
+    image.check_coverage()
     return image

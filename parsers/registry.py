@@ -15,7 +15,7 @@ from types import ModuleType
 from typing import Any
 
 from parsers import elf, hyperv, kdump, libvirt, lime, qcow2, qemu, raw, vbox, vmware
-from parsers.base import ImageError, MemoryImage
+from parsers.base import ImageError, MemoryImage, Remark
 
 PARSERS: list[ModuleType] = [elf, kdump, libvirt, lime, qcow2, qemu, vmware, vbox, hyperv, raw]
 
@@ -44,13 +44,46 @@ def detect(path: str) -> tuple[ModuleType, str]:
     for mod in PARSERS:
         fmt = mod.probe(head, path)
         if fmt:
+            if mod is raw:
+                _refuse_damaged(head, path)
             return mod, fmt
+    _refuse_damaged(head, path)
     raise ImageError(
         path,
         0,
         "not a recognised memory image (no known magic and not a whole number of 4 KiB "
         "pages; use --input-format raw to scan it as flat memory anyway)",
     )
+
+
+def _refuse_damaged(head: bytes, path: str) -> None:
+    """A file no parser claimed but that begins with a known format's magic is that format,
+    damaged or holding no memory, never flat memory: raw would report its file offsets as
+    guest addresses. (A qcow2 disk without internal snapshots, say.)"""
+    if head.startswith(qcow2.MAGIC):
+        raise ImageError(
+            path,
+            0,
+            "qcow2 image with no internal snapshot (nb_snapshots 0; a disk, or a damaged "
+            "header): no VM memory in it (--input-format raw scans it as flat bytes anyway)",
+        )
+    for magic, name in KNOWN_MAGICS:
+        if head.startswith(magic):
+            raise ImageError(
+                path,
+                0,
+                f"begins with the {name} magic but its header is not readable (damaged?); "
+                "not scanned as raw memory (--input-format raw forces it)",
+            )
+
+
+#: magics whose header, when a probe declines it, means damage rather than flat memory
+KNOWN_MAGICS = (
+    (b"\x7fELF", "ELF"),
+    (b"EMiL", "LiME"),
+    (b"QEVM", "QEMU migration stream"),
+    (b"LibvirtQemud", "libvirt save"),
+)
 
 
 def open_image(
@@ -67,7 +100,17 @@ def open_image(
                 return mod.open_image(path, input_format, options)
         raise ImageError(path, None, f"unknown input format {input_format!r}")
     mod, fmt = detect(path)
-    return mod.open_image(path, fmt, options)
+    image = mod.open_image(path, fmt, options)
+    if fmt == "raw":
+        image.warnings.append(
+            Remark(
+                path,
+                None,
+                "no known format recognised: scanned as raw memory (address = file offset); "
+                "if this is a damaged image of a known format, its addresses are file offsets",
+            )
+        )
+    return image
 
 
 def primaries(paths: list[str]) -> list[str]:

@@ -17,6 +17,10 @@ then the page). A live save writes the ``pgm`` unit once per pass and then a fin
 last record for a page wins; earlier copies are still bytes in the file and are scanned as
 ``region:superseded`` (address = offset in the file's SSM data stream: the decoded bytes of
 every unit, concatenated in file order; plainly stored copies also carry their file offset).
+The data of every other unit (device state: registers, device buffers, the ``SSM`` unit's
+build strings) is scanned as ``region:device-state`` with the same addresses: device buffers
+can hold guest data (a NIC's packets, a keyboard's keys, an audio buffer). Zero records hold
+nothing to scan and are skipped.
 
 Guest pages stored plainly inside one raw record are mapped in place (zero copy); pages in
 LZF records (and pages split across records) are decoded into bounded windows, each LZF record
@@ -182,6 +186,14 @@ class _State:
     soff: array = field(default_factory=lambda: array("q"))
     split: list[bytes] = field(default_factory=list)
     spaces: dict[str, int] = field(default_factory=dict)
+    # Device-unit data records with bytes to scan, in file order: record type (REC_RAW or
+    # REC_LZF), file offset of the data (LZF: of the payload), stored bytes, decoded bytes
+    # and offset in the SSM data stream.
+    dev_type: array = field(default_factory=lambda: array("b"))
+    dev_at: array = field(default_factory=lambda: array("q"))
+    dev_len: array = field(default_factory=lambda: array("q"))
+    dev_out: array = field(default_factory=lambda: array("i"))
+    dev_soff: array = field(default_factory=lambda: array("q"))
 
     def fail(self, offset: int | None, message: str) -> ImageError:
         return ImageError(self.path, offset, message)
@@ -616,9 +628,10 @@ def _read_header(ev: Evidence, st: _State) -> dict[str, Any]:
     }
 
 
-def _skip_unit(ev: Evidence, st: _State, pos: int) -> tuple[int, int]:
-    """Walk a unit's records to its TERM record without decoding; returns (position after it,
-    decoded bytes of the unit's data)."""
+def _device_unit(ev: Evidence, st: _State, pos: int) -> tuple[int, int]:
+    """Walk a device unit's records to its TERM record without decoding, noting in ``st``
+    where its data lies (scanned as ``region:device-state``); returns (position after the
+    TERM record, decoded bytes of the unit's data)."""
     decoded = 0
     data = ev.data
     while True:
@@ -629,13 +642,24 @@ def _skip_unit(ev: Evidence, st: _State, pos: int) -> tuple[int, int]:
         if rtype == REC_TERM:
             return p + n, decoded
         if rtype == REC_RAW:
-            decoded += n
+            out = n
         elif rtype in (REC_LZF, REC_ZERO):
-            if n < 1:
-                raise _Stop(st.fail(start, f"SSM record of type {rtype} with size 0"))
-            decoded += int(data[p]) * 1024
+            out = int(data[p]) * 1024 if n >= 1 else 0
+            if out == 0 or out > MAX_DECODED or (rtype == REC_ZERO and n != 1):
+                raise _Stop(st.fail(start, f"SSM record of type {rtype} with size {n} claims "
+                                           f"{out} decoded bytes (1-4 KiB)"))  # fmt: skip
         else:
             raise _Stop(st.fail(start, "SSM named-data record (type 5) is not supported"))
+        if len(st.dev_type) >= MAX_PAGE_RECORDS:
+            raise _Stop(st.fail(start, f"more than {MAX_PAGE_RECORDS} device-state records"))
+        if out and rtype != REC_ZERO:
+            lzf = rtype == REC_LZF
+            st.dev_type.append(rtype)
+            st.dev_at.append(p + 1 if lzf else p)
+            st.dev_len.append(n - 1 if lzf else n)
+            st.dev_out.append(out)
+            st.dev_soff.append(st.stream_base + decoded)
+        decoded += out
         pos = p + n
 
 
@@ -679,7 +703,7 @@ def walk(ev: Evidence, st: _State) -> dict[str, Any]:
                 pos = reader.run()
                 st.stream_base += reader.cur.logical
             else:
-                pos, decoded = _skip_unit(ev, st, unit.data_offset)
+                pos, decoded = _device_unit(ev, st, unit.data_offset)
                 st.stream_base += decoded
     except _Stop as stop:
         st.problems.append(stop.err)
@@ -741,10 +765,12 @@ def _space_of(key: np.ndarray, names: dict[int, int]) -> np.ndarray:
 
 
 def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
-    """Give ``image`` its segments: one fixed segment over the mmap (plain pages, winners and
-    superseded copies), then windows of decoded pages."""
+    """Give ``image`` its segments: one over the mmap (plain pages, winners and superseded
+    copies, plain device-state records), then windows of decoded pages, then windows of
+    decoded device-state records."""
     names = {num: image.space_id(name) for name, num in st.spaces.items()}
     superseded_space = image.space_id("region:superseded")
+    device_space = image.space_id("region:device-state")
     win, old = _resolve(st)
     key = np.frombuffer(st.key, np.int64) if len(st.key) else np.zeros(0, np.int64)
     kind = np.frombuffer(st.kind, np.int8) if len(st.kind) else np.zeros(0, np.int8)
@@ -757,17 +783,52 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
     space = np.concatenate((_space_of(key[win], names), np.full(old.size, superseded_space)))
     rec = np.concatenate((win, old))
     plain = kind[rec] == _PLAIN
-    fo = where[rec[plain]]
-    main = Extents.build(fo, addr[plain], np.full(fo.size, PAGE), fo, space[plain])
+    dev_type = np.frombuffer(st.dev_type, np.int8) if len(st.dev_type) else np.zeros(0, np.int8)
+    dev_at = np.frombuffer(st.dev_at, np.int64) if len(st.dev_at) else np.zeros(0, np.int64)
+    dev_len = np.frombuffer(st.dev_len, np.int64) if len(st.dev_len) else np.zeros(0, np.int64)
+    dev_out = np.frombuffer(st.dev_out, np.int32) if len(st.dev_out) else np.zeros(0, np.int32)
+    dev_soff = np.frombuffer(st.dev_soff, np.int64) if len(st.dev_soff) else np.zeros(0, np.int64)
+    dev_raw = dev_type == REC_RAW
+    fo = np.concatenate((where[rec[plain]], dev_at[dev_raw]))
+    main = Extents.build(
+        fo,
+        np.concatenate((addr[plain], dev_soff[dev_raw])),
+        np.concatenate((np.full(int(plain.sum()), PAGE), dev_len[dev_raw])),
+        fo,
+        np.concatenate((space[plain], np.full(int(dev_raw.sum()), device_space))),
+    )
     decoded = np.flatnonzero(~plain)
+    dev_lzf = np.flatnonzero(dev_type == REC_LZF)
     path = st.path
+
+    def device_windows(problems: list[ImageError]) -> Iterator[Segment]:
+        """The LZF records of device units, decoded into one reused window at a time."""
+        if dev_lzf.size == 0:
+            return
+        buf = np.zeros(min(WINDOW_PAGES * PAGE, int(dev_out[dev_lzf].sum())), np.uint8)
+        fill: list[tuple[int, int, int]] = []  # (window offset, stream offset, length)
+        used = 0
+        for j in dev_lzf.tolist():
+            n = int(dev_out[j])
+            if used + n > buf.size:
+                yield _window(buf, fill, device_space, path)
+                fill, used = [], 0
+            at = int(dev_at[j])
+            try:
+                data = lzf_decode(ev.data[at : at + int(dev_len[j])].tobytes(), n, st, at - 1)
+            except _Stop as stop:
+                problems.append(stop.err)
+                continue
+            buf[used : used + n] = np.frombuffer(data, np.uint8)
+            fill.append((used, int(dev_soff[j]), n))
+            used += n
+        if fill:
+            yield _window(buf, fill, device_space, path)
 
     def stream() -> Iterator[Segment]:
         yield Segment(ev.data, main, path)
-        if decoded.size == 0:
-            return
-        buf = np.zeros(min(WINDOW_PAGES, decoded.size) * PAGE, np.uint8)
         problems: list[ImageError] = []
+        buf = np.zeros(min(WINDOW_PAGES, decoded.size) * PAGE, np.uint8)
         for lo in range(0, decoded.size, WINDOW_PAGES):
             part = decoded[lo : lo + WINDOW_PAGES]
             keep = []
@@ -788,6 +849,7 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
                 np.arange(n, dtype=np.int64) * PAGE, addr[sel], np.full(n, PAGE), None, space[sel]
             )
             yield Segment(buf[: n * PAGE], ext, path, reused=True)
+        yield from device_windows(problems)
         if problems:
             seen = {str(w) for w in image.warnings}
             image.warnings += [p for p in problems[1:] if str(p) not in seen]
@@ -801,8 +863,17 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
             "gpa_pages_stored": gpa_pages,
             "superseded_copies": int(old.size),
             "page_records": len(st.key),
+            "device_state_bytes": int(dev_out.sum()),
         }
     )
+
+
+def _window(buf: np.ndarray, fill: list[tuple[int, int, int]], space: int, path: str) -> Segment:
+    """A reused-window segment of decoded device-state bytes: ``fill`` lists (offset in
+    ``buf``, offset in the SSM data stream, length)."""
+    off, soff, n = (np.array(c, np.int64) for c in zip(*fill, strict=True))
+    ext = Extents.build(off, soff, n, None, space)
+    return Segment(buf[: int(off[-1] + n[-1])], ext, path, reused=True)
 
 
 def _page_bytes(ev: Evidence, st: _State, kind: int, where: int, clen: int) -> bytes:

@@ -37,7 +37,15 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Remark, Segment
+from parsers.base import (
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    file_regions,
+)
 
 FORMATS = ["vmware-vmss", "vmware-vmsn", "vmware-vmem"]
 
@@ -825,6 +833,7 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     image.files = files
     warn.close(path)
     image.warnings = warnings
+    image.check_coverage()
     return image
 
 
@@ -950,13 +959,52 @@ def _build(
         file_offset=np.asarray(offs, np.int64),
         space=np.asarray(spaces, np.int64),
     )
-    image.fixed_segments = [Segment(ev.data, ext, mem_file)]
     gpa_bytes = int(ext.length[ext.space == 0].sum())
+    segments = [Segment(ev.data, ext, mem_file)]
+    if ck is not None:
+        held = (base, base + length) if ck.path == mem_file else None
+        pieces = checkpoint_regions(ck, held)
+        if held is not None:  # the checkpoint holds the memory: one segment of one mmap
+            segments[0].extents = Extents.concat(ext, image.region_extents(pieces))
+        else:
+            ck_ev = Evidence(ck.path)
+            image.closers.append(ck_ev.close)
+            segments.append(Segment(ck_ev.data, image.region_extents(pieces), ck.path))
+        image.coverage.outside = sum(b - a for _, a, b in pieces)
+    image.fixed_segments = segments
     meta.update({"ram_size": gpa_bytes, "regions": accepted, "memory_file": mem_file})
     if ck is not None:
         meta.update(_checkpoint_meta(ck))
     image.meta = meta
+    _declare(image, ck, regions, gpa_bytes)
     return image
+
+
+def checkpoint_regions(
+    ck: Checkpoint, memory: tuple[int, int] | None
+) -> list[tuple[str, int, int]]:
+    """The checkpoint file's bytes outside guest memory, as (kind, first, end): its header and
+    group table (``header``), every group's tags and blocks (``metadata``), what lies between
+    them (``unreferenced``) or after the last (``trailing``). ``memory`` is the file range of
+    an embedded memory block (guest memory, left out)."""
+    spans = [("header", 0, HEADER.size + GROUP.size * len(ck.groups))]
+    spans += [("metadata", g.position, g.position + g.size) for g in ck.groups if g.size]
+    return file_regions(ck.size, spans, [memory] if memory else [])
+
+
+def _declare(
+    image: MemoryImage, ck: Checkpoint | None, regions: list[Region] | None, read: int
+) -> None:
+    """Contract 4: the Checkpoint group's ``memSize`` (MiB) declares the guest RAM, else the
+    region table; a lone .vmem declares nothing. The caller checks it."""
+    cov = image.coverage
+    cov.read = read
+    mem_mib = ck.checkpoint_tags.get("memSize", 0) if ck is not None else 0
+    if mem_mib:
+        cov.declared, cov.declared_by = mem_mib << 20, "the checkpoint's memSize"
+    elif regions:
+        cov.declared = sum(r.pages for r in regions) * PAGE
+        cov.declared_by = "the checkpoint's memory regions"
 
 
 def _checkpoint_meta(ck: Checkpoint) -> dict[str, Any]:

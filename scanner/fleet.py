@@ -25,6 +25,7 @@ from collections.abc import Iterator
 from typing import Any
 
 try:
+    import dask
     from distributed import Client, LocalCluster, as_completed
     from distributed.diagnostics.plugin import WorkerPlugin
     from distributed.scheduler import KilledWorker
@@ -37,7 +38,29 @@ from scanner.runner import BackendLost
 
 DEFAULT_TIMEOUT = 30.0  # seconds to reach the scheduler and to see a first worker
 LOCAL = "local:"  # --dask local:N: a LocalCluster of N worker processes on this machine
+#: Dask settings of the workers ``local:N`` starts (README "Fleet scans on Dask" gives them for
+#: workers started by hand). Dask's nannies set MALLOC_TRIM_THRESHOLD_ for their workers, which
+#: turns off glibc's adaptive mmap threshold: every large numpy temporary is then mapped and
+#: unmapped again, about 3x the CPU time of a scan (measured: benchmarks/README.md). The
+#: statistical profiler (every 10 ms), the event-loop health tick (20 ms) and the system
+#: monitor (500 ms) wake each worker's event loop, which then takes the GIL from the scanning
+#: thread: about 10% of the workers' CPU time with the defaults.
+WORKER_CONFIG: dict[str, Any] = {
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    "distributed.worker.profile.enabled": False,
+    "distributed.admin.tick.interval": "500ms",
+    "distributed.admin.system-monitor.interval": "5s",
+}
 NOTE_EVERY = 2.0  # seconds between two looks at the cluster's workers for the progress bar
+
+
+def _quiet_dask() -> None:
+    """Silence Dask's loggers in this process: it logs tracebacks for each failed reconnection
+    or lost worker, and the run's one-line errors say what matters. Its configuration gives
+    some loggers (``distributed.client``) their own level, so each is set."""
+    names = [n for n in logging.Logger.manager.loggerDict if n.split(".")[0] == "distributed"]
+    for name in ["distributed", *names]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
 
 
 class Install(WorkerPlugin):
@@ -60,22 +83,15 @@ class DaskBackend:
     127.0.0.1, no dashboard). ``timeout``: seconds to connect and to wait for a worker."""
 
     def __init__(self, address: str, config: ScanConfig, timeout: float = DEFAULT_TIMEOUT) -> None:
-        # Dask logs a traceback for each failed reconnection; our one-line errors say it all
-        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        _quiet_dask()
         self.address = address
         self.cluster: LocalCluster | None = None
         if address.startswith(LOCAL):
             n = address[len(LOCAL) :]
             if not n.isdigit() or not 1 <= int(n) <= 256:
                 raise ValueError(f"--dask {address}: want local:N with N workers, 1 to 256")
-            self.cluster = LocalCluster(
-                n_workers=int(n),
-                threads_per_worker=1,
-                processes=True,
-                host="127.0.0.1",
-                dashboard_address=None,
-                silence_logs=logging.CRITICAL,
-            )
+            with dask.config.set(WORKER_CONFIG):
+                self.cluster = self._local(int(n))
             target: Any = self.cluster
         else:
             target = address
@@ -96,6 +112,17 @@ class DaskBackend:
         self._noted = (-NOTE_EVERY, "")
         slots = self.slots()
         self.pieces = slots * 2 if slots > 1 else 1
+
+    @staticmethod
+    def _local(n: int) -> LocalCluster:
+        return LocalCluster(
+            n_workers=n,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=None,
+            silence_logs=logging.CRITICAL,
+        )
 
     def slots(self) -> int:
         """Threads of the cluster's workers now."""

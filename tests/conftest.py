@@ -13,6 +13,7 @@ import importlib
 import os
 import subprocess
 import sys
+import tracemalloc
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -124,9 +125,12 @@ def read_present(image: MemoryImage, gpa: int, n: int, space: int = 0) -> bytes 
     return read_ranges(image, [(gpa, n)], space)[0]
 
 
-def drain(path: str, fmt: str) -> None:
-    """Open ``path`` as ``fmt`` and walk every segment: each extent lies inside its buffer, and
-    the only way to fail is an ImageError naming the file (hostile-input property)."""
+def drain(path: str, fmt: str, peak: int | None = None) -> None:
+    """Open ``path`` as ``fmt`` and walk every segment: each extent lies inside its buffer, the
+    only way to fail is an ImageError naming the file, and (``peak``) Python allocations stay
+    below that many bytes (hostile-input property)."""
+    if peak is not None:
+        tracemalloc.start()
     try:
         with registry.open_image(path, fmt) as image:
             for seg in image.segments():
@@ -135,6 +139,11 @@ def drain(path: str, fmt: str) -> None:
                 assert np.all(e.buf_offset + e.length <= seg.data.size)
     except ImageError as err:
         assert str(err).startswith(path)
+    finally:
+        if peak is not None:
+            used = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert peak is None or used < peak
 
 
 @pytest.fixture(scope="session", name="read_gpa")

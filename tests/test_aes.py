@@ -15,7 +15,8 @@ from patterns import aes
 from patterns.aes import AesKeyDetector, expand_keys, is_degenerate
 from patterns.base import Chunk, Hit
 
-pyaes = pytest.importorskip("pyaes", reason="pyaes is the reference key expansion")
+pyaes = pytest.importorskip("pyaes", reason="pyaes is the reference key expansion",
+                            exc_type=ImportError)
 
 DET = AesKeyDetector()
 SETTINGS = settings(max_examples=40)

@@ -21,7 +21,8 @@ from tests.plant import PAGE, PAN, lime, raw_with
 from tests.samples import QEMU_DIR, dump_sample, qemu_sample
 from tests.vmware_writer import make_vm
 
-distributed = pytest.importorskip("distributed", reason="the dask extra is not installed")
+distributed = pytest.importorskip("distributed", reason="the dask extra is not installed",
+                                  exc_type=ImportError)
 
 PAN2 = "4929000000006"  # a 13-digit Visa test number
 SPLIT = 80 << 20  # bytes: above runner.SPLIT_MIN, so the image is cut into RANGE/EDGES units
@@ -156,11 +157,11 @@ def test_killed_worker_still_gives_full_unduplicated_result(cluster, tmp_path, v
 
 def test_unreachable_scheduler_is_exit_2_one_line(tmp_path, vmleak):
     raw_with(tmp_path / "a.raw", {100: PAN})
-    with socket.socket() as s:  # a port the OS chose, closed again: nobody listens there
-        s.bind(("127.0.0.1", 0))
+    with socket.socket() as s:  # a port the OS chose, held (bound, never listening) for the
+        s.bind(("127.0.0.1", 0))  # whole run: no other process can take it meanwhile
         port = s.getsockname()[1]
-    r = vmleak("scan", "--dask", f"tcp://127.0.0.1:{port}", "--dask-timeout", "1",
-               str(tmp_path / "a.raw"))  # fmt: skip
+        r = vmleak("scan", "--dask", f"tcp://127.0.0.1:{port}", "--dask-timeout", "1",
+                   str(tmp_path / "a.raw"))  # fmt: skip
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.count("\n") == 1 and r.stderr.startswith("vmleak: cannot reach the Dask")
     assert f"127.0.0.1:{port}" in r.stderr and "Traceback" not in r.stderr
@@ -170,3 +171,90 @@ def test_jobs_and_dask_exclude_each_other(tmp_path, vmleak):
     raw_with(tmp_path / "a.raw", {})
     r = vmleak("scan", "--dask", "local:1", "-j", "2", str(tmp_path / "a.raw"))
     assert r.returncode == 2 and "exclude each other" in r.stderr
+
+
+def test_scheduler_gone_commits_what_came_back_exit_2(tmp_path):
+    """A scheduler and a worker as separate processes (as on storage nodes); the scheduler is
+    killed once the first image is stored: the run ends with exit 2, one line saying so, the
+    stored images kept and the run marked interrupted."""
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    raw_with(ds / "a-first.raw", {100: f"card {PAN}"})
+    pattern = bytes(b"0123456789 "[(k * 7) % 11] for k in range(1 << 20))
+    (ds / "z-slow.raw").write_bytes(pattern * 48)
+    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
+    sfile = tmp_path / "scheduler.json"
+    dask = [sys.executable, "-m"]
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    sched = subprocess.Popen([*dask, "distributed.cli.dask_scheduler", "--host", "127.0.0.1",
+                              "--port", "0", "--no-dashboard", "--scheduler-file", str(sfile)],
+                             **quiet)  # fmt: skip
+    procs = [sched]
+    db = tmp_path / "state.db"
+    try:
+        worker = subprocess.Popen([*dask, "distributed.cli.dask_worker", "--scheduler-file",
+                                   str(sfile), "--nthreads", "1", "--no-dashboard",
+                                   "--host", "127.0.0.1"], **quiet)  # fmt: skip
+        procs.append(worker)
+        deadline = time.monotonic() + 60
+        address = None
+        while address is None and time.monotonic() < deadline:
+            try:  # the file the scheduler writes once it listens, read when whole
+                address = json.loads(sfile.read_text())["address"]
+            except (OSError, ValueError):
+                time.sleep(0.02)
+        assert address, "the scheduler did not start"
+        cmd = [*dask, "scanner", "scan", "--state", str(db), "--format", "jsonl", "--no-progress",
+               "--chunk-size", "4096", "--dask", address, str(ds)]  # fmt: skip
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=env)  # fmt: skip
+        procs.append(proc)
+        stored: list = []
+        while not stored and proc.poll() is None and time.monotonic() < deadline + 60:
+            time.sleep(0.02)  # polling the database for the first commit
+            if db.exists():
+                try:
+                    stored = sqlite3.connect(db).execute("SELECT path FROM images").fetchall()
+                except sqlite3.OperationalError:
+                    stored = []  # schema not there yet
+        assert proc.poll() is None, "the run ended before the scheduler could be killed"
+        sched.kill()
+        out, err = proc.communicate(timeout=120)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+    assert proc.returncode == 2, err
+    (line,) = [x for x in err.splitlines() if "scheduler" in x]
+    assert "lost the Dask scheduler" in line and "1 image(s) not scanned" in line
+    assert "Traceback" not in err, err
+    assert [os.path.basename(p) for (p,) in stored] == ["a-first.raw"]
+    con = sqlite3.connect(db)
+    assert [os.path.basename(p) for (p,) in con.execute("SELECT path FROM images")] == [
+        "a-first.raw"
+    ]
+    assert con.execute("SELECT status FROM runs").fetchall() == [("interrupted",)]
+    assert json.loads(out.splitlines()[0])["image"].endswith("a-first.raw")
+
+
+def test_report_on_dask_equals_local(cluster, tmp_path, vmleak):
+    c, _ = cluster
+    ds = tmp_path / "ds"
+    ds.mkdir()
+    raw_with(ds / "a.raw", {100: f"card {PAN}"})
+    mem = bytearray(8 * PAGE)
+    mem[5 * PAGE : 5 * PAGE + 18] = f" {PAN} ".encode()
+    (ds / "b.lime").write_bytes(lime(bytes(mem), [0, 1, 2, 3, 5, 6]))
+    docs = []
+    for how in (("-j", "2"), ("--dask", c.scheduler_address)):
+        out = tmp_path / how[0].strip("-")
+        r = vmleak("report", "-q", "-o", str(out), *how, str(ds))
+        assert r.returncode == 1, r.stderr
+        doc = json.loads((out / "report.json").read_text())
+        for k in ("started", "ended", "command_line"):
+            doc.pop(k)
+        docs.append(doc)
+    assert docs[0] == docs[1]
+    (b,) = [i for i in docs[1]["images"] if i["image"].endswith("b.lime")]
+    assert b["gpa_ranges"] == [[0, 4 * PAGE], [5 * PAGE, 7 * PAGE]]  # coverage from the worker

@@ -110,7 +110,8 @@ def _ssn_ok(ssn: str) -> bool:
 
 
 def _pyaes_schedule(key: bytes) -> bytes:
-    pyaes = pytest.importorskip("pyaes", reason="pyaes cross-checks the AES key expansion")
+    pyaes = pytest.importorskip("pyaes", reason="pyaes cross-checks the AES key expansion",
+                                exc_type=ImportError)
     # pyaes leaves stray high bits in some 256-bit schedule words: keep the low 32
     words = [w & 0xFFFFFFFF for rk in pyaes.AES(key)._Ke for w in rk]
     return struct.pack(f">{len(words)}I", *words)

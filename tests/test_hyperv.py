@@ -16,7 +16,7 @@ from parsers.base import ImageError
 from tests import hyperv_writer as hw
 from tests.plant import luhn_digit
 
-pyfwnt = pytest.importorskip("pyfwnt")
+pyfwnt = pytest.importorskip("pyfwnt", exc_type=ImportError)
 
 PAGE = hw.PAGE
 GEN1 = [(0, 0xA0), (0x100, 0x160), (0x100000, 0x90)]  # 640 KiB, RAM from 1 MiB, RAM from 4 GiB
@@ -234,6 +234,34 @@ def test_bin_needs_its_vsv_and_is_grouped_with_it(tmp_path, scan_result, vmleak)
     r = vmleak("scan", "--detectors", "pan", "--format", "jsonl", str(tmp_path))
     assert r.returncode == 1, r.stderr
     assert r.stdout.count('"pan"') == 1 and '"hyperv-bin"' in r.stdout
+
+
+def test_vsv_is_scanned_as_device_state(tmp_path, scan_result):
+    b = tmp_path / "VM.bin"
+    b.write_bytes(bytes(4 * PAGE))
+    vsv = bytearray(b"\x01\x00device state".ljust(3 * PAGE, b"\0"))
+    vsv[PAGE - 10 : PAGE + 13] = card_line(PAN_A)  # across a page boundary of the file
+    v = tmp_path / "VM.vsv"
+    v.write_bytes(bytes(vsv))
+    result = scan_result(str(b))
+    assert result.errors == [] and result.warnings == []
+    [f] = [x for x in result.findings if x.detector == "pan"]
+    assert (f.gpa, f.file, f.offset) == (None, str(v), PAGE - 4)
+    assert f.details["region"] == "device-state" and "stream_offset" not in f.details
+    with registry.open_image(str(b)) as image:
+        assert image.meta["vsv_size"] == 3 * PAGE
+
+
+def test_unreadable_vsv_is_a_warning_and_the_bin_is_scanned(tmp_path, scan_result):
+    b = tmp_path / "VM.bin"
+    mem = bytearray(4 * PAGE)
+    mem[100:123] = card_line(PAN_A)
+    b.write_bytes(bytes(mem))
+    (tmp_path / "VM.vsv").mkdir()  # a directory of that name: not readable as a file
+    with registry.open_image(str(b), "hyperv-bin") as image:
+        assert any("not a regular file" in str(w) for w in image.warnings)
+    result = scan_result(str(b), fmt="hyperv-bin")
+    assert [x.gpa for x in result.findings] == [106]
 
 
 # --- hostile files ------------------------------------------------------------------------------

@@ -38,7 +38,7 @@ def days_since(iso: str) -> int:
 # ---- YARA -----------------------------------------------------------------------------------
 
 def test_scan_yara_reports_each_string_match_masked_at_its_gpa(tmp_path: Path) -> None:
-    pytest.importorskip("yara_x", reason="yara-x is not installed")
+    pytest.importorskip("yara_x", reason="yara-x is not installed", exc_type=ImportError)
     rules = tmp_path / "cards.yar"
     rules.write_text(RULE)
     done = vmleak("scan", "--format", "jsonl", "--detectors", "ssn", "--yara", str(rules),
@@ -52,7 +52,7 @@ def test_scan_yara_reports_each_string_match_masked_at_its_gpa(tmp_path: Path) -
 
 
 def test_scan_yara_directory_repeatable_and_unmask(tmp_path: Path) -> None:
-    pytest.importorskip("yara_x", reason="yara-x is not installed")
+    pytest.importorskip("yara_x", reason="yara-x is not installed", exc_type=ImportError)
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "a.yar").write_text(RULE)
     other = tmp_path / "b.yar"
@@ -65,7 +65,7 @@ def test_scan_yara_directory_repeatable_and_unmask(tmp_path: Path) -> None:
 
 
 def test_rule_syntax_error_names_file_and_line_before_any_image(tmp_path: Path) -> None:
-    pytest.importorskip("yara_x", reason="yara-x is not installed")
+    pytest.importorskip("yara_x", reason="yara-x is not installed", exc_type=ImportError)
     bad = tmp_path / "bad.yar"
     bad.write_text("rule ok { condition: true }\nrule bad {\n  strings: $a = \n}\n")
     done = vmleak("scan", "--yara", str(bad), str(tmp_path / "no-such-image"))

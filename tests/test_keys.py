@@ -19,7 +19,8 @@ from patterns.base import Chunk, Hit
 from patterns.der import CURVES, EcKeyDetector, RsaKeyDetector, ed25519_public
 from patterns.pem import OPENSSH_MAGIC, PemKeyDetector, SshKeyDetector, Wire
 
-crypto = pytest.importorskip("cryptography", reason="keys are generated with cryptography")
+crypto = pytest.importorskip("cryptography", reason="keys are generated with cryptography",
+                             exc_type=ImportError)
 from cryptography.hazmat.primitives import serialization as ser  # noqa: E402
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519  # noqa: E402
 

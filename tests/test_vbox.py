@@ -16,7 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from parsers import registry, vbox
-from parsers.base import ImageError
+from parsers.base import Evidence, ImageError
 from tests import vbox_writer as w
 from tests.plant import luhn_digit
 
@@ -188,6 +188,62 @@ def test_unknown_page_record_is_an_error_after_the_readable_pages(tmp_path, scan
     assert any("unknown pgm page record type 0x42" in e for e in result.errors)
     found = pans(result)
     assert (0x1000 + 4006, None, "411111******1111") in found  # before the bad record
+
+
+# --- device units (region:device-state) ------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [100, 3 * PAGE], ids=["raw-record", "lzf-records"])
+def test_device_units_are_scanned_as_device_state(tmp_path, scan_result, read_present, size):
+    """A PAN in a device unit's data: stored plainly (one small RAW record), or inside a
+    compressible 12 KiB put (LZF records), straddling two of its 4 KiB records."""
+    state = bytearray(b"\x11" * size)
+    at = 40 if size < PAGE else PAGE - 10
+    state[at : at + 23] = card_line(PAN_A)
+    sav = w.SavFile([simple_pass()], mmio2=mmio2(), rom=roms(), device_state=bytes(state))
+    path = sav.write(str(tmp_path / "d.sav"))
+    result = scan_result(path)
+    assert result.errors == [] and result.warnings == []
+    [f] = [x for x in result.findings if x.details.get("region") == "device-state"]
+    assert f.gpa is None and f.masked == "411111******1111"
+    with registry.open_image(path) as image:
+        assert image.meta["device_state_bytes"] >= size
+        space = image.space_id("region:device-state")
+        if size < PAGE:  # plainly stored: the file offset, and the stream address maps there
+            assert "stream_offset" not in f.details
+            with open(path, "rb") as fh:
+                fh.seek(f.offset)
+                assert fh.read(16) == PAN_A.encode()
+            assert read_present(image, f.addr, 16, space) == PAN_A.encode()
+        else:
+            assert f.offset is None
+            assert read_present(image, f.details["stream_offset"], 16, space) == PAN_A.encode()
+
+
+def test_damaged_device_record_is_an_error_after_the_pages(tmp_path, scan_result):
+    state = bytes(range(200)) * 40  # 8000 bytes: one LZF record and a RAW tail
+    sav = w.SavFile([simple_pass()], mmio2=mmio2(), rom=roms(), device_state=state)
+    path = sav.write(str(tmp_path / "bad.sav"))
+    # The vga unit's records: RAW (its registers), LZF (a 4 KiB table), LZF (the state's first
+    # 4 KiB), RAW (the rest). The third record's payload becomes an out-of-range back reference.
+    st = vbox._State(path, os.path.getsize(path))
+    ev = Evidence(path)
+    vbox.walk(ev, st)
+    ev.close()
+    [pos] = [u.data_offset for u in st.units if u.name == "vga"]
+    data = bytearray(sav.to_bytes())
+    recs = []
+    while len(recs) < 3:
+        rtype, p, n = vbox.read_record_header(np.frombuffer(data, np.uint8), pos, len(data), st)
+        recs.append((rtype, p))
+        pos = p + n
+    assert [r for r, _ in recs] == [vbox.REC_RAW, vbox.REC_LZF, vbox.REC_LZF]
+    data[recs[2][1] + 1 : recs[2][1] + 9] = b"\xff" * 8
+    with open(path, "wb") as fh:
+        fh.write(data)
+    result = scan_result(path)
+    assert any("LZF record" in e for e in result.errors)
+    assert (0x1000 + 4006, None, "411111******1111") in pans(result)  # guest pages scanned
 
 
 # --- hypothesis: any PAN at any GPA, whatever the record mix ---------------------------------

@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("volatility3", reason="volatility3 not installed: pip install 'vmleak[vol3]'")
+pytest.importorskip("volatility3", reason="volatility3 not installed: pip install 'vmleak[vol3]'",
+                    exc_type=ImportError)
 
 from volatility3.framework import contexts, exceptions  # noqa: E402
 from volatility3.framework.layers import elf, physical  # noqa: E402

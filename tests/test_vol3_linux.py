@@ -28,7 +28,8 @@ import pytest
 from parsers import registry
 from scanner.vol3 import PLUGIN_DIR
 
-pytest.importorskip("volatility3", reason="volatility3 not installed: pip install 'vmleak[vol3]'")
+pytest.importorskip("volatility3", reason="volatility3 not installed: pip install 'vmleak[vol3]'",
+                    exc_type=ImportError)
 
 ROOT = Path(__file__).resolve().parent.parent
 LINUX = ROOT / "samples" / "linux"

@@ -14,7 +14,8 @@ import pytest
 from parsers import registry
 from scanner.engine import Engine, ScanConfig
 
-pytest.importorskip("yara_x", reason="yara-x is not installed (pip install 'vmleak[yara]')")
+pytest.importorskip("yara_x", reason="yara-x is not installed (pip install 'vmleak[yara]')",
+                    exc_type=ImportError)
 from patterns import yara as vy  # noqa: E402
 
 QEMU = Path(__file__).resolve().parent.parent / "samples" / "qemu"

@@ -151,6 +151,7 @@ class SavFile:
     seed: int = 0
     live_flag: bool | None = None  # the header's live-save bit (default: several passes)
     extra_units: bool = True  # a device unit before and after the pgm units
+    device_state: bytes = b""  # more data of the vga unit (put as SSM puts it: raw or LZF)
     cb_gcphys: int = 8
 
     def write(self, path: str) -> str:
@@ -196,6 +197,7 @@ class SavFile:
             dev = _Unit("ssm", rng)
             dev.put(b"device state: vga registers " * 4)
             dev.big(bytes(range(256)) * 16)
+            dev.put(self.device_state)
             units.append(("vga", 27, 0, PASS_FINAL, dev.finish()))
         directory = []
         for name, version, instance, number, data in units:
