@@ -142,6 +142,11 @@ def file_regions(
     return out
 
 
+def is_damage(problem: ImageError) -> bool:
+    """Whether ``problem`` means part of an image went unread (exit status 2), not a remark."""
+    return not isinstance(problem, Remark)
+
+
 def mib(n: int) -> str:
     """``n`` bytes for a message: exact bytes, and MiB when large."""
     return f"{n:,} bytes ({n / 2**20:,.1f} MiB)" if n >= 1 << 20 else f"{n:,} bytes"
@@ -329,6 +334,7 @@ class MemoryImage:
         an image that yields no guest memory at all is an error even when the format allows
         it (every page excluded), since its scan proves nothing."""
         cov = self.coverage
+        self.meta["coverage"] = cov.to_dict()  # carried with the result to summary and report
         err = None
         if cov.missing:
             where = cov.stopped_at if cov.stopped_at is not None else cov.declared_at

@@ -33,7 +33,9 @@ Legacy ``.bin`` files are guest RAM, read identity-mapped (VMkatz) — its layou
 gap is not publicly documented, so a large one gets a warning. A ``.bin`` has no magic: it is
 taken as Hyper-V memory only beside its ``.vsv`` (same name), which is listed as a companion.
 The ``.vsv`` (device state, undocumented layout) is scanned whole as ``region:device-state``,
-addressed by its file offset: device buffers can hold guest data too.
+addressed by its file offset: device buffers can hold guest data too. Likewise in a ``.vmrs``,
+the value of every key that is not a ``RamBlock<N>`` (device state, configuration, the
+``RamMemoryBlock`` runs) is scanned as ``region:device-state`` at its file offset.
 
 Raw pages and raw blocks are scanned in place (zero copy); compressed and pattern pages are
 decoded into bounded windows through libfwnt (``pyfwnt``), each page into at most its size.
@@ -98,6 +100,7 @@ KEY_ENTRY = struct.Struct(
 )
 KEY_FREE = 1
 KEY_ARRAY = 7
+KEY_NODE = 9  # a key that only parents others
 FLAG_FILE_OBJECT = 0x01
 FILE_OBJECT = struct.Struct("<IQ")  # value size, absolute file offset
 
@@ -518,13 +521,15 @@ def _open_vmrs(path: str) -> MemoryImage:
                              "(a running VM's runtime state, or a configuration file)")  # fmt: skip
         layout = _layout(ev, c, paths, max(blocks) + 1, warnings, path)
         image = MemoryImage(path=path, format="hyperv-vmrs", files=[path], closers=[ev.close])
-        _build(ev, image, blocks, layout, warnings)
+        state = _device_state(ev, c, paths, warnings, path)
+        _build(ev, image, blocks, layout, state, warnings)
         image.meta.update({
             "container_version": f"{c.version:#x}",
             "active_header": f"{c.header_at:#x} (sequence {c.sequence})",
             "object_table": f"{c.object_table_at:#x}, {c.object_table_reading}",
             "keys": len(c.keys),
             "ram_blocks": len(blocks),
+            "device_state_bytes": sum(n for _, n in state),
             "gpa_layout": layout.source,
             "ram_size": int(layout.pages.sum()) * PAGE,
             "memory_runs": [f"{int(g):#x} +{int(n) * PAGE:#x}"
@@ -541,10 +546,34 @@ def _capped(warnings: list[ImageError], path: str) -> list[ImageError]:
     return warnings[:MAX_WARNINGS] + [ImageError(path, None, f"{more} more problems like these")]
 
 
+def _device_state(ev: Evidence, c: _Container, paths: dict[int, str],
+                  warnings: list[ImageError], path: str) -> list[tuple[int, int]]:  # fmt: skip
+    """File ranges (offset, bytes) of the values of every key but ``RamBlock<N>`` and nodes:
+    device state, scanned as ``region:device-state``. Overlapping values are merged (every
+    byte once); a value reaching past the end of the file is cut there, with a warning."""
+    spans = []
+    for i, k in enumerate(c.keys):
+        if k.dtype == KEY_NODE or k.value_size <= 0 or _RAMBLOCK.search(k.name):
+            continue
+        if k.value_at >= ev.size or k.value_at + k.value_size > ev.size:
+            msg = f"{paths[i]}: {k.value_size}-byte value at {k.value_at:#x} runs past the file"
+            warnings.append(ImageError(path, k.entry_at, msg))
+            if k.value_at >= ev.size:
+                continue
+        spans.append((k.value_at, min(k.value_at + k.value_size, ev.size)))
+    merged: list[tuple[int, int]] = []
+    for lo, hi in sorted(spans):
+        if merged and lo <= merged[-1][1]:
+            merged[-1] = (merged[-1][0], max(hi, merged[-1][1]))
+        else:
+            merged.append((lo, hi))
+    return [(lo, hi - lo) for lo, hi in merged]
+
+
 def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _Layout,
-           warnings: list[ImageError]) -> None:  # fmt: skip
-    """Plain pieces become extents of one fixed segment; packed and pattern pages are decoded
-    into windows after it."""
+           state: list[tuple[int, int]], warnings: list[ImageError]) -> None:  # fmt: skip
+    """Plain pieces and the device state (file ranges ``state``) become extents of one fixed
+    segment; packed and pattern pages are decoded into windows after it."""
     path = image.path
     plain_fo, plain_idx, plain_n = [], [], []
     decoded: list[tuple[int, int, int, int, int, int]] = []  # global page, pages, kind, at, ...
@@ -576,7 +605,16 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
     beyond = image.space_id("block:RamBlocks past the memory runs") if (~ok).any() else 0
     addr = np.where(ok, gpa, idx * PAGE)
     space = np.where(ok, 0, beyond)
-    main = Extents.build(fo, addr, np.full(fo.size, PAGE), fo, space)
+    length = np.full(fo.size, PAGE)
+    if state:
+        at, n = np.asarray(state, np.int64).T
+        fo, addr, length = (
+            np.concatenate([fo, at]),
+            np.concatenate([addr, at]),
+            np.concatenate([length, n]),
+        )
+        space = np.concatenate([space, np.full(at.size, image.space_id("region:device-state"))])
+    main = Extents.build(fo, addr, length, fo, space)
     image.meta["block_encodings"] = readings
 
     def stream() -> Iterator[Segment]:

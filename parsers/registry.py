@@ -102,6 +102,7 @@ def open_image(
     mod, fmt = detect(path)
     image = mod.open_image(path, fmt, options)
     if fmt == "raw":
+        image.meta["unrecognised"] = True  # summary, info and report say so
         image.warnings.append(
             Remark(
                 path,

@@ -26,7 +26,7 @@ from scanner.engine import DEFAULT_CHUNK
 from scanner.execute import execute, warn
 from scanner.findings import load_key
 from scanner.imageinfo import extract as extract_gpa
-from scanner.imageinfo import info_json, info_lines
+from scanner.imageinfo import info_json, info_lines, problems
 from scanner.outcome import EXIT_CLEAN, EXIT_ERROR, EXIT_FOUND, FAIL_ON
 from scanner.params import DEFAULT_MIN_CONFIDENCE, ScanParams
 from scanner.runner import ImageSpec, inside
@@ -398,13 +398,17 @@ def _image_spec(image: str, input_format: str | None, snapshot: str | None) -> I
     "save, null where the format does not record it) and file_mtime.",
 )
 def info(image: str, input_format: str | None, snapshot: str | None, fmt: str) -> None:
-    """Show an image's format, guest, RAM and extent map."""
+    """Show an image's format, guest, RAM and extent map, the guest memory it declares against
+    what was read, and per file the bytes of guest memory and those outside it (scanned
+    anyway). Exit 2 when part of it is damaged, as scan."""
     with _image_spec(image, input_format, snapshot).open() as img:
         if fmt == "json":
             click.echo(json.dumps(info_json(img), indent=1, default=str))
-            return
-        for line in info_lines(img):
-            click.echo(line)
+        else:
+            for line in info_lines(img):
+                click.echo(line)
+        damaged = problems(img)
+    sys.exit(EXIT_ERROR if damaged else EXIT_CLEAN)  # the exit rule of scan (outcome.py)
 
 
 @main.command("vol3-path")
@@ -437,13 +441,16 @@ def extract(
     image: str, out: str, input_format: str | None, snapshot: str | None, force: bool
 ) -> None:
     """Write guest-physical memory as a flat raw file (byte k = GPA k, holes left sparse)
-    that volatility3 and other tools open directly."""
+    that volatility3 and other tools open directly. Exit 2 when part of the image is damaged
+    (what was readable is written), as scan."""
     if os.path.exists(out) and os.path.samefile(out, image):
         raise click.UsageError("refusing to write over the evidence image")
     if os.path.exists(out) and not force:
         raise click.UsageError(f"{out} exists (use --force to overwrite)")
     with _image_spec(image, input_format, snapshot).open() as img:
         written, end = extract_gpa(img, out)
-        for w in img.warnings:
-            warn(f"warning: {w}")
+        damaged = problems(img)
+        for w in img.warnings:  # as scan prints them: damage bare, remarks as warnings
+            warn(str(w) if w in damaged else f"warning: {w}")
     warn(f"wrote {written:,} bytes of guest memory to {out} (file size {end:,})")
+    sys.exit(EXIT_ERROR if damaged else EXIT_CLEAN)  # the exit rule of scan (outcome.py)

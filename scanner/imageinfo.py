@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import GPA_SPACE, ImageError, MemoryImage
+from parsers.base import GPA_SPACE, REGION_PREFIX, ImageError, MemoryImage, is_damage, mib
 from scanner.dormant import file_mtime
 from scanner.units import merged
 
@@ -26,31 +26,91 @@ def fmt_meta(v: object) -> str:
 
 
 def info_lines(img: MemoryImage) -> Iterator[str]:
-    """The lines of ``vmleak info``: format, files, metadata, extents, warnings."""
+    """The lines of ``vmleak info``: format, files, metadata, extents, what the image declares
+    against what was read, bytes per file, then its problems: ``error:`` lines for damaged
+    parts (see :func:`problems`), ``warning:`` lines for remarks. A compressed stream is read
+    through first (its size and damage are known only at its end)."""
+    per_file = file_bytes(img)
     yield f"image:    {img.path}"
     yield f"format:   {img.format}"
     yield f"files:    {', '.join(img.files)}"
     for k, v in img.meta.items():
-        yield f"{k + ':':<9} {fmt_meta(v)}"
+        if k not in ("coverage", "unrecognised"):
+            yield f"{k + ':':<9} {fmt_meta(v)}"
     if img.random_access:
         yield from extent_lines(img)
     else:
         yield "extents:  streamed (compressed); mapped while scanning"
+    yield from coverage_lines(img, per_file)
     for w in img.warnings:
-        yield f"warning:  {w}"
+        yield f"{'error:' if is_damage(w) else 'warning:':<9} {w}"
+
+
+def file_bytes(img: MemoryImage) -> dict[str, dict[str, int]]:
+    """Per file of ``img``: bytes of guest memory (``"guest"``) and of each ``region:<kind>``
+    (by kind) in its segments. A stream is read through (its region bytes are then bytes of
+    the decompressed stream); an error that stops the reading joins ``img.warnings``."""
+    per: dict[str, dict[str, int]] = {}
+    try:
+        for seg in img.segments():
+            row = per.setdefault(seg.file or img.path, {})
+            ext = seg.extents
+            for sp, plain in {(s, f >= 0) for s, f in zip(
+                    ext.space.tolist(), ext.file_offset.tolist(), strict=True)}:
+                name = img.spaces[sp]
+                kind = name[len(REGION_PREFIX):] if name.startswith(REGION_PREFIX) else "guest"
+                if kind != "guest" and not plain:
+                    kind += " (decompressed)"  # bytes of the stream, not of the file
+                pick = (ext.space == sp) & ((ext.file_offset >= 0) == plain)
+                row[kind] = row.get(kind, 0) + int(ext.length[pick].sum())
+    except ImageError as err:  # damaged further on: what came before is still shown
+        img.warnings.append(err)
+    return per
+
+
+def coverage_lines(img: MemoryImage, per_file: dict[str, dict[str, int]]) -> Iterator[str]:
+    """Declared against read guest memory, what the format leaves out on purpose, and per
+    file the bytes of guest memory and those outside it that are scanned anyway."""
+    cov = img.coverage
+    if img.meta.get("unrecognised"):
+        yield ("scanned:  as raw memory only because no known format was recognised "
+               "(addresses are file offsets)")
+    yield f"memory:   {coverage_text(cov.to_dict())}"
+    for path, row in per_file.items():
+        outside = {k: n for k, n in row.items() if k != "guest"}
+        kinds = ", ".join(f"{k} {n:,}" for k, n in sorted(outside.items()))
+        yield (f"file:     {path}: guest memory stored {mib(row.get('guest', 0))}; outside it, "
+               f"scanned anyway: {mib(sum(outside.values()))}" + (f" ({kinds})" if kinds else ""))
+    if cov.structure:
+        yield f"structure: {mib(cov.structure)} decoded as the format's structure, not scanned"
+
+
+def coverage_text(cov: dict[str, Any]) -> str:
+    """One line of what an image declares against what was read (``Coverage.to_dict``)."""
+    if cov.get("declared") is None:
+        text = f"{mib(cov['read'])} of guest memory read (the format declares no size)"
+    else:
+        text = (f"{mib(cov['declared'])} of guest memory declared by "
+                f"{cov.get('declared_by') or 'the image'}, {mib(cov['read'])} read")
+    if cov.get("missing"):
+        text += f", {mib(cov['missing'])} missing (damaged or truncated)"
+    if cov.get("excluded"):
+        text += f", {mib(cov['excluded'])} excluded on purpose ({cov.get('excluded_why')})"
+    return text + f"; {mib(cov.get('outside', 0))} outside guest memory scanned anyway"
+
+
+def problems(img: MemoryImage) -> list[ImageError]:
+    """The damaged or unreadable parts of ``img`` (exit status 2), remarks left out."""
+    return [w for w in img.warnings if is_damage(w)]
 
 
 def info_json(img: MemoryImage) -> dict[str, Any]:
-    """What ``vmleak info --format json`` prints: format, files, metadata, warnings, and
-    ``guest_clock`` / ``file_mtime`` (ISO-8601 UTC or null). A compressed stream holds its
-    device state (the guest clock) at its end, so it is read through first."""
-    problems = []
-    if not img.random_access:
-        try:
-            for _ in img.segments():
-                pass
-        except ImageError as err:  # damaged further on: what came before is still shown
-            problems.append(str(err))
+    """What ``vmleak info --format json`` prints: format, files, metadata (``coverage``:
+    declared against read guest memory), guest memory and region bytes per file, errors
+    (damaged parts), warnings (remarks), and ``guest_clock`` / ``file_mtime`` (ISO-8601 UTC or
+    null). A compressed stream holds its device state (the guest clock) at its end, so it is
+    read through first."""
+    per_file = file_bytes(img)
     meta = dict(img.meta)
     return {
         "image": img.path,
@@ -59,7 +119,9 @@ def info_json(img: MemoryImage) -> dict[str, Any]:
         "guest_clock": meta.pop("guest_clock", None),
         "file_mtime": file_mtime(img.path),
         "meta": meta,
-        "warnings": [str(w) for w in img.warnings] + problems,
+        "bytes_per_file": per_file,
+        "errors": [str(w) for w in problems(img)],
+        "warnings": [str(w) for w in img.warnings if not is_damage(w)],
     }
 
 
@@ -90,17 +152,21 @@ def extent_lines(img: MemoryImage) -> Iterator[str]:
 
 def extract(img: MemoryImage, out: str) -> tuple[int, int]:
     """Write ``img``'s guest-physical memory to ``out`` (created 0600) as a flat raw file,
-    byte k = GPA k, holes left sparse; returns (guest bytes written, file size)."""
+    byte k = GPA k, holes left sparse; returns (guest bytes written, file size). An error that
+    stops the reading joins ``img.warnings`` after what came before it was written."""
     written = end = 0
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
-        for seg in img.segments():
-            ext = seg.extents
-            for k in np.flatnonzero(ext.space == GPA_SPACE).tolist():
-                b, a, n = int(ext.buf_offset[k]), int(ext.addr[k]), int(ext.length[k])
-                os.pwrite(fd, seg.data[b : b + n], a)
-                written += n
-                end = max(end, a + n)
+        try:
+            for seg in img.segments():
+                ext = seg.extents
+                for k in np.flatnonzero(ext.space == GPA_SPACE).tolist():
+                    b, a, n = int(ext.buf_offset[k]), int(ext.addr[k]), int(ext.length[k])
+                    os.pwrite(fd, seg.data[b : b + n], a)
+                    written += n
+                    end = max(end, a + n)
+        except ImageError as err:  # damaged further on: what came before is written
+            img.warnings.append(err)
         os.ftruncate(fd, end)
     finally:
         os.close(fd)

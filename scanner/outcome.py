@@ -2,6 +2,8 @@
 
 Exit status (like grep and the secret scanners): 0 nothing found, 1 findings, 2 an error
 (an input that could not be read, wholly or in part; what was readable is still reported).
+``info`` and ``extract`` follow the same rule: 2 when part of the image is damaged (a
+``parsers.base.is_damage`` problem), else 0.
 ``--fail-on new|any|none`` chooses what "findings" means for status 1: findings not seen by
 earlier runs (state database) nor accepted (baseline/allowlist), any finding not accepted
 (the default), or nothing (status 0 unless an error).

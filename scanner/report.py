@@ -28,6 +28,7 @@ from patterns.registry import DETECTORS
 from scanner import __version__, dormant
 from scanner.baseline import write_private
 from scanner.findings import Finding
+from scanner.imageinfo import coverage_text
 from scanner.state import key_check
 
 if TYPE_CHECKING:
@@ -470,14 +471,19 @@ def _image_section(n: int, img: dict[str, Any]) -> list[str]:
             f"<td class='mono'>{_e(f.get('sha256', f.get('error')))}{note}</td></tr>"
         )
     out.append("</table>")
-    if img["meta"]:
-        out.append(
-            "<p>Guest: " + _e("; ".join(f"{k} = {v}" for k, v in img["meta"].items())) + "</p>"
-        )
+    meta = dict(img["meta"] or {})
+    cov = meta.pop("coverage", None)
+    if meta.pop("unrecognised", False):
+        out.append("<p class='warn'>Scanned as raw memory only because no known format "
+                   "recognised it: addresses are file offsets.</p>")
+    if meta:
+        out.append("<p>Guest: " + _e("; ".join(f"{k} = {v}" for k, v in meta.items())) + "</p>")
+    if cov:
+        out.append("<p>Memory: " + _e(coverage_text(cov)) + "</p>")
     for e in img["errors"]:
         out.append(f"<p class='warn'>Error: {_e(e)}</p>")
     for w in img["warnings"]:
-        out.append(f"<p class='warn'>Not fully readable: {_e(w)}</p>")
+        out.append(f"<p class='warn'>Note: {_e(w)}</p>")  # remarks; damage is in errors
     if fs:
         out.append(
             "<table><tr><th>Detector</th><th>GPA</th><th>File</th><th>Offset</th><th>Len</th>"

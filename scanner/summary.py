@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from parsers.base import mib
 from scanner import dormant
+from scanner.engine import ScanResult
 from scanner.execute import warn
 from scanner.outcome import Outcome
 
@@ -54,8 +56,25 @@ def paragraph(out: Outcome, status: int) -> str:
     parts.append(f"{mb:,.1f} MB of guest memory in {s.seconds:.2f} s ({rate:,.0f} MB/s)")
     if s.skips:
         parts.append("skipped " + ", ".join(f"{k} {why}" for why, k in sorted(s.skips.items())))
+    parts += coverage_parts(s.results)
     errors = len(s.errors) + sum(1 for r in s.results if r.errors)
     if errors:
         parts.append(f"{errors} input(s) with errors")
     parts.append(f"exit {status} (--fail-on {out.fail_on})")
     return "; ".join(parts) + "."
+
+
+def coverage_parts(results: list[ScanResult]) -> list[str]:
+    """What the summary says of guest memory the formats leave out on purpose (kdump
+    filtering, filtered ELF dumps) and of files scanned as raw because nothing recognised
+    them (their addresses are file offsets)."""
+    parts = []
+    excluded = [r.meta["coverage"].get("excluded", 0) for r in results if "coverage" in r.meta]
+    if any(excluded):
+        parts.append(f"{mib(sum(excluded))} of guest memory excluded on purpose by the dump "
+                     f"format in {sum(map(bool, excluded))} image(s) (see vmleak info)")
+    raw = sum(1 for r in results if r.meta.get("unrecognised"))
+    if raw:
+        parts.append(f"{raw} image(s) scanned as raw only because no known format recognised "
+                     "them (addresses are file offsets)")
+    return parts

@@ -9,6 +9,7 @@ code: nothing in ``parsers/`` imports it.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import struct
@@ -177,7 +178,9 @@ class VmrsFile:
     (missing pages are zero). ``encoding``: one of ENCODINGS, or a list to draw from per page;
     ``fd_order``/``fc_mode``: the field orders of the disputed tags (Beyer's, VMkatz's);
     ``table_at``: "dissect" (0x2000), "beyer" (twice header_size), "vmkatz" (header field 26);
-    ``memory_keys``: write RamMemoryBlock keys (else RamBlocks are identity-mapped)."""
+    ``memory_keys``: write RamMemoryBlock keys (else RamBlocks are identity-mapped);
+    ``device_keys``: other array keys (device state), name -> value, stored in the key table
+    when under 2 KiB, else as file objects."""
 
     runs: list[tuple[int, int]]
     pages: dict[int, bytes] = field(default_factory=dict)
@@ -190,6 +193,7 @@ class VmrsFile:
     seed: int = 0
     sequences: tuple[int, int] = (1, 2)
     bad_header: int | None = None  # corrupt this header copy (0 or 1)
+    device_keys: dict[str, bytes] = field(default_factory=dict)
 
     def total_pages(self) -> int:
         return sum(-(-n // BLOCK_PAGES) * BLOCK_PAGES for _, n in self.runs)
@@ -291,6 +295,12 @@ class VmrsFile:
             data = self._encode_block(b, rng)
             at = add_file(data)
             entry(f"RamBlock{b}", 7, struct.pack("<IQ", len(data), at), flags=1, parent=(1, root))
+        for name, value in self.device_keys.items():
+            if len(value) < 2048:
+                entry(name, 7, struct.pack("<I", len(value)) + value, parent=(1, root))
+            else:
+                at = add_file(value)
+                entry(name, 7, struct.pack("<IQ", len(value), at), flags=1, parent=(1, root))
         entry("", 1, bytes(8))  # a free entry
         key_table = struct.pack("<HHHI", 2, 1, 1, 0) + bytes(entries) + bytes(4)
         kt_at = add_file(key_table)
@@ -315,36 +325,52 @@ class VmrsFile:
         return path
 
 
+ZERO_PAGE = bytes(PAGE)
+CACHE_BYTES = 256 << 20  # compressed pages kept for reuse; past this, pages are compressed anew
+
+
+def _xpress_once(page: bytes, cache: dict[bytes, bytes]) -> bytes | None:
+    """The XPRESS form of ``page`` when it compresses to under 3/4 of a page, else None.
+
+    The Python compressor takes ~4 ms a page, too slow for gigabytes; but memory repeats pages
+    (shared libraries, the page cache; the benchmark image draws its pages from pools), so each
+    distinct page is compressed once, keyed by a 16-byte digest. zlib level 1 (~30 us) screens
+    out pages that will not compress (random or already-compressed data); those are not cached."""
+    if len(zlib.compress(page, 1)) >= PAGE * 3 // 4:
+        return None
+    key = hashlib.blake2b(page, digest_size=16).digest()
+    packed = cache.get(key)
+    if packed is None:
+        packed = xpress_compress(page)
+        if len(cache) * PAGE < CACHE_BYTES:  # entries are under a page each
+            cache[key] = packed
+    return packed if len(packed) < PAGE else None
+
+
 def write_vmrs_from_raw(raw_path: str, out_path: str) -> list[tuple[int, int]]:
     """Stream a flat raw image into a .vmrs (dissect's table placement, Beyer's tag orders):
     RAM below 3 GiB from GPA 0, the rest from 4 GiB (a Gen 1 style gap), one RamBlock at a
-    time; zero pages as fill tags, pages that compress well as XPRESS, the rest raw (identical
-    pages are compressed once). Returns the memory runs (base page, pages)."""
+    time; zero pages as fill tags, pages that compress well as XPRESS, the rest raw (each
+    distinct page is compressed once: :func:`_xpress_once`). Returns the memory runs (base
+    page, pages)."""
     size = os.path.getsize(raw_path)
     pages_total = size // PAGE
     low = min(pages_total, 0xC0000)
     runs = [(0, low)] + ([(0x100000, pages_total - low)] if pages_total > low else [])
     cache: dict[bytes, bytes] = {}
-    files: list[tuple[int, int]] = []
+    files: list[tuple[int, int]] = []  # (file offset, size) of each RamBlock value
     with open(raw_path, "rb") as src, open(out_path, "w+b") as out:
         out.write(bytes(0x6000))
-        index = 0
         for _, n in runs:
             for b0 in range(0, n, BLOCK_PAGES):
                 block = bytearray()
                 for _ in range(min(BLOCK_PAGES, n - b0)):
                     pg = src.read(PAGE)
-                    if not any(pg):
+                    if pg == ZERO_PAGE:
                         block += struct.pack("<IQ", 0xFFFFFFFE, 0)
                         continue
-                    packed = cache.get(pg)
-                    if packed is None:
-                        packed = b""
-                        if len(zlib.compress(pg, 1)) < PAGE * 3 // 4:
-                            packed = xpress_compress(pg)
-                        if len(cache) < 1 << 16:
-                            cache[pg] = packed
-                    if packed and len(packed) < PAGE:
+                    packed = _xpress_once(pg, cache)
+                    if packed is not None:
                         block += struct.pack("<I", len(packed)) + packed
                     else:
                         block += struct.pack("<I", PAGE) + pg
@@ -354,7 +380,6 @@ def write_vmrs_from_raw(raw_path: str, out_path: str) -> list[tuple[int, int]]:
                 out.write(bytes(pad))
                 files.append((out.tell(), len(block)))
                 out.write(block)
-                index += 1
         f = VmrsFile(runs)
         entries = bytearray()
 

@@ -98,6 +98,25 @@ def test_ms_xca_lznt1_example_and_codec_detection():
         hyperv.decode_page(hw.xpress_compress(text + text[:100]), PAGE)  # too long: refused
 
 
+def test_benchmark_writer_round_trips_and_compresses_each_distinct_page_once(
+    tmp_path, monkeypatch, read_gpa
+):
+    rng = random.Random(7)
+    kinds = [bytes(PAGE), page(1), page(2), page(3), rng.randbytes(PAGE)]
+    pages = [kinds[rng.randrange(len(kinds))] for _ in range(300)]  # two RamBlocks
+    raw = tmp_path / "m.img"
+    raw.write_bytes(b"".join(pages))
+    calls = []
+    real = hw.xpress_compress
+    monkeypatch.setattr(hw, "xpress_compress", lambda data: calls.append(data) or real(data))
+    runs = hw.write_vmrs_from_raw(str(raw), str(tmp_path / "m.vmrs"))
+    assert runs == [(0, 300)]
+    assert sorted(calls) == sorted(set(pages) - {bytes(PAGE), kinds[4]})  # each once, no random
+    with registry.open_image(str(tmp_path / "m.vmrs")) as image:
+        assert image.warnings == []
+        assert read_gpa(image, 0, 300 * PAGE) == raw.read_bytes()
+
+
 # --- layout readings ----------------------------------------------------------------------------
 
 
@@ -250,6 +269,25 @@ def test_vsv_is_scanned_as_device_state(tmp_path, scan_result):
     assert f.details["region"] == "device-state" and "stream_offset" not in f.details
     with registry.open_image(str(b)) as image:
         assert image.meta["vsv_size"] == 3 * PAGE
+
+
+def test_vmrs_device_state_keys_are_scanned_as_device_state(tmp_path, scan_result):
+    small = b"\x02\x00nic buffer" + card_line(PAN_A)  # in the key table
+    big = bytearray(b"vga state".ljust(3 * PAGE, b"\0"))  # a file object
+    big[PAGE - 10 : PAGE + 13] = card_line(PAN_A)
+    f = hw.VmrsFile(GEN2, memory(GEN2), device_keys={"nic": small, "vga": bytes(big)})
+    path = f.write(str(tmp_path / "d.vmrs"))
+    data = open(path, "rb").read()
+    result = scan_result(path)
+    assert result.errors == [] and result.warnings == []
+    found = sorted((x.offset, x.gpa, x.details["region"], "stream_offset" in x.details)
+                   for x in result.findings if x.detector == "pan")  # fmt: skip
+    at_small, at_big = data.index(small), data.index(bytes(big))
+    assert found == sorted([(at_small + 18, None, "device-state", False),
+                            (at_big + PAGE - 4, None, "device-state", False)])  # fmt: skip
+    with registry.open_image(path) as image:
+        # the two values and the RamMemoryBlock runs (32 bytes each); never the RamBlocks
+        assert image.meta["device_state_bytes"] == len(small) + len(big) + 32 * len(GEN2)
 
 
 def test_unreadable_vsv_is_a_warning_and_the_bin_is_scanned(tmp_path, scan_result):
