@@ -385,7 +385,9 @@ class AwsKeyDetector(TokenDetector):
             lower = np.where((rows >= 65) & (rows <= 90), rows | 0x20, rows)
             ok = ((lower == _KW_LIT[which]) | ~_KW_USE[which]).all(axis=1)
             for p in at[ok].tolist():
-                lo = max(0, p - (AWS_WINDOW_BEFORE + 1) * step)
+                # whole characters back, as far as the chunk goes: clamping the byte offset
+                # at 0 would read a UTF-16LE keyword at an odd offset out of step
+                lo = p - min(AWS_WINDOW_BEFORE + 1, p // step) * step
                 text = _text(d, lo, AWS_WINDOW_BEFORE + AWS_WINDOW_AFTER, step)
                 for m in AWS_KEYWORD_SECRET.finditer(text):
                     if aws_secret_ok(m.group(1)):
