@@ -10,32 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers.base import Extents, MemoryImage, Segment
-from patterns.aes import expand_keys
 from patterns.base import Hits
 from patterns.registry import select
 from scanner.engine import GAP_MIN, PAGE, Engine, ScanConfig, _Squeezed
-from tests.plant import encode, group, make_pan, make_ssn
+from tests.plant import family_secrets, mixed_pages
 
 NPAGES = 48
-
-
-def secrets(rng: random.Random, key) -> list[bytes]:
-    """One of each kind the detector families look for: text and binary."""
-    from cryptography.hazmat.primitives import serialization as ser
-
-    rsa = key("rsa1024")
-    der = rsa.private_bytes(ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL,
-                            ser.NoEncryption())
-    pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
-    aes = expand_keys(np.frombuffer(rng.randbytes(16), np.uint8)[None, :])[0].tobytes()
-    pan, ssn = make_pan(rng), make_ssn(rng)
-    return [  # no trailing space: a character glued on after a zero page would change them
-        f" card {group(pan, ' ')}".encode(),
-        encode(f" SSN {ssn[:3]}-{ssn[3:5]}-{ssn[5:]}", "utf-16le"),
-        f" ;{pan}=2512101123400001?".encode(),
-        b" AKIA" + bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
-        aes, der, pem,
-    ]
 
 
 def image(data: np.ndarray) -> MemoryImage:
@@ -59,16 +39,8 @@ def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near, key):
     a zero page, beyond which the next page's characters would glue on if the squeeze did not
     keep zeros between."""
     rng = random.Random(seed)
-    gen = np.random.default_rng(seed)
-    data = np.zeros(NPAGES * PAGE, np.uint8)
-    for p in range(NPAGES):
-        kind = rng.random()
-        if kind > 0.7:
-            data[p * PAGE : (p + 1) * PAGE] = gen.integers(0, 256, PAGE, dtype=np.uint8)
-        elif kind > 0.4:
-            text = np.frombuffer(b"0123456789ABCDEFabcdef", np.uint8)
-            data[p * PAGE : (p + 1) * PAGE] = gen.choice(text, PAGE)
-    for blob, off in zip(secrets(rng, key), near, strict=True):
+    data = mixed_pages(rng, seed, NPAGES, b"0123456789ABCDEFabcdef", 0.4)
+    for blob, off in zip(family_secrets(rng, key("rsa1024")), near, strict=True):
         edge = rng.randrange(1, NPAGES - 2) * PAGE
         at = edge - len(blob) if off == "end" else edge if off == "start" else edge + off
         data[at : at + len(blob)] = np.frombuffer(blob, np.uint8)

@@ -16,12 +16,11 @@ from hypothesis import strategies as st
 
 from parsers import registry
 from parsers.base import Extents, MemoryImage, Segment
-from patterns.aes import expand_keys
 from patterns.registry import select
 from scanner.engine import Engine, ScanConfig
 from scanner.imageinfo import extract
 from tests.conftest import TEST_KEY
-from tests.plant import encode, group, make_pan, make_ssn
+from tests.plant import family_secrets, group, make_pan, mixed_pages
 from tests.qemu_writer import libvirt_save, ram_stream
 from tests.samples import qemu_sample
 
@@ -59,39 +58,12 @@ def test_real_qemu_stream_scans_like_its_extract(tmp_path: Path) -> None:
     assert found == scan_extract(stream, tmp_path)
 
 
-def secrets(rng: random.Random, rsa: Any) -> list[bytes]:
-    """One of each kind the detector families look for, text and binary (``rsa``: a
-    cryptography RSA private key)."""
-    from cryptography.hazmat.primitives import serialization as ser
-
-    der = rsa.private_bytes(ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL,
-                            ser.NoEncryption())
-    pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
-    aes = expand_keys(np.frombuffer(rng.randbytes(32), np.uint8)[None, :])[0].tobytes()
-    pan, ssn = make_pan(rng), make_ssn(rng)
-    return [
-        f" card {group(pan, ' ')} ".encode(),
-        encode(f" SSN {ssn[:3]}-{ssn[3:5]}-{ssn[5:]} ", "utf-16le"),
-        f" ;{pan}=2512101123400001? ".encode(),
-        b" AKIA" + bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
-        aes, der, pem,
-    ]
-
-
 def memory(seed: int, near: list[int], rsa: Any) -> bytes:
     """NPAGES pages, each zero, text or random; the secrets planted at offsets ``near`` from
     random page boundaries (so across them, or just before or after a zero page)."""
     rng = random.Random(seed)
-    gen = np.random.default_rng(seed)
-    mem = np.zeros(NPAGES * PAGE, np.uint8)
-    for p in range(NPAGES):
-        kind = rng.random()
-        if kind > 0.7:
-            mem[p * PAGE : (p + 1) * PAGE] = gen.integers(0, 256, PAGE, dtype=np.uint8)
-        elif kind > 0.35:
-            text = np.frombuffer(b"lorem ipsum 0123456789 card=;", np.uint8)
-            mem[p * PAGE : (p + 1) * PAGE] = gen.choice(text, PAGE)
-    for blob, off in zip(secrets(rng, rsa), near, strict=False):
+    mem = mixed_pages(rng, seed, NPAGES, b"lorem ipsum 0123456789 card=;", 0.35)
+    for blob, off in zip(family_secrets(rng, rsa, 32, " "), near, strict=False):
         at = rng.randrange(1, NPAGES - 2) * PAGE + off - len(blob) // 2
         at = min(max(at, 0), mem.size - len(blob))
         mem[at : at + len(blob)] = np.frombuffer(blob, np.uint8)
