@@ -2,8 +2,8 @@
 image, through vmleak's engine alone and together with every built-in detector, and the two
 bindings compared on the same bytes.
 
-Rows (all CPU time, user + sys of this process, median of ``--runs``; one job; MB = 10^6 bytes
-of image; the image is read once before timing so it sits in the page cache):
+Rows (all CPU time, user + sys of this process, median of ``--runs`` after a warm-up run that
+also fills the page cache; one job; MB = 10^6 bytes of image):
 
 - ``engine: yara alone`` / ``engine: every detector`` / ``engine: every detector + yara`` —
   ``Engine.scan_image`` on the raw image (what ``vmleak scan -j 1`` does per image, without the
@@ -21,8 +21,6 @@ from __future__ import annotations
 
 import argparse
 import mmap
-import os
-import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -32,6 +30,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from bench_vbox_hyperv import median_cpu  # noqa: E402  (CPU time after a warm-up run)
+
 from parsers import registry  # noqa: E402
 from patterns.registry import DETECTORS  # noqa: E402
 from patterns.yara import YaraDetector  # noqa: E402
@@ -39,21 +39,6 @@ from scanner.engine import Engine, ScanConfig  # noqa: E402
 
 RULES = HERE / "rules20.yar"
 CHUNK = 4 << 20
-
-
-def cpu() -> float:
-    t = os.times()
-    return t.user + t.system
-
-
-def median_cpu(fn: Callable[[], object], runs: int) -> tuple[float, object]:
-    """Median CPU seconds of ``runs`` calls of ``fn`` and the last call's result."""
-    times, out = [], None
-    for _ in range(runs):
-        t0 = cpu()
-        out = fn()
-        times.append(cpu() - t0)
-    return statistics.median(times), out
 
 
 def engine_run(image: Path, detectors: list) -> Callable[[], object]:
@@ -110,9 +95,6 @@ def main(argv: list[str] | None = None) -> int:
         opts.workdir.mkdir(parents=True, exist_ok=True)
         image = throughput.ensure_image(opts.workdir, "M", "1G")
     size = image.stat().st_size
-    with open(image, "rb") as fh:  # into the page cache
-        while fh.read(64 << 20):
-            pass
     yara_det = YaraDetector.from_files([str(RULES)])
     rows: list[tuple[str, Callable[[], object] | None]] = [
         ("engine: yara alone (20 rules)", engine_run(image, [yara_det])),

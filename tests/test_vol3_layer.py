@@ -157,3 +157,19 @@ def test_scan_plugin_on_a_layer_vmleak_did_not_make(tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     rows = json.loads(done.stdout[done.stdout.index("[") :])
     assert want and {(r["Physical address"], r["Fingerprint"]) for r in rows} == want
+
+
+def test_vmware_embedded_memory_opens(tmp_path: Path) -> None:
+    """A .vmsn with its memory inside (volatility3 alone reads only a .vmem beside its
+    checkpoint): the planted bytes at their GPAs on both sides of the PCI hole."""
+    from tests import vmware_writer as w
+
+    regions = w.pci_hole_layout(0x400, 0x100)  # 4 MiB below the hole, 1 MiB from 4 GiB
+    plants = {0x1234: b"below the hole", (0x100000 << 12) + 0x80: b"above the hole"}
+    out = w.make_vm(tmp_path, "vm-Snapshot1", memory_size=5 << 20, plants=plants,
+                    regions=regions, ext=".vmsn", embedded=True)
+    ours = stacked(Path(out["checkpoint"]))
+    assert ours is not None and ours.metadata["vmleak_format"] == "vmware-vmsn"
+    for gpa, text in plants.items():
+        assert ours.read(gpa, len(text)) == text
+    assert not ours.is_valid(0x400 << 12, 1)  # the hole
