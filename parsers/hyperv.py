@@ -37,6 +37,12 @@ addressed by its file offset: device buffers can hold guest data too. Likewise i
 the value of every key that is not a ``RamBlock<N>`` (device state, configuration, the
 ``RamMemoryBlock`` runs) is scanned as ``region:device-state`` at its file offset.
 
+Coverage (contract 4): a ``.vmrs`` declares its guest RAM through the ``RamMemoryBlock`` runs
+(or, without them, 1 MiB per ``RamBlock`` up to the highest index); pages of every RamBlock read
+(stored, compressed and decoded, or pattern fills) count as read, so a damaged or missing
+RamBlock is a declared-vs-read error. Nothing in a legacy ``.bin`` or its ``.vsv`` declares the
+RAM size publicly: a ``.bin`` only reports what it holds.
+
 Raw pages and raw blocks are scanned in place (zero copy); compressed and pattern pages are
 decoded into bounded windows through libfwnt (``pyfwnt``), each page into at most its size.
 """
@@ -523,6 +529,18 @@ def _open_vmrs(path: str) -> MemoryImage:
         image = MemoryImage(path=path, format="hyperv-vmrs", files=[path], closers=[ev.close])
         state = _device_state(ev, c, paths, warnings, path)
         _build(ev, image, blocks, layout, state, warnings)
+        cov = image.coverage
+        if layout.source.startswith("RamMemoryBlock"):
+            cov.declared, cov.declared_by = (
+                int(layout.pages.sum()) * PAGE,
+                "the RamMemoryBlock runs",
+            )
+        else:
+            cov.declared, cov.declared_by = (
+                (max(blocks) + 1) * BLOCK,
+                "the RamBlock keys (1 MiB each)",
+            )
+        cov.outside = sum(n for _, n in state)
         image.meta.update({
             "container_version": f"{c.version:#x}",
             "active_header": f"{c.header_at:#x} (sequence {c.sequence})",
@@ -536,6 +554,7 @@ def _open_vmrs(path: str) -> MemoryImage:
                             for g, n in zip(layout.gpas, layout.pages, strict=True)],
         })  # fmt: skip
         image.warnings = _capped(warnings, path)
+        image.check_coverage()
     return image
 
 
@@ -578,6 +597,7 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
     plain_fo, plain_idx, plain_n = [], [], []
     decoded: list[tuple[int, int, int, int, int, int]] = []  # global page, pages, kind, at, ...
     readings: dict[str, int] = {}
+    read_first, read_n = [], []  # every page a block holds (global page index, pages)
     for n in sorted(blocks):
         k = blocks[n]
         if k.value_size == 0 or k.value_at + k.value_size > ev.size:
@@ -592,6 +612,8 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
         readings[reading] = readings.get(reading, 0) + 1
         for first, count, kind, at, size, pattern in pieces:
             g = n * BLOCK_PAGES + first
+            read_first.append(g)
+            read_n.append(count)
             if kind == _RAW:
                 plain_fo.append(at)
                 plain_idx.append(g)
@@ -616,18 +638,22 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
         space = np.concatenate([space, np.full(at.size, image.space_id("region:device-state"))])
     main = Extents.build(fo, addr, length, fo, space)
     image.meta["block_encodings"] = readings
+    held = np.repeat(np.asarray(read_first, np.int64), read_n) + _within(read_n) // PAGE
+    image.coverage.read = int(layout.gpa(held)[1].sum()) * PAGE  # pages with a guest address
 
     def stream() -> Iterator[Segment]:
         yield Segment(ev.data, main, path)
         buf = np.zeros(WINDOW_PAGES * PAGE, np.uint8)
         slots: list[int] = []
         problems: list[ImageError] = []
+        lost = 0  # pages that could not be decoded
         for g, count, kind, at, size, pattern in decoded:
             if kind == _PACKED:
                 try:
                     out, _ = decode_page(ev.data[at : at + size].tobytes(), count * PAGE)
                 except ValueError as exc:
                     problems.append(ImageError(path, at, f"compressed page: {exc}"))
+                    lost += count
                     continue
                 pages = np.frombuffer(out, np.uint8)
             else:
@@ -643,6 +669,8 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
         if slots:
             yield _window(buf, slots, layout, image, path)
         if problems:
+            image.coverage.read -= lost * PAGE
+            image.check_coverage()
             seen = {str(w) for w in image.warnings}
             image.warnings += [p for p in _capped(problems[1:], path) if str(p) not in seen]
             raise problems[0]
@@ -725,6 +753,8 @@ def _open_bin(path: str) -> MemoryImage:
     )
     if vsv:
         _add_vsv(image, vsv)
+    image.coverage.read = ev.size  # nothing public declares the RAM size of a .bin
+    image.check_coverage()
     return image
 
 
@@ -741,6 +771,7 @@ def _add_vsv(image: MemoryImage, vsv: str) -> None:
         ext = Extents.build([0], [0], [ev.size], [0], [image.space_id("region:device-state")])
         image.fixed_segments.append(Segment(ev.data, ext, vsv))
     image.meta["vsv_size"] = ev.size
+    image.coverage.outside = ev.size
 
 
 # ---------------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 
 from patterns.base import BINARY, Chunk, Described, Detector, Hit, Hits
+from patterns.known_keys import KNOWN_CONFIDENCE, known_key
 from patterns.scratch import anchor_hits, gather, register_anchor, u16_hits
 
 SEQUENCE, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x02, 0x03, 0x04, 0x05, 0x06
@@ -541,11 +542,15 @@ def _candidates(chunk: Chunk) -> list[tuple[int, int, int, KeyInfo]]:
 def describe_key(info: KeyInfo) -> Described:
     """Masked form and details of a verified key (shared with the PEM detector): the key type
     and size and the first/last 2 bytes of its public part (modulus or point), never the
-    private material."""
+    private material. A well-known key (patterns/known_keys.py) says so in ``details.known``,
+    below the default confidence threshold."""
     pub = info.public
     tail = f" {pub[:2].hex()}...{pub[-2:].hex()}" if len(pub) >= 4 else ""
     details = dict(info.details)
     details.setdefault("confidence", 1.0)
+    known = known_key(info.kind, pub)
+    if known is not None:
+        details.update(known=known, confidence=KNOWN_CONFIDENCE)
     return Described(value=info.value, masked=f"{info.label}{tail}", details=details)
 
 

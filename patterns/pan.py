@@ -187,14 +187,24 @@ GROUPINGS: tuple[tuple[int, ...], ...] = (
 )
 
 _BRANDS = sorted({row[0] for row in IIN_TABLE})
-# The table as arrays for one broadcast comparison per batch of candidates.
-_ROW_BRAND = np.array([_BRANDS.index(r[0]) for r in IIN_TABLE])
-_ROW_LO = np.array([r[1] for r in IIN_TABLE], np.int64)
-_ROW_HI = np.array([r[2] for r in IIN_TABLE], np.int64)
-_ROW_DIV = np.array([10 ** (6 - r[3]) for r in IIN_TABLE], np.int64)
-_ROW_LEN = np.zeros((20, len(IIN_TABLE)), bool)  # [length, row]: row issues that length
-for _j, _row in enumerate(IIN_TABLE):
-    _ROW_LEN[list(_row[4]), _j] = True
+MIN_DIGITS, MAX_DIGITS = 13, 19
+
+
+def _brand_table() -> np.ndarray:
+    """[length - MIN_DIGITS, first six digits] -> brand index (-1: none): the IIN table
+    applied once to every 6-digit prefix (7 MB), so a batch of candidates costs one gather.
+    Rows are painted last to first, so the first matching row wins as the table says."""
+    out = np.full((MAX_DIGITS - MIN_DIGITS + 1, 10**6), -1, np.int8)
+    for brand, lo, hi, digits, lengths in reversed(IIN_TABLE):
+        scale = 10 ** (6 - digits)
+        for n in lengths:
+            if MIN_DIGITS <= n <= MAX_DIGITS:
+                out[n - MIN_DIGITS, lo * scale : (hi + 1) * scale] = _BRANDS.index(brand)
+    return out
+
+
+_BRAND_BY_PREFIX = _brand_table()
+_POW6 = 10 ** np.arange(5, -1, -1)
 
 
 def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
@@ -202,12 +212,10 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
     range issues that prefix at that length (first matching table row wins)."""
     first = digits.shape[1] - ndig
     cols = np.minimum(first[:, None] + np.arange(6)[None, :], digits.shape[1] - 1)
-    six = np.take_along_axis(digits, cols, 1).astype(np.int64)
-    p6 = six @ (10 ** np.arange(5, -1, -1))
-    pk = p6[:, None] // _ROW_DIV[None, :]
-    m = (pk >= _ROW_LO) & (pk <= _ROW_HI) & _ROW_LEN[np.minimum(ndig, 19)]
-    hit = m.any(axis=1)
-    return np.where(hit, _ROW_BRAND[np.argmax(m, axis=1)], -1)
+    p6 = np.take_along_axis(digits, cols, 1).astype(np.int64) @ _POW6
+    n = np.clip(ndig, MIN_DIGITS, MAX_DIGITS) - MIN_DIGITS
+    brand = _BRAND_BY_PREFIX[n, p6].astype(np.int64)
+    return np.where((ndig >= MIN_DIGITS) & (ndig <= MAX_DIGITS), brand, -1)
 
 
 _GROUP_KEYS = np.array(sorted(group_key(g) for g in GROUPINGS))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from patterns import aes, der, pem, secrets
+from patterns import aes, der, emv, pem, secrets
 from patterns.base import Detector
 from patterns.pan import PanDetector
 from patterns.ssn import SsnDetector
@@ -12,6 +12,8 @@ DETECTORS: list[Detector] = [
     PanDetector(),
     Track1Detector(),
     Track2Detector(),
+    emv.EmvPanDetector(),
+    emv.EmvTrack2Detector(),
     SsnDetector(),
     aes.AesKeyDetector(),
     der.RsaKeyDetector(),

@@ -154,10 +154,12 @@ class DaskBackend:
 
     def completed(self, handles: set[Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
         for fut, value in self.pending.next_batch(block=True):
-            if fut.status == "cancelled" or self.client.status != "running":
+            if fut.status == "finished":
+                yield fut, value, None
+            elif fut.status == "error":
+                yield fut, None, value
+            else:  # cancelled: what the client does to every future when the scheduler goes
                 raise BackendLost(f"lost the Dask scheduler at {self.address}")
-            error = value if fut.status == "error" else None
-            yield fut, None if error is not None else value, error
 
     def explain(self, error: BaseException) -> str | None:
         if isinstance(error, KilledWorker):

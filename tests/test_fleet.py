@@ -226,7 +226,9 @@ def test_scheduler_gone_commits_what_came_back_exit_2(tmp_path):
                 p.kill()
             p.wait()
     assert proc.returncode == 2, err
-    (line,) = [x for x in err.splitlines() if "Dask scheduler" in x]  # (tmp paths say "scheduler")
+    lines = [x for x in err.splitlines() if "Dask scheduler" in x]
+    assert len(lines) == 1, err
+    line = lines[0]
     assert "lost the Dask scheduler" in line and "1 image(s) not scanned" in line
     assert "Traceback" not in err, err
     assert [os.path.basename(p) for (p,) in stored] == ["a-first.raw"]

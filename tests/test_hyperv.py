@@ -233,6 +233,44 @@ def test_unknown_tag_is_an_error_after_the_readable_blocks(tmp_path):
     assert got[(0, f.gpa_of(0))] == pages[0]  # block 0 still read
 
 
+def test_coverage_declared_by_the_runs_against_the_pages_read(tmp_path, vmleak):
+    declared = sum(n for _, n in GEN2) * PAGE
+    f = hw.VmrsFile(GEN2, memory(GEN2), encoding=ALL, seed=5)
+    path = f.write(str(tmp_path / "ok.vmrs"))
+    with registry.open_image(path) as image:
+        cov = image.coverage
+        assert (cov.declared, cov.read, cov.missing) == (declared, declared, 0)
+        assert cov.declared_by == "the RamMemoryBlock runs" and cov.outside == 32 * len(GEN2)
+    # Block 1 unreadable (an unknown tag): its 128 pages inside the first run are missing.
+    pages = memory(GEN2)
+    pages[256] = b"UNIQUE-PAGE-256!" + page(77)[16:]
+    data = bytearray(hw.VmrsFile(GEN2, pages, encoding="raw").to_bytes())
+    second = data.index(b"\x00\x10\x00\x00" + pages[256][:16])
+    data[second : second + 4] = b"\x00\x20\x00\x00"
+    bad = tmp_path / "bad.vmrs"
+    bad.write_bytes(bytes(data))
+    with registry.open_image(str(bad)) as image:
+        assert image.coverage.missing == (0x180 - 256) * PAGE
+    r = vmleak("scan", str(bad))
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert "guest memory missing: the RamMemoryBlock runs declares" in r.stderr
+
+
+def test_undecodable_page_is_missing_memory_after_the_scan(tmp_path, scan_result):
+    text = page(3)
+    f = hw.VmrsFile(GEN2, {0x10: text, 0x20: page(4)}, encoding="xpress")
+    data = bytearray(f.to_bytes())
+    packed = hw.xpress_compress(text)
+    at = data.index(packed)
+    data[at : at + len(packed)] = bytes(len(packed))  # all literals: too short, and no LZNT1
+    path = tmp_path / "z.vmrs"
+    path.write_bytes(bytes(data))
+    result = scan_result(str(path))
+    assert any(f"{at:#x}" in e and "compressed page" in e for e in result.errors)
+    assert any("guest memory missing" in e for e in result.errors)
+    assert result.meta["coverage"]["missing"] == PAGE
+
+
 # --- legacy .bin + .vsv ---------------------------------------------------------------------------
 
 
@@ -269,6 +307,8 @@ def test_vsv_is_scanned_as_device_state(tmp_path, scan_result):
     assert f.details["region"] == "device-state" and "stream_offset" not in f.details
     with registry.open_image(str(b)) as image:
         assert image.meta["vsv_size"] == 3 * PAGE
+        cov = image.coverage  # nothing declares a .bin's size: what it holds is read
+        assert (cov.declared, cov.read, cov.outside) == (None, 4 * PAGE, 3 * PAGE)
 
 
 def test_vmrs_device_state_keys_are_scanned_as_device_state(tmp_path, scan_result):
