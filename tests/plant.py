@@ -101,9 +101,10 @@ def memory_image(memory: bytes, order: list[int] | None = None, junk: int = 0xA5
 
 
 def family_secrets(rng: random.Random, rsa, aes_bytes: int = 16, end: str = "") -> list[bytes]:
-    """One secret of each kind the detector families look for, text and binary: a grouped
-    card number, a UTF-16LE SSN, a Track 2, an AWS key id, an AES key schedule
-    (``aes_bytes``: 16 or 32 bytes of key), ``rsa`` (a cryptography RSA private key) as DER
+    """One secret of each kind the detector families look for, text and binary: a binary EMV
+    Track 2 Equivalent Data record, a grouped card number, a UTF-16LE SSN, a Track 2, an AWS
+    key id, an AES key schedule (``aes_bytes``: 16 or 32 bytes of key), ``rsa`` (a
+    cryptography RSA private key) as DER
     and PEM. ``end`` follows each text secret."""
     from cryptography.hazmat.primitives import serialization as ser
 
@@ -114,7 +115,10 @@ def family_secrets(rng: random.Random, rsa, aes_bytes: int = 16, end: str = "") 
     pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
     aes = expand_keys(np.frombuffer(rng.randbytes(aes_bytes), np.uint8)[None, :])[0].tobytes()
     pan, ssn = make_pan(rng), make_ssn(rng)
+    track2 = f"{pan}D2512101"  # EMV tag 57: PAN, separator, YYMM, service code, F pad
+    track2 += "F" * (len(track2) % 2)
     return [
+        bytes.fromhex(f"57{len(track2) // 2:02X}{track2}"),
         f" card {group(pan, ' ')}{end}".encode(),
         encode(f" SSN {ssn[:3]}-{ssn[3:5]}-{ssn[5:]}{end}", "utf-16le"),
         f" ;{pan}=2512101123400001?{end}".encode(),
