@@ -152,7 +152,7 @@ class Detector(ABC):
     #: names of detectors whose findings lying inside one of ours are the same secret
     #: (a Track 2 contains its PAN): the engine keeps only ours.
     subsumes: ClassVar[tuple[str, ...]] = ()
-    #: the shared stage-1 pass this detector uses (``"digits"``, ``"anchors"``), None for
+    #: the shared stage-1 pass this detector uses (``"digits"``, ``"anchors"``, ``"emv"``), None for
     #: its own
     stage: ClassVar[str | None] = None
 
