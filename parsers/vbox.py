@@ -127,6 +127,15 @@ PG_FLAG_ADDR = 0x80
 PGM_VERSIONS = range(11, 15)  # 11 pre-balloon .. 14 (VirtualBox 7.1); <= 10 lack RAM config
 PGM_UNIT = "pgm"
 
+# What a complete save holds (contract 4). RAM the VM has (``MMR3InitPaging`` in MM.cpp): RAM
+# below 4 GiB up to 4 GiB minus the RAM hole, the rest from 4 GiB. ``pgmR3SaveRamPages`` saves
+# only pages of type RAM: the legacy VGA window 0xA0000-0xBFFFF (MMIO of the VGA device) and the
+# adapter ROM / BIOS area up to 1 MiB are never RAM pages (VirtualBox 7 registers no RAM there at
+# all, older versions overlay MMIO and ROM on it), nor are the pages of a ROM range (saved as
+# ROM records, in the pgm unit's ROM table with their GPA).
+FOUR_GIB = 1 << 32
+LEGACY_AREA = (0xA0000, 0x100000)
+
 MAX_PAGE_RECORDS = 1 << 25  # page records kept (32 Mi pages = 128 GiB): a bound on memory
 MAX_GPA = 1 << 52  # RAM pages above this are not physical addresses
 MAX_RANGES = 254  # range ids are u8, 0xFF ends the list
@@ -174,6 +183,7 @@ class _State:
     rom: dict[int, _Range] = field(default_factory=dict)
     ram_hole: int | None = None
     ram_size: int | None = None
+    ram_config_at: int | None = None  # file offset of the record holding the RAM config
     passes: list[int] = field(default_factory=list)  # pass numbers of the pgm units
     stream_base: int = 0  # decoded bytes of the units walked so far
     # One entry per page record, in file order: key (space << 48 | address), what the bytes
@@ -491,6 +501,7 @@ class _PgmReader:
         """RAM config (u32 hole, u64 RAM size), then the ROM and MMIO2 range tables."""
         cur, st = self.cur, self.st
         st.ram_hole = cur.u32()
+        st.ram_config_at = cur.rec_at
         st.ram_size = cur.u64()
         for kind in ("rom", "mmio2"):
             table = st.rom if kind == "rom" else st.mmio2
@@ -556,6 +567,31 @@ class _PgmReader:
         kind, where, clen = self.cur.page()
         self._add(key, kind, where, clen, soff)
 
+    def _zero_run(self) -> None:
+        """Add at once the implicit RAM zero records that follow in the current raw record:
+        each is one 0x00 byte (the next page's type byte), and a mostly-zero guest has
+        millions of them, too many for one Python step each."""
+        cur, st = self.cur, self.st
+        if cur.kind != REC_RAW or cur.left == 0:
+            return
+        view = cur.data[cur.at : cur.at + cur.left]
+        nonzero = np.flatnonzero(view)
+        n = int(nonzero[0]) if nonzero.size else view.size
+        # stop short of the bounds; the record-by-record path then reports them
+        n = min(n, MAX_PAGE_RECORDS - len(st.key), (MAX_GPA - 1 - self.last_ram) // PAGE)
+        if n <= 0:
+            return
+        first = self.last_ram + PAGE
+        st.key.frombytes(np.arange(first, first + n * PAGE, PAGE, dtype=np.int64).tobytes())
+        st.kind.frombytes(bytes(n))  # _ZERO
+        st.where.frombytes(bytes(8 * n))
+        st.clen.frombytes(bytes(4 * n))
+        st.soff.frombytes(bytes(8 * n))
+        cur.at += n
+        cur.left -= n
+        cur.logical += n
+        self.last_ram = first + (n - 1) * PAGE
+
     def _pages(self) -> None:
         cur, st = self.cur, self.st
         base = st.stream_base
@@ -577,6 +613,8 @@ class _PgmReader:
                     raise _Stop(st.fail(at, f"RAM page record at unaligned or absurd GPA {gpa:#x}"))
                 self.last_ram = gpa
                 self._record(gpa, kind == PG_RAM_RAW, base)
+                if kind == PG_RAM_ZERO:
+                    self._zero_run()
             elif kind in (PG_MMIO2_RAW, PG_MMIO2_ZERO):
                 rng, index = self._range_page(rtype, "mmio2", flagged, at)
                 key = (self._space(f"block:{rng.desc}") << 48) | (index * PAGE)
@@ -755,6 +793,86 @@ def _resolve(st: _State) -> tuple[np.ndarray, np.ndarray]:
     return np.flatnonzero(win & data), np.flatnonzero(~win & data)
 
 
+def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted, disjoint (first, end) ranges covering the same addresses as ``ranges``."""
+    out: list[tuple[int, int]] = []
+    for a, b in sorted(r for r in ranges if r[1] > r[0]):
+        if out and a <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], b))
+        else:
+            out.append((a, b))
+    return out
+
+
+def _inside(addr: np.ndarray, ranges: list[tuple[int, int]]) -> np.ndarray:
+    """Which of ``addr`` lie in the sorted, disjoint ``ranges``."""
+    if not ranges or addr.size == 0:
+        return np.zeros(addr.size, bool)
+    first = np.array([a for a, _ in ranges], np.int64)
+    end = np.array([b for _, b in ranges], np.int64)
+    i = np.searchsorted(first, addr, side="right") - 1
+    return (i >= 0) & (addr < end[np.maximum(i, 0)])
+
+
+def ram_layout(ram_size: int, ram_hole: int) -> list[tuple[int, int]]:
+    """The guest-physical ranges of a VirtualBox VM's RAM (``MMR3InitPaging``): RAM below 4 GiB
+    up to 4 GiB minus the RAM hole, the rest from 4 GiB (bytes)."""
+    below = min(ram_size, FOUR_GIB - ram_hole)
+    above = min(ram_size - below, MAX_GPA - FOUR_GIB)  # an absurd size stays a number
+    return [(0, below)] + ([(FOUR_GIB, FOUR_GIB + above)] if above > 0 else [])
+
+
+def left_out(layout: list[tuple[int, int]], roms: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The part of ``layout`` a save never holds as RAM pages: the legacy VGA window and adapter
+    area (0xA0000 to 1 MiB) and the ROM ranges ``roms`` (GPA, bytes), page-aligned outwards."""
+    cut = [LEGACY_AREA] + [(g // PAGE * PAGE, -(-(g + n) // PAGE) * PAGE) for g, n in roms]
+    return _merged(
+        [
+            (max(a, c), min(b, d))
+            for a, b in layout
+            for c, d in _merged(cut)
+            if min(b, d) > max(a, c)
+        ]
+    )
+
+
+def account(st: _State, image: MemoryImage) -> np.ndarray:
+    """Fill ``image.coverage`` (contract 4) and return the GPAs it counts as read.
+
+    Declared: the pgm unit's RAM config (``RamSize``); the save leaves out on purpose the part
+    of that RAM that is MMIO or ROM (:func:`left_out`). Read: every page of the RAM layout that
+    has a record in the file, whatever its kind (raw, zero, ballooned: the save accounts for
+    each), counted once however many passes resent it. Without a RAM config nothing is declared."""
+    cov = image.coverage
+    key = np.frombuffer(st.key, np.int64) if len(st.key) else np.zeros(0, np.int64)
+    gpa = np.unique(key[(key >> 48) == 0])
+    if st.problems:
+        cov.stopped_at = st.problems[0].offset
+    if st.ram_size is None or st.ram_hole is None:
+        cov.read = gpa.size * PAGE
+        return gpa
+    layout = ram_layout(st.ram_size, st.ram_hole)
+    roms = [(r.gcphys, r.size) for r in st.rom.values() if r.gcphys is not None]
+    out = left_out(layout, roms)
+    read = gpa[_inside(gpa, layout)]
+    held_out = int(np.count_nonzero(_inside(read, out)))
+    cov.declared = st.ram_size
+    cov.declared_by = "the pgm unit's RAM config"
+    cov.declared_at = st.ram_config_at
+    cov.read = read.size * PAGE
+    cov.excluded = max(0, sum(b - a for a, b in out) - held_out * PAGE)
+    if cov.excluded:
+        names = [r.desc for r in st.rom.values() if any(a <= (r.gcphys or 0) < b for a, b in out)]
+        cov.excluded_why = (
+            "MMIO and ROM, not RAM: the legacy VGA window and adapter area 0xA0000-0xFFFFF"
+            + (f" and ROM ranges ({', '.join(names)})" if names else "")
+            + " are never saved as RAM pages"
+        )
+    image.meta["ram_layout"] = [f"{a:#x}-{b - 1:#x}" for a, b in layout]
+    image.meta["ram_pages_outside_layout"] = int(gpa.size - read.size)
+    return read
+
+
 def _space_of(key: np.ndarray, names: dict[int, int]) -> np.ndarray:
     """Image space ids for the state's space numbers (0 = GPA)."""
     sp = key >> 48
@@ -800,6 +918,8 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
     decoded = np.flatnonzero(~plain)
     dev_lzf = np.flatnonzero(dev_type == REC_LZF)
     path = st.path
+    read = account(st, image)
+    image.coverage.outside = int(dev_out.sum()) + int(old.size) * PAGE
 
     def device_windows(problems: list[ImageError]) -> Iterator[Segment]:
         """The LZF records of device units, decoded into one reused window at a time."""
@@ -828,6 +948,7 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
     def stream() -> Iterator[Segment]:
         yield Segment(ev.data, main, path)
         problems: list[ImageError] = []
+        lost = 0  # pages counted as read that do not decode
         buf = np.zeros(min(WINDOW_PAGES, decoded.size) * PAGE, np.uint8)
         for lo in range(0, decoded.size, WINDOW_PAGES):
             part = decoded[lo : lo + WINDOW_PAGES]
@@ -838,6 +959,9 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
                     page = _page_bytes(ev, st, int(kind[r]), int(where[r]), int(clen[r]))
                 except _Stop as stop:
                     problems.append(stop.err)
+                    if j < win.size:  # the guest's page, not a superseded copy
+                        at = int(np.searchsorted(read, key[r]))
+                        lost += int(at < read.size and read[at] == key[r])
                     continue
                 buf[len(keep) * PAGE : (len(keep) + 1) * PAGE] = np.frombuffer(page, np.uint8)
                 keep.append(slot)
@@ -850,6 +974,9 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
             )
             yield Segment(buf[: n * PAGE], ext, path, reused=True)
         yield from device_windows(problems)
+        if lost:
+            image.coverage.read -= lost * PAGE
+            image.check_coverage()
         if problems:
             seen = {str(w) for w in image.warnings}
             image.warnings += [p for p in problems[1:] if str(p) not in seen]
@@ -919,4 +1046,5 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         ]
         build(ev, st, image)
         image.warnings.extend(st.problems)
+        image.check_coverage()
     return image

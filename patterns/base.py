@@ -53,6 +53,11 @@ class Chunk:
             value = self._memo[key] = fn(self)
             return value
 
+    def has(self, key: str) -> bool:
+        """Whether feature ``key`` was already computed for this chunk (a detector may then
+        take its candidates from it instead of running a pass of its own)."""
+        return key in self._memo
+
 
 @dataclass
 class Hits:

@@ -20,15 +20,17 @@ digits of expiry and service code after the D — and its PAN passes the same ch
 number: 13-19 digits, Luhn, an issuer prefix and length of the IIN table (patterns/pan.py).
 So a 5A's length byte is 7-10 in practice (13-19 digits), a 57's 11-19.
 
-Stage 1, binary: per 512 KiB block two compares for the two tag bytes (0x5A, 0x57), then
-only the 8-byte words holding one are looked into; the length byte, nibbles, month, Luhn and
-IIN checks run on the candidates as arrays. Hex text: the digit chains of the digit detectors'
-text views (patterns/digits.py, memoized on the chunk: a record's PAN digits make its region
-hot and form a chain) — a 5A's PAN starts a chain right after the letter A of its tag or
-length, a 57's ends one right before its separator D — then the same checks on the text. No
-Python loop per byte or candidate. A hex-text record whose PAN is glued into a run of more
-than 64 decimal digits (the longest chain the digit stage keeps) is not found. Masked like a
-PAN: at most the first six and last four digits.
+Stage 1, binary: the 13 headers (tag and a length byte in range) are anchors of the shared
+anchor pass of patterns/scratch.py, read from it when a key or secret detector already ran it
+on the chunk (every detector: no extra pass); otherwise per 512 KiB block two compares for the
+two tag bytes (0x5A, 0x57), and only the 8-byte words holding one are looked into. The length
+byte, nibbles, month, Luhn and IIN checks run on the candidates as arrays. Hex text: the digit
+chains of the digit detectors' text views (patterns/digits.py, memoized on the chunk: a
+record's PAN digits make its region hot and form a chain) — a 5A's PAN starts a chain right
+after the letter A of its tag or length, a 57's ends one right before its separator D — then
+the same checks on the text. No Python loop per byte or candidate. A hex-text record whose PAN
+is glued into a run of more than 64 decimal digits (the longest chain the digit stage keeps) is
+not found. Masked like a PAN: at most the first six and last four digits.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from patterns.base import BINARY, Chunk, Described, Detector, Hit, Hits
 from patterns.context import text_around
 from patterns.digits import TextView, luhn_ok, rows_with_digits, views
 from patterns.pan import _BRANDS, TEST_PANS, brand_of, mask_pan
-from patterns.scratch import buffer, gather
+from patterns.scratch import ANCHOR_PASS, anchor_hits, buffer, gather, register_anchor
 
 TAG_PAN, TAG_TRACK2 = 0x5A, 0x57
 TEMPLATES = (0x70, 0x77)  # READ RECORD response / response message template format 2
@@ -62,46 +64,35 @@ for _i, _c in enumerate(b"0123456789ABCDEF"):
 # --- value checks, shared by both forms ---------------------------------------------------------
 
 
-def _check(nib: np.ndarray, count: np.ndarray, tag: int) -> tuple[np.ndarray, ...]:
+def _check(nib: np.ndarray, count: np.ndarray, tag: int) -> tuple[np.ndarray, np.ndarray]:
     """For candidate values as nibble rows (``nib``: (n, 38) int16, ``count`` nibbles each,
-    16 beyond): (ok, PAN digits right-aligned (n, 19), PAN digit count, brand index)."""
+    16 beyond): (valid, brand index). The structure is checked on every row; month, Luhn and
+    IIN only on the few that pass it."""
     n = nib.shape[0]
-    cols = np.arange(nib.shape[1])[None, :]
-    last = np.take_along_axis(nib, np.maximum(count - 1, 0)[:, None], 1)[:, 0]
-    padded = last == PAD
-    ndat = count - padded  # nibbles before the pad
-    data = cols < ndat[:, None]
-    big = (nib > 9) & data  # letters among the data nibbles
+    rows = np.arange(n)
+    ndat = count - (nib[rows, np.maximum(count - 1, 0)] == PAD)  # nibbles before the pad
+    big = (nib > 9) & (_NIBBLES[None, :] < ndat[:, None])  # letters among the data nibbles
+    nbig = np.count_nonzero(big, axis=1)
     if tag == TAG_PAN:
-        ok = ~big.any(axis=1)
         ndig = ndat
+        ok = nbig == 0
     else:
-        sep = np.where(big.any(axis=1), np.argmax(big, axis=1), nib.shape[1])  # first letter
-        at = np.minimum(sep, nib.shape[1] - 1)
-        is_sep = np.take_along_axis(nib, at[:, None], 1)[:, 0] == SEP
-        only = np.count_nonzero(big, axis=1) == 1
-        ndig = sep
-        ok = is_sep & only & (ndat - sep - 1 >= AFTER_SEP)
-        month = _pair(nib, np.minimum(sep + 3, nib.shape[1] - 2))
-        ok &= (month >= 1) & (month <= 12)
+        ndig = np.argmax(big, axis=1)  # the first letter: it must be the separator D
+        ok = (nbig == 1) & (nib[rows, ndig] == SEP) & (ndat - ndig - 1 >= AFTER_SEP)
     ok &= (ndig >= PAN_MIN) & (ndig <= PAN_MAX)
-    digits = np.zeros((n, PAN_MAX), np.int8)
-    if n:
-        # right-align the first ndig nibbles into PAN_MAX columns
-        src = np.clip(cols[:, :PAN_MAX] - (PAN_MAX - ndig)[:, None], 0, nib.shape[1] - 1)
-        take = np.take_along_axis(nib, src, 1)
-        digits = np.where(cols[:, :PAN_MAX] >= (PAN_MAX - ndig)[:, None], take, 0).astype(np.int8)
-    ok &= luhn_ok(digits, ndig)
+    idx = np.flatnonzero(ok)
+    if tag == TAG_TRACK2 and idx.size:
+        month = nib[idx, ndig[idx] + 3] * 10 + nib[idx, ndig[idx] + 4]
+        idx = idx[(month >= 1) & (month <= 12)]
+    # the PAN right-aligned in PAN_MAX columns, for Luhn and the IIN table
+    nd = ndig[idx]
+    src = _NIBBLES[None, :PAN_MAX] - (PAN_MAX - nd)[:, None]
+    digits = np.where(src >= 0, nib[idx[:, None], np.maximum(src, 0)], 0).astype(np.int8)
+    good = luhn_ok(digits, nd)
+    idx, digits, nd = idx[good], digits[good], nd[good]
     brand = np.full(n, -1, np.int64)
-    brand[ok] = brand_of(digits[ok], ndig[ok])
-    return ok & (brand >= 0), digits, ndig, brand
-
-
-def _pair(nib: np.ndarray, at: np.ndarray) -> np.ndarray:
-    """The two-digit number in nibbles ``at``, ``at + 1`` of each row."""
-    a = np.take_along_axis(nib, at[:, None], 1)[:, 0]
-    b = np.take_along_axis(nib, (at + 1)[:, None], 1)[:, 0]
-    return a.astype(np.int64) * 10 + b
+    brand[idx] = brand_of(digits, nd)
+    return brand >= 0, brand
 
 
 def _nibbles(values: np.ndarray) -> np.ndarray:
@@ -141,9 +132,28 @@ _Candidates = tuple[np.ndarray, np.ndarray, int, np.ndarray, np.ndarray]
 _NIBBLES = np.arange(2 * MAX_VALUE[TAG_TRACK2])
 
 
-def _binary(data: np.ndarray, out: dict[int, list[_Candidates]]) -> None:
+#: every TLV header (tag, length byte) that can open a valid record, as binary anchors of the
+#: shared anchor pass (patterns/scratch.py): when keys or secrets run too, that pass finds them
+#: at no extra cost
+HEADERS = [bytes([t, n]) for t in (TAG_PAN, TAG_TRACK2)
+           for n in range(MIN_VALUE[t], MAX_VALUE[t] + 1)]
+for _header in HEADERS:
+    register_anchor(_header, text=False)
+
+
+def _header_offsets(chunk: Chunk) -> np.ndarray:
+    """Sorted offsets of the chunk's record headers: from the anchor pass when another
+    detector already ran it on this chunk, else from this module's own two-compare pass."""
+    if chunk.has(ANCHOR_PASS):
+        parts = [hits for h in HEADERS for _enc, _step, hits in anchor_hits(chunk, h)]
+        return np.sort(np.concatenate(parts)) if parts else np.zeros(0, np.int64)
+    return _tag_bytes(chunk.data)
+
+
+def _binary(chunk: Chunk, out: dict[int, list[_Candidates]]) -> None:
     """Binary TLV candidates (from the tag byte) whose length byte fits, added to ``out``."""
-    pos = _tag_bytes(data)
+    data = chunk.data
+    pos = _header_offsets(chunk)
     pos = pos[pos + 2 < data.size]
     tag, length = data[pos], data[pos + 1].astype(np.int64)
     for t in (TAG_PAN, TAG_TRACK2):
@@ -187,7 +197,7 @@ def _records(chunk: Chunk) -> dict[int, Hits]:
     """Per tag, the valid records of a chunk in every form: the candidates of all forms
     checked together (one batch per tag)."""
     found: dict[int, list[_Candidates]] = {TAG_PAN: [], TAG_TRACK2: []}
-    _binary(chunk.data, found)
+    _binary(chunk, found)
     for view in views(chunk):
         _hex(view, found)
     out = {}
@@ -199,7 +209,7 @@ def _records(chunk: Chunk) -> dict[int, Hits]:
         count_a = np.concatenate(count)
         nib_a = np.concatenate(nib)
         nib_a[_NIBBLES[None, :] >= count_a[:, None]] = 16
-        ok, _, _, brand = _check(nib_a, count_a, t)
+        ok, brand = _check(nib_a, count_a, t)
         encs = np.concatenate([np.full(c.size, e, np.uint8)
                                for c, e in zip(count, enc, strict=True)])
         out[t] = Hits(np.concatenate(start)[ok], np.concatenate(length)[ok], encs[ok], brand[ok])

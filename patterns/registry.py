@@ -12,8 +12,6 @@ DETECTORS: list[Detector] = [
     PanDetector(),
     Track1Detector(),
     Track2Detector(),
-    emv.EmvPanDetector(),
-    emv.EmvTrack2Detector(),
     SsnDetector(),
     aes.AesKeyDetector(),
     der.RsaKeyDetector(),
@@ -26,6 +24,10 @@ DETECTORS: list[Detector] = [
     secrets.StripeKeyDetector(),
     secrets.GcpApiKeyDetector(),
     secrets.JwtDetector(),
+    # after the key and secret detectors: when they run, the EMV detectors take their binary
+    # candidates from the anchor pass those already ran on the chunk
+    emv.EmvPanDetector(),
+    emv.EmvTrack2Detector(),
 ]
 
 
@@ -39,7 +41,8 @@ def groups() -> dict[str, list[str]]:
 
 def select(spec: str | None) -> list[Detector]:
     """Detectors named by a comma-separated list of detector and group names ('all' or None:
-    every detector). Raises ValueError naming an unknown entry."""
+    every detector), in the order of DETECTORS (which detectors can reuse another's stage-1
+    pass depends on it). Raises ValueError naming an unknown entry."""
     if not spec or spec.strip() == "all":
         return list(DETECTORS)
     by_name = {d.name: d for d in DETECTORS}
@@ -56,4 +59,4 @@ def select(spec: str | None) -> list[Detector]:
             known = ", ".join(sorted(by_name) + sorted(grp))
             raise ValueError(f"unknown detector or group {word!r} (known: {known})")
         chosen.extend(n for n in names if n not in chosen)
-    return [by_name[n] for n in chosen]
+    return [d for d in DETECTORS if d.name in chosen]

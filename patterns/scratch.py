@@ -177,6 +177,8 @@ def _anchor_groups(anchors: list[bytes]) -> list[int]:
     return [group[p] for p in anchors]
 
 
+#: the Chunk memo key of the anchor pass (``Chunk.has(ANCHOR_PASS)``: it already ran)
+ANCHOR_PASS = "scratch.anchors"
 _TABLE: list = [None, None, None]  # (anchors built for, code table, anchor index table)
 
 
@@ -285,7 +287,7 @@ def anchor_hits(chunk: Chunk, pair: bytes) -> Candidates:
     """Chunk offsets of a registered anchor, sorted, per encoding: the two bytes (ASCII), and
     for text anchors the two UTF-16LE characters (the first one's high byte zero, the
     second's not yet checked)."""
-    return chunk.memo("scratch.anchors", _anchor_pass)[pair]
+    return chunk.memo(ANCHOR_PASS, _anchor_pass)[pair]
 
 
 def literal_hits(chunk: Chunk, literal: bytes, anchor: int) -> Candidates:

@@ -80,7 +80,7 @@ class Install(WorkerPlugin):
 class DaskBackend:
     """Runs a scan's units on a Dask cluster (``runner.Backend``): ``address`` of a scheduler,
     or ``local:N`` for a LocalCluster of N single-threaded worker processes (listening on
-    127.0.0.1, no dashboard). ``timeout``: seconds to connect and to wait for a worker."""
+    127.0.0.1 only). ``timeout``: seconds to connect and to wait for a worker."""
 
     def __init__(self, address: str, config: ScanConfig, timeout: float = DEFAULT_TIMEOUT) -> None:
         _quiet_dask()
@@ -120,7 +120,9 @@ class DaskBackend:
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=None,
+            # the scheduler's HTTP server (health routes; the dashboard when bokeh is there) on
+            # a free loopback port: its default, 8787 on all interfaces, may be taken (a warning)
+            dashboard_address="127.0.0.1:0",
             silence_logs=logging.CRITICAL,
         )
 

@@ -94,7 +94,11 @@ def test_any_valid_record_found_once_at_its_gpa(tag, month, extra, seed, row, fo
     blob, off, length = encode(tlv(tag, value), form, rng)
     mem, at = plant(seed, where, blob)
     name = "emv-pan" if tag == "5A" else "emv-track2"
-    everything = engine_scan(mem, chunk, layout(seed, shuffle), "cards")
+    # with the card detectors alone the binary records come from the EMV detectors' own pass;
+    # with a secret detector as well, from the anchor pass it runs
+    detectors = "cards" if seed % 2 else "cards,aws-key"
+    everything = [f for f in engine_scan(mem, chunk, layout(seed, shuffle), detectors)
+                  if f.detector != "aws-key"]
     found = [f for f in everything if f.detector.startswith("emv")]
     enc = {"binary": "binary", "utf-16le": "utf-16le"}.get(form, "ascii")
     assert [(f.detector, f.gpa, f.length, f.encoding) for f in found] == [
@@ -141,7 +145,9 @@ def test_any_broken_record_never_reported(tag, kind, seed, row, form, where, chu
     record = corrupt(kind, tag, make_pan(rng, row), rng)
     blob, _, _ = encode(record, form, rng)
     mem, _ = plant(seed, where, blob)
-    found = engine_scan(mem, chunk, layout(seed, shuffle), "emv-pan,emv-track2")
+    detectors = "emv-pan,emv-track2" if seed % 2 else "emv-pan,emv-track2,aws-key"
+    found = [f for f in engine_scan(mem, chunk, layout(seed, shuffle), detectors)
+             if f.detector != "aws-key"]
     assert found == [], (record, form, [(f.detector, f.masked) for f in found])
 
 
@@ -173,3 +179,23 @@ def test_lone_binary_5a_stays_below_the_threshold(engine_scan):
     mem, at = plant(5, 7000, b"\x00" + code[:10] + bytes.fromhex("5F340101"))
     (f,) = engine_scan(mem, 65536, None, "emv-pan")
     assert f.details["next_tag"] == "5F34" and f.details["confidence"] >= 0.3
+
+
+def test_both_binary_stage1_paths_give_the_same_headers():
+    """The EMV detectors' own pass and the shared anchor pass (used when a key or secret
+    detector already ran it on the chunk) find the same record headers."""
+    from patterns import emv
+    from patterns.base import Chunk
+    from patterns.scratch import anchor_hits
+
+    data = np.random.default_rng(7).integers(0, 256, 1 << 20, dtype=np.uint8)
+    data[1000:1002], data[4095:4097] = (0x5A, 0x08), (0x57, 0x13)  # one across a page edge
+    own = Chunk(data)
+    pos = emv._header_offsets(own)
+    ok = np.isin(data[pos[:, None] + [0, 1]].view(np.uint16).ravel(),
+                 [int.from_bytes(h, "little") for h in emv.HEADERS])
+    shared = Chunk(data)
+    anchor_hits(shared, b"\x02\x01")  # as the DER detectors do first
+    assert shared.has("scratch.anchors")
+    assert emv._header_offsets(shared).tolist() == pos[ok].tolist()
+    assert {1000, 4095} <= set(pos[ok].tolist())

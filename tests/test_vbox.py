@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 
+import lzf
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -23,6 +24,7 @@ from tests.plant import luhn_digit
 PAGE = w.PAGE
 GiB = 1 << 30
 HIGH = 4 * GiB  # RAM above the hole starts here
+LOW_END = HIGH - w.MAX_HOLE  # the writer's RAM below 4 GiB ends here (its default RAM hole)
 PAN_A = "4111111111111111"
 PAN_B = "5555555555554444"
 PAN_C = "4012888888881881"
@@ -99,7 +101,8 @@ def test_plain_save_gpas_mmio2_and_rom(tmp_path, codec, scan_result):
     assert registry.detect(path)[1] == "vbox-sav"
     with registry.open_image(path) as image:
         assert image.format == "vbox-sav"
-        assert image.meta["ram_size"] == 64 << 20 and image.meta["ram_hole"] == 512 << 20
+        # the smallest whole-MiB RAM holding the pages given, 64 MiB of it below the hole
+        assert image.meta["ram_size"] == 65 << 20 and image.meta["ram_hole"] == w.MAX_HOLE
         assert image.meta["pgm_passes"] == ["final"]
         assert image.warnings == []
         assert "block:VRam" in image.spaces and "block:PC BIOS (virgin)" in image.spaces
@@ -138,7 +141,7 @@ def test_extract_equals_the_guest_memory(tmp_path, vmleak):
     final: dict[int, bytes | str | None] = {}
     expected: dict[int, bytes] = {}
     for k in range(24):
-        gpa = rng.choice([0, HIGH - (512 << 20) - 16 * PAGE, HIGH]) + k * PAGE
+        gpa = rng.choice([0, LOW_END - 24 * PAGE, HIGH]) + k * PAGE
         data = filler(100 + k)
         final[gpa] = data
         expected[gpa] = data
@@ -246,13 +249,86 @@ def test_damaged_device_record_is_an_error_after_the_pages(tmp_path, scan_result
     assert (0x1000 + 4006, None, "411111******1111") in pans(result)  # guest pages scanned
 
 
+# --- declared RAM against RAM read (contract 4) ---------------------------------------------
+
+KIB = 1 << 10
+LEGACY = 384 * KIB  # 0xA0000-0xFFFFF: never RAM pages in a .sav
+
+
+@pytest.mark.parametrize("passes", [1, 3], ids=["plain", "live"])
+def test_complete_save_is_no_error_and_states_what_virtualbox_leaves_out(
+    tmp_path, scan_result, passes
+):
+    """Every RAM page of 8 MiB written as VirtualBox writes it: no error; the legacy area and a
+    ROM range inside RAM are excluded on purpose, with the reason; a RAM page an older
+    VirtualBox saved inside the legacy area (0xC8000) counts as read."""
+    rom = [w.Range(1, "VGA BIOS", 0x8000, gcphys=0xC0000), w.Range(2, "Test ROM", 2 * PAGE,
+           gcphys=0x300000)]  # fmt: skip
+    final = w.Pass(ram={0x1000: with_text(filler(1), 10, PAN_A), 0xC8000: filler(2)})
+    plist = [w.Pass(ram={0x1000: filler(3)}) for _ in range(passes - 1)] + [final]
+    path = w.SavFile(plist, ram_size=8 << 20, rom=rom).write(str(tmp_path / "c.sav"))
+    with registry.open_image(path) as image:
+        cov = image.coverage
+        assert image.warnings == []
+        assert (cov.declared, cov.missing) == (8 << 20, 0)
+        assert cov.excluded == LEGACY - PAGE + 2 * PAGE
+        assert cov.read == (8 << 20) - cov.excluded
+        assert "0xA0000-0xFFFFF" in cov.excluded_why and "Test ROM" in cov.excluded_why
+    result = scan_result(path)
+    assert result.errors == [] and result.meta["coverage"]["missing"] == 0
+    assert (0x1000 + 16, None, "411111******1111") in pans(result)
+
+
+def test_truncated_save_is_missing_memory_and_the_rest_is_scanned(tmp_path, vmleak):
+    """A save cut inside its page records: one declared-vs-read line, exit 2, and the pages
+    before the cut are scanned (scan, info and extract alike)."""
+    page = with_text(filler(1), 10, PAN_A)
+    data = w.SavFile([w.Pass(ram={0x1000: page})], ram_size=8 << 20, codec="raw").to_bytes()
+    cut = data.index(page) + PAGE + 1000  # in the run of zero-page records after it
+    path = tmp_path / "cut.sav"
+    path.write_bytes(data[:cut])
+    r = vmleak("scan", "--detectors", "pan", str(path))
+    assert r.returncode == 2, r.stderr
+    assert "411111******1111" in r.stdout
+    [line] = [x for x in r.stderr.splitlines() if "guest memory missing" in x]
+    assert str(path) in line and "the pgm unit's RAM config declares 8,388,608 bytes" in line
+    for cmd in (["info", str(path)], ["extract", str(path), "-o", str(tmp_path / "x.raw")]):
+        assert vmleak(*cmd).returncode == 2
+
+
+def test_pages_missing_from_a_whole_file_are_an_error(tmp_path, scan_result):
+    """A file that ends properly but lacks pages its RAM config declares (a writer that skipped
+    them, or records lost in a splice): missing memory, an error."""
+    sav = w.SavFile([w.Pass(ram={0x1000: with_text(filler(1), 10, PAN_A)})], ram_size=8 << 20,
+                    complete=False)  # fmt: skip
+    result = scan_result(sav.write(str(tmp_path / "sparse.sav")))
+    assert result.meta["coverage"]["missing"] == (8 << 20) - LEGACY - PAGE
+    assert any("guest memory missing" in e for e in result.errors)
+    assert (0x1000 + 16, None, "411111******1111") in pans(result)
+
+
+def test_undecodable_page_is_missing_memory_after_the_scan(tmp_path, scan_result):
+    page = filler(4)
+    data = bytearray(w.SavFile([w.Pass(ram={0x2000: page})], ram_size=4 << 20).to_bytes())
+    packed = lzf.compress(page, PAGE - PAGE // 16)
+    assert packed
+    at = data.index(packed)
+    data[at : at + 8] = b"\xff" * 8  # a back reference before the start
+    path = tmp_path / "lzf.sav"
+    path.write_bytes(bytes(data))
+    result = scan_result(str(path))
+    assert any("LZF record" in e for e in result.errors)
+    assert any("guest memory missing" in e for e in result.errors)
+    assert result.meta["coverage"]["missing"] == PAGE
+
+
 # --- hypothesis: any PAN at any GPA, whatever the record mix ---------------------------------
 
 
 @st.composite
 def layouts(draw):
     n_pages = draw(st.integers(2, 12))
-    base = draw(st.sampled_from([0, 0x100000, HIGH - 8 * PAGE, HIGH, 5 * GiB]))
+    base = draw(st.sampled_from([0, 0x100000, LOW_END - 41 * PAGE, HIGH, HIGH + 0x3FF000]))
     gpas = sorted(draw(st.sets(st.integers(0, 40), min_size=n_pages, max_size=n_pages)))
     gpas = [base + g * PAGE for g in gpas]
     target = draw(st.sampled_from(gpas))

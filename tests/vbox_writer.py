@@ -23,7 +23,13 @@ MAGIC = b"\x7fVirtualBox SavedState V2.0\n\0\0\0"
 PASS_FINAL = 0xFFFFFFFF
 STRUCT_BEGIN = 0x19200102
 STRUCT_END = 0x19920406
-DEFAULT_HOLE = 512 << 20
+DEFAULT_HOLE = 512 << 20  # VirtualBox's default RamHoleSize
+# Its largest (CFGM "RamHoleSize", up to 4032 MB): 64 MiB of RAM below 4 GiB, so a test file
+# with RAM above 4 GiB writes 16 Ki page records, not a million.
+MAX_HOLE = 4032 << 20
+GIB4 = 1 << 32
+KIB640 = 640 << 10
+MIB = 1 << 20
 
 # Ways a page's 4 KiB reach the file: as SSM writes them ("ssm": LZF, or raw when LZF does not
 # shrink it enough, or a zero record for a zero page), forced raw, or as eight 512-byte puts
@@ -136,14 +142,30 @@ class _Unit:
         return bytes(self.out)
 
 
+def ram_ranges(ram_size: int, ram_hole: int) -> list[tuple[int, int]]:
+    """(first, end) GPAs of the RAM VirtualBox 7 registers for ``ram_size`` bytes
+    (``MMR3InitPaging``): "Conventional RAM" below 640 KiB, extended RAM from 1 MiB up to
+    4 GiB minus the hole, the rest from 4 GiB. Nothing between 640 KiB and 1 MiB is RAM."""
+    below = min(ram_size, GIB4 - ram_hole)
+    out = [(0, min(ram_size, KIB640)), (MIB, below), (GIB4, GIB4 + ram_size - below)]
+    return [(a, b) for a, b in out if b > a]
+
+
 @dataclass
 class SavFile:
     """A saved state to write. Passes: one (a plain save, final pass only) or several (a live
-    save: passes 0.. then the final pass, the last one listed)."""
+    save: passes 0.. then the final pass, the last one listed).
+
+    ``complete``: as VirtualBox does, every RAM page of the declared RAM (``ram_ranges``) gets
+    a record — pages no pass gives are zero-page records of the first pass (a live save's pass
+    0 sends every page) —, except the pages of ROM ranges (saved as ROM records). False writes
+    only the pages given: a save that lost pages. ``ram_size`` None: the smallest size in whole
+    MiB whose RAM holds every page given."""
 
     passes: list[Pass]
-    ram_size: int = 64 << 20
-    ram_hole: int = DEFAULT_HOLE
+    ram_size: int | None = None
+    ram_hole: int = MAX_HOLE
+    complete: bool = True
     mmio2: list[Range] = field(default_factory=list)
     rom: list[Range] = field(default_factory=list)
     cpus: int = 2
@@ -159,9 +181,33 @@ class SavFile:
             fh.write(self.to_bytes())
         return path
 
+    def declared_size(self) -> int:
+        """The RAM size the file declares (``ram_size``, or derived from the pages given)."""
+        if self.ram_size is not None:
+            return self.ram_size
+        top = max((g for p in self.passes for g in p.ram), default=0) + PAGE
+        low = GIB4 - self.ram_hole
+        size = top if top <= low else low + max(0, top - GIB4)
+        return -(-size // MIB) * MIB
+
+    def _filled(self) -> list[Pass]:
+        """The passes, the first one given a zero record for every page no pass gives."""
+        if not self.complete:
+            return self.passes
+        given = {g for p in self.passes for g in p.ram}
+        rom = [(r.gcphys, r.gcphys + r.size) for r in self.rom]
+        first = Pass(dict(self.passes[0].ram), self.passes[0].mmio2,
+                     self.passes[0].rom_virgin, self.passes[0].rom_shadow)  # fmt: skip
+        for a, b in ram_ranges(self.declared_size(), self.ram_hole):
+            for g in range(a, b, PAGE):
+                if g not in given and not any(c <= g < d for c, d in rom):
+                    first.ram[g] = None
+        return [first, *self.passes[1:]]
+
     def to_bytes(self) -> bytes:
         rng = random.Random(self.seed)
         live = len(self.passes) > 1
+        passes = self._filled()
         flag = live if self.live_flag is None else self.live_flag
         hdr = bytearray(
             struct.pack(
@@ -189,8 +235,8 @@ class SavFile:
             for s in ("Build Type", "release", "Host OS", "linux.amd64", "", ""):
                 ssm.strz(s)
             units.append(("SSM", 1, 0, PASS_FINAL if not live else 0, ssm.finish()))
-        for i, p in enumerate(self.passes):
-            final = i == len(self.passes) - 1
+        for i, p in enumerate(passes):
+            final = i == len(passes) - 1
             number = PASS_FINAL if final else i
             units.append(("pgm", 14, 0, number, self._pgm(p, number, live, rng)))
         if self.extra_units:
@@ -247,7 +293,7 @@ class SavFile:
                 u.u32(STRUCT_END)
         if number == 0 or (number == PASS_FINAL and not live):
             u.u32(self.ram_hole)
-            u.u64(self.ram_size)
+            u.u64(self.declared_size())
             for r in self.rom:
                 u.u8(r.ident)
                 u.strz(r.device)
@@ -309,12 +355,14 @@ class SavFile:
 
 
 def write_sav_from_raw(raw_path: str, out_path: str, chunk: int = 1 << 20) -> int:
-    """Stream a flat raw image (byte k = GPA k) into a one-pass saved state at ``out_path`` as
-    SSM writes it (LZF / raw / zero records), reading ``chunk`` bytes at a time: memory does not
-    grow with the image. RAM from GPA 0, each page with its own address flag rule. Returns the
-    guest bytes written."""
+    """Stream a flat raw image into a one-pass saved state at ``out_path`` as SSM writes it
+    (LZF / raw / zero records), reading ``chunk`` bytes at a time: memory does not grow with the
+    image. The image's size is the RAM size (default RAM hole); its byte k is GPA k below the
+    hole, the rest is RAM from 4 GiB; its bytes at 640 KiB - 1 MiB are left out, as VirtualBox
+    has no RAM there. Returns the guest bytes written."""
     size = os.path.getsize(raw_path)
-    sav = SavFile([Pass()], ram_size=size, extra_units=False)
+    sav = SavFile([Pass()], ram_size=size, ram_hole=DEFAULT_HOLE, extra_units=False)
+    below = min(size, GIB4 - DEFAULT_HOLE)
     head = sav.to_bytes()
     # Reuse the header; write the pgm unit by hand, streaming.
     file_header = head[:64]
@@ -337,23 +385,29 @@ def write_sav_from_raw(raw_path: str, out_path: str, chunk: int = 1 << 20) -> in
         u.u8(0xFF)
         u.u8(0xFF)
         written = 0
-        gpa = 0
+        offset = 0  # in the raw image
+        last = -1  # GPA of the previous page record
+        stored = 0
         while True:
             data = src.read(chunk)
             if not data:
                 break
             for k in range(0, len(data) - PAGE + 1, PAGE):
                 pg = data[k : k + PAGE]
-                if any(pg):
-                    u.u8(0x01 if gpa else 0x81)
-                    if not gpa:
-                        u.u64(0)
-                    u.big(pg)
+                at, offset = offset, offset + PAGE
+                if KIB640 <= at < MIB:
+                    continue
+                gpa = at if at < below else GIB4 + at - below
+                rtype = 0x01 if any(pg) else 0x00
+                if gpa == last + PAGE:
+                    u.u8(rtype)
                 else:
-                    u.u8(0x00 if gpa else 0x80)
-                    if not gpa:
-                        u.u64(0)
-                gpa += PAGE
+                    u.u8(rtype | 0x80)
+                    u.u64(gpa)
+                if rtype:
+                    u.big(pg)
+                last = gpa
+                stored += PAGE
             u.flush()
             out.write(u.out)
             written += len(u.out)
@@ -373,4 +427,4 @@ def write_sav_from_raw(raw_path: str, out_path: str, chunk: int = 1 << 20) -> in
         foot = bytearray(struct.pack("<8sQIIII", b"\nFooter\0", out.tell(), 0, 1, 0, 0))
         foot[28:32] = struct.pack("<I", crc32(bytes(foot)))
         out.write(foot)
-    return gpa
+    return stored
