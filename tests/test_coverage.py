@@ -5,12 +5,9 @@ the issue measured."""
 from __future__ import annotations
 
 import gzip
-import lzma
 import os
 import shutil
 import struct
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,40 +15,24 @@ import numpy as np
 
 from parsers import libvirt, qemu, registry
 from parsers.base import ImageError
-from patterns.registry import select
-from scanner.engine import Engine, ScanConfig
 from tests import vmware_writer as vw
+from tests.samples import dump_sample, qemu_sample
 
-SAMPLES = Path(__file__).resolve().parent.parent / "samples"
 PAN = "4556737586899855"
 PLANT = f" card {PAN} ".encode()
 MIB = 1 << 20
 
 
-def scan(path: str):
-    """(findings, errors) of a PAN scan of ``path`` in this process."""
-    with registry.open_image(path) as image:
-        result = Engine(ScanConfig(select("pan"), key=b"k" * 32)).scan_image(image)
-    return result.findings, result.errors
-
-
-def cli(*args: str) -> subprocess.CompletedProcess:
-    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
-    return subprocess.run(
-        [sys.executable, "-m", "scanner", *args], capture_output=True, text=True, env=env,
-        timeout=120,
-    )  # fmt: skip
-
-
-def unpacked(name: str, tmp: Path) -> Path:
-    src = SAMPLES / name
-    out = tmp / Path(name).name.removesuffix(".xz").removesuffix(".gz")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    opener = {".xz": lzma.open, ".gz": gzip.open}.get(src.suffix)
-    if opener:
-        with opener(src) as fin, open(out, "wb") as fout:
-            shutil.copyfileobj(fin, fout, MIB)
-    else:
+def copied(name: str, tmp: Path) -> Path:
+    """A writable copy, in ``tmp``, of the fixture ``qemu/NAME`` or ``dumps/NAME``
+    (``samples/``), unpacked when stored compressed."""
+    tmp.mkdir(parents=True, exist_ok=True)
+    folder, _, file = name.partition("/")
+    if folder == "dumps":
+        return dump_sample(file, tmp)  # unpacked into tmp: a copy already
+    src = qemu_sample(file, tmp)
+    out = tmp / file.removesuffix(".xz")
+    if src != out:
         shutil.copyfile(src, out)
     return out
 
@@ -75,19 +56,20 @@ def stored_region_bytes(image, seg) -> int:
 # ---- issue 11 part 1: a PAN planted outside guest memory is reported once -------------------
 
 
-def test_pan_after_a_qemu_streams_end(tmp_path: Path) -> None:
-    path = unpacked("qemu/pc-64m.qevm", tmp_path)
+def test_pan_after_a_qemu_streams_end(tmp_path: Path, scan_result) -> None:
+    path = copied("qemu/pc-64m.qevm", tmp_path)
     end = path.stat().st_size
     with open(path, "ab") as fh:
         fh.write(PLANT)
-    findings, errors = scan(str(path))
+    result = scan_result(str(path))
+    findings, errors = result.findings, result.errors
     assert not errors
     the_region_finding(findings, "trailing", path, end)
 
 
-def test_pan_in_a_libvirt_headers_xml_padding(tmp_path: Path) -> None:
+def test_pan_in_a_libvirt_headers_xml_padding(tmp_path: Path, scan_result) -> None:
     for name in ("qemu/libvirt-raw.save", "qemu/libvirt-gzip.save"):
-        path = unpacked(name, tmp_path)
+        path = copied(name, tmp_path)
         data = bytearray(path.read_bytes())
         payload = libvirt.HEADER_SIZE + struct.unpack_from("<I", data, 20)[0]
         area = np.frombuffer(bytes(data[libvirt.HEADER_SIZE : payload]), np.uint8)
@@ -95,42 +77,46 @@ def test_pan_in_a_libvirt_headers_xml_padding(tmp_path: Path) -> None:
         assert not any(data[start : start + len(PLANT)])
         data[start : start + len(PLANT)] = PLANT
         path.write_bytes(bytes(data))
-        findings, errors = scan(str(path))
+        result = scan_result(str(path))
+        findings, errors = result.findings, result.errors
         assert not errors, errors
         the_region_finding(findings, "padding", path, start)
 
 
-def test_pan_after_a_vmware_checkpoints_groups(tmp_path: Path) -> None:
+def test_pan_after_a_vmware_checkpoints_groups(tmp_path: Path, scan_result) -> None:
     out = vw.make_vm(tmp_path, "vm", memory_size=4 * MIB, plants={}, regions=vw.pci_hole_layout(
         0x300, 0x100))  # fmt: skip
     ck = Path(out["checkpoint"])
     end = ck.stat().st_size
     with open(ck, "ab") as fh:
         fh.write(PLANT)
-    findings, errors = scan(str(ck))
+    result = scan_result(str(ck))
+    findings, errors = result.findings, result.errors
     assert not errors
     the_region_finding(findings, "trailing", ck, end)
 
 
-def test_pan_after_an_elf_cores_segments(tmp_path: Path) -> None:
-    path = unpacked("dumps/pc-64M.elf.gz", tmp_path)
+def test_pan_after_an_elf_cores_segments(tmp_path: Path, scan_result) -> None:
+    path = copied("dumps/pc-64M.elf.gz", tmp_path)
     end = path.stat().st_size
     with open(path, "ab") as fh:
         fh.write(PLANT)
-    findings, errors = scan(str(path))
+    result = scan_result(str(path))
+    findings, errors = result.findings, result.errors
     assert not errors
     the_region_finding(findings, "trailing", path, end)
 
 
-def test_pan_after_a_compressed_saves_last_member(tmp_path: Path) -> None:
+def test_pan_after_a_compressed_saves_last_member(tmp_path: Path, scan_result) -> None:
     """Plain bytes after the last gzip/bzip2/xz/lzop member: ``trailing`` at their file
     offset; the file is then header, padding, compressed payload (structure) and trailing."""
     for kind in ("gzip", "bzip2", "xz", "lzop"):
-        path = unpacked(f"qemu/libvirt-{kind}.save", tmp_path)
+        path = copied(f"qemu/libvirt-{kind}.save", tmp_path)
         end = path.stat().st_size
         with open(path, "ab") as fh:
             fh.write(PLANT)
-        findings, errors = scan(str(path))
+        result = scan_result(str(path))
+        findings, errors = result.findings, result.errors
         assert not errors, errors
         the_region_finding(findings, "trailing", path, end)
         with registry.open_image(str(path)) as image:
@@ -138,11 +124,11 @@ def test_pan_after_a_compressed_saves_last_member(tmp_path: Path) -> None:
             assert plain + image.coverage.structure == end + len(PLANT)
 
 
-def test_pan_in_a_kdumps_header_notes_and_after_its_last_page(tmp_path: Path) -> None:
+def test_pan_in_a_kdumps_header_notes_and_after_its_last_page(tmp_path: Path, scan_result) -> None:
     """A plain kdump: the header block's padding (``header``), the ELF notes the sub header
     names (``metadata``), bytes after the last page (``trailing``); the raw pages, regions
     and structure (bitmaps, descriptors, compressed pages) add up to the file."""
-    path = unpacked("dumps/pc-64M.kdump-zlib.gz", tmp_path)
+    path = copied("dumps/pc-64M.kdump-zlib.gz", tmp_path)
     data = bytearray(path.read_bytes())
     end = len(data)
     bs = struct.unpack_from("<I", data, 0x1AC)[0]  # block_size
@@ -152,7 +138,8 @@ def test_pan_in_a_kdumps_header_notes_and_after_its_last_page(tmp_path: Path) ->
         assert not any(data[at : at + len(PLANT)]) or kind == "metadata"
         data[at : at + len(PLANT)] = PLANT
     path.write_bytes(bytes(data))
-    findings, errors = scan(str(path))
+    result = scan_result(str(path))
+    findings, errors = result.findings, result.errors
     assert not errors, errors
     for kind, at in plants.items():
         the_region_finding(findings, kind, path, at)
@@ -167,7 +154,7 @@ def test_pan_in_a_kdumps_header_notes_and_after_its_last_page(tmp_path: Path) ->
 def test_info_counts_every_byte_of_the_file(tmp_path: Path) -> None:
     """Guest memory, regions scanned anyway and decoded structure add up to the file."""
     for name in ("qemu/pc-64m.qevm", "qemu/libvirt-raw.save", "dumps/pc-64M.elf.gz"):
-        path = unpacked(name, tmp_path)
+        path = copied(name, tmp_path)
         with registry.open_image(str(path)) as image:
             cov = image.coverage
             total = sum(image.guest_bytes(s.extents) for s in image.segments())
@@ -187,41 +174,43 @@ def first_ram_part(stream: bytes) -> int:
     return at
 
 
-def test_qemu_stream_ending_before_any_page_is_an_error(tmp_path: Path) -> None:
-    path = unpacked("qemu/pc-64m.qevm", tmp_path)
+def test_qemu_stream_ending_before_any_page_is_an_error(tmp_path: Path, vmleak) -> None:
+    path = copied("qemu/pc-64m.qevm", tmp_path)
     data = bytearray(path.read_bytes())
     data[first_ram_part(bytes(data))] = qemu.SEC_EOF  # one byte: the stream ends here
     path.write_bytes(bytes(data))
-    run = cli("scan", "--detectors", "pan", str(path))
+    run = vmleak("scan", "--detectors", "pan", str(path))
     assert run.returncode == 2
     assert "guest memory missing" in run.stderr and "declares 67,"  in run.stderr
 
 
-def test_libvirt_gzip_stream_ending_before_any_page_is_an_error(tmp_path: Path) -> None:
-    path = unpacked("qemu/libvirt-gzip.save", tmp_path)
+def test_libvirt_gzip_stream_ending_before_any_page_is_an_error(
+    tmp_path: Path, scan_result
+) -> None:
+    path = copied("qemu/libvirt-gzip.save", tmp_path)
     data = path.read_bytes()
     start = libvirt.HEADER_SIZE + struct.unpack_from("<I", data, 20)[0]
     stream = bytearray(gzip.decompress(data[start:]))
     stream[first_ram_part(bytes(stream))] = qemu.SEC_EOF
     path.write_bytes(data[:start] + gzip.compress(bytes(stream)))
-    findings, errors = scan(str(path))
+    errors = scan_result(str(path)).errors
     assert any("guest memory missing" in e and "33," in e for e in errors), errors
 
 
-def test_kdump_excluding_every_page_is_never_a_quiet_exit_0(tmp_path: Path) -> None:
-    path = unpacked("dumps/pc-64M.kdump-zlib.gz", tmp_path)
+def test_kdump_excluding_every_page_is_never_a_quiet_exit_0(tmp_path: Path, vmleak) -> None:
+    path = copied("dumps/pc-64M.kdump-zlib.gz", tmp_path)
     data = bytearray(path.read_bytes())
     bs, sub, bitmaps = struct.unpack_from("<III", data, 0x1AC)
     second = (1 + sub) * bs + bitmaps * bs // 2
     data[second : second + bitmaps * bs // 2] = bytes(bitmaps * bs // 2)
     path.write_bytes(bytes(data))
-    run = cli("scan", "--detectors", "pan", str(path))
+    run = vmleak("scan", "--detectors", "pan", str(path))
     assert run.returncode == 2
     assert "no guest memory in this image" in run.stderr and "left out by the dump" in run.stderr
 
 
-def test_kdump_pages_left_out_on_purpose_are_stated_not_errors(tmp_path: Path) -> None:
-    path = unpacked("dumps/pc-64M.kdump-zlib.gz", tmp_path)
+def test_kdump_pages_left_out_on_purpose_are_stated_not_errors(tmp_path: Path, scan_result) -> None:
+    path = copied("dumps/pc-64M.kdump-zlib.gz", tmp_path)
     data = bytearray(path.read_bytes())
     bs, sub, bitmaps = struct.unpack_from("<III", data, 0x1AC)
     second = (1 + sub) * bs + bitmaps * bs // 2
@@ -230,22 +219,25 @@ def test_kdump_pages_left_out_on_purpose_are_stated_not_errors(tmp_path: Path) -
     data[second + last] &= 0x7F  # (the highest PFN of 64 MiB is bit 7 of its byte)
     path.write_bytes(bytes(data))
     with registry.open_image(str(path)) as image:
-        findings, errors = scan(str(path))
+        errors = scan_result(str(path)).errors
         assert image.coverage.excluded > 0 and "left out by the dump" in image.coverage.excluded_why
     assert not errors
 
 
-def test_vmware_vmem_shorter_than_memsize_is_an_error(tmp_path: Path) -> None:
+def test_vmware_vmem_shorter_than_memsize_is_an_error(tmp_path: Path, scan_result) -> None:
     out = vw.make_vm(tmp_path, "vm", memory_size=4 * MIB, plants={0x100: PLANT}, regions=None)
     os.truncate(out["vmem"], 3 * MIB)  # no region table; the .vmem lost its last MiB
-    findings, errors = scan(out["checkpoint"])
+    result = scan_result(out["checkpoint"])
+    findings, errors = result.findings, result.errors
     assert [f.gpa for f in findings] == [0x100 + PLANT.index(PAN.encode())]
     want = ("memSize declares 4,194,304 bytes", "3,145,728 bytes (3.0 MiB) read")
     assert any(all(w in e for w in want) for e in errors), errors
 
 
-def test_elf_pt_load_turned_pt_null_is_an_error_and_its_bytes_are_scanned(tmp_path: Path) -> None:
-    path = unpacked("dumps/pc-64M.elf.gz", tmp_path)
+def test_elf_pt_load_turned_pt_null_is_an_error_and_its_bytes_are_scanned(
+    tmp_path: Path, scan_result
+) -> None:
+    path = copied("dumps/pc-64M.elf.gz", tmp_path)
     data = bytearray(path.read_bytes())
     phoff, = struct.unpack_from("<Q", data, 32)
     entsize, phnum = struct.unpack_from("<HH", data, 54)
@@ -254,31 +246,32 @@ def test_elf_pt_load_turned_pt_null_is_an_error_and_its_bytes_are_scanned(tmp_pa
     k = next(i for i, h in enumerate(loads) if h[0] == 1 and h[3] <= MIB < h[3] + h[5])
     struct.pack_into("<I", data, phoff + k * entsize, 0)
     path.write_bytes(bytes(data))
-    whole, _ = scan(str(unpacked("dumps/pc-64M.elf.gz", tmp_path / "intact")))
-    findings, errors = scan(str(path))
+    whole = scan_result(str(copied("dumps/pc-64M.elf.gz", tmp_path / "intact"))).findings
+    result = scan_result(str(path))
+    findings, errors = result.findings, result.errors
     assert any("has type 0 yet stores" in e for e in errors), errors
     # nothing is lost: the same values are found, without their GPAs
     assert sorted(f.fingerprint for f in findings) == sorted(f.fingerprint for f in whole)
     assert len([f for f in findings if f.gpa is None]) >= 3  # the planted values below 64 MiB
 
 
-def test_qcow2_with_a_damaged_snapshot_count_is_not_scanned_as_raw(tmp_path: Path) -> None:
-    path = unpacked("qemu/savevm.qcow2.xz", tmp_path)
+def test_qcow2_with_a_damaged_snapshot_count_is_not_scanned_as_raw(tmp_path: Path, vmleak) -> None:
+    path = copied("qemu/savevm.qcow2.xz", tmp_path)
     data = bytearray(path.read_bytes())
     struct.pack_into(">I", data, 0x3C, 0)  # nb_snapshots
     path.write_bytes(bytes(data))
-    run = cli("scan", "--detectors", "pan", str(path))
+    run = vmleak("scan", "--detectors", "pan", str(path))
     assert run.returncode == 2 and "qcow2 image with no internal snapshot" in run.stderr
 
 
-def test_a_file_scanned_as_raw_says_so(tmp_path: Path) -> None:
+def test_a_file_scanned_as_raw_says_so(tmp_path: Path, vmleak) -> None:
     path = tmp_path / "mem.bin"
     path.write_bytes(PLANT + bytes(4096 - len(PLANT)))
-    run = cli("scan", "--detectors", "pan", str(path))
+    run = vmleak("scan", "--detectors", "pan", str(path))
     assert run.returncode == 1 and "no known format recognised: scanned as raw" in run.stderr
 
 
-def test_gzip_bomb_claiming_a_tib_stops_within_seconds(tmp_path: Path) -> None:
+def test_gzip_bomb_claiming_a_tib_stops_within_seconds(tmp_path: Path, scan_result) -> None:
     """XML says 1 MiB, the block list 1 TiB, then ~600 MB of zero-page records."""
     from tests.qemu_writer import Qevm, libvirt_save
 
@@ -295,7 +288,7 @@ def test_gzip_bomb_claiming_a_tib_stops_within_seconds(tmp_path: Path) -> None:
     path = tmp_path / "bomb.save"
     path.write_bytes(libvirt_save(payload, 1, MIB))
     t0 = time.process_time()
-    findings, errors = scan(str(path))
+    errors = scan_result(str(path)).errors
     assert any("decompression bomb" in e for e in errors), errors
     assert time.process_time() - t0 < 20
     assert libvirt.stream_bound("gzip", 10**6, MIB, 1 << 40) < 500 * MIB
