@@ -19,13 +19,14 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from parsers.base import ImageError, MemoryImage
 from parsers.registry import detect, open_image, primaries
 from scanner.engine import Engine, ScanConfig, ScanResult, finalize
+from scanner.pool import Pool, WorkerDied
 from scanner.units import EDGES, OPEN, RANGE, Layout, Unit, gpa_ranges
 
 SPLIT_MIN = 64 * 1024 * 1024  # images smaller than this are one unit
@@ -334,59 +335,37 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """This machine: with one job, or while only one task is there to run (a single small
-    image costs no process start), tasks run here one at a time; otherwise on a pool of
-    ``jobs`` processes, started on first need."""
+    """This machine: tasks run on a pool of ``jobs`` worker processes (``scanner.pool``),
+    started on first need, even for one job: a worker killed by a signal (SIGBUS when a
+    mapped image file is truncated during the scan) then costs only the image it was
+    reading, never the run."""
 
     def __init__(self, token: str, config: ScanConfig, jobs: int) -> None:
         self.token, self.config, self.jobs = token, config, jobs
         self.pieces = jobs * 2 if jobs > 1 else 1
         self.note = ""
-        self.pool: ProcessPoolExecutor | None = None
-        self.queued: list[tuple[Future, Any, tuple]] = []
-        install(token, config)
+        self.pool = Pool(max(1, jobs), install, (token, config))
 
     def submit(self, fn: Any, args: tuple, label: str) -> Future:
-        fut: Future = Future()
-        self.queued.append((fut, fn, args))
-        return fut
+        return self.pool.submit(fn, self.token, *args)
 
     def completed(self, handles: set[Any]) -> Iterator[tuple[Any, Any, BaseException | None]]:
-        if self.pool is None and (self.jobs <= 1 or len(handles) <= 1):
-            fut, fn, args = self.queued.pop(0)  # one at a time: each is stored before the next
-            try:
-                fut.set_result(fn(self.token, *args))
-            except Exception as exc:  # noqa: BLE001 - handed to the caller
-                fut.set_exception(exc)
-            yield fut, None if fut.exception() else fut.result(), fut.exception()
-            return
-        if self.queued:
-            if self.pool is None:
-                self.pool = ProcessPoolExecutor(
-                    max_workers=self.jobs, initializer=install, initargs=(self.token, self.config)
-                )
-            for fut, fn, args in self.queued:
-                real = self.pool.submit(fn, self.token, *args)
-                real.add_done_callback(lambda r, f=fut: _relay(r, f))
-            self.queued = []
-        done, _ = wait(handles, return_when=FIRST_COMPLETED)
+        done = [f for f in handles if f.done()]
+        while not done:
+            self.pool.wait()
+            done = [f for f in handles if f.done()]
         for fut in done:
             yield fut, None if fut.exception() else fut.result(), fut.exception()
 
     def explain(self, error: BaseException) -> str | None:
-        return None
+        if not isinstance(error, WorkerDied):
+            return None
+        guess = {"SIGBUS": "file truncated during the scan?", "SIGKILL": "out of memory?"}
+        why = f"{error}: {guess[error.signal]}" if error.signal in guess else str(error)
+        return f"the worker process reading it died ({why})"
 
     def close(self) -> None:
-        if self.pool is not None:
-            self.pool.shutdown()
-        uninstall(self.token)
-
-
-def _relay(src: Future, dst: Future) -> None:
-    if src.exception() is not None:
-        dst.set_exception(src.exception())
-    else:
-        dst.set_result(src.result())
+        self.pool.shutdown()
 
 
 # --------------------------------------------------------------------------- driver side
@@ -415,6 +394,9 @@ def run(
     merged: dict[int, ScanResult] = {}
     left: dict[int, int] = {}  # units of each image still out
     sizes = {i: _size(s.path) for i, s in enumerate(specs)}  # estimates until opened
+    # each image's files and their sizes when planned: an error of a worker that died can say
+    # which one changed since (truncated on the datastore during the scan)
+    planned = {i: {s.path: sizes[i]} for i, s in enumerate(specs)}
     handles: dict[Any, tuple[int, Unit]] = {}
     done_bytes = 0
 
@@ -440,14 +422,16 @@ def run(
                     if why is None:
                         raise error
                     path = specs[i].path
-                    value = ScanResult(image=path, errors=[f"{path}: {unit} unit not run: {why}"])
+                    why = f"{path}: {unit} unit not completed: {why}{_resized(path, planned[i])}"
+                    value = ScanResult(image=path, errors=[why])
                 if isinstance(value, Opened):
                     summary.files[specs[i].path] = value.files
                     summary.coverage[specs[i].path] = value.coverage
                     sizes[i] = value.total
                     if value.result is None:
+                        assert value.layout is not None
+                        planned[i] = {f: st[0] for f, st in value.layout.stamps.items()}
                         for u in value.units:
-                            assert value.layout is not None
                             submit(i, unit_task, (value.layout.for_unit(u), u), u)
                         continue
                     value = value.result
@@ -473,6 +457,21 @@ def _size(path: str) -> int:
         return os.path.getsize(path)
     except OSError:
         return 0
+
+
+def _resized(path: str, planned: dict[str, int]) -> str:
+    """A note ``; FILE is now N bytes, M when the scan began`` for each of ``planned``'s files
+    (file -> size in bytes) whose size changed since (``it`` for the image file ``path``
+    itself); "" when none did."""
+    notes = []
+    for f, was in planned.items():
+        try:
+            now = f"now {os.path.getsize(f):,} bytes"
+        except OSError as err:
+            now = f"now {err.strerror or err}"
+        if now != f"now {was:,} bytes":
+            notes.append(f"{'it' if f == path else f} is {now}, {was:,} when the scan began")
+    return "".join(f"; {n}" for n in notes)
 
 
 def merge(path: str, results: list[ScanResult], subsumes: dict[str, set[str]]) -> ScanResult:
