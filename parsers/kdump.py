@@ -21,7 +21,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from parsers import clock
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment, file_regions
 from parsers.elf import note_meta, vmcoreinfo_meta
 
 FORMATS = ["kdump"]
@@ -346,6 +346,10 @@ class _Dump:
     ndesc: int  # descriptors the 2nd bitmap asks for
     incomplete: bool
     tally: dict[str, list[int]] = field(default_factory=dict)
+    #: (kind, first, end) file offsets of the parts that are not page data, for the regions
+    #: of a plain dump: VMCOREINFO, notes and erase info (``metadata``), the header and sub
+    #: header blocks (``header``), bitmaps and page descriptors (``structure``, not scanned)
+    parts: list[tuple[str, int, int]] = field(default_factory=list)
 
     @classmethod
     def read(cls, src: _Source, path: str, image: MemoryImage) -> _Dump:
@@ -396,6 +400,11 @@ class _Dump:
         dump = cls(src, order, bs, max_mapnr, bm_off + half, descs, 0, incomplete)
         ram = dump._popcount(bm_off, "1st bitmap")
         dump.ndesc = dump._popcount(dump.bitmap2, "2nd bitmap")
+        texts = [(sub.offset_vmcoreinfo, sub.size_vmcoreinfo, 3), (sub.offset_note,
+                 sub.note_size, 4), (sub.offset_eraseinfo, sub.size_eraseinfo, 5)]
+        dump.parts = [("metadata", a, a + n) for a, n, since in texts if version >= since and n]
+        dump.parts += [("header", 0, bm_off),
+                       ("structure", bm_off, descs + dump.ndesc * PAGE_DESC.itemsize)]
         image.meta["ram_size"] = ram * bs
         image.meta["pages_stored"] = dump.ndesc
         cov = image.coverage
@@ -617,6 +626,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     desc_dtype = PAGE_DESC.newbyteorder(dump.order)
     nbytes = -(-dump.max_mapnr // 8)
     k = 0  # descriptor index of the batch's first PFN
+    held, raw = _Spans(), _Spans()  # file bytes holding page data: all of it, raw pages
     try:
         for lo in range(0, nbytes, BATCH_BYTES):
             chunk = src.view(dump.bitmap2 + lo, min(BATCH_BYTES, nbytes - lo), "2nd bitmap")
@@ -631,7 +641,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                           at + have * PAGE_DESC.itemsize, dump.ndesc - k - have)  # fmt: skip
             table = src.view(at, have * PAGE_DESC.itemsize, "page descriptors")
             desc = np.frombuffer(table, desc_dtype)
-            raw_fp, raw_pfn, copy = _classify(dump, desc, pfns[:have], at, state)
+            raw_fp, raw_pfn, copy = _classify(dump, desc, pfns[:have], at, state, (held, raw))
             last = have < pfns.size or lo + BATCH_BYTES >= nbytes
             segments, short = runs.add(raw_fp, raw_pfn, last)
             yield from segments
@@ -652,6 +662,8 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                 yield window.segment(path)
         if window.pfns:
             yield window.segment(path)
+        if isinstance(src, _Plain):
+            yield from _regions(dump, image, held, raw)
     except ImageError:
         _settle(dump, image, k)
         _add_warnings(image, dump.problems())
@@ -661,6 +673,52 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     _add_warnings(image, problems[1:])
     if problems:
         raise problems[0]
+
+
+class _Spans:
+    """File byte ranges [first, end), merged as they are added (page data is written in
+    PFN order, back to back, so a real dump keeps one or a few ranges)."""
+
+    def __init__(self) -> None:
+        self.lo = np.zeros(0, np.int64)
+        self.hi = np.zeros(0, np.int64)
+
+    def add(self, first: np.ndarray, end: np.ndarray) -> None:
+        lo, hi = np.concatenate((self.lo, first)), np.concatenate((self.hi, end))
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], hi[order]
+        reach = np.maximum.accumulate(hi)
+        new = np.concatenate(([True], lo[1:] > reach[:-1])) if lo.size else lo.astype(bool)
+        starts = np.flatnonzero(new)
+        self.lo = lo[starts]
+        self.hi = reach[np.concatenate((starts[1:] - 1, [lo.size - 1]))] if lo.size else hi
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.lo.tolist(), self.hi.tolist(), strict=True))
+
+
+def _regions(dump: _Dump, image: MemoryImage, data: _Spans, raw: _Spans) -> Iterator[Segment]:
+    """The plain dump's bytes that are neither page data nor decoded structure, scanned as
+    ``region:*`` at their file offsets: the header and sub header blocks, VMCOREINFO and
+    notes (``metadata``), bytes between page data (``unreferenced``) and after the last page
+    (``trailing``). Bitmaps, descriptors and compressed page data (``data`` less ``raw``, the
+    raw pages: guest memory stored as it is) count as structure."""
+    ev = dump.src.ev
+    pieces = file_regions(ev.size, dump.parts, data.pairs())
+    regions = [(k, a, b) for k, a, b in pieces if k != "structure"]
+    cov = image.coverage
+    cov.outside += sum(b - a for _, a, b in regions)
+    group: list[tuple[str, int, int]] = []
+    # neighbouring pieces share a segment up to WINDOW_BYTES: a view of the mmap spanning
+    # them (never of the whole file), and few segments even when pages leave many gaps
+    for piece in regions + [("", ev.size, ev.size)]:
+        if group and (piece[2] - group[0][1] > WINDOW_BYTES or not piece[0]):
+            a, b = group[0][1], group[-1][2]
+            yield Segment(ev.data[a:b], image.region_extents(group, a), ev.path)
+            group = []
+        group.append(piece)
+    stored = int((raw.hi - raw.lo).sum())
+    cov.structure += ev.size - sum(b - a for _, a, b in regions) - stored
 
 
 def _settle(dump: _Dump, image: MemoryImage, walked: int) -> None:
@@ -712,14 +770,16 @@ class _RawState:
 
 
 def _classify(
-    dump: _Dump, desc: np.ndarray, pfns: np.ndarray, desc_at: int, state: _RawState
+    dump: _Dump, desc: np.ndarray, pfns: np.ndarray, desc_at: int, state: _RawState,
+    spans: tuple[_Spans, _Spans],
 ) -> tuple[np.ndarray, np.ndarray, list[_Page]]:
     """Split a batch of descriptors: raw pages stored in one piece at increasing file
     positions are returned as (file positions, PFNs) for zero-copy reading (increasing, so
     no two share file bytes); raw pages that
     repeat earlier data (QEMU points every zero page at one shared zero page) are dropped
     when all zero; everything else is returned for copying/decoding. Bad descriptors are
-    counted in dump.tally."""
+    counted in dump.tally. ``spans`` gathers the file ranges of the good pages' data (all,
+    raw)."""
     src, bs = dump.src, dump.block_size
     n = pfns.size
     dat = desc_at + np.arange(n, dtype=np.int64) * PAGE_DESC.itemsize
@@ -748,6 +808,9 @@ def _classify(
     fpos = np.full(n, -1, np.int64)
     if good.any():
         fpos[good] = src.locate(off[good], size[good])
+    placed = good & (fpos >= 0)
+    spans[0].add(fpos[placed], fpos[placed] + size[placed])
+    spans[1].add(fpos[placed & (codec == 0)], fpos[placed & (codec == 0)] + bs)
     ri = np.flatnonzero(good & (codec == 0) & (fpos >= 0))
     sel = np.zeros(0, np.int64)
     taken = np.zeros(n, bool)

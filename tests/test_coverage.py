@@ -138,6 +138,32 @@ def test_pan_after_a_compressed_saves_last_member(tmp_path: Path) -> None:
             assert plain + image.coverage.structure == end + len(PLANT)
 
 
+def test_pan_in_a_kdumps_header_notes_and_after_its_last_page(tmp_path: Path) -> None:
+    """A plain kdump: the header block's padding (``header``), the ELF notes the sub header
+    names (``metadata``), bytes after the last page (``trailing``); the raw pages, regions
+    and structure (bitmaps, descriptors, compressed pages) add up to the file."""
+    path = unpacked("dumps/pc-64M.kdump-zlib.gz", tmp_path)
+    data = bytearray(path.read_bytes())
+    end = len(data)
+    bs = struct.unpack_from("<I", data, 0x1AC)[0]  # block_size
+    note_at, note_size = struct.unpack_from("<QQ", data, bs + 48)  # sub header: offset_note
+    plants = {"header": 0x300, "metadata": note_at + note_size - 40, "trailing": end}
+    for kind, at in plants.items():
+        assert not any(data[at : at + len(PLANT)]) or kind == "metadata"
+        data[at : at + len(PLANT)] = PLANT
+    path.write_bytes(bytes(data))
+    findings, errors = scan(str(path))
+    assert not errors, errors
+    for kind, at in plants.items():
+        the_region_finding(findings, kind, path, at)
+    with registry.open_image(str(path)) as image:
+        plain = sum(stored_region_bytes(image, s) for s in image.segments())
+        cov = image.coverage
+        assert plain == cov.outside
+        stored = len(data) - plain - cov.structure  # the raw pages, stored as they are
+        assert stored % bs == 0 and 0 < stored < cov.read
+
+
 def test_info_counts_every_byte_of_the_file(tmp_path: Path) -> None:
     """Guest memory, regions scanned anyway and decoded structure add up to the file."""
     for name in ("qemu/pc-64m.qevm", "qemu/libvirt-raw.save", "dumps/pc-64M.elf.gz"):
