@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -40,7 +41,8 @@ PAN_REGEX = f"(?-u)\\b(?:[0-9]{{13,19}}|{_grouped(' ')}|{_grouped('-')})\\b"
 @dataclass
 class RgResult:
     """One timed baseline: ``matches`` counted by ripgrep, wall ``seconds`` per run, their
-    ``median_s``, ``bytes`` of the image and ``mb_per_s`` (10^6 bytes per second)."""
+    ``median_s``, ``bytes`` of the image and ``mb_per_s`` (10^6 bytes per second);
+    ``median_cpu_s`` (user + sys of ripgrep) and the ``mb_per_cpu_s`` it gives."""
 
     path: str
     bytes: int
@@ -50,6 +52,8 @@ class RgResult:
     mb_per_s: float
     version: str
     regex: str
+    median_cpu_s: float = 0.0
+    mb_per_cpu_s: float = 0.0
 
 
 def ensure_rg() -> str:
@@ -89,14 +93,16 @@ def rg_throughput(path: str, runs: int = 5, regex: str = PAN_REGEX) -> RgResult:
     version = subprocess.run([rg, "--version"], capture_output=True, text=True).stdout
     size = os.path.getsize(path)
     matches = rg_count(path, regex, rg)  # warm-up: page cache, and the count we report
-    times = []
+    times, cpus = [], []
     for _ in range(max(1, runs)):
-        t0 = time.perf_counter()
+        r0, t0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
         rg_count(path, regex, rg)
         times.append(time.perf_counter() - t0)
-    med = statistics.median(times)
+        r1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime)
+    med, cpu = statistics.median(times), statistics.median(cpus)
     return RgResult(path, size, matches, times, med, size / med / 1e6,
-                    version.split("\n")[0], regex)
+                    version.split("\n")[0], regex, cpu, size / max(cpu, 1e-6) / 1e6)
 
 
 def main(argv: list[str] | None = None) -> int:

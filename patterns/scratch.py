@@ -29,8 +29,9 @@ import numpy as np
 from patterns.base import ASCII, UTF16LE, Chunk
 
 _local = threading.local()
-#: bytes: scratch arrays up to this size are kept for the next chunk (an engine chunk of
-#: 4 MiB with its margins, as the digit stage's work arrays for dense digit text need)
+#: bytes: scratch arrays up to this size are kept for the next chunk (the digit stage's work
+#: arrays over 8 MiB of dense digit text, a whole engine chunk with its margins, are not: they
+#: come and go with their chunk, so peak RSS stays lower)
 POOL_LIMIT = 8 << 20
 
 TEXT_LO, TEXT_SPAN = 0x2D, 0x4E  # '-' .. 'z': the bytes of every token we anchor on

@@ -7,7 +7,7 @@ reported once, at its guest-physical address, as detector ``yara`` with ``detail
 ``details.namespace``, ``details.tags`` and ``details.string`` (the string's identifier).
 
 Binding: yara-x, VirusTotal's Rust rewrite of YARA (``pip install 'vmleak[yara]'``). It takes
-only ``bytes``, so each chunk is copied once (4 MiB: a fraction of a millisecond), and it holds
+only ``bytes``, so each chunk is copied once (8 MiB: under a millisecond), and it holds
 the GIL while scanning, which costs nothing here (vmleak's workers are processes). yara-python
 would scan the buffer in place, but on the 20 string rules of ``benchmarks/bench_yara.py`` it
 needs about 7 times the CPU time of yara-x (395 against 2,980 MB/s on the memory-like image).
@@ -16,7 +16,7 @@ worker process deserializes them once: rules are compiled exactly once, in the p
 syntax error is reported before any image is read.
 
 What a rule means here: strings are matched in guest memory; a rule's *condition* is evaluated
-on each scanned window (a chunk of at most 4 MiB plus its overlap, or a batch of seam windows),
+on each scanned window (a chunk of at most 8 MiB plus its overlap, or a batch of seam windows),
 not on the whole image, so ``filesize``, ``at``/``in`` offsets and conditions joining strings
 that lie further apart than a window do not mean what they would on a file.
 """
