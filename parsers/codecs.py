@@ -312,6 +312,10 @@ class _Payload:
     produced: int
     problem: ImageError | None
     done: bool
+    #: file offset just past the last member, once the payload was read to its clean end
+    #: (None before, after damage, and for an external program, which does not say): the
+    #: bytes from there to the end of the file are not compressed data
+    end: int | None = None
 
     def fail(self, offset: int, message: str) -> ImageError:
         """The ImageError for ``offset`` in the decompressed stream."""
@@ -335,7 +339,8 @@ class StreamDecoder(_Payload):
     in-process: ``read(n)`` gives at most ``n`` bytes (b"" at the end or at the first
     unreadable byte; ``problem`` then says why), at most ``max_output`` bytes in all (None:
     no bound) before a decompression-bomb error. Concatenated members are read in turn;
-    bytes after the last one that do not start another (padding) are ignored."""
+    bytes after the last one that do not start another are not decoded (``end`` says where
+    they begin; the caller scans them as they are)."""
 
     def __init__(self, ev: Evidence, start: int, kind: str, max_output: int | None = None,
                  new: Callable[[], Any] | None = None) -> None:
@@ -390,6 +395,7 @@ class StreamDecoder(_Payload):
             self.dec = self.new()
         else:
             self.done = True  # trailing zero padding or garbage after the last member
+            self.end = self.member
 
     def _stop(self, at: int, message: str) -> None:
         self.problem = ImageError(self.ev.path, at, f"{self.kind} payload: {message}")

@@ -154,6 +154,21 @@ def _header_regions(ev: Evidence, hdr: dict[str, Any], start: int) -> list[tuple
     return [(k, a, b) for k, a, b in (("header", 0, content), ("padding", content, start)) if b > a]
 
 
+def _after_payload(
+    ev: Evidence, image: MemoryImage, start: int, end: int | None
+) -> Iterator[Segment]:
+    """The file bytes after a compressed payload's last member (``end``: its file offset,
+    None when unknown) as ``region:trailing``, scanned in place; the compressed bytes
+    ``[start, end)`` count as structure (their content was scanned decompressed)."""
+    if end is None:
+        return
+    image.coverage.structure += end - start
+    if end < ev.size:
+        ext = image.region_extents([("trailing", end, ev.size)], end)
+        image.coverage.outside += ext.total()
+        yield Segment(ev.data[end:], ext, ev.path)
+
+
 def _settle(image: MemoryImage) -> None:
     """Compare declared and read memory once the stream was read; a stream that never
     reached its RAM block list is held to the XML ``<memory>``."""
@@ -245,11 +260,14 @@ def _open(ev: Evidence, image: MemoryImage, options: dict[str, Any]) -> None:
         ext = image.region_extents(head)
         image.coverage.outside = ext.total()
         yield Segment(ev.data[:start], ext, path)
+        src = opener(start, bound)
         try:
-            yield from qemu.stream_segments(opener(start, bound), image, machine, options, limit)
+            yield from qemu.stream_segments(src, image, machine, options, limit)
         except ImageError:
+            yield from _after_payload(ev, image, start, src.end)
             _settle(image)
             raise
+        yield from _after_payload(ev, image, start, src.end)
         _settle(image)
 
     image.stream = stream

@@ -11,6 +11,9 @@ A detector is small and uniform (like a detect-secrets plugin):
 - ``max_len`` is the longest match in bytes and ``context`` the bytes it looks at on either
   side (keywords, boundaries): the engine overlaps chunks and seams by their sum, so a match is
   found whole, exactly once, wherever it lies.
+- ``stage`` names a stage-1 pass the detector shares with others (memoized on the
+  :class:`Chunk`): the engine scans detectors of one stage together where guest memory is
+  stitched across a seam, so they share that pass there too.
 
 Adding a detector means adding a module here and a line in ``patterns/registry.py``.
 """
@@ -31,9 +34,10 @@ ASCII, UTF16LE, BINARY = 0, 1, 2
 class Chunk:
     """A buffer being scanned, with features computed once and shared between detectors.
 
-    ``data`` is a 1-D uint8 array. ``memo(key, fn)`` computes ``fn(self)`` the first time a
-    feature (a digit mask, candidate runs ...) is asked for, so sibling detectors that need
-    the same stage-1 pass share it instead of each touching every byte again.
+    ``data`` is a 1-D uint8 array (for ``Detector.may_touch``: 2-D, one row per seam window).
+    ``memo(key, fn)`` computes ``fn(self)`` the first time a feature (a digit mask, candidate
+    runs ...) is asked for, so sibling detectors that need the same stage-1 pass share it
+    instead of each touching every byte again; it lives as long as this chunk.
     """
 
     __slots__ = ("data", "_memo")
@@ -153,18 +157,22 @@ class Detector(ABC):
     #: names of detectors whose findings lying inside one of ours are the same secret
     #: (a Track 2 contains its PAN): the engine keeps only ours.
     subsumes: ClassVar[tuple[str, ...]] = ()
+    #: the shared stage-1 pass this detector uses (``"digits"``, ``"anchors"``, ``"emv"``), None for
+    #: its own
+    stage: ClassVar[str | None] = None
 
     #: when set, ``may_touch`` needs only this many bytes on each side of the middle (a
     #: match touching the middle always shows there), so the engine tests that narrow band
     #: before building whole windows
     seam_band: ClassVar[int | None] = None
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
-        """For edge windows (rows of bytes whose middle is where two pieces of guest memory
-        meet; only ``seam_band`` bytes each side when that is set), whether a match could
-        touch the middle: a cheap test that lets the engine skip most windows. The default
-        keeps every row."""
-        return np.ones(rows.shape[0], bool)
+    def may_touch(self, rows: Chunk) -> np.ndarray:
+        """For seam windows (``rows.data``: 2-D, each row's middle is where two pieces of
+        guest memory meet; only ``seam_band`` bytes each side when that is set), whether a
+        match could touch the middle: a cheap test that lets the engine skip most windows.
+        Detectors of one stage share work through ``rows.memo``. The default keeps every
+        row."""
+        return np.ones(rows.data.shape[0], bool)
 
     @abstractmethod
     def find(self, chunk: Chunk) -> Hits:

@@ -29,7 +29,7 @@ import numpy as np
 
 from patterns.base import BINARY, Chunk, Described, Detector, Hit, Hits
 from patterns.known_keys import KNOWN_CONFIDENCE, known_key
-from patterns.scratch import TEXT_MARGIN, anchor_hits, gather, register_anchor, u16_hits
+from patterns.scratch import anchor_hits, gather, register_anchor, u16_hits
 
 SEQUENCE, INTEGER, BIT_STRING, OCTET_STRING, NULL, OID = 0x30, 0x02, 0x03, 0x04, 0x05, 0x06
 CTX0, CTX1 = 0xA0, 0xA1  # [0] EXPLICIT parameters / attributes, [1] EXPLICIT public key
@@ -556,20 +556,19 @@ def describe_key(info: KeyInfo) -> Described:
 
 class _DerDetector(Detector):
     group = "keys"
-    # the text detectors' margin (>= MAX_DER): the engine runs us on their chunk, and their
-    # anchor pass finds our VERSION too
-    max_len = TEXT_MARGIN - 1
+    stage = "anchors"  # the text detectors' anchor pass finds our VERSION too
+    max_len = MAX_DER
     context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
     kind: str
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
-        """Rows (engine edge windows) where a key header before the middle declares a
+    def may_touch(self, rows: Chunk) -> np.ndarray:
+        """Rows (engine seam windows) where a key header before the middle declares a
         structure reaching past it."""
-        n, width = rows.shape
+        n, width = rows.data.shape
         mid = width // 2
         lo = max(0, mid - MAX_DER)
         hi = min(width, mid + 16)  # a header (8 bytes read) may itself straddle the middle
-        tails = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
+        tails = np.ascontiguousarray(rows.data[:, lo:hi]).reshape(-1)
         start, total = _headers(tails, u16_hits(tails, VERSION))
         row, rel = np.divmod(start, hi - lo)
         join = mid - lo

@@ -295,26 +295,27 @@ def _is_letter(t: np.ndarray, idx: np.ndarray) -> np.ndarray:
     return inside & (c >= 97) & (c <= 122)
 
 
-_ROWS_MEMO: list = [None, None]  # (rows array, digit counts): sibling detectors share it
+def _digit_counts(rows: Chunk) -> np.ndarray:
+    dig = np.less(np.subtract(rows.data, 48, dtype=np.uint8), 10)
+    return np.count_nonzero(dig, axis=1)
 
 
-def rows_with_digits(rows: np.ndarray, least: int) -> np.ndarray:
-    """Rows of ``rows`` (2-D uint8) holding at least ``least`` digit bytes: no digit-based
-    match fits in a row with fewer (a digit is one byte in ASCII and in UTF-16LE)."""
-    if _ROWS_MEMO[0] is not rows:
-        dig = np.less(np.subtract(rows, 48, dtype=np.uint8), 10)
-        _ROWS_MEMO[:] = [rows, np.count_nonzero(dig, axis=1)]
-    return _ROWS_MEMO[1] >= least
+def rows_with_digits(rows: Chunk, least: int) -> np.ndarray:
+    """Rows of ``rows.data`` (2-D uint8) holding at least ``least`` digit bytes: no
+    digit-based match fits in a row with fewer (a digit is one byte in ASCII and in UTF-16LE).
+    The counts are shared by the detectors asking about the same rows."""
+    return rows.memo("digits.row_counts", _digit_counts) >= least
 
 
 class DigitDetector(Detector):
     """A detector built on this module's stage 1 and 2."""
 
+    stage = "digits"
     #: any digit-based match touching a seam has at least 4 digits within 64 bytes of it
     #: (a UTF-16LE Track 1 name is at most 26 characters, with PAN or expiry digits beside)
     seam_band = 64
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+    def may_touch(self, rows: Chunk) -> np.ndarray:
         return rows_with_digits(rows, 4)
 
 

@@ -228,13 +228,13 @@ class _EmvDetector(Detector):
     subsumes = ("pan",)  # the PAN digits of a hex-text record are not reported again
     #: a record touching a seam has its tag byte or 4 digits within max_len of it
     seam_band = max_len
+    #: both EMV detectors read one records pass (``_records``, memoized on the chunk)
     stage: ClassVar[str] = "emv"
     tag: ClassVar[int]
     CONFIDENCE: ClassVar[dict[str, tuple[float, float]]]
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
-        tagged = ((rows == TAG_PAN) | (rows == TAG_TRACK2)).any(axis=1)
-        return tagged | rows_with_digits(rows, 4)
+    def may_touch(self, rows: Chunk) -> np.ndarray:
+        return rows.memo("emv.may_touch", _tagged_or_digits)
 
     def find(self, chunk: Chunk) -> Hits:
         return chunk.memo("emv.records", _records)[self.tag]
@@ -267,6 +267,12 @@ class _EmvDetector(Detector):
         if self.tag == TAG_TRACK2:  # nothing after the PAN is shown
             masked += "D" + "*" * (len(value) - len(pan) - 1)
         return Described(value.encode(), masked, details)
+
+
+def _tagged_or_digits(rows: Chunk) -> np.ndarray:
+    """Seam rows holding a 5A or 57 tag byte (a binary record) or 4 digits (a hex-text one)."""
+    d = rows.data
+    return ((d == TAG_PAN) | (d == TAG_TRACK2)).any(axis=1) | rows_with_digits(rows, 4)
 
 
 def _hex_run(text: str, tail: bool) -> str:

@@ -31,7 +31,6 @@ import numpy as np
 from patterns import der
 from patterns.base import ASCII, BINARY, Chunk, Described, Detector, Hit, Hits
 from patterns.scratch import (
-    TEXT_MARGIN,
     gather,
     literal_hits,
     register_anchor,
@@ -386,8 +385,9 @@ def _reparse(hit: Hit) -> Found | None:
 
 class _BlockDetector(Detector):
     group = "keys"
+    stage = "anchors"  # the text detectors' anchor pass finds our anchors too
     context = 1  # none needed; >= 1 so the engine keeps matches starting at an extent edge
-    max_len = TEXT_MARGIN - context  # >= 2 * MAX_CHARS: UTF-16LE doubles the characters
+    max_len = max(2 * MAX_CHARS, MAX_OPENSSH_BINARY)  # UTF-16LE doubles the characters
 
     def find(self, chunk: Chunk) -> Hits:
         rows = [r for r in chunk.memo("pem.blocks", _all_blocks) if r[3] == self.name]
@@ -415,7 +415,7 @@ class PemKeyDetector(_BlockDetector):
 
     name = "pem-key"
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+    def may_touch(self, rows: Chunk) -> np.ndarray:
         return texty_near_middle(rows, BLOCK_REACH)
 
 
@@ -425,14 +425,14 @@ class SshKeyDetector(_BlockDetector):
 
     name = "ssh-key"
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+    def may_touch(self, rows: Chunk) -> np.ndarray:
         """Texty words near the middle (text forms), or the binary magic before it."""
         out = texty_near_middle(rows, BLOCK_REACH).copy()
-        n, width = rows.shape
+        n, width = rows.data.shape
         mid = width // 2
         lo = max(0, mid - MAX_OPENSSH_BINARY)
         hi = min(width, mid + len(OPENSSH_MAGIC))
-        tails = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
+        tails = np.ascontiguousarray(rows.data[:, lo:hi]).reshape(-1)
         pos = u16_hits(tails, OPENSSH_MAGIC[10:12]) - 10
         pos = pos[pos >= 0]
         magic = np.frombuffer(OPENSSH_MAGIC, np.uint8)

@@ -33,9 +33,6 @@ _local = threading.local()
 #: 4 MiB with its margins, as the digit stage's work arrays for dense digit text need)
 POOL_LIMIT = 8 << 20
 
-#: margin (max_len + context, bytes) every text detector declares: the engine scans detectors
-#: with the same margin over the same chunk, so they share this module's per-chunk passes
-TEXT_MARGIN = 8192
 TEXT_LO, TEXT_SPAN = 0x2D, 0x4E  # '-' .. 'z': the bytes of every token we anchor on
 #: texty uint32 words (little-endian) of the per-byte code "in range" = 1, "zero" = 2: four
 #: ASCII characters, or two UTF-16LE characters at an even / odd address
@@ -93,31 +90,28 @@ def _texty_code(data: np.ndarray) -> np.ndarray:
     return code
 
 
-_ROWS_MEMO: list = [None, {}]  # the edge-window rows last asked about, and answers by reach
+def texty_near_middle(rows: Chunk, reach: int) -> np.ndarray:
+    """For the engine's seam windows (``rows.data``: rows whose middle is where two pieces of
+    guest memory meet): whether two consecutive texty words lie within ``reach`` bytes of the
+    middle. A texty word is 4 aligned bytes that are all in ``-``..``z`` (ASCII) or two such
+    characters each followed by a zero byte (UTF-16LE at an even or odd address); any token of
+    11+ such characters holds two in a row, so a text match touching the middle, or whose
+    context does, has them there. The answer is shared by the detectors asking about the same
+    rows (memoized on ``rows``)."""
 
-
-def texty_near_middle(rows: np.ndarray, reach: int) -> np.ndarray:
-    """For the engine's edge windows (rows whose middle is where two pieces of guest memory
-    meet): whether two consecutive texty words lie within ``reach`` bytes of the middle. A
-    texty word is 4 aligned bytes that are all in ``-``..``z`` (ASCII) or two such characters
-    each followed by a zero byte (UTF-16LE at an even or odd address); any token of 11+ such
-    characters holds two in a row, so a text match touching the middle, or whose context does,
-    has them there. The answer is shared by the detectors asking about the same rows."""
-    if _ROWS_MEMO[0] is not rows:
-        _ROWS_MEMO[:] = [rows, {}]
-    answers = _ROWS_MEMO[1]
-    if reach not in answers:
-        n, width = rows.shape
+    def answer(chunk: Chunk) -> np.ndarray:
+        n, width = chunk.data.shape
         mid = width // 2
         lo = max(0, mid - reach) // 4 * 4
         hi = lo + (min(width, mid + reach) - lo) // 4 * 4
-        band = np.ascontiguousarray(rows[:, lo:hi]).reshape(-1)
+        band = np.ascontiguousarray(chunk.data[:, lo:hi]).reshape(-1)
         words = _texty_code(band).view(np.uint32).reshape(n, -1)
         hot = words == ASCII_WORD
         for value in UTF16_WORDS:
             hot |= words == value
-        answers[reach] = (hot[:, :-1] & hot[:, 1:]).any(axis=1)
-    return answers[reach]
+        return (hot[:, :-1] & hot[:, 1:]).any(axis=1)
+
+    return rows.memo(f"scratch.texty.{reach}", answer)
 
 
 # --- the anchor pass -------------------------------------------------------------------------

@@ -60,7 +60,6 @@ from patterns.context import text_around
 from patterns.scratch import (
     ALNUM,
     BASE64URL,
-    TEXT_MARGIN,
     anchor_hits,
     boundary_ok,
     charset,
@@ -251,6 +250,7 @@ class TokenDetector(Detector):
     narrow ``secret_part`` and ``entropy_floor``."""
 
     group = "secrets"
+    stage = "anchors"  # the shared anchor pass of patterns/scratch.py
     context = 2  # the character glued before/after a token (UTF-16LE: 2 bytes)
     specs: tuple[Spec, ...]
     #: lowest Shannon entropy (bits per character) of a token that is reported
@@ -258,11 +258,9 @@ class TokenDetector(Detector):
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
-        # tokens are far shorter (Spec.max_len), but every text detector declares the same
-        # margin so the engine runs them on one chunk and they share the text gate and anchors
-        cls.max_len = TEXT_MARGIN - cls.context
+        cls.max_len = 2 * max(spec.max_len for spec in cls.specs)  # characters, UTF-16LE
 
-    def may_touch(self, rows: np.ndarray) -> np.ndarray:
+    def may_touch(self, rows: Chunk) -> np.ndarray:
         """Rows (engine edge windows) with texty words near the middle: a token crossing it,
         or whose context does, has them."""
         return texty_near_middle(rows, self.context + 64)
@@ -387,7 +385,9 @@ class AwsKeyDetector(TokenDetector):
             lower = np.where((rows >= 65) & (rows <= 90), rows | 0x20, rows)
             ok = ((lower == _KW_LIT[which]) | ~_KW_USE[which]).all(axis=1)
             for p in at[ok].tolist():
-                lo = max(0, p - (AWS_WINDOW_BEFORE + 1) * step)
+                # whole characters back, as far as the chunk goes: clamping the byte offset
+                # at 0 would read a UTF-16LE keyword at an odd offset out of step
+                lo = p - min(AWS_WINDOW_BEFORE + 1, p // step) * step
                 text = _text(d, lo, AWS_WINDOW_BEFORE + AWS_WINDOW_AFTER, step)
                 for m in AWS_KEYWORD_SECRET.finditer(text):
                     if aws_secret_ok(m.group(1)):

@@ -1,33 +1,36 @@
-"""The scanning engine: runs detectors over an image's segments and stitches guest memory back
-together, so every secret is reported once, at its true guest address.
+"""The scanning engine: runs detectors over an image's guest memory in guest-address order, so
+every secret is reported once, at its true guest address, wherever the format stored its bytes.
 
-Per segment:
+**Layout.** A segment's extents (which buffer bytes are which guest bytes) are sorted by
+address: a :class:`_Layout` lists them as *pieces* placed one after the other on a virtual
+line, where pieces that continue each other in guest memory (a QEMU stream's consecutive
+pages, 8 bytes of record header apart in the file) touch, and pieces that do not (a hole, a
+page the format left out because it is zero, another address space) are ``gap`` zero bytes
+apart. A *run* is a stretch of touching pieces: contiguous guest memory.
 
-1. **Main scan.** The buffer is cut into chunks (4 MiB: few Python calls per byte; each
-   detector cache-blocks its own stage 1 inside); each chunk is handed to the
-   detectors with ``margin`` extra bytes on each side (their longest match plus context), and a
-   match counts only if it *starts* in the chunk's own range — so chunking never splits or
-   duplicates a match. Matches are mapped to extents (``np.searchsorted``); a match that
-   crosses an extent boundary is dropped (those bytes are not adjacent in the guest), and so is
-   one that touches an extent edge (what lies beyond the edge in the buffer is not its guest
-   neighbour, so its boundary checks would be wrong) — the edge pass finds those.
-2. **Edge pass.** Every extent edge gets a small window: the last/first ``W`` bytes before and
-   after the edge *in guest order*. Where the guest neighbour of an edge is elsewhere (another
-   page of a QEMU stream, the next decompression window, the far side of a VMware region), its
-   bytes are joined on (a seam); where there is none (end of RAM, a hole), zeros stand in. The
-   windows of many edges are gathered (``sliding_window_view`` rows) into one batch buffer and
-   scanned once; a match counts if it touches its window's edge. Detectors first rule out most
-   windows cheaply (``may_touch``, on a narrow band around the join where ``seam_band`` says
-   that suffices), and all-zero windows are skipped.
+**Main scan.** The virtual line is cut into chunks (4 MiB: few Python calls per byte; each
+detector cache-blocks its own stage 1 inside), each handed to every detector with ``margin``
+extra bytes on each side (the longest match plus context of any detector), and a match counts
+only if it starts in the chunk's own range — so chunking never splits or duplicates a match.
+A chunk that lies inside one piece is a view of the buffer (zero copy: a raw image); any other
+is *gathered*: its pieces copied into one buffer in guest order, zeros in the gaps (a page
+stream: one vectorized copy for pages of one size). Where memory really is discontinuous the
+detectors see zeros, as they would in a flat copy of the guest's memory, so no match needs
+stitching. When detectors of several stage groups run, a chunk's all-zero pages are left out
+of it (``_Squeezed``), which saves every group's stage 1 on them for about one pass.
 
-Detectors are grouped into tiers by margin, so a detector with long matches (a PEM block) does
-not make the digit detectors rescan kilobytes around every seam. When detectors of several tiers
-run, each chunk's all-zero pages are left out of what they see (``_Squeezed``: a few hundred
-zero bytes stand in for each zero run), which saves every tier's stage 1 on those pages for
-the price of about one pass; with one tier that price is not worth paying. Duplicates (a page stored
-twice, a match seen by both passes) are removed; a finding lying inside one of a subsuming
-detector's (a PAN inside its Track 2) is dropped. Pages of an mmapped buffer are given back
-once scanned, so peak RSS does not grow with the image.
+**Seams** exist only in streamed images (decompression windows, a kdump's runs), whose
+segments come one at a time: a run ending in one segment may go on in a later one. Each run's
+edges are kept (``_EdgeSet``: the bytes next to the edge, copied); a tail meeting a head in the
+same address space and snapshot forms a seam, whose window (the tail's bytes, then the head's)
+is scanned by each *stage group* (detectors sharing a stage-1 pass, ``Detector.stage``), and
+main-scan findings that depend on that edge (a match or its context within reach of it) are
+replaced by the window's. Edges that never meet anything were right as scanned: zeros lie
+beyond them.
+
+Duplicates (a page stored twice, a match seen twice) are removed; a finding lying inside one
+of a subsuming detector's (a PAN inside its Track 2) is dropped. Pages of an mmapped buffer are
+given back once scanned, so peak RSS does not grow with the image.
 """
 
 from __future__ import annotations
@@ -42,18 +45,23 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
-from patterns.base import ENCODINGS, UTF16LE, Chunk, Detector, Hit, Hits
+from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
 
 DEFAULT_CHUNK = 4 * 1024 * 1024  # per-call unit; detectors cache-block inside (256 KiB)
-EDGE_BATCH = 4096  # edge windows scanned per batch (bounded memory)
-AROUND_BATCH = 8  # findings read between two releases of the pages they faulted in
-FAULT_REACH = 2 << 20  # a read may map a whole large folio (up to 2 MiB) around it
-PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge windows kept across segments
+EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
+PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge rows kept across segments
 #: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
 #: (headers, device state, slack ...), addressed by their offset in the file or stream
 REGION_PREFIX = "region:"
+#: least zero bytes between two pieces that are not guest neighbours: more than any detector
+#: reads outside a match (the digit family looks up to 43 UTF-16LE characters back for a
+#: keyword; AES reads a crypto_aes_ctx's 244 bytes past a schedule); a detector's own
+#: ``context`` raises it
+GAP_MIN = 256
+PAGE = 4096
+SQUEEZE_MIN = 8  # squeeze a chunk when at least 1 in this many of its pages is all zero
 
 
 @dataclass
@@ -84,66 +92,193 @@ class ScanResult:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-@dataclass
-class _Tier:
-    detectors: list[tuple[int, Detector]]  # (index in config, detector)
-    margin: int  # bytes of context each side of a chunk
-    edge: int  # bytes each side of an edge in its window: the longest match plus context
-    band: int | None  # bytes each side of an edge that may_touch needs (None: the window)
-
-
-def _tiers(detectors: list[Detector]) -> list[_Tier]:
-    by_margin: dict[int, list[tuple[int, Detector]]] = {}
-    for i, d in enumerate(detectors):
-        need = d.max_len + d.context
-        margin = 256  # coarse tiers: detectors sharing a stage (digits) share a chunk
-        while margin < need:
-            margin *= 2
-        by_margin.setdefault(margin, []).append((i, d))
-    tiers = []
-    for m, v in sorted(by_margin.items()):
-        edge = -(-max(d.max_len + d.context for _, d in v) // 8) * 8
-        bands = [d.seam_band for _, d in v]
-        band = None if None in bands else min(edge, max(b for b in bands if b is not None))
-        tiers.append(_Tier(v, m, edge, band))
-    return tiers
+# ------------------------------------------------------------------------------- layout
 
 
 @dataclass
-class _EdgeSet:
-    """Edge windows: per edge its address space, the guest address of the edge, the file and
-    file offset of the byte at the edge (-1: not stored plainly), and ``rows``, an object
-    whose ``[idx]`` gives the edges' ``width``-byte windows."""
+class _Layout:
+    """Pieces of guest memory in guest-address order on a virtual line (module docstring).
+    Per piece (int64 arrays, ascending ``vstart``): its segment (index into ``segs``), buffer
+    offset, length, address space, address, file offset (-1: not stored plainly), virtual
+    offset and run. Per run: virtual start and end. ``size``: length of the line, a gap of
+    zeros at each end included."""
 
+    segs: list[Segment]
+    seg: np.ndarray
+    buf: np.ndarray
+    length: np.ndarray
     space: np.ndarray
     addr: np.ndarray
     fo: np.ndarray
-    src: np.ndarray  # index into Engine._sources: (file, snapshot) the bytes came from
-    rows: Any
+    vstart: np.ndarray
+    run: np.ndarray
+    run_vstart: np.ndarray
+    run_vend: np.ndarray
+    gap: int
+    size: int
+    #: the whole virtual line, when a caller made it (then ``read`` slices it)
+    line: np.ndarray | None = None
+
+    @property
+    def vend(self) -> np.ndarray:
+        return self.vstart + self.length
 
     @classmethod
-    def empty(cls, width: int) -> _EdgeSet:
-        z = np.zeros(0, np.int64)
-        return cls(z, z, z, z, np.zeros((0, width), np.uint8))
+    def of(cls, segs: list[Segment], gap: int) -> _Layout:
+        """The layout of ``segs``' extents. Pieces continue each other when they are guest
+        neighbours in the same space and snapshot; of a page stored twice, the copy stored
+        last (the newer one) is the one its successor continues."""
+        parts = [(k, s.extents) for k, s in enumerate(segs) if len(s.extents)]
+        if not parts:
+            z = np.zeros(0, np.int64)
+            return cls(segs, z, z, z, z, z, z, z, z, z, z, gap, 2 * gap)
+        snaps = sorted({str(s.snapshot) for s in segs})
+        group = [snaps.index(str(s.snapshot)) for s in segs]
+        cat = [np.concatenate(a) for a in zip(*[
+            (np.full(len(e), k), e.buf_offset, e.length, e.space, e.addr, e.file_offset,
+             np.full(len(e), group[k]))
+            for k, e in parts], strict=True)]  # fmt: skip
+        seg, buf, length, space, addr, fo, grp = cat
+        order = np.lexsort((buf, seg, addr, space, grp))
+        seg, buf, length, space, addr, fo, grp = (a[order] for a in cat)
+        new = np.ones(seg.size, bool)
+        new[1:] = (grp[1:] != grp[:-1]) | (space[1:] != space[:-1])
+        new[1:] |= addr[1:] != addr[:-1] + length[:-1]
+        run = np.cumsum(new) - 1
+        # a piece's virtual offset: the lengths before it, plus a gap before each run
+        vstart = np.cumsum(length) - length + gap * (run + 1)
+        first = np.flatnonzero(new)
+        run_vstart = vstart[first]
+        last = np.concatenate((first[1:], [seg.size])) - 1
+        run_vend = vstart[last] + length[last]
+        size = int(run_vend[-1]) + gap
+        return cls(segs, seg, buf, length, space, addr, fo, vstart, run, run_vstart,
+                   run_vend, gap, size)  # fmt: skip
 
-    def __len__(self) -> int:
-        return int(self.addr.size)
+    def total(self) -> int:
+        """Guest bytes laid out."""
+        return int(self.length.sum())
 
-    def subset(self, idx: np.ndarray) -> _EdgeSet:
-        """The chosen edges (``idx`` ascending), kept for later segments: rows of a reused
-        buffer are copied (they must outlive it), rows of a fixed one stay lazy."""
-        return _EdgeSet(
-            self.space[idx], self.addr[idx], self.fo[idx], self.src[idx], _keep_rows(self.rows, idx)
-        )
+    def guest_bytes(self, a: int, b: int) -> int:
+        """Guest bytes in virtual ``[a, b)``."""
+        i, j = np.searchsorted(self.vend, [a, b], side="right")
+        j = min(int(j) + 1, self.vstart.size)
+        span = np.minimum(self.vend[i:j], b) - np.maximum(self.vstart[i:j], a)
+        return int(np.clip(span, 0, None).sum())
 
-    def plus(self, other: _EdgeSet) -> _EdgeSet:
-        return _EdgeSet(
-            np.concatenate((self.space, other.space)),
-            np.concatenate((self.addr, other.addr)),
-            np.concatenate((self.fo, other.fo)),
-            np.concatenate((self.src, other.src)),
-            _RowSource(self.rows, other.rows),
-        )
+    def read(self, a: int, b: int) -> tuple[np.ndarray, bool]:
+        """Bytes ``[a, b)`` of the virtual line, and whether they were copied: a view of a
+        buffer when one piece holds them all, else a copy with zeros in the gaps."""
+        if self.line is not None:
+            return self.line[a:b], True
+        i = int(np.searchsorted(self.vend, a, side="right"))  # first piece ending past a
+        j = int(np.searchsorted(self.vstart, b, side="left"))
+        if j - i == 1 and self.vstart[i] <= a and self.vend[i] >= b:
+            at = int(self.buf[i] + (a - self.vstart[i]))
+            return self.segs[int(self.seg[i])].data[at : at + (b - a)], False
+        out = np.zeros(b - a, np.uint8)
+        lo = self.vstart[i:j] - a  # destination of each piece
+        cut_lo = np.maximum(0, -lo)  # bytes of a piece before a / past b
+        cut_hi = np.maximum(0, lo + self.length[i:j] - (b - a))
+        whole = (cut_lo == 0) & (cut_hi == 0)
+        for k in np.unique(self.seg[i:j]).tolist():  # pieces of one size: one vectorized copy
+            mine = whole & (self.seg[i:j] == k)
+            sizes = np.unique(self.length[i:j][mine])
+            for n in sizes.tolist():
+                sel = np.flatnonzero(mine & (self.length[i:j] == n))
+                if sel.size == 1:
+                    continue  # copied below
+                src = self.segs[k].data
+                dst = sliding_window_view(out, n, writeable=True)
+                dst[lo[sel]] = sliding_window_view(src, n)[self.buf[i:j][sel]]
+                whole[sel] = False
+        for x in np.flatnonzero(whole | (cut_lo > 0) | (cut_hi > 0)).tolist():
+            p, c0, c1 = i + x, int(cut_lo[x]), int(cut_hi[x])
+            src = self.segs[int(self.seg[p])].data
+            s = int(self.buf[p]) + c0
+            d = int(lo[x]) + c0
+            n = int(self.length[p]) - c0 - c1
+            out[d : d + n] = src[s : s + n]
+        return out, True
+
+    def rows(self, starts: np.ndarray, w: int) -> np.ndarray:
+        """``w``-byte rows of the virtual line from each of ``starts`` (zeros beyond it)."""
+        if self.line is not None:
+            pad = np.zeros(w, np.uint8)
+            win = sliding_window_view(np.concatenate((pad, self.line, pad)), w)
+            return win[np.clip(starts, -w, self.size) + w]
+        out = np.zeros((starts.size, w), np.uint8)
+        for k, s in enumerate(starts.tolist()):
+            a, b = max(s, 0), min(s + w, self.size)
+            if b > a:
+                out[k, a - s : b - s] = self.read(a, b)[0]
+        return out
+
+    def locate(self, v: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """For matches at virtual offsets ``v``, ``n`` bytes long: (piece of the first byte,
+        whether the match lies inside one run, i.e. is real guest memory)."""
+        p = np.searchsorted(self.vstart, v, side="right") - 1
+        ok = p >= 0
+        p = np.maximum(p, 0)
+        r = self.run[p]
+        ok &= (v >= self.run_vstart[r]) & (v + n <= self.run_vend[r]) & (v < self.vstart[p]
+                                                                         + self.length[p])
+        return p, ok
+
+    def intervals(self, k: int, lo: int, hi: int) -> list[tuple[int, int]]:
+        """Virtual intervals holding the bytes at buffer offsets ``[lo, hi)`` of segment
+        ``k``, merged where at most a gap apart."""
+        mine = (self.seg == k) & (self.buf < hi) & (self.buf + self.length > lo)
+        a = self.vstart[mine] + np.maximum(0, lo - self.buf[mine])
+        b = self.vstart[mine] + np.minimum(self.length[mine], hi - self.buf[mine])
+        order = np.argsort(a, kind="stable")
+        out: list[list[int]] = []
+        gap = self.gap
+        for x, y in zip(a[order].tolist(), b[order].tolist(), strict=True):
+            if out and x <= out[-1][1] + gap:
+                out[-1][1] = max(out[-1][1], y)
+            else:
+                out.append([x, y])
+        return [(x, y) for x, y in out]
+
+
+# ------------------------------------------------------------------------------- groups
+
+
+@dataclass
+class _Group:
+    """Detectors sharing a stage-1 pass (``Detector.stage``), scanned together at seams:
+    ``edge`` bytes each side of a seam (their longest match plus context, rounded up to 8),
+    ``band`` the bytes each side ``may_touch`` needs (None: the whole window)."""
+
+    detectors: list[tuple[int, Detector]]  # (index in config, detector)
+    edge: int
+    band: int | None
+
+
+def _groups(detectors: list[Detector]) -> list[_Group]:
+    by_stage: dict[str, list[tuple[int, Detector]]] = {}
+    for i, d in enumerate(detectors):
+        by_stage.setdefault(d.stage or f"own:{d.name}", []).append((i, d))
+    out = []
+    for members in by_stage.values():
+        edge = -(-max(d.max_len + d.context for _, d in members) // 8) * 8
+        bands = [d.seam_band for _, d in members]
+        band = None if None in bands else min(edge, max(b for b in bands if b is not None))
+        out.append(_Group(members, edge, band))
+    return out
+
+
+@dataclass(frozen=True)
+class _Where:
+    """Where a match's first byte is: address space and address, the file and snapshot its
+    bytes come from, and its offset in that file (None: not stored there plainly)."""
+
+    space: int
+    addr: int
+    file: str
+    snapshot: str | None
+    offset: int | None
 
 
 class Engine:
@@ -151,11 +286,15 @@ class Engine:
 
     def __init__(self, config: ScanConfig) -> None:
         self.config = config
-        self.tiers = _tiers(config.detectors)
+        self.groups = _groups(config.detectors)
         self.subsumes = {d.name: set(d.subsumes) for d in config.detectors}
+        need = max((d.max_len + d.context for d in config.detectors), default=0)
+        self.margin = -(-need // 64) * 64  # bytes read each side of a chunk
+        ctx = max((d.context for d in config.detectors), default=0)
+        self.gap = max(GAP_MIN, -(-ctx // 64) * 64)
         # Squeezing costs about one stage-1 pass (finding zero pages, copying the rest); it
-        # pays for itself once detectors of several tiers (digits, keys, text) share it.
-        self.squeeze = len(self.tiers) >= 2 if config.squeeze is None else config.squeeze
+        # pays for itself once detectors of several stage groups (digits, keys, text) share it.
+        self.squeeze = len(self.groups) >= 2 if config.squeeze is None else config.squeeze
         self._sources: list[tuple[str, str | None]] = []
 
     # ----------------------------------------------------------------- public entry points
@@ -163,132 +302,127 @@ class Engine:
     def scan_image(
         self, image: MemoryImage, progress: Callable[[int], None] | None = None
     ) -> ScanResult:
-        """Scan every segment of ``image`` (main scan and edges), in this process."""
-        return self._scan(image, main=True, edges=True, progress=progress)
+        """Scan all of ``image``, in this process."""
+        result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
+        if image.random_access:
+            layout = _Layout.of(image.fixed_segments or [], self.gap)
+            found = self._main(image, layout, [(0, layout.size)], progress)
+            result.bytes_scanned = layout.total()
+            result.findings = finalize([f for f, _ in found], self.subsumes)
+        else:
+            self._streamed(image, result, progress)
+        result.meta = dict(image.meta)  # a stream's metadata grows as it is read (guest_clock)
+        self._image_warnings(image, result)
+        return result
 
     def scan_part(self, image: MemoryImage, unit: Unit) -> ScanResult:
-        """One unit of a split random-access image (``scanner.units``): a RANGE unit
-        main-scans buffer bytes ``[unit.lo, unit.hi)`` of segment ``unit.segment``; an EDGES
-        unit does every segment's edges."""
-        if unit.kind == EDGES:
-            return self._scan(image, main=False, edges=True)
-        k, lo, hi = unit.segment, unit.lo, unit.hi
-        seg = (image.fixed_segments or [])[k]
+        """One unit of a split random-access image (``scanner.units``): a RANGE unit scans
+        the guest bytes stored at buffer offsets ``[unit.lo, unit.hi)`` of segment
+        ``unit.segment`` (matches starting there; the image's layout is read around them, so
+        no seam is left); an EDGES unit reports the image's warnings (a laid-out image has no
+        seams left to scan)."""
         result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
-        result.findings = finalize(self.scan_range(image, seg, lo, hi), self.subsumes)
-        ext = seg.extents
-        overlap = np.minimum(ext.buf_offset + ext.length, hi) - np.maximum(ext.buf_offset, lo)
+        if unit.kind == EDGES:
+            self._image_warnings(image, result)
+            return result
+        k, lo, hi = unit.segment, unit.lo, unit.hi
+        layout = _Layout.of(image.fixed_segments or [], self.gap)
+        found = self._main(image, layout, layout.intervals(k, lo, hi))
+        result.findings = finalize([f for f, _ in found], self.subsumes)
+        mine = layout.seg == k
+        b, n = layout.buf[mine], layout.length[mine]
+        overlap = np.minimum(b + n, hi) - np.maximum(b, lo)
         result.bytes_scanned = int(np.clip(overlap, 0, None).sum())
         return result
 
-    def _scan(
+    def _image_warnings(self, image: MemoryImage, result: ScanResult) -> None:
+        for w in image.warnings:  # damaged parts are errors (exit 2); remarks are not
+            (result.warnings if isinstance(w, Remark) else result.errors).append(str(w))
+
+    # ----------------------------------------------------------------- main scan
+
+    def _main(
         self,
         image: MemoryImage,
-        main: bool,
-        edges: bool,
+        layout: _Layout,
+        intervals: list[tuple[int, int]],
         progress: Callable[[int], None] | None = None,
-    ) -> ScanResult:
-        result = ScanResult(image=image.path, format=image.format, meta=dict(image.meta))
-        pending = {id(t): [_EdgeSet.empty(t.edge), _EdgeSet.empty(t.edge)] for t in self.tiers}
-        raw: list[Finding] = []
-        try:
-            for seg in image.segments():
-                if main:
-                    raw += self.scan_range(image, seg, 0, seg.data.size)
-                    result.bytes_scanned += seg.extents.total()
-                if edges:
-                    for tier in self.tiers:
-                        raw += self._segment_edges(image, seg, tier, pending[id(tier)], result)
+        edges: tuple[int, int] | None = None,
+    ) -> list[tuple[Finding, tuple[int, ...]]]:
+        """Findings starting in the virtual ``intervals`` of ``layout``. With ``edges`` (the
+        serial numbers of this segment's first tail and head edge), each finding comes with the
+        edges it depends on (a seam there would replace it), else with none."""
+        step, m = self.config.chunk_size, self.margin
+        release = _Releaser(layout)
+        out: list[tuple[Finding, tuple[int, ...]]] = []
+        lo_data = int(layout.run_vstart[0]) if layout.run_vstart.size else 0
+        hi_data = int(layout.run_vend[-1]) if layout.run_vend.size else 0
+        for lo, hi in intervals:
+            for cs in range(lo, hi, step):
+                ce = min(cs + step, hi)
+                a, b = max(0, cs - m), min(layout.size, ce + m)
+                buf, copied = layout.read(a, b)
+                # a gathered chunk holds a stream's pages, which are never all zero
+                sq = _Squeezed.of(buf, self.gap) if self.squeeze and not copied else None
+                chunk = sq.chunk if sq else Chunk(buf)
+                for det in self.config.detectors:
+                    hits = det.find(chunk)
+                    if not len(hits):
+                        continue
+                    at = sq.unsqueeze(hits.start) if sq else hits.start
+                    keep = (at + a >= cs) & (at + a < ce)
+                    if sq:
+                        keep &= sq.inside(hits)
+                    out += self._place(image, layout, det, hits.select(keep), chunk.data,
+                                       at[keep] + a, (max(lo_data, a) - a, min(hi_data, b) - a)
+                                       if not sq else None, sq, edges)  # fmt: skip
+                release.upto(ce - m)
                 if progress:
-                    progress(seg.extents.total())
-        except ImageError as err:
-            result.errors.append(str(err))
-        result.meta = dict(image.meta)  # a stream's metadata grows as it is read (guest_clock)
-        if edges:
-            for tier in self.tiers:
-                raw += self._lonely_edges(image, tier, pending[id(tier)])
-            for w in image.warnings:  # damaged parts are errors (exit 2); remarks are not
-                (result.warnings if isinstance(w, Remark) else result.errors).append(str(w))
-        result.findings = finalize(raw, self.subsumes)
-        return result
-
-    def scan_range(self, image: MemoryImage, seg: Segment, lo: int, hi: int) -> list[Finding]:
-        """Main scan of buffer bytes ``[lo, hi)`` of ``seg`` (matches starting there)."""
-        data = seg.data
-        n = data.size
-        step = self.config.chunk_size
-        parts: list[list[Hits]] = [[] for _ in self.config.detectors]
-        release = _Releaser(data)
-        reach = self.tiers[-1].margin  # the widest tier's
-        for cs in range(lo, hi, step):
-            ce = min(cs + step, hi)
-            sq = None
-            if self.squeeze:
-                sq = _Squeezed.of(data, max(0, cs - reach), min(n, ce + reach))
-            for tier in self.tiers:  # every tier on this chunk while it is in cache
-                a = max(0, cs - tier.margin)
-                chunk = sq.chunk if sq else Chunk(data[a : min(n, ce + tier.margin)])
-                for k, det in tier.detectors:
-                    h = det.find(chunk)
-                    if len(h):
-                        if sq:
-                            h = sq.place(h)
-                        else:
-                            h.start += a
-                        parts[k].append(h.select((h.start >= cs) & (h.start < ce)))
-            release.upto(ce - reach)
-        found: list[Finding] = []
-        for k, det in enumerate(self.config.detectors):
-            hits = Hits.concat(parts[k])
-            if len(hits):
-                found += self._place(image, seg, det, hits, release)
-        return found
-
-    # ----------------------------------------------------------------- main-scan placement
+                    progress(layout.guest_bytes(cs, ce))
+        release.upto(layout.size)
+        return out
 
     def _place(
-        self, image: MemoryImage, seg: Segment, det: Detector, hits: Hits, release: _Releaser
-    ) -> list[Finding]:
-        """Findings for buffer hits lying strictly inside one extent, one character away from
-        its edges at least (the edge pass finds those nearer)."""
-        ext = seg.extents
-        if len(ext) == 0:
+        self,
+        image: MemoryImage,
+        layout: _Layout,
+        det: Detector,
+        hits: Hits,
+        data: np.ndarray,
+        v: np.ndarray,
+        clip: tuple[int, int] | None,
+        sq: _Squeezed | None,
+        edges: tuple[int, int] | None,
+    ) -> list[tuple[Finding, tuple[int, ...]]]:
+        """Findings for hits of one chunk (``data``, hits at virtual offsets ``v``) that lie
+        in guest memory; context is read from the chunk, within ``clip`` (chunk offsets of
+        the first and last guest byte of the layout) or the squeezed range."""
+        if not len(hits):
             return []
-        i = np.searchsorted(ext.buf_offset, hits.start, side="right") - 1
-        ok = i >= 0
-        i = np.maximum(i, 0)
-        e_lo = ext.buf_offset[i]
-        e_hi = e_lo + ext.length[i]
-        end = hits.start + hits.length
-        # a detector's boundary checks read one character (UTF-16LE: 2 bytes) either side
-        width = np.where(hits.encoding == UTF16LE, 2, 1)
-        ok &= (hits.start - width >= e_lo) & (end + width <= e_hi)
+        p, ok = layout.locate(v, hits.length)
         out = []
+        reach = max(det.context, 2)
         for j in np.flatnonzero(ok).tolist():
-            s, ln, x = int(hits.start[j]), int(hits.length[j]), int(i[j])
-            lo, hi = int(e_lo[j]), int(e_hi[j])
-            rel = s - lo
-            fo = int(ext.file_offset[x])
-            f = self._finding(
-                image,
-                det,
-                seg.data,
-                s,
-                ln,
-                int(hits.encoding[j]),
-                0 if hits.tag is None else int(hits.tag[j]),
-                lo,
-                hi,
-                int(ext.space[x]),
-                int(ext.addr[x]) + rel,
-                seg.file,
-                seg.snapshot,
-                fo + rel if fo >= 0 else None,
-            )
-            if f:
-                out.append(f)
-            release.around(s)  # reading it faulted its neighbourhood in
-        release.flush()
+            x = int(p[j])
+            rel = int(v[j] - layout.vstart[x])
+            seg = layout.segs[int(layout.seg[x])]
+            fo = int(layout.fo[x])
+            where = _Where(int(layout.space[x]), int(layout.addr[x]) + rel, seg.file,
+                           seg.snapshot, fo + rel if fo >= 0 else None)  # fmt: skip
+            s = int(hits.start[j])
+            bounds = sq.bounds(s) if sq else clip
+            f = self._finding(image, det, data, s, hits, j, bounds, where)
+            if f is None:
+                continue
+            deps: tuple[int, ...] = ()
+            if edges is not None:
+                r = int(layout.run[x])
+                vs, n = int(v[j]), int(hits.length[j])
+                if vs - reach < layout.run_vstart[r]:
+                    deps += (edges[1] + r,)  # the run's head
+                if vs + n + reach > layout.run_vend[r]:
+                    deps += (edges[0] + r,)  # the run's tail
+            out.append((f, deps))
         return out
 
     def _finding(
@@ -297,25 +431,22 @@ class Engine:
         det: Detector,
         buf: np.ndarray,
         s: int,
-        ln: int,
-        enc: int,
-        tag: int,
-        lo: int,
-        hi: int,
-        space: int,
-        addr: int,
-        file: str,
-        snapshot: str | None,
-        offset: int | None,
+        hits: Hits,
+        j: int,
+        bounds: tuple[int, int] | None,
+        where: _Where,
     ) -> Finding | None:
-        """Describe one match (context clipped to ``[lo, hi)`` of ``buf``) into a Finding."""
-        c = det.context
+        """Describe hit ``j`` of ``hits`` (starting at ``s`` in ``buf``; its context clipped to
+        ``bounds`` of ``buf``) found at ``where`` into a Finding, or None when dropped."""
+        ln, c = int(hits.length[j]), det.context
+        lo, hi = bounds if bounds is not None else (0, buf.size)
+        enc = ENCODINGS[int(hits.encoding[j])]
         hit = Hit(
             raw=buf[s : s + ln].tobytes(),
-            encoding=ENCODINGS[enc],
+            encoding=enc,
             before=buf[max(lo, s - c) : s].tobytes(),
             after=buf[s + ln : min(hi, s + ln + c)].tobytes(),
-            tag=tag,
+            tag=0 if hits.tag is None else int(hits.tag[j]),
         )
         d = det.describe(hit)
         if d is None:
@@ -325,34 +456,68 @@ class Engine:
             return None
         if self.config.unmask:
             details["value"] = d.value.decode("latin-1")
-        gpa = addr if space == GPA_SPACE else None
-        name = image.spaces[space]
+        name = image.spaces[where.space]
         if name.startswith(REGION_PREFIX):  # not guest memory: a part of the file itself
             details["region"] = name[len(REGION_PREFIX) :]
-            if offset is None:
-                details["stream_offset"] = addr
-        elif space != GPA_SPACE:
+            if where.offset is None:
+                details["stream_offset"] = where.addr
+        elif where.space != GPA_SPACE:
             details["block"] = name
-            details["block_offset"] = addr
-        if snapshot is not None:
-            details["snapshot"] = snapshot
+            details["block_offset"] = where.addr
+        if where.snapshot is not None:
+            details["snapshot"] = where.snapshot
         return Finding(
             image=image.path,
             format=image.format,
             detector=det.name,
-            gpa=gpa,
-            file=file,
-            offset=offset,
+            gpa=where.addr if where.space == GPA_SPACE else None,
+            file=where.file,
+            offset=where.offset,
             length=ln,
-            encoding=ENCODINGS[enc],
+            encoding=enc,
             masked=d.masked,
             fingerprint=fingerprint(self.config.key, det.name, d.value),
             details=details,
-            space=space,
-            addr=addr,
+            space=where.space,
+            addr=where.addr,
         )
 
-    # ----------------------------------------------------------------- edges and seams
+    # ----------------------------------------------------------------- streamed images
+
+    def _streamed(
+        self, image: MemoryImage, result: ScanResult, progress: Callable[[int], None] | None
+    ) -> None:
+        """Segment by segment: main scan of each one's layout, edges kept until they meet."""
+        pending = {id(g): _Pending() for g in self.groups}
+        found: list[tuple[Finding, tuple[int, ...]]] = []
+        seams: set[int] = set()  # serial numbers of edges that met another
+        serial = 0
+        try:
+            for seg in image.segments():
+                layout = _Layout.of([seg], self.gap)
+                runs = layout.run_vstart.size
+                if not runs:
+                    continue
+                first = (serial, serial + runs)  # serials of tails, then heads
+                serial += 2 * runs
+                if runs > 64:  # many pieces: gather the segment (a bounded window) once
+                    layout.line = layout.read(0, layout.size)[0]
+                found += self._main(image, layout, [(0, layout.size)], progress, first)
+                result.bytes_scanned += layout.total()
+                src = self._source_id(seg)
+                for g in self.groups:
+                    edges = _EdgeSet.of(layout, g.edge, src, first)
+                    found += self._seams(image, g, edges, pending[id(g)], seams)
+        except ImageError as err:
+            result.errors.append(str(err))
+        if any(p.lost for p in pending.values()):
+            result.warnings.append(
+                f"{image.path}: too many unmatched memory edges to keep; pieces of guest memory "
+                "stored far apart were scanned unstitched (a secret straddling two of them "
+                "may be missed)"
+            )
+        keep = [f for f, deps in found if not any(e in seams for e in deps)]
+        result.findings = finalize(keep, self.subsumes)
 
     def _source_id(self, seg: Segment) -> int:
         """Index of (file, snapshot) of a segment's bytes in ``self._sources``."""
@@ -361,71 +526,24 @@ class Engine:
             self._sources.append(key)
         return self._sources.index(key)
 
-    def _segment_edges(
-        self,
-        image: MemoryImage,
-        seg: Segment,
-        tier: _Tier,
-        pending: list[_EdgeSet],
-        result: ScanResult,
-    ) -> list[Finding]:
-        """Edge windows of one segment: pair its edges with each other and with edges left
-        from earlier segments, scan the pairs, keep the unpaired (copied) for later."""
-        w = tier.edge
-        if len(seg.extents) == 0:
-            return []
-        tails, heads = _edge_sets(seg, w, self._source_id(seg))
-        tails, heads = pending[0].plus(tails), pending[1].plus(heads)
+    def _seams(
+        self, image: MemoryImage, group: _Group, edges: tuple[_EdgeSet, _EdgeSet],
+        pending: _Pending, seams: set[int],
+    ) -> list[tuple[Finding, tuple[int, ...]]]:
+        """Pair this segment's edges with each other and with those kept from earlier
+        segments; scan the seams; keep the unpaired for later (within PENDING_LIMIT)."""
+        tails, heads = pending.tails.plus(edges[0]), pending.heads.plus(edges[1])
         ti, hi = _pair(tails, heads, self._sources)
-        found = self._scan_windows(image, tier, tails, ti, heads, hi)
-        t_left = np.setdiff1d(np.arange(len(tails)), ti, assume_unique=True)
-        h_left = np.setdiff1d(np.arange(len(heads)), hi, assume_unique=True)
-        pending[0], pending[1] = tails.subset(t_left), heads.subset(h_left)
-        if pending[0].rows.nbytes + pending[1].rows.nbytes > PENDING_LIMIT:
-            result.warnings.append(
-                f"{image.path}: too many unmatched page edges; scanning them unstitched "
-                "(a secret straddling two far-apart pages may be missed)"
-            )
-            found += self._lonely_edges(image, tier, pending)
-        return found
-
-    def _lonely_edges(
-        self, image: MemoryImage, tier: _Tier, pending: list[_EdgeSet]
-    ) -> list[Finding]:
-        """Edges with no guest neighbour: scan each against zeros (heads with zeros before
-        them, tails with zeros after), all in one batch."""
-        w = tier.edge
-        tails, heads = pending
-        pending[0], pending[1] = _EdgeSet.empty(w), _EdgeSet.empty(w)
-        nh, nt = len(heads), len(tails)
-        if nh + nt == 0:
-            return []
-        space = np.concatenate((heads.space, tails.space))
-        addr = np.concatenate((heads.addr, tails.addr))
-        src = np.concatenate((heads.src, tails.src))
-        none_h, none_t = np.full(nh, -1), np.full(nt, -1)
-        zeros = np.zeros(w, np.uint8)  # one row for all, broadcast: windows can be 8 KiB wide
-        before = _EdgeSet(
-            space,
-            addr,
-            np.concatenate((none_h, tails.fo)),
-            src,
-            _RowSource(np.broadcast_to(zeros, (nh, w)), tails.rows),
-        )
-        after = _EdgeSet(
-            space,
-            addr,
-            np.concatenate((heads.fo, none_t)),
-            src,
-            _RowSource(heads.rows, np.broadcast_to(zeros, (nt, w))),
-        )
-        idx = np.arange(nh + nt)
-        return self._scan_windows(image, tier, before, idx, after, idx)
+        seams.update(tails.serial[ti].tolist())
+        seams.update(heads.serial[hi].tolist())
+        found = self._scan_windows(image, group, tails, ti, heads, hi)
+        pending.keep(tails.drop(ti), heads.drop(hi), self._sources)
+        return [(f, ()) for f in found]
 
     def _scan_windows(
         self,
         image: MemoryImage,
-        tier: _Tier,
+        group: _Group,
         tails: _EdgeSet,
         ti: np.ndarray,
         heads: _EdgeSet,
@@ -434,36 +552,32 @@ class Engine:
         """Scan windows made of tail row ``ti[k]`` + head row ``hi[k]``, joined at the head's
         address; keep matches that touch the join (or whose context reaches across it).
 
-        A batch's windows are narrowed to the guest bytes its rows hold next to the join
-        (a 4 KiB page in a tier's 8 KiB rows): what lies beyond is absent memory, zeros in a
-        full row and nothing in a narrowed one, which no detector tells apart."""
+        A batch's windows are narrowed to the guest bytes its rows hold next to the join (a
+        4 KiB page in 8 KiB rows): what lies beyond is absent memory, zeros in a full row and
+        nothing in a narrowed one, which no detector tells apart."""
         found: list[Finding] = []
+        e = group.edge  # where the join lies in the stored rows
         for at in range(0, ti.size, EDGE_BATCH):
             tb, hb = ti[at : at + EDGE_BATCH], hi[at : at + EDGE_BATCH]
-            w = min(tier.edge, -(-max(_held(tails.rows, tb), _held(heads.rows, hb)) // 8) * 8)
+            held = max(int(tails.held[tb].max(initial=0)), int(heads.held[hb].max(initial=0)))
+            w = min(e, -(-held // 8) * 8)
             if w == 0:
                 continue
-            # only windows where some detector of the tier could match across the middle,
+            # only windows where some detector of the group could match across the middle,
             # judged on the narrow band around it when every detector allows that
-            b = min(tier.band or w, w)
-            e = tier.edge  # where the join lies in the stored rows
-            test = np.concatenate(
-                (_cols(tails.rows, tb, e - b, e), _cols(heads.rows, hb, 0, b)), axis=1
-            )
-            useful = np.zeros(test.shape[0], bool)
-            for _, det in tier.detectors:
-                useful |= det.may_touch(test)
-            useful &= test.any(axis=1)  # nothing is found in zeros
-            keep_rows = np.flatnonzero(useful)
-            tb, hb = tb[keep_rows], hb[keep_rows]
-            if b == w:
-                flat = test[keep_rows].reshape(-1)
-            else:
-                flat = np.concatenate(
-                    (_cols(tails.rows, tb, e - w, e), _cols(heads.rows, hb, 0, w)), axis=1
-                ).reshape(-1)
+            b = min(group.band or w, w)
+            band = np.concatenate((tails.rows[tb, e - b :], heads.rows[hb, :b]), axis=1)
+            useful = np.zeros(band.shape[0], bool)
+            probe = Chunk(band)
+            for _, det in group.detectors:
+                useful |= det.may_touch(probe)
+            useful &= band.any(axis=1)  # nothing is found in zeros
+            rows = np.flatnonzero(useful)
+            tb, hb = tb[rows], hb[rows]
+            flat = np.concatenate((tails.rows[tb, e - w :], heads.rows[hb, :w]), axis=1)
+            flat = flat.reshape(-1)
             chunk = Chunk(flat)
-            for _, det in tier.detectors:
+            for _, det in group.detectors:
                 h = det.find(chunk)
                 if not len(h):
                     continue
@@ -481,270 +595,118 @@ class Engine:
                     else:
                         fo, src = int(tails.fo[t]), int(tails.src[t])
                         fo = fo - (w - x) if fo >= 0 else -1
+                    file, snapshot = self._sources[src]
+                    where = _Where(int(heads.space[hh]), int(heads.addr[hh]) + x - w, file,
+                                   snapshot, fo if fo >= 0 else None)  # fmt: skip
                     base = r * 2 * w
-                    f = self._finding(
-                        image,
-                        det,
-                        flat,
-                        int(h.start[k]),
-                        int(h.length[k]),
-                        int(h.encoding[k]),
-                        0 if h.tag is None else int(h.tag[k]),
-                        base,
-                        base + 2 * w,
-                        int(heads.space[hh]),
-                        int(heads.addr[hh]) + x - w,
-                        *self._sources[src],
-                        fo if fo >= 0 else None,
-                    )
+                    f = self._finding(image, det, flat, int(h.start[k]), h, k,
+                                      (base, base + 2 * w), where)  # fmt: skip
                     if f:
                         found.append(f)
         return found
 
 
-PAGE = 4096
-#: zero bytes kept on each side of a squeezed-out zero run: more than any detector reads past
-#: a match into zeros (an AES key schedule's crypto_aes_ctx tail, 484 - 240 bytes)
-SQUEEZE_KEEP = 256
-SQUEEZE_MIN = 8  # squeeze a chunk when at least 1 in this many of its pages is all zero
+# ------------------------------------------------------------------------------- seams
 
 
 @dataclass
-class _Squeezed:
-    """A stretch of a buffer with its all-zero pages left out, but for SQUEEZE_KEEP zero bytes
-    at each edge of every zero run: ``chunk`` holds the kept ranges back to back, range k
-    (``length[k]`` bytes) at chunk offset ``qstart[k]`` and buffer offset ``bstart[k]``. Inside
-    a range the bytes are the buffer's, and a detector reading past one sees zeros for at
-    least 2 * SQUEEZE_KEEP bytes, as it would in the buffer; so what it finds within a range
-    is what it would find unsqueezed, and nothing real spans two ranges (a zero page lies
-    between)."""
+class _EdgeSet:
+    """Run edges of streamed segments, each with the ``w`` bytes next to it (a tail's rows end
+    at the edge, a head's begin there; zeros where the run is shorter): address space,
+    guest address of the edge, file offset of the byte at the edge (-1: not stored plainly),
+    source (index into Engine._sources), serial number, and ``held``, how many of its row's
+    bytes are guest memory."""
 
-    chunk: Chunk
-    qstart: np.ndarray
-    bstart: np.ndarray
-    length: np.ndarray
+    space: np.ndarray
+    addr: np.ndarray
+    fo: np.ndarray
+    src: np.ndarray
+    serial: np.ndarray
+    held: np.ndarray
+    rows: np.ndarray
 
     @classmethod
-    def of(cls, data: np.ndarray, a: int, b: int) -> _Squeezed | None:
-        """``data[a:b]`` squeezed, or None when under 1 in SQUEEZE_MIN pages is zero."""
-        p0, p1 = -(-a // PAGE) * PAGE, b // PAGE * PAGE
-        if p1 - p0 < SQUEEZE_MIN * PAGE:
-            return None
-        zero = ~data[p0:p1].view(np.uint64).reshape(-1, PAGE // 8).any(axis=1)
-        if np.count_nonzero(zero) * SQUEEZE_MIN < zero.size:
-            return None
-        edges = np.flatnonzero(zero[1:] != zero[:-1]) + 1
-        runs = np.concatenate(([0] if zero[0] else [], edges, [zero.size] if zero[-1] else []))
-        out_lo = p0 + runs[0::2].astype(np.int64) * PAGE + SQUEEZE_KEEP  # left out: lo .. hi
-        out_hi = p0 + runs[1::2].astype(np.int64) * PAGE - SQUEEZE_KEEP
-        bstart = np.concatenate(([a], out_hi))
-        length = np.concatenate((out_lo, [b])) - bstart
-        qstart = np.concatenate(([0], np.cumsum(length)[:-1]))
-        buf = np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
-                                                               strict=True)])
-        return cls(Chunk(buf), qstart, bstart, length)
+    def empty(cls) -> _EdgeSet:
+        z = np.zeros(0, np.int64)
+        return cls(z, z, z, z, z, z, np.zeros((0, 0), np.uint8))
 
-    def place(self, hits: Hits) -> Hits:
-        """Hits in buffer offsets; those spanning two ranges (not real) left out."""
-        k = np.searchsorted(self.qstart, hits.start, side="right") - 1
-        inside = hits.start + hits.length <= self.qstart[k] + self.length[k]
-        hits, k = hits.select(inside), k[inside]
-        hits.start = self.bstart[k] + (hits.start - self.qstart[k])
-        return hits
+    @classmethod
+    def of(
+        cls, layout: _Layout, w: int, src: int, first: tuple[int, int]
+    ) -> tuple[_EdgeSet, _EdgeSet]:
+        """(tails, heads) of the runs of a segment's ``layout``; ``first``: serial numbers of
+        the first tail and head."""
+        n = layout.run_vstart.size
+        vs, ve = layout.run_vstart, layout.run_vend
+        cols = np.arange(w)[None, :]
+        held = np.minimum(ve - vs, w)
+        t_rows = layout.rows(ve - w, w)
+        t_rows[cols < (w - held)[:, None]] = 0  # bytes before the run
+        h_rows = layout.rows(vs, w)
+        h_rows[cols >= held[:, None]] = 0
+        p0 = np.searchsorted(layout.run, np.arange(n))  # first piece of each run
+        p1 = np.concatenate((p0[1:], [layout.run.size])) - 1  # last piece
+        t_fo = np.where(layout.fo[p1] >= 0, layout.fo[p1] + layout.length[p1], -1)
+        srcs = np.full(n, src, np.int64)
+        t_addr = layout.addr[p1] + layout.length[p1]
+        tails = cls(layout.space[p1], t_addr, t_fo, srcs, first[0] + np.arange(n), held, t_rows)
+        heads = cls(layout.space[p0], layout.addr[p0], layout.fo[p0], srcs,
+                    first[1] + np.arange(n), held, h_rows)  # fmt: skip
+        return tails, heads
 
+    def __len__(self) -> int:
+        return int(self.addr.size)
 
-class _Releaser:
-    """Gives back the pages of an mmapped buffer once scanned (``MADV_DONTNEED``: they stay
-    in the page cache, but leave this process's resident set), so peak RSS does not grow
-    with the image. Does nothing for buffers that are not an mmap."""
+    def select(self, idx: np.ndarray) -> _EdgeSet:
+        return _EdgeSet(*(a[idx] for a in (self.space, self.addr, self.fo, self.src,
+                                           self.serial, self.held, self.rows)))  # fmt: skip
 
-    def __init__(self, data: np.ndarray) -> None:
-        self.mm: mmap.mmap | None = None
-        self.touched: list[int] = []
-        base, root = data, data
-        while isinstance(base, np.ndarray):
-            root, base = base, base.base
-        if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
-            self.mm = base.obj
-            self.origin = data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
-            self.done = self.origin - self.origin % mmap.PAGESIZE
+    def drop(self, idx: np.ndarray) -> _EdgeSet:
+        keep = np.ones(len(self), bool)
+        keep[idx] = False
+        return self.select(np.flatnonzero(keep))
 
-    def around(self, offset: int) -> None:
-        """Note that bytes at buffer offset ``offset`` were read: that mapped a whole
-        neighbourhood (the kernel's fault-around, or a large folio). Every ``AROUND_BATCH``
-        reads the span they cover is given back with one call; ``flush`` does the rest."""
-        if self.mm is None:
-            return
-        self.touched.append(offset)
-        if len(self.touched) >= AROUND_BATCH:
-            self.flush()
-
-    def flush(self) -> None:
-        """Give back the neighbourhoods of the reads noted by ``around``."""
-        if self.mm is None or not self.touched:
-            return
-        lo = max(self.origin + min(self.touched) - FAULT_REACH, 0)
-        hi = min(self.origin + max(self.touched) + FAULT_REACH, len(self.mm))
-        self.touched = []
-        lo -= lo % mmap.PAGESIZE
-        hi -= hi % mmap.PAGESIZE
-        if hi > lo:
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
-            except (OSError, ValueError):
-                self.mm = None
-
-    def upto(self, offset: int) -> None:
-        """Release the pages wholly before buffer offset ``offset``."""
-        if self.mm is None:
-            return
-        end = self.origin + offset
-        end -= end % mmap.PAGESIZE
-        if end > self.done:
-            try:
-                self.mm.madvise(mmap.MADV_DONTNEED, self.done, end - self.done)
-            except (OSError, ValueError):
-                self.mm = None  # not supported here: keep going without
-                return
-            self.done = end
+    def plus(self, other: _EdgeSet) -> _EdgeSet:
+        if not len(self):
+            return other
+        return _EdgeSet(*(np.concatenate((a, b)) for a, b in zip(
+            (self.space, self.addr, self.fo, self.src, self.serial, self.held, self.rows),
+            (other.space, other.addr, other.fo, other.src, other.serial, other.held,
+             other.rows), strict=True)))  # fmt: skip
 
 
-class _RowSource:
-    """Rows from two sources (earlier pending copies, then this segment's lazy rows), fetched
-    by index without concatenating them."""
+@dataclass
+class _Pending:
+    """Edges of one stage group waiting for a partner in a later segment. Past
+    PENDING_LIMIT bytes of rows the oldest are forgotten (they stay as scanned, against
+    zeros), their keys kept so that one meeting a partner later can be reported (``lost``)."""
 
-    def __init__(self, first: Any, second: Any) -> None:
-        self.first = first
-        self.second = second
-        self.n1 = first.shape[0]
-        self.shape = (self.n1 + second.shape[0], first.shape[1])
+    tails: _EdgeSet = field(default_factory=_EdgeSet.empty)
+    heads: _EdgeSet = field(default_factory=_EdgeSet.empty)
+    gone_tails: set[tuple[int, int, int]] = field(default_factory=set)
+    gone_heads: set[tuple[int, int, int]] = field(default_factory=set)
+    lost: bool = False
 
-    @property
-    def nbytes(self) -> int:
-        return int(self.first.nbytes + self.second.nbytes)
-
-    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        out = np.empty((idx.size, self.shape[1]), np.uint8)
-        a = idx < self.n1
-        if a.any():
-            out[a] = self.first[idx[a]]
-        if (~a).any():
-            out[~a] = self.second[idx[~a] - self.n1]
-        return out
-
-
-class _LazyRows:
-    """``w``-byte rows of a segment buffer at given offsets, of which only ``[lo, hi)`` are
-    real guest bytes (an extent shorter than ``w``); fetched on demand through a
-    sliding-window view (no copy until indexed). The rest of a row reads as zeros.
-    ``stable``: the buffer stays valid while the image is open (not a reused window)."""
-
-    def __init__(
-        self, data: np.ndarray, starts: np.ndarray, valid: np.ndarray, w: int, stable: bool
-    ) -> None:
-        self.w = w
-        self.starts = starts
-        self.valid = valid
-        self.stable = stable
-        self.view = sliding_window_view(data, w) if data.size >= w else None
-        self.data = data
-        self.shape = (starts.size, w)
-
-    @property
-    def nbytes(self) -> int:
-        """Memory held: the row table only when the buffer is stable."""
-        return self.starts.nbytes * 3 if self.stable else self.shape[0] * self.shape[1]
-
-    def take(self, idx: np.ndarray) -> _LazyRows:
-        """Rows ``idx``, still lazy (only for a stable buffer: the rows are read later)."""
-        return _LazyRows(self.data, self.starts[idx], self.valid[idx], self.w, self.stable)
-
-    def __getitem__(self, idx: np.ndarray) -> np.ndarray:
-        return self.cols(idx, 0, self.w)
-
-    def cols(self, idx: np.ndarray, a: int, b: int) -> np.ndarray:
-        """Columns ``[a, b)`` of the rows ``idx``."""
-        width = b - a
-        st = self.starts[idx] + a
-        lo = np.clip(self.valid[idx, 0] - a, 0, width)
-        hi = np.clip(self.valid[idx, 1] - a, 0, width)
-        full = (lo == 0) & (hi == width)
-        if self.data.size >= width:
-            view = self.view if width == self.w else sliding_window_view(self.data, width)
-            if full.all():  # the usual case: every row whole, one gather
-                return view[st]
-        out = np.zeros((idx.size, width), np.uint8)
-        if full.any() and self.data.size >= width:
-            out[full] = view[st[full]]
-        for k in np.flatnonzero(~full).tolist():  # short extents only: rare
-            x, y = int(lo[k]), int(hi[k])
-            out[k, x:y] = self.data[int(st[k]) + x : int(st[k]) + y]
-        return out
+    def keep(self, tails: _EdgeSet, heads: _EdgeSet, sources: list) -> None:
+        # an edge meeting one forgotten earlier: that seam was scanned unstitched
+        if self.gone_tails and len(heads):
+            self.lost |= bool(_keys(heads, sources) & self.gone_tails)
+        if self.gone_heads and len(tails):
+            self.lost |= bool(_keys(tails, sources) & self.gone_heads)
+        self.tails, self.heads = tails, heads
+        while self.tails.rows.nbytes + self.heads.rows.nbytes > PENDING_LIMIT:
+            t, h = len(self.tails) // 2, len(self.heads) // 2  # oldest half of each
+            self.gone_tails |= _keys(self.tails.select(np.arange(t)), sources)
+            self.gone_heads |= _keys(self.heads.select(np.arange(h)), sources)
+            self.tails = self.tails.select(np.arange(t, len(self.tails)))
+            self.heads = self.heads.select(np.arange(h, len(self.heads)))
 
 
-def _keep_rows(rows: Any, idx: np.ndarray) -> Any:
-    """Rows ``idx`` (ascending) of a row source, lazy where the buffer is stable."""
-    if isinstance(rows, _RowSource):
-        k = np.searchsorted(idx, rows.n1)
-        a, b = _keep_rows(rows.first, idx[:k]), _keep_rows(rows.second, idx[k:] - rows.n1)
-        if isinstance(a, np.ndarray) and isinstance(b, np.ndarray):
-            return np.concatenate((a, b))  # copies stay one flat array, segment after segment
-        return _RowSource(a, b)
-    if isinstance(rows, _LazyRows) and rows.stable:
-        return rows.take(idx)
-    return rows[idx]
-
-
-def _held(rows: Any, idx: np.ndarray) -> int:
-    """The most guest bytes any of rows ``idx`` holds next to the join (the rest of a row
-    is absent memory, read as zeros)."""
-    if idx.size == 0:
-        return 0
-    if isinstance(rows, _LazyRows):
-        valid = rows.valid[idx]
-        return int((valid[:, 1] - valid[:, 0]).max())
-    if isinstance(rows, _RowSource):
-        first = idx < rows.n1
-        return max(_held(rows.first, idx[first]), _held(rows.second, idx[~first] - rows.n1))
-    if rows.strides[0] == 0:  # the one shared row of zeros of lonely edges
-        return 0
-    return int(rows.shape[1])
-
-
-def _cols(rows: Any, idx: np.ndarray, a: int, b: int) -> np.ndarray:
-    """Columns ``[a, b)`` of rows ``idx`` of a row source (ndarray, _LazyRows or
-    _RowSource), without building the whole rows."""
-    if isinstance(rows, np.ndarray):
-        return rows[idx, a:b]
-    if isinstance(rows, _RowSource):
-        out = np.empty((idx.size, b - a), np.uint8)
-        first = idx < rows.n1
-        if first.any():
-            out[first] = _cols(rows.first, idx[first], a, b)
-        if (~first).any():
-            out[~first] = _cols(rows.second, idx[~first] - rows.n1, a, b)
-        return out
-    return rows.cols(idx, a, b)
-
-
-def _edge_sets(seg: Segment, w: int, fid: int) -> tuple[_EdgeSet, _EdgeSet]:
-    """(tails, heads) of a segment's extents: the ``w`` bytes before each extent's end and
-    from its start. An extent shorter than ``w`` fills only part of its rows (zeros)."""
-    ext = seg.extents
-    lo, ln = ext.buf_offset, ext.length
-    n = ln.size
-    ids = np.full(n, fid, np.int64)
-    t_valid = np.stack((np.maximum(0, w - ln), np.full(n, w)), axis=1)
-    h_valid = np.stack((np.zeros(n, np.int64), np.minimum(ln, w)), axis=1)
-    t_fo = np.where(ext.file_offset >= 0, ext.file_offset + ln, -1)
-    stable = not seg.reused
-    tails = _EdgeSet(
-        ext.space, ext.addr + ln, t_fo, ids, _LazyRows(seg.data, lo + ln - w, t_valid, w, stable)
-    )
-    heads = _EdgeSet(
-        ext.space, ext.addr, ext.file_offset, ids, _LazyRows(seg.data, lo, h_valid, w, stable)
-    )
-    return tails, heads
+def _keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> set[tuple[int, int, int]]:
+    snaps = sorted({str(s) for _, s in sources})
+    group = [snaps.index(str(s)) for _, s in sources]
+    return {(group[s], sp, a) for s, sp, a in zip(
+        edges.src.tolist(), edges.space.tolist(), edges.addr.tolist(), strict=True)}
 
 
 def _pair(
@@ -766,12 +728,122 @@ def _pair(
     # last tail with that key: searchsorted right - 1
     pos = np.searchsorted(tks, hk, side="right") - 1
     ok = (pos >= 0) & (tks[np.maximum(pos, 0)] == hk)
-    hi = np.flatnonzero(ok)
-    ti = t_order[pos[ok]]
+    head_idx = np.flatnonzero(ok)
+    tail_idx = t_order[pos[ok]]
     # a tail matched by several heads (duplicated pages): keep its last head only
-    _, last = np.unique(ti[::-1], return_index=True)
-    keep = np.sort(ti.size - 1 - last)
-    return ti[keep], hi[keep]
+    _, last = np.unique(tail_idx[::-1], return_index=True)
+    keep = np.sort(tail_idx.size - 1 - last)
+    return tail_idx[keep], head_idx[keep]
+
+
+# ------------------------------------------------------------------------------- squeeze
+
+
+@dataclass
+class _Squeezed:
+    """A chunk with its all-zero pages left out, but for ``gap // 2`` zero bytes at each edge
+    of every zero run: ``chunk`` holds the kept ranges back to back, range k (``length[k]``
+    bytes) at squeezed offset ``qstart[k]`` and chunk offset ``bstart[k]``. Inside a range
+    the bytes are the chunk's, and a detector reading past one sees zeros for at least
+    ``gap`` bytes, as it would unsqueezed (no detector reads further outside a match); so
+    what it finds within a range is what it would find unsqueezed, and nothing real spans two
+    ranges (a zero page lies between)."""
+
+    chunk: Chunk
+    qstart: np.ndarray
+    bstart: np.ndarray
+    length: np.ndarray
+
+    @classmethod
+    def of(cls, data: np.ndarray, gap: int) -> _Squeezed | None:
+        """``data`` squeezed, or None when under 1 in SQUEEZE_MIN of its pages is zero."""
+        keep = -(-gap // 2)
+        p0 = (-data.ctypes.data) % PAGE  # whole memory pages: a mapping's page-cache pages
+        npages = (data.size - p0) // PAGE
+        if npages < SQUEEZE_MIN:
+            return None
+        zero = ~data[p0 : p0 + npages * PAGE].view(np.uint64).reshape(-1, PAGE // 8).any(axis=1)
+        if np.count_nonzero(zero) * SQUEEZE_MIN < zero.size:
+            return None
+        edges = np.flatnonzero(zero[1:] != zero[:-1]) + 1
+        runs = np.concatenate(([0] if zero[0] else [], edges, [zero.size] if zero[-1] else []))
+        out_lo = p0 + runs[0::2].astype(np.int64) * PAGE + keep  # left out: lo .. hi
+        out_hi = p0 + runs[1::2].astype(np.int64) * PAGE - keep
+        bstart = np.concatenate(([0], out_hi))
+        length = np.concatenate((out_lo, [data.size])) - bstart
+        qstart = np.concatenate(([0], np.cumsum(length)[:-1]))
+        buf = np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
+                                                               strict=True)])
+        return cls(Chunk(buf), qstart, bstart, length)
+
+    def _range(self, q: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.qstart, q, side="right") - 1
+
+    def inside(self, hits: Hits) -> np.ndarray:
+        """Which hits lie within one kept range (the others span a left-out zero run)."""
+        k = self._range(hits.start)
+        return hits.start + hits.length <= self.qstart[k] + self.length[k]
+
+    def unsqueeze(self, q: np.ndarray) -> np.ndarray:
+        """Chunk offsets of squeezed offsets ``q``."""
+        k = self._range(q)
+        return self.bstart[k] + (q - self.qstart[k])
+
+    def bounds(self, q: int) -> tuple[int, int]:
+        """The squeezed offsets of the kept range holding ``q``."""
+        k = int(self._range(np.array([q]))[0])
+        return int(self.qstart[k]), int(self.qstart[k] + self.length[k])
+
+
+# ------------------------------------------------------------------------------- release
+
+
+class _Releaser:
+    """Gives back the pages of mmapped buffers once scanned (``MADV_DONTNEED``: they stay in
+    the page cache, but leave this process's resident set), so peak RSS does not grow with
+    the image: after each chunk, per segment, the span of buffer bytes its pieces up to there
+    came from (when that span is mostly theirs). Does nothing for buffers that are not an
+    mmap."""
+
+    def __init__(self, layout: _Layout) -> None:
+        self.layout = layout
+        self.done = 0  # virtual offset released up to
+        self.maps: dict[int, tuple[mmap.mmap, int]] = {}  # segment -> (mmap, its offset)
+        for k, seg in enumerate(layout.segs):
+            base, root = seg.data, seg.data
+            while isinstance(base, np.ndarray):
+                root, base = base, base.base
+            if isinstance(base, memoryview) and isinstance(base.obj, mmap.mmap):
+                at = seg.data.__array_interface__["data"][0] - root.__array_interface__["data"][0]
+                self.maps[k] = (base.obj, at)
+
+    def upto(self, v: int) -> None:
+        """Release what the pieces before virtual offset ``v`` came from."""
+        lay = self.layout
+        if not self.maps or v <= self.done:
+            return
+        i = int(np.searchsorted(lay.vend, self.done, side="right"))
+        j = int(np.searchsorted(lay.vstart, v, side="left"))
+        cut_lo = np.maximum(0, self.done - lay.vstart[i:j])
+        cut_hi = np.maximum(0, lay.vend[i:j] - v)
+        self.done = v
+        for k, (mm, origin) in list(self.maps.items()):
+            mine = lay.seg[i:j] == k
+            if not mine.any():
+                continue
+            b = lay.buf[i:j][mine] + cut_lo[mine]
+            n = lay.length[i:j][mine] - cut_lo[mine] - cut_hi[mine]
+            lo, hi = int(b.min()), int((b + n).max())
+            if hi - lo > 2 * int(n.sum()) + 2 * PAGE:
+                continue  # scattered pieces: their span holds pages still to be read
+            lo, hi = origin + lo, min(origin + hi, len(mm))
+            lo -= lo % mmap.PAGESIZE
+            hi -= hi % mmap.PAGESIZE
+            if hi > lo:
+                try:
+                    mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+                except (OSError, ValueError):
+                    del self.maps[k]  # not supported here: keep going without
 
 
 def finalize(found: Iterable[Finding], subsumes: dict[str, set[str]]) -> list[Finding]:

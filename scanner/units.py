@@ -21,6 +21,9 @@ import numpy as np
 from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Remark, Segment
 
 OPEN, RANGE, EDGES = "open", "range", "edges"
+#: guest bytes around a RANGE unit's own memory that the engine reads (a chunk's margins: the
+#: longest match plus context of any detector, under 16 KiB)
+UNIT_REACH = 32 << 10
 
 
 @dataclass(frozen=True)
@@ -93,19 +96,23 @@ class Layout:
         )
 
     def for_unit(self, unit: Unit) -> Layout:
-        """What ``unit`` needs: a RANGE unit only the extents of its segment that overlap its
-        range (no other can hold a match starting there), an EDGES unit everything."""
+        """What ``unit`` needs: a RANGE unit the extents of its segment that overlap its
+        range (no other can hold a match starting there) and every extent within
+        ``UNIT_REACH`` guest bytes of those (the engine reads a chunk's margin from the guest
+        neighbours of its bytes, wherever they are stored), an EDGES unit everything."""
         if unit.kind != RANGE:
             return self
+        own = self.segments[unit.segment].extents
+        mine = (own.buf_offset < unit.hi) & (own.buf_offset + own.length > unit.lo)
+        lo, hi = _merged_spans(own.space[mine], own.addr[mine] - UNIT_REACH,
+                               own.addr[mine] + own.length[mine] + UNIT_REACH)  # fmt: skip
         segs = []
-        for k, s in enumerate(self.segments):
+        for s in self.segments:
             e = s.extents
-            keep = (
-                (e.buf_offset < unit.hi) & (e.buf_offset + e.length > unit.lo)
-                if k == unit.segment
-                else np.zeros(len(e), bool)
-            )
-            sliced = Extents(*(a[keep] for a in (e.buf_offset, e.addr, e.length, e.file_offset,
+            key_lo = e.space * (1 << 56) + e.addr
+            k = np.searchsorted(lo, key_lo + e.length, side="left") - 1  # last span before end
+            near = (k >= 0) & (hi[np.maximum(k, 0)] > key_lo)
+            sliced = Extents(*(a[near] for a in (e.buf_offset, e.addr, e.length, e.file_offset,
                                                   e.space)))  # fmt: skip
             segs.append(replace(s, extents=sliced))
         return replace(self, segments=segs)
@@ -140,6 +147,20 @@ class Layout:
                 raise
             raise ImageError(self.path, None, err.strerror or str(err)) from None
         return image
+
+
+def _merged_spans(
+    space: np.ndarray, lo: np.ndarray, hi: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Spans ``[lo, hi)`` of (space, address) keys, sorted and joined where they overlap."""
+    a = space * (1 << 56) + lo
+    b = space * (1 << 56) + hi
+    order = np.argsort(a, kind="stable")
+    a, b = a[order], np.maximum.accumulate(b[order]) if b.size else b
+    new = np.ones(a.size, bool)
+    new[1:] = a[1:] > b[:-1]
+    ends = np.concatenate((np.flatnonzero(new)[1:] - 1, [a.size - 1])) if a.size else a
+    return a[new], b[ends]
 
 
 def _mapped_at(data: np.ndarray) -> tuple[int, int] | None:

@@ -98,3 +98,46 @@ def memory_image(memory: bytes, order: list[int] | None = None, junk: int = 0xA5
                             [pg * PAGE for pg in order], [PAGE] * len(order))
         seg = Segment(buf, ext, "mem")
     return MemoryImage(path="mem", format="test", files=["mem"], fixed_segments=[seg])
+
+
+def family_secrets(rng: random.Random, rsa, aes_bytes: int = 16, end: str = "") -> list[bytes]:
+    """One secret of each kind the detector families look for, text and binary: a binary EMV
+    Track 2 Equivalent Data record, a grouped card number, a UTF-16LE SSN, a Track 2, an AWS
+    key id, an AES key schedule (``aes_bytes``: 16 or 32 bytes of key), ``rsa`` (a
+    cryptography RSA private key) as DER
+    and PEM. ``end`` follows each text secret."""
+    from cryptography.hazmat.primitives import serialization as ser
+
+    from patterns.aes import expand_keys
+
+    der = rsa.private_bytes(ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL,
+                            ser.NoEncryption())
+    pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
+    aes = expand_keys(np.frombuffer(rng.randbytes(aes_bytes), np.uint8)[None, :])[0].tobytes()
+    pan, ssn = make_pan(rng), make_ssn(rng)
+    track2 = f"{pan}D2512101"  # EMV tag 57: PAN, separator, YYMM, service code, F pad
+    track2 += "F" * (len(track2) % 2)
+    return [
+        bytes.fromhex(f"57{len(track2) // 2:02X}{track2}"),
+        f" card {group(pan, ' ')}{end}".encode(),
+        encode(f" SSN {ssn[:3]}-{ssn[3:5]}-{ssn[5:]}{end}", "utf-16le"),
+        f" ;{pan}=2512101123400001?{end}".encode(),
+        b" AKIA" + bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
+        aes, der, pem,
+    ]
+
+
+def mixed_pages(rng: random.Random, seed: int, npages: int, text: bytes,
+                text_above: float) -> np.ndarray:
+    """``npages`` pages, each random bytes (3 in 10), characters of ``text`` (a draw above
+    ``text_above``) or zero."""
+    gen = np.random.default_rng(seed)
+    mem = np.zeros(npages * PAGE, np.uint8)
+    chars = np.frombuffer(text, np.uint8)
+    for p in range(npages):
+        kind = rng.random()
+        if kind > 0.7:
+            mem[p * PAGE : (p + 1) * PAGE] = gen.integers(0, 256, PAGE, dtype=np.uint8)
+        elif kind > text_above:
+            mem[p * PAGE : (p + 1) * PAGE] = gen.choice(chars, PAGE)
+    return mem

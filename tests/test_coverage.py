@@ -65,6 +65,13 @@ def the_region_finding(findings, region: str, path: Path, offset: int) -> None:
     assert f.masked.endswith(PAN[-4:])
 
 
+def stored_region_bytes(image, seg) -> int:
+    """Bytes of ``seg`` in ``region:*`` extents stored plainly in the file (not decompressed)."""
+    e = seg.extents
+    region = np.array([not image.is_guest_space(int(k)) for k in e.space], bool)
+    return int(e.length[region & (e.file_offset >= 0)].sum())
+
+
 # ---- issue 11 part 1: a PAN planted outside guest memory is reported once -------------------
 
 
@@ -113,6 +120,22 @@ def test_pan_after_an_elf_cores_segments(tmp_path: Path) -> None:
     findings, errors = scan(str(path))
     assert not errors
     the_region_finding(findings, "trailing", path, end)
+
+
+def test_pan_after_a_compressed_saves_last_member(tmp_path: Path) -> None:
+    """Plain bytes after the last gzip/bzip2/xz/lzop member: ``trailing`` at their file
+    offset; the file is then header, padding, compressed payload (structure) and trailing."""
+    for kind in ("gzip", "bzip2", "xz", "lzop"):
+        path = unpacked(f"qemu/libvirt-{kind}.save", tmp_path)
+        end = path.stat().st_size
+        with open(path, "ab") as fh:
+            fh.write(PLANT)
+        findings, errors = scan(str(path))
+        assert not errors, errors
+        the_region_finding(findings, "trailing", path, end)
+        with registry.open_image(str(path)) as image:
+            plain = sum(stored_region_bytes(image, s) for s in image.segments())
+            assert plain + image.coverage.structure == end + len(PLANT)
 
 
 def test_info_counts_every_byte_of_the_file(tmp_path: Path) -> None:

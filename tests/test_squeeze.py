@@ -10,32 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from parsers.base import Extents, MemoryImage, Segment
-from patterns.aes import expand_keys
 from patterns.base import Hits
 from patterns.registry import select
-from scanner.engine import PAGE, SQUEEZE_KEEP, Engine, ScanConfig, _Squeezed
-from tests.plant import encode, group, make_pan, make_ssn
+from scanner.engine import GAP_MIN, PAGE, Engine, ScanConfig, _Squeezed
+from tests.plant import family_secrets, mixed_pages
 
 NPAGES = 48
-
-
-def secrets(rng: random.Random, key) -> list[bytes]:
-    """One of each kind the detector families look for: text and binary."""
-    from cryptography.hazmat.primitives import serialization as ser
-
-    rsa = key("rsa1024")
-    der = rsa.private_bytes(ser.Encoding.DER, ser.PrivateFormat.TraditionalOpenSSL,
-                            ser.NoEncryption())
-    pem = rsa.private_bytes(ser.Encoding.PEM, ser.PrivateFormat.PKCS8, ser.NoEncryption())
-    aes = expand_keys(np.frombuffer(rng.randbytes(16), np.uint8)[None, :])[0].tobytes()
-    pan, ssn = make_pan(rng), make_ssn(rng)
-    return [  # no trailing space: a character glued on after a zero page would change them
-        f" card {group(pan, ' ')}".encode(),
-        encode(f" SSN {ssn[:3]}-{ssn[3:5]}-{ssn[5:]}", "utf-16le"),
-        f" ;{pan}=2512101123400001?".encode(),
-        b" AKIA" + bytes(rng.choice(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ234567") for _ in range(16)),
-        aes, der, pem,
-    ]
 
 
 def image(data: np.ndarray) -> MemoryImage:
@@ -52,59 +32,57 @@ def findings(data: np.ndarray, squeeze: bool, chunk: int) -> list[tuple]:
 @settings(max_examples=60)
 @given(seed=st.integers(0, 2**32 - 1), chunk=st.sampled_from([16 * PAGE, 64 * PAGE + 8, 1 << 22]),
        near=st.lists(st.one_of(st.integers(-700, 700), st.sampled_from(["end", "start"])),
-                     min_size=7, max_size=7))
+                     min_size=8, max_size=8))
 def test_squeezed_scan_reports_what_the_plain_scan_does(seed, chunk, near, key):
     """Pages are zero, random or text of digits and letters; each secret is planted across or
     beside a page edge (``near`` bytes from it, or ending / starting right at it), so many touch
     a zero page, beyond which the next page's characters would glue on if the squeeze did not
     keep zeros between."""
     rng = random.Random(seed)
-    gen = np.random.default_rng(seed)
-    data = np.zeros(NPAGES * PAGE, np.uint8)
-    for p in range(NPAGES):
-        kind = rng.random()
-        if kind > 0.7:
-            data[p * PAGE : (p + 1) * PAGE] = gen.integers(0, 256, PAGE, dtype=np.uint8)
-        elif kind > 0.4:
-            text = np.frombuffer(b"0123456789ABCDEFabcdef", np.uint8)
-            data[p * PAGE : (p + 1) * PAGE] = gen.choice(text, PAGE)
+    data = mixed_pages(rng, seed, NPAGES, b"0123456789ABCDEFabcdef", 0.4)
     # one edge each, so no plant overwrites another (each lies within 2 KiB of its edge)
     edges = rng.sample(range(1, NPAGES - 2), len(near))
-    for blob, off, edge in zip(secrets(rng, key), near, edges, strict=True):
+    for blob, off, edge in zip(family_secrets(rng, key("rsa1024")), near, edges, strict=True):
         edge *= PAGE
         at = edge - len(blob) if off == "end" else edge if off == "start" else edge + off
         data[at : at + len(blob)] = np.frombuffer(blob, np.uint8)
     plain = findings(data, False, chunk)
     assert findings(data, True, chunk) == plain
     # the plants whose ends no neighbouring byte can change were found: the AES schedule, the
-    # DER and PEM keys and the sentinel-delimited track (text glued to a random page may not be)
-    assert {"aes-key", "rsa-key", "pem-key", "track2"} <= {f[0] for f in plain}
+    # DER and PEM keys, the sentinel-delimited track and the EMV record (text glued to a random
+    # page may not be)
+    assert {"aes-key", "rsa-key", "pem-key", "track2", "emv-track2"} <= {f[0] for f in plain}
 
 
 def test_squeeze_keeps_zero_edges_and_drops_hits_across_a_gap():
-    data = np.zeros(16 * PAGE, np.uint8)
+    gap = 512
+    keep = gap // 2
+    base = np.zeros(17 * PAGE, np.uint8)
+    at = (-base.ctypes.data) % PAGE  # squeezing works on whole memory pages
+    data = base[at : at + 16 * PAGE]
     data[:PAGE] = 1
     data[5 * PAGE : 6 * PAGE] = 2  # pages 1-4 and 6-15 are zero
-    sq = _Squeezed.of(data, 0, data.size)
+    sq = _Squeezed.of(data, gap)
     assert sq is not None
-    assert sq.bstart.tolist() == [0, 5 * PAGE - SQUEEZE_KEEP, 16 * PAGE - SQUEEZE_KEEP]
-    assert sq.length.tolist() == [PAGE + SQUEEZE_KEEP, PAGE + 2 * SQUEEZE_KEEP, SQUEEZE_KEEP]
+    assert sq.bstart.tolist() == [0, 5 * PAGE - keep, 16 * PAGE - keep]
+    assert sq.length.tolist() == [PAGE + keep, PAGE + 2 * keep, keep]
     buf = sq.chunk.data
     for q, b, n in zip(sq.qstart.tolist(), sq.bstart.tolist(), sq.length.tolist(), strict=True):
         assert np.array_equal(buf[q : q + n], data[b : b + n])
     first_end = int(sq.qstart[1])
-    hits = sq.place(Hits.of([10, first_end - 4, first_end + 3], [8, 8, 8], 0))
-    assert hits.start.tolist() == [10, 5 * PAGE - SQUEEZE_KEEP + 3]  # the straddling one left out
-    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), 0, 16 * PAGE) is None  # no zero page
+    hits = Hits.of([10, first_end - 4, first_end + 3], [8, 8, 8], 0)
+    assert sq.inside(hits).tolist() == [True, False, True]  # the straddling one left out
+    assert sq.unsqueeze(hits.start[[0, 2]]).tolist() == [10, 5 * PAGE - keep + 3]
+    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), gap) is None  # no zero page
 
 
 def test_zeros_kept_cover_every_read_past_a_match():
     """A kernel crypto_aes_ctx is the farthest any detector reads past a match (its
-    decryption schedule after an encryption schedule): the zeros kept on both sides of a
-    squeezed-out run must cover it, so what lies beyond reads as zeros, as unsqueezed."""
+    decryption schedule after an encryption schedule): the zeros standing for a squeezed-out
+    run or a gap between pieces must cover it, so what lies beyond reads as zeros."""
     from patterns.aes import CTX_SIZE, AesKeyDetector
 
-    assert 2 * SQUEEZE_KEEP >= CTX_SIZE - AesKeyDetector.max_len
+    assert GAP_MIN >= CTX_SIZE - AesKeyDetector.max_len
 
 
 def test_token_ending_at_a_zero_page_is_not_glued_to_the_next_page():

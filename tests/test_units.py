@@ -17,7 +17,7 @@ from scanner.engine import ScanConfig
 from scanner.execute import execute
 from scanner.params import ScanParams
 from scanner.printers.report import ReportWriter
-from scanner.units import EDGES, OPEN, RANGE, Layout, Unit
+from scanner.units import EDGES, OPEN, RANGE, UNIT_REACH, Layout, Unit
 from tests.plant import PAGE, lime, make_pan
 
 PAN = "4556737586899855"
@@ -95,16 +95,22 @@ def test_units_pickle_and_findings_stay_masked(tmp_path, counted):
     runner.uninstall("t")
 
 
-def test_range_unit_ships_only_its_extents(tmp_path):
+def test_range_unit_ships_its_extents_and_their_guest_neighbours(tmp_path):
     img = tmp_path / "l.lime"
-    img.write_bytes(lime(bytes(8 * PAGE), [0, 2, 4, 6, 1, 3, 5, 7]))  # 8 separate extents
+    order = list(range(0, 64, 2)) + list(range(1, 64, 2))  # 64 separate extents
+    img.write_bytes(lime(bytes(64 * PAGE), order))
     spec = runner.ImageSpec(str(img))
     with spec.open() as image:
         layout = Layout.of(image)
-    assert layout is not None and len(layout.segments[0].extents) == 8
+    assert layout is not None and len(layout.segments[0].extents) == 64
     size = layout.segments[0].length
-    part = layout.for_unit(Unit(RANGE, 0, 0, size // 2))
-    assert 3 <= len(part.segments[0].extents) <= 5
+    part = layout.for_unit(Unit(RANGE, 0, 0, size // 4))  # even pages 0 .. 30
+    ext = part.segments[0].extents
+    own = ext.addr[ext.buf_offset < size // 4]
+    assert 15 <= own.size <= 17
+    reach = UNIT_REACH // PAGE
+    want = {p for a in own.tolist() for p in range(a // PAGE - reach, a // PAGE + reach + 1)}
+    assert set((ext.addr // PAGE).tolist()) == want & set(range(64))  # neighbours, no more
     assert layout.for_unit(Unit(EDGES)) is layout
 
 

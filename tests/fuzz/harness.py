@@ -50,6 +50,10 @@ FAMILIES: dict[str, tuple[str, ...]] = {
     "kdump": ("dumps/pc-64M.kdump-zlib.gz", "dumps/q35-64M.kdump-zlib.flat.gz"),
     "vmware": ("writer:vmss",),
     "lime": ("writer:lime",),
+    # writer-made (no VirtualBox or Hyper-V runs here); a .bin + .vsv pair is not a family:
+    # check() takes one file, and neither file has structure (flat memory; bytes scanned whole)
+    "vbox": ("writer:sav", "writer:sav-live"),
+    "hyperv": ("writer:vmrs-gen1", "writer:vmrs-gen2"),
 }
 
 
@@ -84,6 +88,10 @@ def _written(kind: str) -> bytes:
 
     memory = bytearray(64 * 1024)
     memory[0x1234 : 0x1234 + 22] = b" card 4556737586899855"
+    if kind.startswith("sav"):
+        return _sav(bytes(memory), live=kind == "sav-live")
+    if kind.startswith("vmrs"):
+        return _vmrs(bytes(memory), gen1=kind == "vmrs-gen1")
     with tempfile.TemporaryDirectory() as d:
         if kind == "elf":
             write_elf(os.path.join(d, "c"), [Load(0, bytes(memory[:32768])),
@@ -94,6 +102,48 @@ def _written(kind: str) -> bytes:
         out = vmware_writer.make_vm(d, "vm", memory_size=64 * 1024, plants={0x1234: b"x"},
                                     regions=None, embedded=True)  # fmt: skip
         return Path(out["checkpoint"]).read_bytes()
+
+
+def _pages(memory: bytes) -> list[bytes]:
+    """Three distinct pages: the one with the planted card number, noise (does not compress)
+    and text (compresses)."""
+    text = (b"the quick brown fox jumps over the lazy dog " * 94)[:4096]
+    return [memory[0x1000:0x2000], random.Random(7).randbytes(4096), text]
+
+
+def _sav(memory: bytes, live: bool) -> bytes:
+    """A VirtualBox save of 2 MiB of RAM (416 page records, most of them zero): LZF, raw and
+    split pages, a ballooned page, MMIO2 and ROM pages, device units with LZF records; live:
+    three passes, so superseded copies too."""
+    from tests import vbox_writer as w
+
+    plant, noise, text = _pages(memory)
+    final = w.Pass(ram={0x1000: plant, 0x2000: noise, 0x3000: text, 0x4000: "balloon",
+                        0x100000: text, 0x101000: plant},
+                   mmio2={(1, 0): text, (1, 1): None}, rom_virgin={(1, 0): noise},
+                   rom_shadow={(1, 0): None})  # fmt: skip
+    passes = [w.Pass(ram={0x1000: text, 0x2000: plant}), w.Pass(ram={0x3000: plant})]
+    sav = w.SavFile([*passes, final] if live else [final], ram_size=2 << 20,
+                    mmio2=[w.Range(1, "VRam", 1 << 16)],
+                    rom=[w.Range(1, "VGA BIOS", 0x8000, gcphys=0xC0000)],
+                    codec=["ssm", "raw", "small"], device_state=text * 2)  # fmt: skip
+    return sav.to_bytes()
+
+
+def _vmrs(memory: bytes, gen1: bool) -> bytes:
+    """A Hyper-V .vmrs: Gen 1 (640 KiB, then RAM from 1 MiB: the remapped gap) or Gen 2, two
+    RamBlocks of every page tag (raw, XPRESS, LZNT1, pattern fills, variable-size), device
+    keys in the key table and as a file object."""
+    from tests import hyperv_writer as hw
+
+    plant, noise, text = _pages(memory)
+    runs = [(0, 0xA0), (0x100, 0x60)] if gen1 else [(0, 0x100), (0x100000, 0x20)]
+    pattern = b"\x11\x22\x33\x44\x55\x66\x77\x88" * 512
+    pages = {1: plant, 2: noise, 3: text, 4: pattern, 5: pattern, 7: pattern, 0x101: plant,
+             0x102: text, 0x103: noise}  # fmt: skip
+    f = hw.VmrsFile(runs, pages, encoding=["raw", "xpress", "lznt1", "fill", "variable"],
+                    seed=3, device_keys={"nic": text[:300], "vga": noise[:3000]})  # fmt: skip
+    return f.to_bytes()
 
 
 def random_plan(rng: random.Random, seeds: int) -> tuple[int, list[Op]]:

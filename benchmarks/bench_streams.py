@@ -1,0 +1,147 @@
+"""Every detector on page streams made by the real QEMU, against the same guest memory as a flat
+raw file (issue 12): a migration stream (what ``virsh save`` holds, uncompressed), a qcow2
+internal snapshot's vmstate (``savevm``) and a kdump (``dump-guest-memory``, kdump-snappy,
+kdump-lzo and kdump-zlib where this QEMU has them).
+
+The guest: a paused ``pc`` machine (``-S``, TCG) whose RAM is the benchmark image, loaded with
+``-device loader,file=IMAGE,addr=0,force-raw=on`` (as samples/gen_qemu.py plants text). The
+reference raw file is ``vmleak extract`` of the migration stream (the guest's memory exactly
+as QEMU saved it; the loader's copy differs from the image in the BIOS ROM area).
+
+Each file is scanned by the real command line (``vmleak scan --format jsonl``, every detector,
+one job) ``--runs`` times, the files taking turns; the figure is the **median CPU time** of
+the whole process (user + sys of the child, start-up included: wall time is noise on a
+shared machine), as MB of guest memory per CPU second, with the ratio to the raw file, the
+child's peak RSS, and whether its findings in guest-physical memory equal the raw file's.
+Usage::
+
+    python benchmarks/bench_streams.py --image /tmp/vmleak-bench/m-1G.img --dir /tmp/vmleak-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent / "samples"))
+
+import bytecode  # noqa: E402
+import gen_qemu  # noqa: E402  (QMP client and QEMU launcher of the fixtures)
+
+KDUMP_FORMATS = ("kdump-snappy", "kdump-lzo", "kdump-zlib")
+
+
+def qemu_guest(work: Path, image: Path, extra: list[str] | None = None):
+    size = image.stat().st_size
+    args = ["-device", f"loader,file={image},addr=0,force-raw=on", *(extra or [])]
+    return gen_qemu.run_qemu(work, "pc", size, args)
+
+
+def make_files(image: Path, out: Path, kdumps: tuple[str, ...]) -> dict[str, Path]:
+    """The QEMU-made files of ``image``'s guest (made once; reused when present)."""
+    out.mkdir(parents=True, exist_ok=True)
+    stem = image.stem
+    files = {"migration stream": out / f"{stem}.qevm"}
+    if not files["migration stream"].exists():
+        proc, qmp = qemu_guest(out, image)
+        try:
+            qmp.migrate_to(files["migration stream"])
+        finally:
+            gen_qemu.stop(proc, qmp)
+    files["qcow2 vmstate"] = out / f"{stem}.qcow2"
+    if not files["qcow2 vmstate"].exists():
+        disk = files["qcow2 vmstate"]
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+        proc, qmp = qemu_guest(out, image, ["-drive", f"file={disk},if=none,id=d0,format=qcow2"])
+        try:
+            reply = qmp.hmp("savevm bench")
+            if reply.strip():
+                raise SystemExit(f"savevm: {reply}")
+        finally:
+            gen_qemu.stop(proc, qmp)
+    for fmt in kdumps:
+        path = out / f"{stem}.{fmt}"
+        if not path.exists():
+            proc, qmp = qemu_guest(out, image)
+            try:
+                qmp.cmd("dump-guest-memory", paging=False, protocol=f"file:{path}", format=fmt)
+            except RuntimeError as err:
+                print(f"{fmt}: not made ({err})", file=sys.stderr)
+                continue
+            finally:
+                gen_qemu.stop(proc, qmp)
+        files[fmt] = path
+    raw = out / f"{stem}.extract.raw"
+    if not raw.exists():
+        subprocess.run([sys.executable, "-m", "scanner", "extract", "-o", str(raw),
+                        str(files["migration stream"])], check=True, cwd=HERE.parent)
+    return {"raw (extract)": raw, **files}
+
+
+def scan(path: Path, detectors: str) -> tuple[float, int, list[tuple]]:
+    """One whole-process scan: (CPU seconds, peak RSS bytes, findings with a GPA)."""
+    cmd = [sys.executable, "-m", "scanner", "scan", "--format", "jsonl", "--no-progress",
+           "--detectors", detectors, "-j", "1", str(path)]
+    env = dict(os.environ, VMLEAK_FINGERPRINT_KEY="00" * 32)
+    out = path.parent / f".bench-{os.getpid()}.jsonl"
+    with open(out, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.PIPE, env=env, cwd=HERE.parent)
+        stderr = proc.stderr.read().decode() if proc.stderr else ""  # until the child ends
+        _, status, usage = os.wait4(proc.pid, 0)
+    code = os.waitstatus_to_exitcode(status)
+    if code not in (0, 1):
+        raise SystemExit(f"scan failed ({code}): {' '.join(cmd)}\n{stderr}")
+    rows = [json.loads(line) for line in out.read_text().splitlines() if line.strip()]
+    out.unlink()
+    found = sorted((r["detector"], r["gpa"], r["length"], r["fingerprint"]) for r in rows
+                   if r["gpa"] is not None)
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--image", type=Path, required=True, help="raw guest memory (e.g. M, 1 GiB)")
+    ap.add_argument("--dir", type=Path, default=Path("/tmp/vmleak-bench/streams"))
+    ap.add_argument("--runs", type=int, default=5)
+    ap.add_argument("--detectors", default="all")
+    ap.add_argument("--kdump", default=",".join(KDUMP_FORMATS),
+                    help="kdump formats to make (comma-separated, '' for none)")
+    args = ap.parse_args(argv)
+    bytecode.compile_package()
+    files = make_files(args.image.resolve(), args.dir,
+                       tuple(f for f in args.kdump.split(",") if f))
+    ram = args.image.stat().st_size
+    cpu: dict[str, list[float]] = {name: [] for name in files}
+    rss: dict[str, int] = {}
+    found: dict[str, list[tuple]] = {}
+    t0 = time.time()
+    for _ in range(args.runs):
+        for name, path in files.items():  # alternate: every file sees the same machine load
+            sec, peak, hits = scan(path, args.detectors)
+            cpu[name].append(sec)
+            rss[name] = max(rss.get(name, 0), peak)
+            found[name] = hits
+    print(f"every detector ({args.detectors}), one job, guest RAM {ram / 1e6:,.0f} MB, "
+          f"median CPU (user+sys) of {args.runs} runs, whole process; {time.time() - t0:.0f} s")
+    print("| file | size MB | CPU s | MB/s of guest per CPU s | x raw | peak RSS MiB | "
+          "findings (GPA) | = raw |")
+    print("|---|---|---|---|---|---|---|---|")
+    ref = statistics.median(cpu["raw (extract)"])
+    for name, path in files.items():
+        med = statistics.median(cpu[name])
+        same = "yes" if found[name] == found["raw (extract)"] else "NO"
+        print(f"| {name} | {path.stat().st_size / 1e6:,.0f} | {med:.2f} | {ram / med / 1e6:,.0f} | "
+              f"{ref / med:.2f} | {rss[name] / 2**20:.0f} | {len(found[name])} | {same} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
