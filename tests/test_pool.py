@@ -4,6 +4,7 @@ one-line input error of that image, and the run goes on with the others."""
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import signal
@@ -26,6 +27,8 @@ def _square(x: int) -> int:
 
 
 def _die(sig: int) -> None:
+    # pytest's faulthandler, inherited through fork, would print this worker's stack on SIGBUS
+    faulthandler.disable()
     os.kill(os.getpid(), sig)
 
 
