@@ -192,7 +192,6 @@ GROUPINGS: tuple[tuple[int, ...], ...] = (
 
 _BRANDS = sorted({row[0] for row in IIN_TABLE})
 MIN_DIGITS, MAX_DIGITS = 13, 19
-_SEPS = np.array([SPACE, DASH])
 
 
 def _brand_table() -> np.ndarray:
@@ -264,8 +263,13 @@ def _inside_chains(
     they form an accepted grouping and more groups follow."""
     # a separator just before the chain means the chain analysis dropped a first group
     # glued to a word: read from there
-    two_before = np.subtract(view.byte_at(start - 2), 48, dtype=np.uint8)
-    lead = is_in(view.byte_at(start - 1), _SEPS) & (two_before < 10)
+    before = view.byte_at(start - 1)
+    lead = (before == SPACE) | (before == DASH)
+    at = np.flatnonzero(lead)  # few: most chains follow a byte that is no separator
+    # ... and a digit (the dropped group's last) and 12 characters earlier another (its
+    # first if it is long enough for a PAN: a cheap necessary test)
+    lead[at] = (np.subtract(view.byte_at(start[at] - 2), 48, dtype=np.uint8) < 10) & (
+        np.subtract(view.byte_at(start[at] - 1 - MIN_DIGITS), 48, dtype=np.uint8) < 10)
     sel = np.flatnonzero(((links > 0) & (end - start >= MIN_DIGITS + 1)) | lead)
     if sel.size == 0:
         z = np.zeros(0, np.int64)
