@@ -20,6 +20,9 @@ from typing import Any
 import numpy as np
 
 GPA_SPACE = 0  # index of the guest-physical address space in MemoryImage.spaces
+# Guest-physical addresses at or beyond this are not real RAM (x86-64 and AArch64 stop at 52
+# bits); a header claiming one is damaged, and extents must stay within int64.
+MAX_GPA = 1 << 62
 REGION_PREFIX = "region:"  # spaces of file bytes outside guest memory, scanned anyway
 #: the kinds of ``region:<kind>`` spaces (docs/formats.md, "Bytes outside guest memory")
 REGION_KINDS = (

@@ -20,6 +20,7 @@ import numpy as np
 from parsers import clock
 from parsers.base import (
     GPA_SPACE,
+    MAX_GPA,
     Evidence,
     Extents,
     ImageError,
@@ -105,7 +106,6 @@ MACHINES = {3: "i386", 62: "x86_64", 183: "aarch64", 40: "arm", 20: "ppc", 21: "
             22: "s390", 243: "riscv", 8: "mips", 258: "loongarch"}  # fmt: skip
 
 MAX_NOTE_BYTES = 16 << 20  # notes read for metadata only; a bigger PT_NOTE is skipped
-MAX_GPA = 1 << 62  # physical addresses at or beyond this are not real RAM
 PAGE = 4096  # an unexplained gap this long between segments is damage, not alignment
 
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import MAX_GPA, Evidence, Extents, ImageError, MemoryImage, Segment
 
 FORMATS = ["lime"]
 
@@ -50,6 +50,8 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
                 raise ImageError(
                     path, pos, f"LiME range ends before it starts ({start:#x}>{end:#x})"
                 )
+            if end >= MAX_GPA:
+                raise ImageError(path, pos, f"LiME range end {end:#x} is not a physical address")
             length = end - start + 1
             if pos + HEADER.size + length > ev.size:
                 # scan what the file still holds of the range, and say it is cut short

@@ -35,17 +35,21 @@ TEST_KEY = b"k" * 32  # the fingerprint key of in-process scans
 # ---- hypothesis -------------------------------------------------------------------------------
 # No deadline and no too-slow check: the suite runs on shared machines where one example can
 # take seconds for reasons that have nothing to do with the code. Tests that use tmp_path
-# overwrite their files in every example, so function-scoped fixtures are fine. On CI (CI set)
-# the examples are derived from each test's name, so a run is repeatable; elsewhere they are
-# random, as a search for bugs should be. Tests give only max_examples.
+# overwrite their files in every example, so function-scoped fixtures are fine. By default the
+# examples are derived from each test's name, so every run of the suite (a user's, CI's) is
+# repeatable and a red run is a real regression; VMLEAK_HYPOTHESIS=explore draws random
+# examples instead, as a search for new bugs should. Tests give only max_examples.
 settings.register_profile(
     "vmleak",
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
     print_blob=True,
 )
-settings.register_profile("vmleak-ci", settings.get_profile("vmleak"), derandomize=True)
-settings.load_profile("vmleak-ci" if os.environ.get("CI") else "vmleak")
+settings.register_profile("vmleak-explore", settings.get_profile("vmleak"))
+settings.register_profile("vmleak-repeatable", settings.get_profile("vmleak"), derandomize=True)
+settings.load_profile(
+    "vmleak-explore" if os.environ.get("VMLEAK_HYPOTHESIS") == "explore" else "vmleak-repeatable"
+)
 
 
 # ---- optional independent readers ---------------------------------------------------------
