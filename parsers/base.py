@@ -34,7 +34,10 @@ REGION_KINDS = (
     "padding",  # alignment gaps between structures
     "metadata",  # checkpoint groups and tags other than memory (VMware)
     "unreferenced",  # file bytes inside the format's span that no structure accounts for
+    "disk",  # a qcow2 image's guest disk data clusters (cardholder data on disk counts too)
+    "vmstate",  # a qcow2 snapshot's VM state clusters when --snapshot chose another one
 )
+REGION_WINDOW = 4 << 20  # most file bytes one region segment spans, bytes
 
 
 class ImageError(Exception):
@@ -314,6 +317,23 @@ class MemoryImage:
         space = np.array([self.region_space(k) for k, _, _ in pieces], np.int64)
         fo = None if file_base is None else first + file_base
         return Extents.build(first - buf_base, first, length, fo, space)
+
+    def region_segments(
+        self, ev: Evidence, pieces: list[tuple[str, int, int]]
+    ) -> Iterator[Segment]:
+        """Segments of the plainly stored file regions ``pieces`` (kind, first, end; sorted,
+        apart) of ``ev``, at their file offsets, counted in ``coverage.outside``. Neighbouring
+        pieces share a segment up to REGION_WINDOW bytes: a view of the mmap spanning them
+        (never of the whole file), and few segments even when a file leaves many gaps."""
+        pieces = [(k, a, b) for k, a, b in pieces if b > a]
+        self.coverage.outside += sum(b - a for _, a, b in pieces)
+        group: list[tuple[str, int, int]] = []
+        for piece in pieces + [("", ev.size, ev.size)]:
+            if group and (piece[2] - group[0][1] > REGION_WINDOW or not piece[0]):
+                a, b = group[0][1], group[-1][2]
+                yield Segment(ev.data[a:b], self.region_extents(group, a), ev.path)
+                group = []
+            group.append(piece)
 
     def is_guest_space(self, space: int) -> bool:
         """Whether bytes of address space ``space`` are guest memory (GPA, a RAM block with no

@@ -720,19 +720,9 @@ def _regions(dump: _Dump, image: MemoryImage, data: _Spans, raw: _Spans) -> Iter
     ev = dump.src.ev
     pieces = file_regions(ev.size, dump.parts, data.pairs())
     regions = [(k, a, b) for k, a, b in pieces if k != "structure"]
-    cov = image.coverage
-    cov.outside += sum(b - a for _, a, b in regions)
-    group: list[tuple[str, int, int]] = []
-    # neighbouring pieces share a segment up to WINDOW_BYTES: a view of the mmap spanning
-    # them (never of the whole file), and few segments even when pages leave many gaps
-    for piece in regions + [("", ev.size, ev.size)]:
-        if group and (piece[2] - group[0][1] > WINDOW_BYTES or not piece[0]):
-            a, b = group[0][1], group[-1][2]
-            yield Segment(ev.data[a:b], image.region_extents(group, a), ev.path)
-            group = []
-        group.append(piece)
+    yield from image.region_segments(ev, regions)
     stored = int((raw.hi - raw.lo).sum())
-    cov.structure += ev.size - sum(b - a for _, a, b in regions) - stored
+    image.coverage.structure += ev.size - sum(b - a for _, a, b in regions) - stored
 
 
 def _settle(dump: _Dump, image: MemoryImage, walked: int) -> None:

@@ -5,7 +5,9 @@ address space just past the disk data, reached through the snapshot's own L1/L2 
 and walked by :mod:`parsers.qemu` in bounded windows.
 
 Every snapshot with VM state is scanned in turn, or only the one named by
-``options["snapshot"]`` (its name or id). All qcow2 integers are big-endian.
+``options["snapshot"]`` (its name or id). The file's other bytes (guest disk data, cluster
+slack, unreferenced clusters, what follows the last cluster) are scanned as ``region:*`` at
+their file offsets (§7.5). All qcow2 integers are big-endian.
 """
 
 from __future__ import annotations
@@ -15,8 +17,10 @@ import zlib
 from collections.abc import Iterator
 from typing import Any
 
+import numpy as np
+
 from parsers import qemu
-from parsers.base import Coverage, Evidence, ImageError, MemoryImage, Segment
+from parsers.base import Coverage, Evidence, ImageError, MemoryImage, Remark, Segment, mib
 
 FORMATS = ["qcow2-snapshot"]
 
@@ -67,6 +71,13 @@ L2_ZERO = 1  # bit 0: reads as zeros (v3)
 MAX_SNAPSHOTS = 65536  # QCOW_MAX_SNAPSHOTS
 READ_RUN = 1 << 20  # vmstate bytes handed to the walker per read
 SUBCLUSTERS = 32
+REFCOUNT_OFFSET_MASK = ~0x1FF  # refcount table entry: bits 9-63 the refcount block offset
+# what a file cluster holds, for the regions (docs/formats.md §7.5); where hostile tables make
+# two claim one cluster the higher code wins, so each byte is counted once
+UNREFERENCED, DISK, OTHER_STATE, SLACK, STRUCTURE = range(5)
+KINDS = {DISK: "disk", OTHER_STATE: "vmstate", SLACK: "slack", STRUCTURE: "structure"}
+MAX_MAP_CLUSTERS = 1 << 27  # a file of more clusters is not mapped (one code byte each)
+MAX_TABLE_READS = 1 << 20  # L2 tables read to map the file (a hostile L1 may repeat one)
 
 
 def probe(head: bytes, path: str) -> str | None:
@@ -82,9 +93,8 @@ class Qcow2:
     def __init__(self, ev: Evidence) -> None:
         self.ev = ev
         path = ev.path
-        (magic, version, _, _, cbits, size, crypt, _, _, _, _, nsnap, snap_off) = HEADER.unpack(
-            ev.need(0, HEADER.size, "qcow2 header")
-        )
+        (magic, version, _, _, cbits, size, crypt, l1_size, l1_off, rc_off, rc_clusters, nsnap,
+         snap_off) = HEADER.unpack(ev.need(0, HEADER.size, "qcow2 header"))
         if magic != MAGIC or version not in (2, 3):
             raise ImageError(path, 0, f"not a qcow2 image of version 2 or 3 ({version})")
         if not 9 <= cbits <= 21:
@@ -95,9 +105,13 @@ class Qcow2:
         self.cluster_size = 1 << cbits
         self.incompat = 0
         self.compression = "deflate"
+        self.header_length = HEADER.size  # v2: the fixed fields only
+        self.active_l1 = (l1_off, l1_size)
+        self.refcount_table = (rc_off, rc_clusters)
         if version == 3:
             incompat, _, _, _, hlen = HEADER_V3.unpack(ev.need(V3_AT, HEADER_V3.size, "v3 header"))
             self.incompat = incompat
+            self.header_length = hlen
             if incompat & INCOMPAT_DATA_FILE:
                 raise ImageError(path, V3_AT, "qcow2 with an external data file is not supported")
             if hlen > COMPRESSION_TYPE_AT and ev.need(COMPRESSION_TYPE_AT, 1, "compression")[0]:
@@ -107,6 +121,7 @@ class Qcow2:
         self.l2_bits = cbits - (4 if self.extended else 3)
         if nsnap > MAX_SNAPSHOTS:
             raise ImageError(path, 0x3C, f"{nsnap} snapshots announced")
+        self.snapshots_span = (snap_off, snap_off)  # file bytes of the snapshot table
         self.snapshots = self._snapshot_table(snap_off, nsnap)
         self.read_end = 0  # furthest file offset a cluster was read up to (bytes)
 
@@ -129,6 +144,7 @@ class Qcow2:
                 "l1_offset": l1_off, "l1_size": l1_size, "table_offset": pos,
             })
             pos = (strings + id_len + name_len + 7) // 8 * 8
+        self.snapshots_span = (offset, pos)
         return out
 
     def vmstate_offset(self, snap: dict[str, Any]) -> int:
@@ -225,6 +241,146 @@ def _zstd_cluster(raw: bytes, size: int, path: str, at: int) -> bytes:
     return bytes(out[:n])
 
 
+class _FileMap:
+    """Which bytes of a qcow2 file are which (docs/formats.md §7.5), one code per cluster plus
+    the cut where a partly used cluster's structure ends and its slack begins."""
+
+    def __init__(self, img: Qcow2, scanned: list[dict[str, Any]]) -> None:
+        self.img, self.ev, self.cb, self.cs = img, img.ev, img.cluster_bits, img.cluster_size
+        self.code = np.zeros(-(-self.ev.size // self.cs), np.uint8)
+        self.tails: dict[int, tuple[int, str]] = {}  # cluster -> (cut, kind of the rest)
+        self.packed = 0  # bytes of compressed disk clusters (structure, not decompressed)
+        self.reads = 0
+        self.seen: set[tuple[int, int, int, int]] = set()
+        self.scanned = {id(s) for s in scanned}
+
+    def claim(self, first: int, end: int, what: int, tail: str | None = None) -> None:
+        """File bytes [first, end) hold ``what`` (whole clusters); the rest of a partly used
+        last cluster is ``tail``."""
+        lo, hi = max(first, 0) >> self.cb, min(-(-end // self.cs), self.code.size)
+        if lo < hi:
+            self.code[lo:hi] = np.maximum(self.code[lo:hi], what)
+        if tail and end % self.cs and end >> self.cb < self.code.size:
+            self.tails.setdefault(end >> self.cb, (end, tail))
+
+    def build(self) -> None:
+        img, ev = self.img, self.ev
+        self.claim(0, img.header_length, STRUCTURE, "header")  # extensions, backing file name
+        rc_off, rc_clusters = img.refcount_table
+        self.claim(rc_off, rc_off + rc_clusters * self.cs, STRUCTURE)
+        table = np.frombuffer(ev.need(rc_off, rc_clusters * self.cs, "refcount table"), ">u8")
+        blocks = (table[table != 0] & np.uint64(REFCOUNT_OFFSET_MASK & (2**64 - 1))) >> self.cb
+        np.maximum.at(self.code, blocks[blocks < self.code.size].astype(np.int64), STRUCTURE)
+        self.claim(*img.snapshots_span, STRUCTURE, "slack")
+        self._l1(*img.active_l1, None)
+        for snap in img.snapshots:
+            self._l1(snap["l1_offset"], snap["l1_size"], snap)
+
+    def _l1(self, offset: int, size: int, snap: dict[str, Any] | None) -> None:
+        self.claim(offset, offset + 8 * size, STRUCTURE, "slack")
+        l1 = np.frombuffer(self.ev.need(offset, 8 * size, "L1 table"), ">u8")
+        span = self.cb + self.img.l2_bits
+        for i in np.flatnonzero(l1 & np.uint64(L1_OFFSET_MASK)).tolist():
+            l2 = int(l1[i]) & L1_OFFSET_MASK
+            self.claim(l2, l2 + self.cs, STRUCTURE)
+            self._l2(l2, i << span, snap)
+
+    def _l2(self, l2: int, base: int, snap: dict[str, Any] | None) -> None:
+        """Classify the data clusters of the L2 table at ``l2`` mapping guest offset ``base``
+        on: the vmstate of a scanned snapshot (structure: its content is scanned as the
+        stream), of another snapshot (``vmstate``), else the guest's disk (``disk``)."""
+        img = self.img
+        start, end, owner = 2**64 - 1, 2**64 - 1, DISK  # the active table: disk only
+        if snap is not None:
+            start = img.vmstate_offset(snap)
+            end = start + snap["vm_state_size"]
+            owner = STRUCTURE if id(snap) in self.scanned else OTHER_STATE
+        key = (l2, base, start, end)
+        if key in self.seen:
+            return
+        self.seen.add(key)
+        self.reads += 1
+        if self.reads > MAX_TABLE_READS:
+            raise ImageError(self.ev.path, l2, f"more than {MAX_TABLE_READS} L2 tables to map")
+        raw = np.frombuffer(self.ev.need(l2, self.cs, "L2 table"), ">u8")
+        entries = raw[:: img.l2_entry // 8]
+        guest = base + (np.arange(entries.size, dtype=np.uint64) << np.uint64(self.cb))
+        state = guest >= np.uint64(start)
+        packed = (entries & np.uint64(L2_COMPRESSED)) != 0
+        host = (entries & np.uint64(L2_OFFSET_MASK)) >> np.uint64(self.cb)
+        plain = ~packed & (host != 0) & (host < self.code.size)
+        past = guest >= np.uint64(end)
+        for what, pick in ((DISK, plain & ~state), (owner, plain & state & ~past),
+                           (SLACK, plain & state & past)):
+            np.maximum.at(self.code, host[pick].astype(np.int64), what)
+        last = np.flatnonzero(plain & state & ~past & (guest + np.uint64(self.cs) > end))
+        for j in last.tolist():  # the cluster holding the vmstate's last byte
+            cut = (int(host[j]) << self.cb) + end - int(guest[j])
+            self.tails.setdefault(int(host[j]), (cut, "slack"))
+        x = 62 - (self.cb - 8)
+        for j in np.flatnonzero(packed).tolist():
+            e = int(entries[j])
+            first = e & ((1 << x) - 1)
+            stop = (first // 512 + ((e >> x) & ((1 << (self.cb - 8)) - 1)) + 1) * 512
+            self.claim(first, stop, STRUCTURE)  # scanned decompressed when vmstate
+            if not state[j]:
+                self.packed += stop - first
+
+    def pieces(self) -> list[tuple[str, int, int]]:
+        """The file as (kind, first, end) byte ranges, ``structure`` included, in order."""
+        code, cs, size = self.code, self.cs, self.ev.size
+        used = np.flatnonzero(code)
+        last = int(used[-1]) + 1 if used.size else 0
+        cuts = set((np.flatnonzero(np.diff(code)) + 1).tolist()) | {0, code.size, last}
+        cuts |= {c for c in self.tails if code[c] == STRUCTURE}
+        cuts |= {c + 1 for c in self.tails if code[c] == STRUCTURE}
+        out: list[tuple[str, int, int]] = []
+        edges = sorted(cuts)
+        for c0, c1 in zip(edges[:-1], edges[1:], strict=True):
+            what = int(code[c0])
+            kind = KINDS.get(what) or ("unreferenced" if c0 < last else "trailing")
+            parts = [(kind, c0 * cs, c1 * cs)]
+            if what == STRUCTURE and c0 in self.tails:
+                cut, rest = self.tails[c0]
+                parts = [(kind, c0 * cs, cut), (rest, cut, c1 * cs)]
+            for k, a, b in parts:
+                a, b = min(a, size), min(b, size)
+                if b <= a:
+                    continue
+                if out and out[-1][0] == k and out[-1][2] == a:
+                    out[-1] = (k, out[-1][1], b)
+                else:
+                    out.append((k, a, b))
+        return out
+
+
+def _file_regions(img: Qcow2, scanned: list[dict[str, Any]], image: MemoryImage
+                  ) -> Iterator[Segment]:
+    """The file's bytes that are neither structure nor the scanned snapshots' VM state (whose
+    content is scanned as a stream, so its clusters count as structure like a compressed
+    payload) as ``region:*`` segments at their file offsets; the rest counted as structure."""
+    ev, path = img.ev, img.ev.path
+    notes: list[ImageError] = []
+    fmap = _FileMap(img, scanned)
+    if fmap.code.size > MAX_MAP_CLUSTERS:
+        notes.append(Remark(path, None, f"{fmap.code.size} clusters: the bytes outside the VM "
+                            "state (disk data, slack, unreferenced clusters) are not scanned"))
+        regions: list[tuple[str, int, int]] = []
+    else:
+        try:
+            fmap.build()
+        except ImageError as exc:  # what was mapped before is still scanned
+            notes.append(exc)
+        regions = [p for p in fmap.pieces() if p[0] != "structure"]
+    if fmap.packed:
+        notes.append(Remark(path, None, f"{mib(fmap.packed)} of compressed disk clusters are "
+                            "not decompressed: their content is not scanned"))
+    known = {str(w) for w in image.warnings}
+    image.warnings += [n for n in notes if str(n) not in known]
+    yield from image.region_segments(ev, regions)
+    image.coverage.structure += ev.size - sum(b - a for _, a, b in regions)
+
+
 class _VmstateReader:
     """The vmstate bytes of one snapshot as a :class:`qemu.StreamSource`."""
 
@@ -296,6 +452,7 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
 
     def stream() -> Iterator[Segment]:
         image.coverage = Coverage()
+        yield from _file_regions(img, chosen, image)
         try:
             for snap in chosen:
                 for seg in qemu.stream_segments(

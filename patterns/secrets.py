@@ -448,7 +448,10 @@ class GithubTokenDetector(TokenDetector):
 
 #: Slack's token families in their documented shapes (api.slack.com "Token types", "Token
 #: rotation", "Configuration tokens"), bounds as gitleaks' slack rules have them; the group
-#: that matches names the kind
+#: that matches names the kind. gitleaks rule per group: bot slack-bot-token, legacy_bot
+#: slack-legacy-bot-token, user and expiring_user slack-user-token, refresh
+#: slack-config-refresh-token, workspace_* slack-legacy-workspace-token, legacy
+#: slack-legacy-token; SLACK_ROTATING slack-config-access-token, SLACK_APP slack-app-token
 SLACK = re.compile(
     r"xox(?:"
     r"b-(?P<bot>\d{8,14}-\d{8,14}-[A-Za-z0-9]{20,34})"

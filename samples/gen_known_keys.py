@@ -8,6 +8,10 @@ source. Run from the repository root::
         --kernel linux-image-6.1.0-57-amd64_*.deb linux-image-6.1.0-57-cloud-amd64_*.deb \\
         --library libgcrypt20_*.deb libgnutls30_*.deb
 
+With the package versions the table names (``apt-get download PKG=VERSION``) it rewrites
+``patterns/known_keys_table.py`` and ``samples/known_keys/`` byte for byte (``git diff`` empty);
+``tests/test_known_keys.py`` checks offline that the table holds exactly the sample files' keys.
+
 Sources, all read from the real Debian 12 packages:
 
 - the Linux kernel's crypto self-test vectors, ``crypto/testmgr.h`` (from ``linux-source``):

@@ -5,16 +5,18 @@ the issue measured."""
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import shutil
 import struct
+import subprocess
 import time
 from pathlib import Path
 
 import numpy as np
 
-from parsers import libvirt, qemu, registry
-from parsers.base import ImageError
+from parsers import libvirt, qcow2, qemu, registry
+from parsers.base import Evidence, ImageError
 from tests import vmware_writer as vw
 from tests.samples import dump_sample, qemu_sample
 
@@ -299,3 +301,41 @@ def test_gzip_bomb_claiming_a_tib_stops_within_seconds(tmp_path: Path, scan_resu
     assert any("decompression bomb" in e for e in errors), errors
     assert time.process_time() - t0 < 20
     assert libvirt.stream_bound("gzip", 10**6, MIB, 1 << 40) < 500 * MIB
+
+
+def test_pan_in_a_qcow2s_slack_unreferenced_cluster_disk_data_and_after_its_end(
+    tmp_path: Path, scan_result
+) -> None:
+    """The real ``savevm`` disk: bytes after its partly used last cluster (the snapshot
+    table's, ``slack``), a cluster no table references (``unreferenced``), guest disk data
+    written by qemu-io (``disk``) and bytes after the last cluster (``trailing``) are each
+    reported once at their file offset; regions and structure add up to the file."""
+    path = copied("qemu/savevm.qcow2.xz", tmp_path)
+    pan = tmp_path / "pan.bin"
+    pan.write_bytes(PLANT + bytes(4096 - len(PLANT)))
+    subprocess.run(["qemu-io", "-c", f"write -q -s {pan} 0x10000 4096", str(path)], check=True)
+    mapped = json.loads(subprocess.run(["qemu-img", "map", "--output=json", str(path)],
+                                       check=True, capture_output=True, text=True).stdout)
+    disk_at = next(m["offset"] for m in mapped if m["data"] and m["start"] == 0x10000)
+    data = bytearray(path.read_bytes())
+    cs = 1 << struct.unpack_from(">I", data, 0x14)[0]
+    ev = Evidence(str(path))
+    snap_at, snap_end = qcow2.Qcow2(ev).snapshots_span
+    ev.close()
+    table = bytes(data[snap_at:snap_end])  # moved past a free cluster appended at ``end``
+    end = -(-len(data) // cs) * cs
+    assert (snap_end - snap_at) % cs  # the table's cluster is partly used
+    plants = {"slack": end + cs + len(table), "unreferenced": end + 100, "trailing": end + 2 * cs,
+              "disk": disk_at}
+    data += bytes(end - len(data)) + bytes(cs) + table + bytes(cs - len(table))
+    struct.pack_into(">Q", data, 0x40, end + cs)  # the table moves: the cluster at end is free
+    for at in plants.values():
+        data[at : at + len(PLANT)] = PLANT
+    path.write_bytes(bytes(data))
+    result = scan_result(str(path))
+    assert not result.errors, result.errors
+    for kind, at in plants.items():
+        the_region_finding(result.findings, kind, path, at)
+    with registry.open_image(str(path)) as image:
+        plain = sum(stored_region_bytes(image, s) for s in image.segments())
+        assert plain + image.coverage.structure == len(data)

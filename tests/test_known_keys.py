@@ -133,3 +133,50 @@ def test_real_debian_guest_kernel_keys_are_known(tmp_path, scan):
     alerting = [f for f in found if f.details["confidence"] >= DEFAULT_MIN_CONFIDENCE]
     assert [(f.detector, f.details.get("label")) for f in alerting] == [
         ("pem-key", manifest["key_pem_first_line"].strip("-").removeprefix("BEGIN "))]
+
+
+def _sample_public_ids() -> dict[str, str]:
+    """Public id of each key in samples/known_keys, read from the file itself: DER and PEM
+    through vmleak's parser (no verification: testmgr.h's small vectors need not verify),
+    libgcrypt's S-expressions by their public number."""
+    from patterns import pem
+
+    ids = {}
+    for path in sorted(KEYS.iterdir()):
+        blob = path.read_bytes()
+        if path.suffix == ".sexp":
+            nums = sexp_numbers(path)
+            kind, num = {"rsa": ("rsa", "n"), "dsa": ("dsa", "y"), "ecc": ("ec", "q")}[
+                path.stem.split("-")[1]]
+            ids[path.name] = public_id(kind, nums[num].to_bytes(
+                (nums[num].bit_length() + 7) // 8, "big"))
+            continue
+        m = pem.PEM_RE.match(blob)
+        info = der.parse_private_key(pem._b64(m.group(3)) if m else blob)
+        public = b"\x04" + info.public if info.kind == "ec" else info.public
+        ids[path.name] = public_id(info.kind, public)
+    return ids
+
+
+def test_table_and_sample_keys_agree():
+    """The table holds exactly the keys samples/known_keys holds (both written by one run of
+    samples/gen_known_keys.py), so a key's file and its table entry cannot drift apart."""
+    ids = _sample_public_ids()
+    assert len(ids) == len(set(ids.values())) == 11
+    assert set(ids.values()) == set(KNOWN_KEYS)
+
+
+def test_known_key_hidden_by_default_shown_with_min_confidence_0(tmp_path, vmleak):
+    """From the command line: a kernel self-test key planted in a raw image alerts on nothing
+    (exit 0, no line) by default, and is listed with details.known at --min-confidence 0."""
+    blob = (KEYS / "linux-testmgr-rsa_tv_template-2.der").read_bytes()
+    img = tmp_path / "guest.raw"
+    img.write_bytes(planted(blob))
+    r = vmleak("scan", "--format", "jsonl", "--detectors", "keys", str(img))
+    assert (r.returncode, r.stdout) == (0, ""), r.stderr
+    r = vmleak("scan", "--format", "jsonl", "--detectors", "keys", "--min-confidence", "0",
+               str(img))
+    (f,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert (f["detector"], f["gpa"], f["length"]) == ("rsa-key", 12345, len(blob))
+    assert f["details"]["known"] == "Linux crypto self-test RSA-2048 (rsa_tv_template[2])"
+    assert f["details"]["confidence"] == KNOWN_CONFIDENCE

@@ -399,3 +399,123 @@ def test_engine_keyword_secret_across_a_page_seam(page, back, shuffle, engine_sc
         found = engine_scan(bytes(buf), 65536, layout, "aws-key")
         assert [(f.gpa, f.length, f.details["kind"]) for f in found] == [
             (gpa, 40, "secret-access-key")]
+
+
+def _b64_body(text: str, n: int) -> str:
+    """n characters of unpadded base64 of ``text``, the way Slack's configuration and rotation
+    tokens look ("Mi0yLT..." is base64 of "2-2-...")."""
+    body = base64.b64encode(text.encode()).decode().replace("+", "").replace("/", "")
+    return body.rstrip("=")[:n]
+
+
+#: one token of each family as Slack documents it (api.slack.com "Token types", "Token
+#: rotation", "Configuration tokens"): prefix, numeric team / user / app ids, secret; bodies
+#: random, made for this test; the peer rule id whose shape and bounds vmleak follows
+SLACK_EXAMPLES = [
+    ("bot", "slack-bot-token", "xoxb-954255503491-6547912103503-JJqQPDqTdhkgNQxrFsj3ylaG"),
+    ("legacy-bot", "slack-legacy-bot-token", "xoxb-23705690295-N600ZBxbh88g1bZCmpjIkHOH"),
+    ("user", "slack-user-token",
+     "xoxp-20926980676-947703813238-877541098260-c9eeb488c6daa9b7fcd3ce2818f26ff6"),
+    ("expiring-user", "slack-user-token",
+     "xoxe-7200709312035-6476772793306-1391507116623-c3ee38ae14e8496f2facd5ab3b46f9dd"),
+    ("refresh", "slack-config-refresh-token", "xoxe-1-" + _b64_body(
+        "3-1-T04MCQMEXQ9-4726837507825-4848681849303-" + "9f2c1e77a0b4d5c3e8f6" * 6, 146)),
+    ("rotating-access", "slack-config-access-token", "xoxe.xoxp-1-" + _b64_body(
+        "2-2-T04MCQMEXQ9-4726837507825-4848681849303-5158024182979-"
+        + "dfcf0ce888a769de910245802c0d4d9b" * 4, 164)),
+    ("rotating-access", "slack-config-access-token", "xoxe.xoxb-1-" + _b64_body(
+        "2-1-T04MCQMEXQ9-4726837507825-5158152691714-"
+        + "4bda6aa51cc5897e3d7f3181025d4378" * 4, 163)),
+    ("workspace-access", "slack-legacy-workspace-token",
+     "xoxa-2-438166672-55725261433-2948102798916-6620bb96ceaa4d00e7"),
+    ("workspace-refresh", "slack-legacy-workspace-token",
+     "xoxr-TBat8taoMow424KPWjq6fYL3XYxnw0Yy9m8Aj35A"),
+    ("legacy", "slack-legacy-token", "xoxs-7710253904-4115445228-4093457891-a630e91d82"),
+    ("legacy", "slack-legacy-token",
+     "xoxo-385120947716-219384756-7730194628-3b9f0c6d2e81a7f45c0d9e3b2a6f8c17"),
+    ("app-level", "slack-app-token", "xapp-1-AWD5MQDSO3S-5782431850205-"
+     "4071dd134cdbcf3ed6276ed60ca4ee46bca4e85015cd13761ac34669eca5ae0a"),
+]
+
+
+@pytest.mark.parametrize(("family", "rule", "tok"), SLACK_EXAMPLES,
+                         ids=[f"{f}-{t[:9]}" for f, _, t in SLACK_EXAMPLES])
+def test_slack_family_example(family, rule, tok):
+    """Each documented family, as it stands in a config file, found once with its kind, in
+    ASCII and UTF-16LE (``rule``: gitleaks' rule id for the family, cited in secrets.py)."""
+    assert rule.startswith("slack-")
+    for encoding in ("ascii", "utf-16le"):
+        width = 2 if encoding == "utf-16le" else 1
+        line = f'SLACK_TOKEN="{tok}"'
+        found = scan(put(line, encoding, 100, 4, "text"), "slack-token")
+        at = 100 + width * (1 + line.index(tok))
+        assert [(s, n, d["kind"]) for s, n, _, _, d in found] == [
+            (at, len(tok) * width, family)], encoding
+        assert tok[-6:] not in found[0][3]
+
+
+#: the false positives gitleaks' own rules are tested against (cmd/generate/config/rules/
+#: slack.go, aws.go, gcp.go: each rule's FPs), none of which vmleak may report
+GITLEAKS_FPS = [
+    # slack-bot-token, slack-legacy-bot-token
+    "xoxb-xxxxxxxxx-xxxxxxxxxx-xxxxxxxxxxxx", "xoxb-xxx", "xoxb-12345-abcd234",
+    "xoxb-xoxb-my-bot-token", "xoxb-xxxxxxxxxxx-xxxxxxxxxxxxxxxxxxxxxxxx", "xoxb-Slack_BOT_TOKEN",
+    "xoxb-abcdef-abcdef", "xoxb-0000000000-xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx",
+    # slack-user-token
+    '"token1": "xoxp-1234567890"',
+    '"token2": "xoxp-XXXXXXXXXX-XXXXXXXXXX-XXXXXXXXXXX-XXXXXXXXXXXXXXXXXXXXXXXXXXXXXXXX"',
+    '"token3": "xoxp-1234-1234-1234-4ddbc191d40ee098cbaae6f3523ada2d"',
+    '"token4": "xoxp-572370529330-573807301142-572331691188-####################"',
+    "xoxp-000000000000-000000000000-000000000000-" + "0" * 32,
+    # slack-config-access-token, slack-config-refresh-token
+    "xoxe.xoxp-1-SlackAppConfigurationAccessTokenHere", "xoxe.xoxp-1-RANDOMSTRINGHERE",
+    "xoxe.xoxp-1-initial", "xoxe-1-xxx", "XOxE-RROAmw, Home and Garden, 5:24, 20120323",
+    # slack-legacy-workspace-token, slack-legacy-token
+    "https://github.com/xoxa-nyc/xoxa-nyc.github.io/blob/master/README.md",
+    "https://indieweb.org/images/3/35/2018-250-xoxo-indieweb-1.jpg",
+    "xoxa-access-token-string",
+    # aws-access-token
+    "key = AKIAXXXXXXXXXXXXXXXX", "aws_access_key: AKIAIOSFODNN7EXAMPLE",
+    "TODAYINASIAASACKOFRICEFELLOVER",
+    # gcp-api-key
+    "GWw4hjABFzZCGiRpmlDyDdo87Jn9BN9THUA47muVRNunLxsa82tMAdvmrhOqNkRKiYMEAFbTJAIzaTesb6Tscfcni8"
+    "vIpWZqNCXFDFslJtVSvFDq",
+    "AIzaTesb6Tscfcni8vIpWZqNCXFDFslJtVSvFDqabcd123",
+    'apiKey: "AIzaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"', "AIZASYCO2CXRMC9ELSKLHLHRMBSWDEVEDZTLO2O",
+]
+
+
+@pytest.mark.parametrize("text", GITLEAKS_FPS)
+def test_gitleaks_false_positives_not_reported(text):
+    for encoding in ("ascii", "utf-16le"):
+        buf = put(text, encoding, 64, 3, "text")
+        assert all(scan(buf, name) == [] for name in DETS), (text, encoding)
+
+
+def test_xoxa_word_token_reported_as_gitleaks_does():
+    """``xoxa-faketoken`` has the legacy workspace token's shape and 2.9 bits/character:
+    gitleaks reports it too (its rule's FP list has it commented out); vmleak uses no English
+    word list (a random secret holds short words by chance), so it is reported."""
+    assert [d["kind"] for *_, d in scan(put("xoxa-faketoken", "ascii", 64, 3, "text"),
+                                        "slack-token")] == ["workspace-access"]
+
+
+@SETTINGS
+@given(family=st.sampled_from(SLACK_FAMILIES), seed=st.integers(0, 2**32 - 1),
+       char=st.sampled_from(B62))
+def test_any_slack_family_with_one_repeated_character_not_reported(family, seed, char):
+    """gitleaks' repeated-character allowlist: whatever the family, a secret part that is one
+    character repeated is never reported (ids before it stay numeric)."""
+    tok = slack(family, random.Random(seed))
+    head, _, secret = tok.rpartition("-")
+    fake = f"{head}-{char * len(secret)}"
+    assert scan(put(fake, "ascii", 10, seed, "text"), "slack-token") == []
+
+
+@SETTINGS
+@given(prefix=st.sampled_from(sorted(AwsKeyDetector.KINDS)), char=st.sampled_from(B62.upper()),
+       encoding=st.sampled_from(["ascii", "utf-16le"]))
+def test_any_aws_key_id_of_one_repeated_character_not_reported(prefix, char, encoding):
+    """``AKIAXXXXXXXXXXXXXXXX`` and its kin, for every credential prefix (gitleaks
+    aws-access-token entropy 3, trufflehog RequiredIdEntropy)."""
+    assert scan(put(f"id = {prefix}{char * 16}", encoding, 10, 1, "text"), "aws-key") == []
