@@ -640,6 +640,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     nbytes = -(-dump.max_mapnr // 8)
     k = 0  # descriptor index of the batch's first PFN
     held, raw = _Spans(), _Spans()  # file bytes holding page data: all of it, raw pages
+    given = 0  # file offset below which the mapped pages were given back
     try:
         for lo in range(0, nbytes, BATCH_BYTES):
             chunk = src.view(dump.bitmap2 + lo, min(BATCH_BYTES, nbytes - lo), "2nd bitmap")
@@ -665,6 +666,10 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                 data = _decode(dump, codecs, page)
                 if data is not None and window.put(page[0], data):
                     yield window.segment(path)
+                    # page data lies in PFN order: what precedes this page was decoded (or
+                    # scanned in place): give its mapped pages back, or the whole dump stays
+                    # resident
+                    given = _give_back(src.ev, given, page[1])
             if have < pfns.size:
                 break
             k += have
@@ -686,6 +691,15 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     _add_warnings(image, problems[1:])
     if problems:
         raise problems[0]
+
+
+def _give_back(ev: Evidence, given: int, upto: int) -> int:
+    """Release the mapped file bytes ``[given, upto)`` (see Evidence.release); returns the
+    new low mark."""
+    if upto > given:
+        ev.release(given, upto - given)
+        return upto
+    return given
 
 
 class _Spans:

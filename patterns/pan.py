@@ -1,6 +1,7 @@
 """Primary account numbers (card numbers): 13-19 digits, plain or grouped with spaces or
 dashes, Luhn-valid, with an issuer (IIN) prefix and a length that brand issues. ASCII and
-UTF-16LE. A PAN inside a longer digit or digit-group run is not a PAN.
+UTF-16LE. A PAN inside a longer unbroken digit run is not a PAN; one standing beside other
+digit groups ("4111111111111111 12/25") is (:func:`_inside_chains`).
 
 The IIN table below was reviewed (issue 11) against Wikipedia's "Payment card number" IIN
 table, braintree/credit-card-type (``src/lib/card-types.ts``), Fivell/credit_card_validations
@@ -42,6 +43,9 @@ import numpy as np
 from patterns import context
 from patterns.base import Chunk, Described, Hit, Hits
 from patterns.digits import (
+    DASH,
+    MAX_GROUPS,
+    SPACE,
     DigitDetector,
     TextView,
     gather_digits,
@@ -227,7 +231,9 @@ GROUPED_MAX = 19 + 4
 
 def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Text-index (start, span, separators) of every whole digit chain in ``view`` that is a
-    plain 13-19 digit run or one of the accepted groupings (separators consistent or mixed)."""
+    plain 13-19 digit run or one of the accepted groupings (separators consistent or mixed),
+    and of the PANs inside longer chains (:func:`_inside_chains`). Candidates may share a
+    start (a chain and its leading groups): :func:`longest_per_start` keeps one."""
     c = view.chains()
     span = c.end - c.start
     plain = (c.links == 0) & (span >= 13) & (span <= 19)
@@ -236,7 +242,86 @@ def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mixed = np.flatnonzero((c.key == -1) & (c.links >= 2) & (c.links <= 4) & (span >= 15)
                            & (span <= GROUPED_MAX))
     ok[mixed[is_in(_mixed_keys(view, c.start[mixed], span[mixed]), _GROUP_KEYS)]] = True
-    return c.start[ok], span[ok], c.links[ok]
+    s2, n2, l2 = _inside_chains(view, c.start, c.end, c.links)
+    return (np.concatenate((c.start[ok], s2)), np.concatenate((span[ok], n2)),
+            np.concatenate((c.links[ok], l2)))
+
+
+#: how far back a chain's first group may lie when the chain analysis dropped it for being
+#: glued to a word ("a4111111111111111 12"): a PAN's 19 digits and the separator
+_BACK = MAX_DIGITS + 1
+
+
+def _inside_chains(
+    view: TextView, start: np.ndarray, end: np.ndarray, links: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """PAN candidates a separated chain holds although the whole chain is none: a PAN
+    followed or preceded by more digits after a space or dash ("4111111111111111 12/25",
+    "4111 1111 1111 1111 12/25", "1225 5105105105105100"). Every unbroken run of 13-19
+    digits in the chain (a run bounded by separators is a number of its own; a PAN-looking
+    part of an unbroken longer run still is none), and the chain's first 2-5 groups when
+    they form an accepted grouping and more groups follow."""
+    # a separator just before the chain means the chain analysis dropped a first group
+    # glued to a word: read from there
+    before = view.byte_at(start - 1)
+    lead = (before == SPACE) | (before == DASH)
+    at = np.flatnonzero(lead)  # few: most chains follow a byte that is no separator
+    # ... and a digit (the dropped group's last) and 12 characters earlier another (its
+    # first if it is long enough for a PAN: a cheap necessary test)
+    lead[at] = (np.subtract(view.byte_at(start[at] - 2), 48, dtype=np.uint8) < 10) & (
+        np.subtract(view.byte_at(start[at] - 1 - MIN_DIGITS), 48, dtype=np.uint8) < 10)
+    sel = np.flatnonzero(((links > 0) & (end - start >= MIN_DIGITS + 1)) | lead)
+    if sel.size == 0:
+        z = np.zeros(0, np.int64)
+        return z, z, z
+    s, e, back = start[sel], end[sel], np.where(lead[sel], _BACK, 0)
+    ws = np.maximum(s - back, 0)  # window start
+    width = int((e - ws).max())
+    cols = np.arange(width)
+    inside = cols[None, :] < (e - ws)[:, None]
+    chars = view.byte_at(ws[:, None] + cols[None, :])
+    d = np.zeros((sel.size, width + 2), bool)  # digit mask, a non-digit column each side
+    d[:, 1:-1] = (np.subtract(chars, 48, dtype=np.uint8) < 10) & inside
+    flip = np.flatnonzero(d[:, 1:] != d[:, :-1])  # runs never cross rows (the pad columns)
+    row, c0 = np.divmod(flip[0::2], width + 1)
+    c1 = flip[1::2] % (width + 1)  # run end, exclusive
+    # in a row read from before the chain: only the dropped group (ending just before the
+    # chain's first separator) and what follows, and no run the window may have cut
+    first = (s - ws)[row] - 1  # end of the dropped group, or -1
+    keep = (c1 >= first) & ((c0 > 0) | (back[row] == 0))
+    row, c0, c1 = row[keep], c0[keep], c1[keep]
+    n = c1 - c0
+    runs = (n >= MIN_DIGITS) & (n <= MAX_DIGITS)
+    out_s, out_n = [ws[row[runs]] + c0[runs]], [n[runs]]
+    out_l = [np.zeros(int(runs.sum()), np.int64)]
+    # leading groups: the chain's runs in order (not a dropped glued group)
+    g = c0 >= (s - ws)[row]
+    row, c0, c1, n = row[g], c0[g], c1[g], n[g]
+    if row.size:
+        head = np.flatnonzero(np.concatenate(([True], row[1:] != row[:-1])))
+        rank = np.arange(row.size) - np.repeat(head, np.diff(np.append(head, row.size)))
+        more = np.bincount(row, minlength=sel.size)[row] - 1 - rank  # groups after this one
+        key = np.zeros(row.size, np.int64)
+        acc = np.zeros(sel.size, np.int64)
+        for j in range(MAX_GROUPS):
+            at = rank == j
+            acc[row[at]] += np.minimum(n[at], 31) << (5 * j)
+            key[at] = acc[row[at]]
+        at = np.flatnonzero((rank >= 1) & (rank < MAX_GROUPS) & (more > 0)
+                            & is_in(key, _GROUP_KEYS))
+        b = ws[row[at]] + c0[at - rank[at]]
+        out_s.append(b)
+        out_n.append(ws[row[at]] + c1[at] - b)
+        out_l.append(rank[at])
+    return np.concatenate(out_s), np.concatenate(out_n), np.concatenate(out_l)
+
+
+def longest_per_start(start: np.ndarray, span: np.ndarray) -> np.ndarray:
+    """Indices of the longest of the spans at each start (one finding per chain start)."""
+    order = np.lexsort((-span, start))
+    first = np.ones(order.size, bool)
+    first[1:] = start[order][1:] != start[order][:-1]
+    return order[first]
 
 
 def _mixed_keys(view: TextView, start: np.ndarray, span: np.ndarray) -> np.ndarray:
@@ -286,8 +371,10 @@ class PanDetector(DigitDetector):
         for view in views(chunk):
             start, span, links = candidates(view)
             ok, brand = validate(view, start, span, links)
-            s, ln = view.to_chunk(start[ok]), span[ok] * view.width
-            parts.append(Hits.of(s, ln, view.encoding, brand[ok]))
+            start, span, brand = start[ok], span[ok], brand[ok]
+            one = longest_per_start(start, span)
+            s, ln = view.to_chunk(start[one]), span[one] * view.width
+            parts.append(Hits.of(s, ln, view.encoding, brand[one]))
         return Hits.concat(parts)
 
     def describe(self, hit: Hit) -> Described | None:

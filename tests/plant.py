@@ -34,6 +34,14 @@ def make_pan(rng: random.Random, row: int | None = None, length: int | None = No
     return body + luhn_digit(body)
 
 
+def first_brand(pan: str) -> str | None:
+    """The brand of the first IIN table row that issues ``pan`` (the table's rule, in Python)."""
+    for brand, lo, hi, digits, lengths in IIN_TABLE:
+        if len(pan) in lengths and lo <= int(pan[:digits]) <= hi:
+            return brand
+    return None
+
+
 def group(pan: str, sep: str) -> str:
     """The PAN in a grouping the detector accepts (4-4-4-4..., or 4-6-5 / 4-6-4)."""
     if len(pan) in (14, 15) and sep:

@@ -13,7 +13,7 @@ from patterns.base import ENCODINGS, Chunk, Described, Detector, Hit
 from patterns.pan import IIN_TABLE, PanDetector
 from patterns.ssn import PUBLISHED, SsnDetector
 from patterns.track import Track1Detector
-from tests.plant import encode, make_pan
+from tests.plant import encode, first_brand, make_pan
 
 DEFAULT_MIN_CONFIDENCE = 0.3  # scanner/cli.py's default --min-confidence
 
@@ -127,14 +127,6 @@ def test_track1_discretionary_data_keeps_to_its_alphabet():
 
 
 # ---- IIN table and separators ---------------------------------------------------------------
-
-
-def first_brand(pan: str) -> str | None:
-    """The brand of the first IIN table row that issues ``pan`` (the table's rule, in Python)."""
-    for brand, lo, hi, digits, lengths in IIN_TABLE:
-        if len(pan) in lengths and lo <= int(pan[:digits]) <= hi:
-            return brand
-    return None
 
 
 @settings(max_examples=150)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import random
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -14,7 +15,16 @@ from patterns.base import Chunk, Described, Detector, Hit, Hits
 from patterns.pan import IIN_TABLE
 from patterns.registry import select
 from scanner.engine import Engine, ScanConfig
-from tests.plant import PAGE, encode, group, make_pan, make_ssn, memory_image
+from tests.plant import (
+    PAGE,
+    encode,
+    first_brand,
+    group,
+    luhn_digit,
+    make_pan,
+    make_ssn,
+    memory_image,
+)
 
 NPAGES = 8
 SETTINGS = settings(max_examples=60)
@@ -49,9 +59,11 @@ plant_args = dict(
 )
 
 
-def plant(seed, where, enc, kind, text):
+def plant(seed, where, enc, kind, text, end=" "):
+    """``text`` planted at about ``where`` in a background, a space before it and ``end``
+    after it: (memory, GPA of the text, its length in bytes)."""
     mem = background(seed, kind)
-    raw = encode(f" {text} ", enc)
+    raw = encode(f" {text}{end}", enc)
     where = min(where, len(mem) - len(raw))
     mem[where : where + len(raw)] = raw
     return bytes(mem), where + len(encode(" ", enc)), len(encode(text, enc))
@@ -72,6 +84,69 @@ def test_any_valid_pan_found_once_at_its_gpa(seed, where, enc, chunk, kind, shuf
     found = [f for f in scan(mem, layout(seed, shuffle), chunk) if f.detector == "pan"]
     assert [(f.gpa, f.length, f.encoding) for f in found] == [(gpa, length, enc)]
     assert found[0].masked.endswith(pan[-4:]) and pan not in found[0].masked
+
+
+def _luhn_valid(digits: str) -> bool:
+    return luhn_digit(digits[:-1]) == digits[-1]
+
+
+@SETTINGS
+@given(after=st.text("0123456789", min_size=1, max_size=8), link=st.sampled_from(" -"),
+       grouped=st.sampled_from(["", " ", "-"]), **plant_args)
+def test_any_valid_pan_followed_by_a_digit_group_found_once_at_its_gpa(
+    seed, where, enc, chunk, kind, shuffle, after, link, grouped
+):
+    """A PAN (any IIN row, any length; plain or grouped) and then a separator and 1-8 more
+    digits (an expiry, a CVV, an amount): the PAN is found once at its GPA — unless its
+    groups and the digits after them read as one longer valid grouped PAN, which is then
+    the finding (one per chain, the longest)."""
+    pan = make_pan(random.Random(seed))
+    text = group(pan, grouped)
+    mem, gpa, whole = plant(seed, where, enc, kind, f"{text}{link}{after}")
+    length = len(encode(text, enc))
+    longer = pan + after  # 4-4-4-4 and 1-3 digits: an accepted 17-19 digit grouping
+    if grouped and len(pan) == 16 and len(after) <= 3 and first_brand(longer) \
+            and _luhn_valid(longer):
+        length = whole
+    found = [f for f in scan(mem, layout(seed, shuffle), chunk) if f.detector == "pan"]
+    assert [(f.gpa, f.length, f.encoding) for f in found] == [(gpa, length, enc)]
+
+
+@pytest.mark.parametrize("text, pan", [
+    ("card 4111111111111111 12/25", "4111111111111111"),
+    ("4111 1111 1111 1111 12/25", "4111 1111 1111 1111"),
+    ("pan 4111111111111111 1225", "4111111111111111"),
+    ("5105105105105100 0000", "5105105105105100"),
+    ("exp 1225 5105105105105100", "5105105105105100"),
+    ("5105-1051-0510-5100-0000", "5105-1051-0510-5100"),
+    ("a4111111111111111 12/25", "4111111111111111"),  # glued to a word before it
+    ("4111111111111111 12 34 56", "4111111111111111"),
+])
+def test_pan_beside_another_digit_group_found_once(text, pan):
+    for enc in ("ascii", "utf-16le"):
+        found = [f for f in _found(text, "pan", enc) if f.detector == "pan"]
+        w = len(encode(" ", enc))
+        assert [(f.gpa, f.length) for f in found] == [
+            (5000 + w + w * text.index(pan), w * len(pan))
+        ], (text, enc)
+
+
+def test_pan_like_part_of_an_unbroken_longer_run_with_groups_not_reported():
+    for text in ("41111111111111110 12/25", "14111111111111111 0000", "1225 51051051051051009"):
+        for enc in ("ascii", "utf-16le"):
+            assert [f for f in _found(text, "pan", enc) if f.detector == "pan"] == [], text
+
+
+def test_expiry_after_a_pan_does_not_lower_its_confidence():
+    """An expiry right after a PAN is how card data is written: "12/25" raises the
+    confidence, a bare digit group leaves it as for the PAN alone."""
+    def conf(text):
+        (f,) = _found(text, "pan", "ascii")
+        return f.details["confidence"]
+
+    alone = conf("4111111111111111")
+    assert conf("4111111111111111 12/25") > alone
+    assert conf("4111111111111111 1225") == alone
 
 
 @SETTINGS
@@ -102,7 +177,9 @@ def test_any_valid_track_found_once_and_subsumes_its_pan(
     else:
         text = f"{pan}={exp}1011234567"
         text = f";{text}?" if sentinels else text
-    mem, gpa, length = plant(seed, where, enc, kind, text)
+    # a line end after the track: Track 1 discretionary data may hold spaces and letters up
+    # to a '?', so a space there could continue it into the background ("... A ?")
+    mem, gpa, length = plant(seed, where, enc, kind, text, end="\n")
     found = scan(mem, layout(seed, shuffle), chunk)
     assert [(f.detector, f.gpa, f.length) for f in found] == [(track, gpa, length)]
     assert pan not in found[0].masked
