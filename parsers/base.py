@@ -340,14 +340,18 @@ class MemoryImage:
         GPA, a process core's virtual addresses), not a ``region:*`` of the file."""
         return not self.spaces[space].startswith(REGION_PREFIX)
 
+    def in_region(self, space: np.ndarray) -> np.ndarray:
+        """Per address-space id in ``space``: whether it is a ``region:*`` of the file."""
+        guest = np.array([self.is_guest_space(i) for i in range(len(self.spaces))], bool)
+        return ~guest[space]
+
     def guest_bytes(self, ext: Extents) -> int:
         """Bytes of ``ext`` in guest spaces (see :meth:`is_guest_space`)."""
-        guest = np.array([self.is_guest_space(i) for i in range(len(self.spaces))], bool)
-        return int(ext.length[guest[ext.space]].sum()) if len(ext) else 0
+        return int(ext.total()) - self.region_bytes(ext)
 
     def region_bytes(self, ext: Extents) -> int:
         """Bytes of ``ext`` in ``region:*`` spaces."""
-        return int(ext.length.sum()) - self.guest_bytes(ext) if len(ext) else 0
+        return int(ext.length[self.in_region(ext.space)].sum()) if len(ext) else 0
 
     def check_coverage(self) -> ImageError | None:
         """Compare what the image declares with what was read (call once everything was

@@ -91,7 +91,8 @@ class ScanResult:
     findings: list[Finding] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    bytes_scanned: int = 0
+    bytes_scanned: int = 0  # bytes scanned: guest memory and file regions
+    region_bytes: int = 0  # of bytes_scanned, those in region:* spaces (not guest memory)
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -159,8 +160,12 @@ class _Layout:
                    run_vend, gap, size)  # fmt: skip
 
     def total(self) -> int:
-        """Guest bytes laid out."""
+        """Bytes laid out (guest memory and file regions)."""
         return int(self.length.sum())
+
+    def region_total(self, image: MemoryImage) -> int:
+        """Bytes laid out in ``region:*`` spaces (file bytes outside guest memory)."""
+        return int(self.length[image.in_region(self.space)].sum()) if self.space.size else 0
 
     def guest_bytes(self, a: int, b: int) -> int:
         """Guest bytes in virtual ``[a, b)``."""
@@ -311,6 +316,7 @@ class Engine:
             layout = _Layout.of(image.fixed_segments or [], self.gap)
             found = self._main(image, layout, [(0, layout.size)], progress)
             result.bytes_scanned = layout.total()
+            result.region_bytes = layout.region_total(image)
             result.findings = finalize([f for f, _ in found], self.subsumes)
         else:
             self._streamed(image, result, progress)
@@ -334,8 +340,9 @@ class Engine:
         result.findings = finalize([f for f, _ in found], self.subsumes)
         mine = layout.seg == k
         b, n = layout.buf[mine], layout.length[mine]
-        overlap = np.minimum(b + n, hi) - np.maximum(b, lo)
-        result.bytes_scanned = int(np.clip(overlap, 0, None).sum())
+        overlap = np.clip(np.minimum(b + n, hi) - np.maximum(b, lo), 0, None)
+        result.bytes_scanned = int(overlap.sum())
+        result.region_bytes = int(overlap[image.in_region(layout.space[mine])].sum())
         return result
 
     def _image_warnings(self, image: MemoryImage, result: ScanResult) -> None:
@@ -507,6 +514,7 @@ class Engine:
                     layout.line = layout.read(0, layout.size)[0]
                 found += self._main(image, layout, [(0, layout.size)], progress, first)
                 result.bytes_scanned += layout.total()
+                result.region_bytes += layout.region_total(image)
                 src = self._source_id(seg)
                 for g in self.groups:
                     edges = _EdgeSet.of(layout, g.edge, src, first)

@@ -92,8 +92,14 @@ class Outcome:
 
     @property
     def bytes_scanned(self) -> int:
-        """Guest bytes scanned by this run (images reused from the state database excluded)."""
+        """Bytes scanned by this run, guest memory and file regions (images reused from the
+        state database excluded)."""
         return sum(r.bytes_scanned for r in self.summary.results if r.image in self.scanned)
+
+    @property
+    def region_bytes(self) -> int:
+        """Of :attr:`bytes_scanned`, the bytes of file regions outside guest memory."""
+        return sum(r.region_bytes for r in self.summary.results if r.image in self.scanned)
 
     def stats(self) -> dict[str, Any]:
         """The run's counts, as the state database records them."""

@@ -161,7 +161,8 @@ def build(out: Outcome, argv: list[str], status: int) -> dict[str, Any]:
                 "format": r.format,
                 "files": files,
                 "meta": r.meta,
-                "bytes_scanned": r.bytes_scanned,
+                "bytes_scanned": r.bytes_scanned,  # guest memory and file regions
+                "region_bytes": r.region_bytes,  # of those, file regions outside guest memory
                 "rescanned_this_run": r.image in out.scanned,
                 "gpa_ranges": None if cov is None else [list(x) for x in cov[:RANGES_KEPT]],
                 "gpa_range_count": None if cov is None else len(cov),
@@ -212,6 +213,7 @@ def build(out: Outcome, argv: list[str], status: int) -> dict[str, Any]:
             "resolved": None if out.changes is None else sum(c.kind == "resolved" for c in changes),
             "images_with_errors": sum(1 for i in images if i["errors"]) + len(summary.errors),
             "bytes_scanned": sum(i["bytes_scanned"] for i in images),
+            "region_bytes": sum(i["region_bytes"] for i in images),
             "skipped": dict(summary.skips),
         },
         "pci_requirements": {
@@ -297,7 +299,9 @@ def render_html(doc: dict[str, Any]) -> str:
             "-" if s["resolved"] is None else s["resolved"],
         ),
         ("Inputs with errors", "errors", s["images_with_errors"]),
-        ("Guest memory scanned (bytes)", "bytes", f"{s['bytes_scanned']:,}"),
+        ("Guest memory scanned (bytes)", "bytes", f"{s['bytes_scanned'] - s['region_bytes']:,}"),
+        ("File regions outside guest memory scanned (bytes)", "region-bytes",
+         f"{s['region_bytes']:,}"),
     ]
     out.append(f"<h2>Summary</h2><p>Result: {verdict}.</p><table>")
     out += [f"<tr><th>{a}</th><td class='n' id='{b}'>{_e(c)}</td></tr>" for a, b, c in rows]
@@ -454,8 +458,10 @@ def _image_section(n: int, img: dict[str, Any]) -> list[str]:
     ranges = "" if img["gpa_range_count"] is None else f", {img['gpa_range_count']} GPA range(s)"
     out = [
         f"<h3 id='img{n}' class='mono'>{_e(img['image'])}</h3>",
-        f"<p>Format {_e(img['format'] or 'unreadable')}; {img['bytes_scanned']:,} bytes of guest "
-        f"memory scanned{earlier}; <b id='img{n}-findings'>{len(fs)}</b> finding(s){ranges}.</p>",
+        f"<p>Format {_e(img['format'] or 'unreadable')}; "
+        f"{img['bytes_scanned'] - img['region_bytes']:,} bytes of guest memory and "
+        f"{img['region_bytes']:,} bytes of file regions outside it scanned{earlier}; "
+        f"<b id='img{n}-findings'>{len(fs)}</b> finding(s){ranges}.</p>",
         strip_svg(img),
     ]
     if unplaced:

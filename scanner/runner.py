@@ -485,6 +485,7 @@ def merge(path: str, results: list[ScanResult], subsumes: dict[str, set[str]]) -
         out.errors += [e for e in r.errors if e not in out.errors]
         out.warnings += [w for w in r.warnings if w not in out.warnings]
         out.bytes_scanned += r.bytes_scanned
+        out.region_bytes += r.region_bytes
     out.findings = finalize(raw, subsumes)
     return out
 

@@ -51,9 +51,11 @@ def paragraph(out: Outcome, status: int) -> str:
     held = len(s.findings) - len(reportable)
     if held:
         parts.append(f"{held} accepted by baseline/allowlist")
-    mb = out.bytes_scanned / 1e6
+    mb, region = out.bytes_scanned / 1e6, out.region_bytes / 1e6
     rate = mb / s.seconds if s.seconds else 0.0
-    parts.append(f"{mb:,.1f} MB of guest memory in {s.seconds:.2f} s ({rate:,.0f} MB/s)")
+    other = f" and {region:,.1f} MB of file regions outside it" if out.region_bytes else ""
+    parts.append(f"{mb - region:,.1f} MB of guest memory{other} in {s.seconds:.2f} s "
+                 f"({rate:,.0f} MB/s)")
     if s.skips:
         parts.append("skipped " + ", ".join(f"{k} {why}" for why, k in sorted(s.skips.items())))
     parts += coverage_parts(s.results)

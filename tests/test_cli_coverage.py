@@ -132,3 +132,22 @@ def test_a_file_nothing_recognises_says_raw_in_summary_info_and_report(tmp_path:
     rep = json.loads((tmp_path / "again" / "rep" / "report.json").read_text())
     assert rep["images"][0]["meta"]["unrecognised"] is True
     assert "no known format recognised" in (tmp_path / "again" / "rep" / "report.html").read_text()
+
+
+def test_summary_and_report_count_file_regions_apart_from_guest_memory(
+    tmp_path: Path, vmleak
+) -> None:
+    """A raw libvirt save's header, padding and device state are scanned, but they are not
+    guest memory: the summary and report.json give the two amounts apart, and together they
+    are every byte scanned, as ``info`` counts them."""
+    path = copied("libvirt-raw.save", tmp_path)
+    info = json.loads(vmleak("info", "--format", "json", str(path)).stdout)
+    guest = info["bytes_per_file"][str(path)]["guest"]
+    outside = info["meta"]["coverage"]["outside"]
+    assert guest > 0 and outside > 0
+    run = vmleak("report", "--detectors", "pan", "-o", str(tmp_path / "rep"), str(path))
+    (summary,) = [ln for ln in run.stderr.splitlines() if "MB of guest memory" in ln]
+    assert (f"{guest / 1e6:,.1f} MB of guest memory and {outside / 1e6:,.1f} MB of file regions "
+            "outside it") in summary, summary
+    stats = json.loads((tmp_path / "rep" / "report.json").read_text())["summary"]
+    assert (stats["bytes_scanned"], stats["region_bytes"]) == (guest + outside, outside)
