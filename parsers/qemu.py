@@ -85,6 +85,7 @@ PEEK = 1 << 20  # decompressed prefix read at open time for the metadata
 RUN_PROBE = 16  # same-kind records in a row before a run is decoded with numpy
 RUN_MAX = 1 << 16  # records decoded per numpy batch
 MAP_MAX = 256 << 20  # bytes of page bitmap per RAM block (8 TiB of 4 KiB pages); past it, count
+BLOCK_LIST = "the stream's RAM block list"  # what declares guest RAM in a stream (coverage)
 SIGN_BIT = 1 << 63  # record words at or above this hold no page offset (array("q") bound)
 NO_EXTENT = -1  # page_pos of a page accounted for but not mapped from the buffer (fill, zlib)
 
@@ -705,13 +706,16 @@ def account(walker: Walker, image: MemoryImage, stopped_at: int | None) -> None:
     """Fill ``image.coverage`` from what ``walker`` saw (contract 4): the RAM block list
     declares every block's size; each page the stream held (stored, fill or zlib page) counts
     once. ``stopped_at``: file offset where the walk stopped short, if it did. Without a block
-    list, what a container declared (libvirt XML) stays the declaration."""
+    list, what a container declared (libvirt XML) stays the declaration. Several streams in
+    one image (a qcow2's snapshots) each declare their own RAM: the declarations add up, as the
+    pages read do, so one snapshot's surplus cannot hide another's shortfall."""
     cov = image.coverage
     cov.stopped_at = stopped_at
     if walker.blocks:
-        cov.declared = walker.mem_total
-        cov.declared_by = "the stream's RAM block list"
-        cov.declared_at = walker.mem_size_at
+        earlier = cov.declared if cov.declared_by == BLOCK_LIST else 0
+        cov.declared = earlier + walker.mem_total
+        cov.declared_by = BLOCK_LIST
+        cov.declared_at = walker.mem_size_at if not earlier else None
     pages = walker.seen.pages() if walker.seen is not None else 0
     cov.read += pages * walker.page_size
     if "x-ignore-shared" in walker.capabilities and cov.declared:

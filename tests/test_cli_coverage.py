@@ -151,3 +151,25 @@ def test_summary_and_report_count_file_regions_apart_from_guest_memory(
             "outside it") in summary, summary
     stats = json.loads((tmp_path / "rep" / "report.json").read_text())["summary"]
     assert (stats["bytes_scanned"], stats["region_bytes"]) == (guest + outside, outside)
+
+
+def test_each_qcow2_snapshot_declares_its_own_ram(tmp_path: Path, vmleak) -> None:
+    """A qcow2 with two snapshots holds two streams, each with its RAM block list: the
+    declarations add up as the pages read do, so the second snapshot cut short (its
+    vm_state_size field made smaller) is guest memory missing against both, not hidden by
+    the first one's pages."""
+    path = copied("savevm.qcow2.xz", tmp_path)
+    data = bytearray(path.read_bytes())
+    count, table = struct.unpack_from(">IQ", data, 60)  # nb_snapshots, snapshots_offset
+    assert count == 2
+    at = table
+    extra, id_len, name_len = (struct.unpack_from(">I", data, at + 36)[0],
+                               *struct.unpack_from(">HH", data, at + 12))
+    at = -(-(at + 40 + extra + id_len + name_len) // 8) * 8  # the second entry
+    struct.pack_into(">I", data, at + 32, 150_000)  # vm_state_size
+    struct.pack_into(">Q", data, at + 40, 150_000)  # extra data: its 64-bit form
+    path.write_bytes(bytes(data))
+    run = vmleak("scan", "--detectors", "pan", str(path))
+    assert run.returncode == 2, run.stderr
+    (line,) = [ln for ln in run.stderr.splitlines() if "guest memory missing" in ln]
+    assert "declares 68,173,824 bytes" in line  # 2 x (32 MiB RAM + ROMs), not one snapshot's
