@@ -21,7 +21,15 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from parsers import clock
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment, file_regions
+from parsers.base import (
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    file_regions,
+)
 from parsers.elf import note_meta, vmcoreinfo_meta
 
 FORMATS = ["kdump"]
@@ -158,6 +166,11 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         if ev.read(0, 16) == FLAT_SIGNATURE:
             src = _Flat(ev, path, image)
             image.meta["container"] = "makedumpfile flattened"
+            # partial feature, said at run time: a plain dump's regions are mapped by file
+            # offset; the flattened records would first have to be mapped back to the file
+            image.warnings.append(Remark(path, None, "flattened kdump: only the memory pages "
+                                         "are scanned, not the header, notes, gaps or bytes "
+                                         "after the end (docs/formats.md §12)"))
         dump = _Dump.read(src, path, image)
     image.stream = lambda: _pages(dump, image)
     return image
@@ -627,6 +640,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     nbytes = -(-dump.max_mapnr // 8)
     k = 0  # descriptor index of the batch's first PFN
     held, raw = _Spans(), _Spans()  # file bytes holding page data: all of it, raw pages
+    given = 0  # file offset below which the mapped pages were given back
     try:
         for lo in range(0, nbytes, BATCH_BYTES):
             chunk = src.view(dump.bitmap2 + lo, min(BATCH_BYTES, nbytes - lo), "2nd bitmap")
@@ -652,6 +666,10 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                 data = _decode(dump, codecs, page)
                 if data is not None and window.put(page[0], data):
                     yield window.segment(path)
+                    # page data lies in PFN order: what precedes this page was decoded (or
+                    # scanned in place): give its mapped pages back, or the whole dump stays
+                    # resident
+                    given = _give_back(src.ev, given, page[1])
             if have < pfns.size:
                 break
             k += have
@@ -673,6 +691,15 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     _add_warnings(image, problems[1:])
     if problems:
         raise problems[0]
+
+
+def _give_back(ev: Evidence, given: int, upto: int) -> int:
+    """Release the mapped file bytes ``[given, upto)`` (see Evidence.release); returns the
+    new low mark."""
+    if upto > given:
+        ev.release(given, upto - given)
+        return upto
+    return given
 
 
 class _Spans:

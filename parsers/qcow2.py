@@ -123,6 +123,7 @@ class Qcow2:
             raise ImageError(path, 0x3C, f"{nsnap} snapshots announced")
         self.snapshots_span = (snap_off, snap_off)  # file bytes of the snapshot table
         self.snapshots = self._snapshot_table(snap_off, nsnap)
+        self.read_end = 0  # furthest file offset a cluster was read up to (bytes)
 
     def _snapshot_table(self, offset: int, count: int) -> list[dict[str, Any]]:
         out = []
@@ -172,6 +173,7 @@ class Qcow2:
         if host == 0 or (entry & L2_ZERO and not self.extended):
             return bytes(cs)
         data = ev.need(host, cs, "data cluster")
+        self.read_end = max(self.read_end, host + cs)
         if bitmap is None or bitmap & 0xFFFFFFFF == 0xFFFFFFFF:
             return data
         sub = cs // SUBCLUSTERS
@@ -189,6 +191,7 @@ class Qcow2:
         if host >= end:
             raise ImageError(self.ev.path, at, "compressed cluster outside the file")
         raw = self.ev.read(host, end - host)
+        self.read_end = max(self.read_end, end)
         try:
             if self.compression == "zstd":
                 out = _zstd_cluster(raw, self.cluster_size, self.ev.path, host)
@@ -386,6 +389,7 @@ class _VmstateReader:
         self.start = img.vmstate_offset(snap)
         self.pos = 0  # bytes of vmstate delivered
         self.problem: ImageError | None = None
+        self.released = 0  # file offset below which the mapped clusters were given back
 
     def fail(self, offset: int, message: str) -> ImageError:
         where = f"snapshot {self.snap['name']!r} vmstate offset {offset:#x}"
@@ -408,7 +412,17 @@ class _VmstateReader:
             out.append(piece)
             got += len(piece)
         self.pos += got
+        self._release()
         return b"".join(out)
+
+    def _release(self) -> None:
+        """Give back the mapped file pages read so far (the clusters were copied out): the
+        vmstate lies in the file in increasing order, as savevm appended it, so without this
+        the whole of it would stay resident while it is walked."""
+        ev, end = self.img.ev, self.img.read_end
+        if end > self.released:
+            ev.release(self.released, end - self.released)
+            self.released = end
 
     def close(self) -> None:
         return None
