@@ -21,7 +21,15 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from parsers import clock
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment, file_regions
+from parsers.base import (
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    file_regions,
+)
 from parsers.elf import note_meta, vmcoreinfo_meta
 
 FORMATS = ["kdump"]
@@ -158,6 +166,11 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         if ev.read(0, 16) == FLAT_SIGNATURE:
             src = _Flat(ev, path, image)
             image.meta["container"] = "makedumpfile flattened"
+            # partial feature, said at run time: a plain dump's regions are mapped by file
+            # offset; the flattened records would first have to be mapped back to the file
+            image.warnings.append(Remark(path, None, "flattened kdump: only the memory pages "
+                                         "are scanned, not the header, notes, gaps or bytes "
+                                         "after the end (docs/formats.md §12)"))
         dump = _Dump.read(src, path, image)
     image.stream = lambda: _pages(dump, image)
     return image

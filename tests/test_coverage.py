@@ -339,3 +339,12 @@ def test_pan_in_a_qcow2s_slack_unreferenced_cluster_disk_data_and_after_its_end(
     with registry.open_image(str(path)) as image:
         plain = sum(stored_region_bytes(image, s) for s in image.segments())
         assert plain + image.coverage.structure == len(data)
+
+
+def test_a_flattened_kdump_says_its_regions_are_not_scanned(tmp_path: Path, scan_result) -> None:
+    name = next(p.name for p in (Path(__file__).parent.parent / "samples" / "dumps").iterdir()
+                if p.name.endswith(".flat.gz"))
+    result = scan_result(str(copied(f"dumps/{name}", tmp_path)))
+    assert not result.errors, result.errors
+    assert any("flattened kdump: only the memory pages are scanned" in w
+               for w in result.warnings), result.warnings
