@@ -22,11 +22,13 @@ build strings) is scanned as ``region:device-state`` with the same addresses: de
 can hold guest data (a NIC's packets, a keyboard's keys, an audio buffer). Zero records hold
 nothing to scan and are skipped.
 
-Guest pages stored plainly inside one raw record are mapped in place (zero copy); pages in
-LZF records (and pages split across records) are decoded into bounded windows, each LZF record
-at most 4 KiB of output as VirtualBox's own reader requires. MMIO2 pages (video RAM and other
-device memory) have no guest-physical address: they are scanned in ``block:<range name>``
-spaces, addressed by their offset in the range; ROM pages likewise
+Guest pages are laid into bounded windows in address order: pages stored plainly inside one
+raw record are copied (and keep their file offset), pages in LZF records (and pages split
+across records) decoded, each LZF record at most 4 KiB of output as VirtualBox's own reader
+requires, and zero-page records written as zeros, so that guest neighbours are neighbours in a
+window (a secret straddling two pages is found whatever records hold them). MMIO2 pages
+(video RAM and other device memory) have no guest-physical address: they are scanned in
+``block:<range name>`` spaces, addressed by their offset in the range; ROM pages likewise
 (``block:<rom> (virgin)`` / ``block:<rom> (shadow)``).
 """
 
@@ -41,6 +43,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
 
@@ -139,7 +142,7 @@ LEGACY_AREA = (0xA0000, 0x100000)
 MAX_PAGE_RECORDS = 1 << 25  # page records kept (32 Mi pages = 128 GiB): a bound on memory
 MAX_GPA = 1 << 52  # RAM pages above this are not physical addresses
 MAX_RANGES = 254  # range ids are u8, 0xFF ends the list
-WINDOW_PAGES = 1024  # decoded pages per reused window (4 MiB)
+WINDOW_PAGES = 1024  # pages per reused window (4 MiB)
 
 # Page kinds in the record table (what a record's bytes are).
 _ZERO, _PLAIN, _LZF, _SPLIT = 0, 1, 2, 3
@@ -778,7 +781,8 @@ def _tail(ev: Evidence, st: _State, pos: int, meta: dict[str, Any]) -> None:
 
 def _resolve(st: _State) -> tuple[np.ndarray, np.ndarray]:
     """(winners, superseded): indexes into the page table of the records that hold the guest's
-    page (the last record of each page) and of the earlier copies that hold data."""
+    pages (the last record of each page, zero records included), in key order (space, then
+    address), and of the earlier copies that hold data, in file order."""
     key = np.frombuffer(st.key, np.int64) if len(st.key) else np.zeros(0, np.int64)
     kind = np.frombuffer(st.kind, np.int8) if len(st.kind) else np.zeros(0, np.int8)
     if key.size == 0:
@@ -787,10 +791,9 @@ def _resolve(st: _State) -> tuple[np.ndarray, np.ndarray]:
     k = key[order]
     last = np.ones(k.size, bool)
     last[:-1] = k[1:] != k[:-1]
-    win = np.zeros(key.size, bool)
-    win[order[last]] = True
-    data = kind != _ZERO
-    return np.flatnonzero(win & data), np.flatnonzero(~win & data)
+    old = np.ones(key.size, bool)
+    old[order[last]] = False
+    return order[last], np.flatnonzero(old & (kind != _ZERO))
 
 
 def _merged(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -883,9 +886,15 @@ def _space_of(key: np.ndarray, names: dict[int, int]) -> np.ndarray:
 
 
 def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
-    """Give ``image`` its segments: one over the mmap (plain pages, winners and superseded
-    copies, plain device-state records), then windows of decoded pages, then windows of
-    decoded device-state records."""
+    """Give ``image`` its segments: windows of the guest's pages in address order, then
+    windows of the superseded copies, then one segment over the mmap (plain device-state
+    records), then windows of decoded device-state records.
+
+    A window holds every winning page of its address range — plain ones copied, LZF ones
+    decoded, zero records as zero bytes — so pages that are guest neighbours are neighbours
+    in the window and the engine sees one run, not a seam per stored page beside a zero page
+    (seams that never meet a partner pile up in the engine's bounded edge store, which then
+    forgets real ones). The engine skips all-zero pages cheaply."""
     names = {num: image.space_id(name) for name, num in st.spaces.items()}
     superseded_space = image.space_id("region:superseded")
     device_space = image.space_id("region:device-state")
@@ -896,30 +905,26 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
     clen = np.frombuffer(st.clen, np.int32) if len(st.clen) else np.zeros(0, np.int32)
     soff = np.frombuffer(st.soff, np.int64) if len(st.soff) else np.zeros(0, np.int64)
     mask = (1 << 48) - 1
-    # address, space, file offset (or -1), record index for every scanned copy
+    # record index, address and space of every scanned copy: winners, then superseded copies
+    rec = np.concatenate((win, old))
     addr = np.concatenate((key[win] & mask, soff[old]))
     space = np.concatenate((_space_of(key[win], names), np.full(old.size, superseded_space)))
-    rec = np.concatenate((win, old))
-    plain = kind[rec] == _PLAIN
     dev_type = np.frombuffer(st.dev_type, np.int8) if len(st.dev_type) else np.zeros(0, np.int8)
     dev_at = np.frombuffer(st.dev_at, np.int64) if len(st.dev_at) else np.zeros(0, np.int64)
     dev_len = np.frombuffer(st.dev_len, np.int64) if len(st.dev_len) else np.zeros(0, np.int64)
     dev_out = np.frombuffer(st.dev_out, np.int32) if len(st.dev_out) else np.zeros(0, np.int32)
     dev_soff = np.frombuffer(st.dev_soff, np.int64) if len(st.dev_soff) else np.zeros(0, np.int64)
     dev_raw = dev_type == REC_RAW
-    fo = np.concatenate((where[rec[plain]], dev_at[dev_raw]))
-    main = Extents.build(
-        fo,
-        np.concatenate((addr[plain], dev_soff[dev_raw])),
-        np.concatenate((np.full(int(plain.sum()), PAGE), dev_len[dev_raw])),
-        fo,
-        np.concatenate((space[plain], np.full(int(dev_raw.sum()), device_space))),
-    )
-    decoded = np.flatnonzero(~plain)
+    fo = dev_at[dev_raw]
+    main = Extents.build(fo, dev_soff[dev_raw], dev_len[dev_raw], fo, device_space)
     dev_lzf = np.flatnonzero(dev_type == REC_LZF)
     path = st.path
     read = account(st, image)
     image.coverage.outside = int(dev_out.sum()) + int(old.size) * PAGE
+    # a page's bytes in the file, for the plain ones (a view: rows are copied when indexed)
+    pages_in_file = (
+        sliding_window_view(ev.data, PAGE) if ev.size >= PAGE else np.zeros((0, PAGE), np.uint8)
+    )
 
     def device_windows(problems: list[ImageError]) -> Iterator[Segment]:
         """The LZF records of device units, decoded into one reused window at a time."""
@@ -945,37 +950,47 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
         if fill:
             yield _window(buf, fill, device_space, path)
 
-    def stream() -> Iterator[Segment]:
-        yield Segment(ev.data, main, path)
-        problems: list[ImageError] = []
-        lost = 0  # pages counted as read that do not decode
-        buf = np.zeros(min(WINDOW_PAGES, decoded.size) * PAGE, np.uint8)
-        for lo in range(0, decoded.size, WINDOW_PAGES):
-            part = decoded[lo : lo + WINDOW_PAGES]
-            keep = []
-            for slot, j in enumerate(part.tolist()):
-                r = int(rec[j])
+    def page_windows(buf: np.ndarray, problems: list[ImageError]) -> Iterator[Segment]:
+        """Scanned copies ``lo`` .. ``lo + WINDOW_PAGES`` into ``buf``, page k at k * PAGE; a
+        page that does not decode is left out (and, if the guest's, no longer counted read)."""
+        rows = buf.reshape(-1, PAGE)
+        for lo in range(0, rec.size, WINDOW_PAGES):
+            r = rec[lo : lo + WINDOW_PAGES]
+            k = kind[r]
+            n = r.size
+            ok = np.ones(n, bool)
+            plain = np.flatnonzero(k == _PLAIN)
+            rows[plain] = pages_in_file[where[r[plain]]]
+            rows[np.flatnonzero(k == _ZERO)] = 0
+            for slot in np.flatnonzero((k == _LZF) | (k == _SPLIT)).tolist():
+                j = int(r[slot])
                 try:
-                    page = _page_bytes(ev, st, int(kind[r]), int(where[r]), int(clen[r]))
+                    page = _page_bytes(ev, st, int(kind[j]), int(where[j]), int(clen[j]))
                 except _Stop as stop:
                     problems.append(stop.err)
-                    if j < win.size:  # the guest's page, not a superseded copy
-                        at = int(np.searchsorted(read, key[r]))
-                        lost += int(at < read.size and read[at] == key[r])
+                    ok[slot] = False
+                    rows[slot] = 0
+                    if lo + slot < win.size:  # the guest's page, not a superseded copy
+                        at = int(np.searchsorted(read, key[j]))
+                        image.coverage.read -= PAGE * int(at < read.size and read[at] == key[j])
                     continue
-                buf[len(keep) * PAGE : (len(keep) + 1) * PAGE] = np.frombuffer(page, np.uint8)
-                keep.append(slot)
-            if not keep:
-                continue
-            sel = part[keep]
-            n = len(keep)
-            ext = Extents.build(
-                np.arange(n, dtype=np.int64) * PAGE, addr[sel], np.full(n, PAGE), None, space[sel]
-            )
+                rows[slot] = np.frombuffer(page, np.uint8)
+            _release(ev, where[r], np.where(k == _LZF, clen[r], PAGE), (k == _PLAIN) | (k == _LZF))
+            at = np.flatnonzero(ok)
+            fo = np.where(k == _PLAIN, where[r], -1)[at]
+            sel = lo + at
+            ext = Extents.build(at * PAGE, addr[sel], np.full(at.size, PAGE), fo, space[sel])
             yield Segment(buf[: n * PAGE], ext, path, reused=True)
+
+    def stream() -> Iterator[Segment]:
+        problems: list[ImageError] = []
+        covered = image.coverage.read
+        if rec.size:
+            yield from page_windows(np.zeros(min(WINDOW_PAGES, rec.size) * PAGE, np.uint8),
+                                    problems)  # fmt: skip
+        yield Segment(ev.data, main, path)
         yield from device_windows(problems)
-        if lost:
-            image.coverage.read -= lost * PAGE
+        if image.coverage.read != covered:
             image.check_coverage()
         if problems:
             seen = {str(w) for w in image.warnings}
@@ -983,16 +998,29 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
             raise problems[0]
 
     image.stream = stream
-    gpa_pages = int(np.count_nonzero((key[win] >> 48) == 0))
+    data = kind[win] != _ZERO
+    gpa_pages = int(np.count_nonzero(data & ((key[win] >> 48) == 0)))
     image.meta.update(
         {
-            "pages_stored": int(win.size),
+            "pages_stored": int(data.sum()),
             "gpa_pages_stored": gpa_pages,
             "superseded_copies": int(old.size),
             "page_records": len(st.key),
             "device_state_bytes": int(dev_out.sum()),
         }
     )
+
+
+def _release(ev: Evidence, at: np.ndarray, n: np.ndarray, used: np.ndarray) -> None:
+    """Give back the mapped file pages a window's copies came from (``at``/``n``: file offset
+    and stored bytes of each copy, ``used``: which were read from the file), when they lie
+    together (as they do in a save written in address order), so that resident memory does
+    not grow with the file."""
+    if not used.any():
+        return
+    lo, hi = int(at[used].min()), int((at + n)[used].max())
+    if hi - lo <= 2 * int(n[used].sum()) + 2 * PAGE:
+        ev.release(lo, hi - lo)
 
 
 def _window(buf: np.ndarray, fill: list[tuple[int, int, int]], space: int, path: str) -> Segment:
