@@ -43,8 +43,10 @@ Coverage (contract 4): a ``.vmrs`` declares its guest RAM through the ``RamMemor
 RamBlock is a declared-vs-read error. Nothing in a legacy ``.bin`` or its ``.vsv`` declares the
 RAM size publicly: a ``.bin`` only reports what it holds.
 
-Raw pages and raw blocks are scanned in place (zero copy); compressed and pattern pages are
-decoded into bounded windows through libfwnt (``pyfwnt``), each page into at most its size.
+Every page is laid into bounded windows in RAM page order: raw pages copied (keeping their file
+offset), compressed pages decoded through libfwnt (``pyfwnt``), each into at most its size,
+pattern pages (zero ones included) filled, so that guest neighbours are neighbours in a window
+and a secret straddling two pages is found whatever tags hold them.
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ import os
 import re
 import struct
 import zlib
+from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -123,7 +126,7 @@ MAX_OBJECTS = 1 << 20
 MAX_KEY_TABLE = 64 << 20  # bytes of one key table read
 MAX_KEYS = 1 << 20
 MAX_BLOCKS = 1 << 22  # 4 TiB of RamBlocks
-WINDOW_PAGES = 1024  # decoded pages per reused window (4 MiB)
+WINDOW_PAGES = 1024  # pages per reused window (4 MiB)
 MAX_WARNINGS = 8
 BIN_EXT = ".bin"
 VSV_EXT = ".vsv"
@@ -591,13 +594,17 @@ def _device_state(ev: Evidence, c: _Container, paths: dict[int, str],
 
 def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _Layout,
            state: list[tuple[int, int]], warnings: list[ImageError]) -> None:  # fmt: skip
-    """Plain pieces and the device state (file ranges ``state``) become extents of one fixed
-    segment; packed and pattern pages are decoded into windows after it."""
+    """Every page the RamBlocks hold is laid into bounded windows in RAM page order (raw pages
+    copied, keeping their file offset; compressed pages decoded; pattern pages, zero ones
+    included, filled), so that guest neighbours are neighbours in a window: a page beside a
+    zero-pattern page leaves no memory edge that never meets a partner (such edges fill the
+    engine's bounded edge store, which then forgets real ones). The device state (file ranges
+    ``state``) is one segment over the mmap after them."""
     path = image.path
-    plain_fo, plain_idx, plain_n = [], [], []
-    decoded: list[tuple[int, int, int, int, int, int]] = []  # global page, pages, kind, at, ...
+    # pieces in RAM page order: global first page, pages, kind, file offset, stored size
+    p_first, p_count, p_kind, p_at, p_size = (array("q") for _ in range(5))
+    p_pattern = array("Q")
     readings: dict[str, int] = {}
-    read_first, read_n = [], []  # every page a block holds (global page index, pages)
     for n in sorted(blocks):
         k = blocks[n]
         if k.value_size == 0 or k.value_at + k.value_size > ev.size:
@@ -611,43 +618,29 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
             continue
         readings[reading] = readings.get(reading, 0) + 1
         for first, count, kind, at, size, pattern in pieces:
-            g = n * BLOCK_PAGES + first
-            read_first.append(g)
-            read_n.append(count)
-            if kind == _RAW:
-                plain_fo.append(at)
-                plain_idx.append(g)
-                plain_n.append(count)
-            elif kind == _PACKED or pattern:
-                decoded.append((g, count, kind, at, size, pattern))
-    # Plain runs, page by page (a run may cross from one memory run into the next).
-    fo = np.repeat(np.asarray(plain_fo, np.int64), plain_n) + _within(plain_n)
-    idx = np.repeat(np.asarray(plain_idx, np.int64), plain_n) + _within(plain_n) // PAGE
-    gpa, ok = layout.gpa(idx)
-    beyond = image.space_id("block:RamBlocks past the memory runs") if (~ok).any() else 0
-    addr = np.where(ok, gpa, idx * PAGE)
-    space = np.where(ok, 0, beyond)
-    length = np.full(fo.size, PAGE)
-    if state:
-        at, n = np.asarray(state, np.int64).T
-        fo, addr, length = (
-            np.concatenate([fo, at]),
-            np.concatenate([addr, at]),
-            np.concatenate([length, n]),
-        )
-        space = np.concatenate([space, np.full(at.size, image.space_id("region:device-state"))])
-    main = Extents.build(fo, addr, length, fo, space)
+            p_first.append(n * BLOCK_PAGES + first)
+            p_count.append(count)
+            p_kind.append(kind)
+            p_at.append(at)
+            p_size.append(size)
+            p_pattern.append(pattern)
+    dev_at, dev_n = np.asarray(state, np.int64).reshape(-1, 2).T
+    dev_space = image.space_id("region:device-state") if state else 0
+    main = Extents.build(dev_at, dev_at, dev_n, dev_at, dev_space)
     image.meta["block_encodings"] = readings
-    held = np.repeat(np.asarray(read_first, np.int64), read_n) + _within(read_n) // PAGE
+    held = np.repeat(np.asarray(p_first, np.int64), p_count) + _within(list(p_count)) // PAGE
     image.coverage.read = int(layout.gpa(held)[1].sum()) * PAGE  # pages with a guest address
 
     def stream() -> Iterator[Segment]:
-        yield Segment(ev.data, main, path)
         buf = np.zeros(WINDOW_PAGES * PAGE, np.uint8)
-        slots: list[int] = []
+        idx = np.zeros(WINDOW_PAGES, np.int64)  # global RAM page of each slot
+        fo = np.zeros(WINDOW_PAGES, np.int64)  # its file offset (-1: decoded or filled)
+        used = 0
+        lo, hi, stored = ev.size, 0, 0  # file bytes the window's pages came from
         problems: list[ImageError] = []
         lost = 0  # pages that could not be decoded
-        for g, count, kind, at, size, pattern in decoded:
+        for i in range(len(p_first)):
+            g, count, kind, at, size = p_first[i], p_count[i], p_kind[i], p_at[i], p_size[i]
             if kind == _PACKED:
                 try:
                     out, _ = decode_page(ev.data[at : at + size].tobytes(), count * PAGE)
@@ -656,18 +649,31 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
                     lost += count
                     continue
                 pages = np.frombuffer(out, np.uint8)
+            elif kind == _RAW:
+                pages = ev.data[at : at + count * PAGE]
             else:
-                pages = np.tile(np.frombuffer(pattern.to_bytes(8, "little"), np.uint8),
-                                count * PAGE // 8)  # fmt: skip
-            for j in range(count):
-                k = len(slots)
-                buf[k * PAGE : (k + 1) * PAGE] = pages[j * PAGE : (j + 1) * PAGE]
-                slots.append(g + j)
-                if len(slots) == WINDOW_PAGES:
-                    yield _window(buf, slots, layout, image, path)
-                    slots = []
-        if slots:
-            yield _window(buf, slots, layout, image, path)
+                pattern = np.frombuffer(p_pattern[i].to_bytes(8, "little"), np.uint8)
+                pages = np.tile(pattern, count * PAGE // 8)
+            if kind != _FILL:
+                lo, hi, stored = min(lo, at), max(hi, at + size), stored + size
+            done = 0
+            while done < count:
+                take = min(count - done, WINDOW_PAGES - used)
+                buf[used * PAGE : (used + take) * PAGE] = pages[done * PAGE : (done + take) * PAGE]
+                pos = np.arange(done, done + take, dtype=np.int64)
+                idx[used : used + take] = g + pos
+                fo[used : used + take] = at + pos * PAGE if kind == _RAW else -1
+                used += take
+                done += take
+                if used == WINDOW_PAGES:
+                    yield _window(buf, idx[:used], fo[:used], layout, image, path)
+                    used = 0
+                    if hi - lo <= 2 * stored + 2 * PAGE:  # the pages lay together in the file
+                        ev.release(lo, hi - lo)  # resident memory does not grow with the file
+                    lo, hi, stored = ev.size, 0, 0
+        if used:
+            yield _window(buf, idx[:used], fo[:used], layout, image, path)
+        yield Segment(ev.data, main, path)
         if problems:
             image.coverage.read -= lost * PAGE
             image.check_coverage()
@@ -687,16 +693,17 @@ def _within(counts: list[int]) -> np.ndarray:
     return (np.arange(total, dtype=np.int64) - starts) * PAGE
 
 
-def _window(buf: np.ndarray, slots: list[int], layout: _Layout, image: MemoryImage,
-            path: str) -> Segment:  # fmt: skip
-    idx = np.asarray(slots, np.int64)
+def _window(buf: np.ndarray, idx: np.ndarray, fo: np.ndarray, layout: _Layout,
+            image: MemoryImage, path: str) -> Segment:  # fmt: skip
+    """The reused-window segment of pages ``idx`` (global RAM page numbers, page k of the
+    window at ``buf`` offset k * PAGE; ``fo``: file offsets, -1 for decoded pages)."""
     gpa, ok = layout.gpa(idx)
     space = np.zeros(idx.size, np.int64)
     if (~ok).any():
         space[~ok] = image.space_id("block:RamBlocks past the memory runs")
     addr = np.where(ok, gpa, idx * PAGE)
     n = idx.size
-    ext = Extents.build(np.arange(n, dtype=np.int64) * PAGE, addr, np.full(n, PAGE), None, space)
+    ext = Extents.build(np.arange(n, dtype=np.int64) * PAGE, addr, np.full(n, PAGE), fo, space)
     return Segment(buf[: n * PAGE], ext, path, reused=True)
 
 

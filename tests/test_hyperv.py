@@ -392,3 +392,25 @@ def test_absurd_counts_and_sizes(tmp_path):
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert problems and peak < 64 << 20
+
+
+def test_pan_across_pages_is_found_among_many_pages_beside_zero_pages(
+    tmp_path, scan_result, monkeypatch
+):
+    """A PAN running from a raw page into a pattern page is found when thousands of raw pages,
+    each beside zero-pattern pages, follow it, and the engine's store of unmatched memory edges
+    is small. Zero-pattern pages lie in the windows as zeros, so a stored page beside one
+    leaves no edge that never meets a partner (such edges once filled the store, which then
+    forgot the raw page's edge before the pattern page's came: the PAN was missed)."""
+    from scanner import engine
+
+    monkeypatch.setattr(engine, "PENDING_LIMIT", 256 << 10)
+    line = card_line("5555555555554444")  # " card 555555555555" | "4444\n"
+    pages = {0x100 + 2 * k: page(k) for k in range(3000)}
+    pages[0x10] = page(9999)[: PAGE - 18] + line[:18]
+    pages[0x11] = (line[18:] + b"   ") * (PAGE // 8)  # a pattern page: a fill tag
+    path = hw.VmrsFile([(0, 0x2000)], pages, encoding="fill").write(str(tmp_path / "z.vmrs"))
+    result = scan_result(path)
+    assert result.errors == [] and result.warnings == []
+    found = [(f.gpa, f.masked) for f in result.findings if f.detector == "pan"]
+    assert found == [(0x11 * PAGE - 18 + 6, "555555******4444")]
