@@ -58,15 +58,18 @@ def stored_region_bytes(image, seg) -> int:
 # ---- issue 11 part 1: a PAN planted outside guest memory is reported once -------------------
 
 
-def test_pan_after_a_qemu_streams_end(tmp_path: Path, scan_result) -> None:
-    path = copied("qemu/pc-64m.qevm", tmp_path)
+def appended_is_trailing(path: Path, scan_result) -> None:
+    """A PAN appended to ``path`` is reported once as ``trailing`` at its file offset."""
     end = path.stat().st_size
     with open(path, "ab") as fh:
         fh.write(PLANT)
     result = scan_result(str(path))
-    findings, errors = result.findings, result.errors
-    assert not errors
-    the_region_finding(findings, "trailing", path, end)
+    assert not result.errors, result.errors
+    the_region_finding(result.findings, "trailing", path, end)
+
+
+def test_pan_after_a_qemu_streams_end(tmp_path: Path, scan_result) -> None:
+    appended_is_trailing(copied("qemu/pc-64m.qevm", tmp_path), scan_result)
 
 
 def test_pan_in_a_libvirt_headers_xml_padding(tmp_path: Path, scan_result) -> None:
@@ -88,25 +91,11 @@ def test_pan_in_a_libvirt_headers_xml_padding(tmp_path: Path, scan_result) -> No
 def test_pan_after_a_vmware_checkpoints_groups(tmp_path: Path, scan_result) -> None:
     out = vw.make_vm(tmp_path, "vm", memory_size=4 * MIB, plants={}, regions=vw.pci_hole_layout(
         0x300, 0x100))  # fmt: skip
-    ck = Path(out["checkpoint"])
-    end = ck.stat().st_size
-    with open(ck, "ab") as fh:
-        fh.write(PLANT)
-    result = scan_result(str(ck))
-    findings, errors = result.findings, result.errors
-    assert not errors
-    the_region_finding(findings, "trailing", ck, end)
+    appended_is_trailing(Path(out["checkpoint"]), scan_result)
 
 
 def test_pan_after_an_elf_cores_segments(tmp_path: Path, scan_result) -> None:
-    path = copied("dumps/pc-64M.elf.gz", tmp_path)
-    end = path.stat().st_size
-    with open(path, "ab") as fh:
-        fh.write(PLANT)
-    result = scan_result(str(path))
-    findings, errors = result.findings, result.errors
-    assert not errors
-    the_region_finding(findings, "trailing", path, end)
+    appended_is_trailing(copied("dumps/pc-64M.elf.gz", tmp_path), scan_result)
 
 
 def test_pan_after_a_compressed_saves_last_member(tmp_path: Path, scan_result) -> None:

@@ -24,6 +24,7 @@ import random
 import resource
 import signal
 import tempfile
+import time
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -190,8 +191,16 @@ class _Hang(Exception):
     pass
 
 
+# CPU seconds (process_time) when the input being checked started; None between inputs. The
+# kernel keeps sending SIGXCPU once a second after a soft RLIMIT_CPU passes, and a signal can
+# arrive after the limit was lifted again: only an input that really used TIME_LIMIT seconds
+# is a hang, and no signal may interrupt the bookkeeping between inputs.
+_started: float | None = None
+
+
 def _alarm(*_: Any) -> None:
-    raise _Hang
+    if _started is not None and time.process_time() - _started >= TIME_LIMIT - 1:
+        raise _Hang
 
 
 @cache
@@ -205,11 +214,13 @@ def check(data: bytes, directory: str, name: str = "image") -> str | None:
     path = os.path.join(directory, name)
     with open(path, "wb") as fh:
         fh.write(data)
+    global _started
     signal.signal(signal.SIGXCPU, _alarm)
     used = resource.getrusage(resource.RUSAGE_SELF)
     soft, hard = resource.getrlimit(resource.RLIMIT_CPU)
     resource.setrlimit(resource.RLIMIT_CPU, (int(used.ru_utime + used.ru_stime) + TIME_LIMIT,
                                              hard))  # fmt: skip
+    _started = time.process_time()
     try:
         try:
             image = registry.open_image(path)
@@ -231,6 +242,7 @@ def check(data: bytes, directory: str, name: str = "image") -> str | None:
     except Exception as exc:  # noqa: BLE001 - every other exception is a traceback for a user
         return f"traceback: {type(exc).__name__}: {exc}"
     finally:
+        _started = None
         resource.setrlimit(resource.RLIMIT_CPU, (soft, hard))
         os.unlink(path)
     if resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 > RSS_LIMIT:
