@@ -517,7 +517,7 @@ class Engine:
                 result.region_bytes += layout.region_total(image)
                 src = self._source_id(seg)
                 for g in self.groups:
-                    edges = _EdgeSet.of(layout, g.edge, src, first)
+                    edges = _EdgeSet.of(layout, g.edge, src, first, pending[id(g)].blocks)
                     found += self._seams(image, g, edges, pending[id(g)], seams)
         except ImageError as err:
             result.errors.append(str(err))
@@ -577,7 +577,7 @@ class Engine:
             # only windows where some detector of the group could match across the middle,
             # judged on the narrow band around it when every detector allows that
             b = min(group.band or w, w)
-            band = np.concatenate((tails.rows[tb, e - b :], heads.rows[hb, :b]), axis=1)
+            band = np.concatenate((tails.rows(tb, e - b, e), heads.rows(hb, 0, b)), axis=1)
             useful = np.zeros(band.shape[0], bool)
             probe = Chunk(band)
             for _, det in group.detectors:
@@ -585,7 +585,7 @@ class Engine:
             useful &= band.any(axis=1)  # nothing is found in zeros
             rows = np.flatnonzero(useful)
             tb, hb = tb[rows], hb[rows]
-            flat = np.concatenate((tails.rows[tb, e - w :], heads.rows[hb, :w]), axis=1)
+            flat = np.concatenate((tails.rows(tb, e - w, e), heads.rows(hb, 0, w)), axis=1)
             flat = flat.reshape(-1)
             chunk = Chunk(flat)
             for _, det in group.detectors:
@@ -622,11 +622,16 @@ class Engine:
 
 @dataclass
 class _EdgeSet:
-    """Run edges of streamed segments, each with the ``w`` bytes next to it (a tail's rows end
-    at the edge, a head's begin there; zeros where the run is shorter): address space,
+    """Run edges of streamed segments, each with the ``w`` bytes next to it (a tail's row ends
+    at the edge, a head's begins there; zeros where the run is shorter): address space,
     guest address of the edge, file offset of the byte at the edge (-1: not stored plainly),
-    source (index into Engine._sources), serial number, and ``held``, how many of its row's
-    bytes are guest memory."""
+    source (index into Engine._sources), serial number, ``held``, how many of its row's
+    bytes are guest memory, and where its row is: row ``at`` of block ``blk`` of ``blocks``.
+
+    Rows stay in the block their segment made them in (keyed by the serial of the block's
+    first edge, so older blocks have smaller keys): selecting and joining edge sets copies
+    the small per-edge arrays only, never rows, and ``blocks`` is shared by all the sets of
+    one stage group."""
 
     space: np.ndarray
     addr: np.ndarray
@@ -634,19 +639,22 @@ class _EdgeSet:
     src: np.ndarray
     serial: np.ndarray
     held: np.ndarray
-    rows: np.ndarray
+    blk: np.ndarray
+    at: np.ndarray
+    blocks: dict[int, np.ndarray]
 
     @classmethod
-    def empty(cls) -> _EdgeSet:
+    def empty(cls, blocks: dict[int, np.ndarray]) -> _EdgeSet:
         z = np.zeros(0, np.int64)
-        return cls(z, z, z, z, z, z, np.zeros((0, 0), np.uint8))
+        return cls(z, z, z, z, z, z, z, z, blocks)
 
     @classmethod
     def of(
-        cls, layout: _Layout, w: int, src: int, first: tuple[int, int]
+        cls, layout: _Layout, w: int, src: int, first: tuple[int, int],
+        blocks: dict[int, np.ndarray],
     ) -> tuple[_EdgeSet, _EdgeSet]:
-        """(tails, heads) of the runs of a segment's ``layout``; ``first``: serial numbers of
-        the first tail and head."""
+        """(tails, heads) of the runs of a segment's ``layout``, their rows added to
+        ``blocks``; ``first``: serial numbers of the first tail and head."""
         n = layout.run_vstart.size
         vs, ve = layout.run_vstart, layout.run_vend
         cols = np.arange(w)[None, :]
@@ -655,22 +663,28 @@ class _EdgeSet:
         t_rows[cols < (w - held)[:, None]] = 0  # bytes before the run
         h_rows = layout.rows(vs, w)
         h_rows[cols >= held[:, None]] = 0
+        blocks[first[0]], blocks[first[1]] = t_rows, h_rows
         p0 = np.searchsorted(layout.run, np.arange(n))  # first piece of each run
         p1 = np.concatenate((p0[1:], [layout.run.size])) - 1  # last piece
         t_fo = np.where(layout.fo[p1] >= 0, layout.fo[p1] + layout.length[p1], -1)
         srcs = np.full(n, src, np.int64)
         t_addr = layout.addr[p1] + layout.length[p1]
-        tails = cls(layout.space[p1], t_addr, t_fo, srcs, first[0] + np.arange(n), held, t_rows)
-        heads = cls(layout.space[p0], layout.addr[p0], layout.fo[p0], srcs,
-                    first[1] + np.arange(n), held, h_rows)  # fmt: skip
+        at = np.arange(n)
+        tails = cls(layout.space[p1], t_addr, t_fo, srcs, first[0] + at, held,
+                    np.full(n, first[0]), at, blocks)  # fmt: skip
+        heads = cls(layout.space[p0], layout.addr[p0], layout.fo[p0], srcs, first[1] + at,
+                    held, np.full(n, first[1]), at, blocks)  # fmt: skip
         return tails, heads
 
     def __len__(self) -> int:
         return int(self.addr.size)
 
+    def _cols(self) -> tuple[np.ndarray, ...]:
+        return (self.space, self.addr, self.fo, self.src, self.serial, self.held, self.blk,
+                self.at)  # fmt: skip
+
     def select(self, idx: np.ndarray) -> _EdgeSet:
-        return _EdgeSet(*(a[idx] for a in (self.space, self.addr, self.fo, self.src,
-                                           self.serial, self.held, self.rows)))  # fmt: skip
+        return _EdgeSet(*(a[idx] for a in self._cols()), self.blocks)
 
     def drop(self, idx: np.ndarray) -> _EdgeSet:
         keep = np.ones(len(self), bool)
@@ -681,22 +695,46 @@ class _EdgeSet:
         if not len(self):
             return other
         return _EdgeSet(*(np.concatenate((a, b)) for a, b in zip(
-            (self.space, self.addr, self.fo, self.src, self.serial, self.held, self.rows),
-            (other.space, other.addr, other.fo, other.src, other.serial, other.held,
-             other.rows), strict=True)))  # fmt: skip
+            self._cols(), other._cols(), strict=True)), self.blocks)  # fmt: skip
+
+    def rows(self, idx: np.ndarray, lo: int, hi: int) -> np.ndarray:
+        """Bytes ``[lo, hi)`` of the rows of edges ``idx``, one row each (a copy)."""
+        out = np.empty((idx.size, hi - lo), np.uint8)
+        blk = self.blk[idx]
+        for b in np.unique(blk).tolist():
+            m = blk == b
+            out[m] = self.blocks[b][self.at[idx[m]], lo:hi]
+        return out
+
+    def compact(self) -> None:
+        """Copy the rows still used out of blocks at most half used; free unused blocks."""
+        order = np.argsort(self.blk, kind="stable")
+        ids, starts, counts = np.unique(self.blk[order], return_index=True, return_counts=True)
+        for b, start, k in zip(ids.tolist(), starts.tolist(), counts.tolist(), strict=True):
+            rows = self.blocks[b]
+            if 2 * k > rows.shape[0]:
+                continue
+            mine = order[start : start + k]
+            self.blocks[b] = rows[self.at[mine]]
+            self.at[mine] = np.arange(k)
 
 
 @dataclass
 class _Pending:
-    """Edges of one stage group waiting for a partner in a later segment. Past
-    PENDING_LIMIT bytes of rows the oldest are forgotten (they stay as scanned, against
-    zeros), their keys kept so that one meeting a partner later can be reported (``lost``)."""
+    """Edges of one stage group waiting for a partner in a later segment, and the row blocks
+    they use. Past PENDING_LIMIT bytes of rows the oldest blocks are forgotten (their edges
+    stay as scanned, against zeros), their keys kept so that one meeting a partner later can
+    be reported (``lost``)."""
 
-    tails: _EdgeSet = field(default_factory=_EdgeSet.empty)
-    heads: _EdgeSet = field(default_factory=_EdgeSet.empty)
+    blocks: dict[int, np.ndarray] = field(default_factory=dict)
+    tails: _EdgeSet = field(init=False)
+    heads: _EdgeSet = field(init=False)
     gone_tails: set[tuple[int, int, int]] = field(default_factory=set)
     gone_heads: set[tuple[int, int, int]] = field(default_factory=set)
     lost: bool = False
+
+    def __post_init__(self) -> None:
+        self.tails = self.heads = _EdgeSet.empty(self.blocks)
 
     def keep(self, tails: _EdgeSet, heads: _EdgeSet, sources: list) -> None:
         # an edge meeting one forgotten earlier: that seam was scanned unstitched
@@ -704,13 +742,21 @@ class _Pending:
             self.lost |= bool(_keys(heads, sources) & self.gone_tails)
         if self.gone_heads and len(tails):
             self.lost |= bool(_keys(tails, sources) & self.gone_heads)
+        used = set(np.unique(tails.blk).tolist()) | set(np.unique(heads.blk).tolist())
+        for b in [b for b in self.blocks if b not in used]:
+            del self.blocks[b]
+        tails.compact()
+        heads.compact()
+        size = sum(rows.nbytes for rows in self.blocks.values())
+        for b in sorted(self.blocks):  # oldest first
+            if size <= PENDING_LIMIT:
+                break
+            size -= self.blocks.pop(b).nbytes
+            t, h = tails.blk == b, heads.blk == b
+            self.gone_tails |= _keys(tails.select(np.flatnonzero(t)), sources)
+            self.gone_heads |= _keys(heads.select(np.flatnonzero(h)), sources)
+            tails, heads = tails.select(np.flatnonzero(~t)), heads.select(np.flatnonzero(~h))
         self.tails, self.heads = tails, heads
-        while self.tails.rows.nbytes + self.heads.rows.nbytes > PENDING_LIMIT:
-            t, h = len(self.tails) // 2, len(self.heads) // 2  # oldest half of each
-            self.gone_tails |= _keys(self.tails.select(np.arange(t)), sources)
-            self.gone_heads |= _keys(self.heads.select(np.arange(h)), sources)
-            self.tails = self.tails.select(np.arange(t, len(self.tails)))
-            self.heads = self.heads.select(np.arange(h, len(self.heads)))
 
 
 def _keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> set[tuple[int, int, int]]:

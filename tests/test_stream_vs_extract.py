@@ -163,3 +163,27 @@ def test_units_of_a_page_stream_scan_like_the_whole(tmp_path: Path, monkeypatch:
     assert whole is not None and len(whole.findings) >= 15
     assert sorted((f.gpa, f.fingerprint) for f in found) == sorted(
         (f.gpa, f.fingerprint) for f in whole.findings)
+
+
+def test_edges_forgotten_past_the_pending_limit_are_reported(key: Any, monkeypatch: Any) -> None:
+    """Pages handed over one a segment in shuffled order: every page edge waits for its
+    partner. With no room for waiting edges (PENDING_LIMIT 0) each segment's are forgotten at
+    once, and an edge meeting a forgotten one later says so; with the default room, none."""
+    import scanner.engine
+
+    mem = memory(7, [0] * 8, key("rsa1024"))
+    pages = sorted(pages_of(mem).items())
+    random.Random(7).shuffle(pages)
+
+    def stream():
+        for addr, data in pages:
+            buf = np.frombuffer(data, np.uint8)
+            yield Segment(buf, Extents.build([0], [addr], [PAGE]), "mem")
+
+    def warnings() -> list[str]:
+        image = MemoryImage(path="mem", format="test", files=["mem"], stream=stream)
+        return Engine(ScanConfig(select("all"), key=TEST_KEY)).scan_image(image).warnings
+
+    assert not any("unmatched memory edges" in w for w in warnings())
+    monkeypatch.setattr(scanner.engine, "PENDING_LIMIT", 0)
+    assert any("unmatched memory edges" in w for w in warnings())
