@@ -11,6 +11,7 @@ snappy or zstd (decoded one page at a time into bounded windows). GPA = PFN * bl
 
 from __future__ import annotations
 
+import heapq
 import struct
 import zlib
 from array import array
@@ -140,6 +141,7 @@ BITS32_MACHINES = ("i386", "i486", "i586", "i686", "arm", "armv7l", "ppc", "mips
 MAX_NOTES = 16 << 20  # notes and VMCOREINFO are read for metadata only, up to this size
 BATCH_BYTES = 64 << 10  # 2nd-bitmap bytes per batch = 512 Ki PFNs, 12 MiB of descriptors
 WINDOW_BYTES = 4 << 20  # decompression window, bytes
+WALK_RELEASE = 64 << 20  # bytes of a flattened stream walked between giving pages back
 # Raw pages stored back to back form zero-copy segments of the mmap when at least MIN_RUN
 # long (shorter runs are copied into windows: cheaper than a segment, and the engine then
 # never scans the compressed bytes around them); a segment spans at most MAX_RUN pages.
@@ -269,7 +271,13 @@ def _flat_records(
     starts, sizes, poss = array("q"), array("q"), array("q")
     pos = FLAT_HEADER_SIZE
     buf = memoryview(ev.data)  # struct reads a memoryview faster than an ndarray
+    walked = 0  # file offset below which the walk gave the mapped pages back
     while True:
+        if pos - walked >= WALK_RELEASE:
+            # headers 16 KiB apart fault in (nearly) every page of the file around them:
+            # give them back as the walk goes, or the whole dump is resident before a page
+            # is read
+            walked = _give_back(ev, walked, pos)
         if pos + FLAT_RECORD.size > ev.size:
             image.warnings.append(
                 ImageError(path, pos, "truncated: flattened stream ends without its end record")
@@ -293,6 +301,7 @@ def _flat_records(
             sizes.append(size)
             poss.append(pos + FLAT_RECORD.size)
         pos += FLAT_RECORD.size + size
+    _give_back(ev, walked, pos)
     if not starts:
         raise ImageError(path, FLAT_HEADER_SIZE, "flattened stream holds no data")
     return (np.frombuffer(starts, np.int64), np.frombuffer(sizes, np.int64),
@@ -641,6 +650,33 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     k = 0  # descriptor index of the batch's first PFN
     held, raw = _Spans(), _Spans()  # file bytes holding page data: all of it, raw pages
     given = 0  # file offset below which the mapped pages were given back
+
+    def in_order(
+        segments: list[tuple[int, Segment]], short: list[tuple[int, int]], copy: list[_Page]
+    ) -> Iterator[Segment]:
+        """Raw runs, short raw pages and pages to decode of a batch, merged in PFN order
+        (each list is): a run yielded ahead of the compressed pages before it would leave
+        all their edges waiting for each other in the engine (seams), and their file pages
+        mapped until those pages are decoded."""
+        nonlocal given
+        runs_at = ((pfn, 0, seg) for pfn, seg in segments)
+        short_at = ((pfn, 1, fp) for pfn, fp in short)
+        copy_at = ((page[0], 2, page) for page in copy)
+        for pfn, kind, item in heapq.merge(runs_at, short_at, copy_at, key=lambda e: e[0]):
+            if kind == 0:
+                yield item
+            elif kind == 1:
+                if window.put(pfn, src.ev.data[item : item + bs]):
+                    yield window.segment(path)
+            else:
+                data = _decode(dump, codecs, item)
+                if data is not None and window.put(pfn, data):
+                    yield window.segment(path)
+                    # page data lies in PFN order: what precedes this page was decoded (or
+                    # scanned in place): give its mapped pages back, or the whole dump
+                    # stays resident
+                    given = _give_back(src.ev, given, item[1])
+
     try:
         for lo in range(0, nbytes, BATCH_BYTES):
             chunk = src.view(dump.bitmap2 + lo, min(BATCH_BYTES, nbytes - lo), "2nd bitmap")
@@ -657,27 +693,11 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
             desc = np.frombuffer(table, desc_dtype)
             raw_fp, raw_pfn, copy = _classify(dump, desc, pfns[:have], at, state, (held, raw))
             last = have < pfns.size or lo + BATCH_BYTES >= nbytes
-            segments, short = runs.add(raw_fp, raw_pfn, last)
-            yield from segments
-            for pfn, fp in short:
-                if window.put(pfn, src.ev.data[fp : fp + bs]):
-                    yield window.segment(path)
-            for page in copy:
-                data = _decode(dump, codecs, page)
-                if data is not None and window.put(page[0], data):
-                    yield window.segment(path)
-                    # page data lies in PFN order: what precedes this page was decoded (or
-                    # scanned in place): give its mapped pages back, or the whole dump stays
-                    # resident
-                    given = _give_back(src.ev, given, page[1])
+            yield from in_order(*runs.add(raw_fp, raw_pfn, last), copy)
             if have < pfns.size:
                 break
             k += have
-        segments, short = runs.add(np.zeros(0, np.int64), np.zeros(0, np.int64), True)
-        yield from segments
-        for pfn, fp in short:
-            if window.put(pfn, src.ev.data[fp : fp + bs]):
-                yield window.segment(path)
+        yield from in_order(*runs.add(np.zeros(0, np.int64), np.zeros(0, np.int64), True), [])
         if window.pfns:
             yield window.segment(path)
         if isinstance(src, _Plain):
@@ -873,9 +893,9 @@ class _Runs:
 
     def add(
         self, fp: np.ndarray, pfn: np.ndarray, final: bool
-    ) -> tuple[list[Segment], list[tuple[int, int]]]:
-        """Segments for the runs completed by these pages, and (PFN, file position) of the
-        pages of short completed runs."""
+    ) -> tuple[list[tuple[int, Segment]], list[tuple[int, int]]]:
+        """(first PFN, segment) for the runs completed by these pages, and (PFN, file
+        position) of the pages of short completed runs."""
         fp, pfn = np.concatenate((self.fp, fp)), np.concatenate((self.pfn, pfn))
         if fp.size == 0:
             return [], []
@@ -897,6 +917,6 @@ class _Runs:
                     file_offset=fp[lo:hi],
                 )  # fmt: skip
                 view = self.src.ev.data[base : base + (hi - lo) * self.bs]
-                segments.append(Segment(view, ext, self.path))
+                segments.append((int(pfn[lo]), Segment(view, ext, self.path)))
         short = np.flatnonzero(np.repeat(~long_run, ends - starts))
         return segments, list(zip(pfn[short].tolist(), fp[short].tolist(), strict=True))
