@@ -76,6 +76,15 @@ def execute(
     except ValueError as err:
         raise click.BadParameter(str(err), param_hint="--detectors") from None
     dets += yara_detectors(p.yara, p.yara_max_len)  # rule errors stop us before any image
+    if p.yara:
+        # yara-x's Python binding shows no rule's condition (1.23: Rules has scan, serialize
+        # and imports only), so rules needing only their strings cannot be told apart: always
+        warn(
+            "note: --yara: each rule's condition is evaluated per scanned window (a chunk of "
+            f"{p.chunk_size / 2**20:g} MiB or a batch of seam windows), not per image: "
+            "filesize, at/in offsets and strings farther apart than a window do not mean "
+            "what they mean on a file"
+        )
     key = load_key(p.fingerprint_key_file)
     if p.unmask:
         warn("WARNING: --unmask given: full secret values are shown")

@@ -51,6 +51,21 @@ def test_scan_yara_reports_each_string_match_masked_at_its_gpa(tmp_path: Path) -
                             "string": "$pan"}
 
 
+def test_scan_yara_says_conditions_are_per_window(tmp_path: Path) -> None:
+    pytest.importorskip("yara_x", reason="yara-x is not installed", exc_type=ImportError)
+    rules = tmp_path / "cards.yar"
+    rules.write_text(RULE)
+    image = str(QEMU / "pc-64m.qevm")
+    done = vmleak("scan", "-q", "--detectors", "ssn", "--yara", str(rules), image)
+    assert done.returncode == 1, done.stderr
+    (note,) = [x for x in done.stderr.splitlines() if "condition" in x]
+    assert note.startswith("vmleak: note: --yara: each rule's condition is evaluated per "
+                           "scanned window (a chunk of 8 MiB")
+    assert "not per image" in note
+    plain = vmleak("scan", "-q", "--detectors", "ssn", image)
+    assert "condition" not in plain.stderr
+
+
 def test_scan_yara_directory_repeatable_and_unmask(tmp_path: Path) -> None:
     pytest.importorskip("yara_x", reason="yara-x is not installed", exc_type=ImportError)
     (tmp_path / "d").mkdir()
