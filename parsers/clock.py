@@ -47,6 +47,7 @@ REG_B_24H, REG_B_BINARY = 0x02, 0x04  # register B: 24-hour mode; binary (not BC
 KDUMP_TIMEVAL = {64: (0x198, "q"), 32: (0x194, "i")}  # guest bits -> (offset, tv_sec type)
 CRASHTIME = re.compile(rb"(?m)^CRASHTIME=(\d{1,12})$")
 EARLIEST = 86400  # a clock reading before 1970-01-02 is an unset field, not a time
+LATEST = 253402300799  # 9999-12-31T23:59:59Z: a reading past it is a damaged field, not a time
 
 
 def iso(seconds: float) -> str:
@@ -132,10 +133,16 @@ def kdump(header: bytes, order: str, bits: int) -> dict[str, Any]:
     if len(header) < at + 8:
         return {}
     (sec,) = struct.unpack_from(order + kind, header, at)
-    return {"guest_clock": iso(sec)} if sec >= EARLIEST else {}
+    return _reading(sec)
 
 
 def crashtime(vmcoreinfo: bytes) -> dict[str, Any]:
     """The guest clock from a VMCOREINFO note's ``CRASHTIME=`` line."""
     m = CRASHTIME.search(vmcoreinfo)
-    return {"guest_clock": iso(int(m[1]))} if m and int(m[1]) >= EARLIEST else {}
+    return _reading(int(m[1])) if m else {}
+
+
+def _reading(sec: int) -> dict[str, Any]:
+    """``{"guest_clock": ...}`` for a plausible clock reading (seconds since the epoch), ``{}``
+    for an unset or damaged one."""
+    return {"guest_clock": iso(sec)} if EARLIEST <= sec <= LATEST else {}

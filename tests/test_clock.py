@@ -138,3 +138,17 @@ def test_hostile_device_state_never_raises(noise: bytes, cut: int) -> None:
     blob = noise[:cut] + rtc_section(noise[cut:] + bytes(128))[: 150 + len(noise) % 200]
     out = clock.qemu_rtc(blob)
     assert out == {} or clock.parse(out["guest_clock"]) > 0
+
+
+@given(sec=st.integers(-(1 << 63), (1 << 63) - 1))
+def test_any_kdump_timestamp_is_a_time_or_none(sec: int) -> None:
+    """A damaged timestamp field (found by the kdump fuzz family: years past 9999 raised
+    ValueError/OverflowError) is no guest clock, never a traceback."""
+    h64 = bytearray(0x1A8)
+    struct.pack_into("<q", h64, 0x198, sec)
+    got = clock.kdump(bytes(h64), "<", 64)
+    assert got == ({"guest_clock": clock.iso(sec)} if clock.EARLIEST <= sec <= clock.LATEST
+                   else {})
+    line = abs(sec) % 10**12  # CRASHTIME= holds up to 12 digits
+    assert clock.crashtime(b"CRASHTIME=%d\n" % line) == (
+        {"guest_clock": clock.iso(line)} if clock.EARLIEST <= line <= clock.LATEST else {})
