@@ -235,11 +235,13 @@ class _Flat:
         if i < self.start.size and self.start[i] <= offset and offset + size <= self.end[i]:
             p = int(self.pos[i] + offset - self.start[i])
             return self.ev.data[p : p + size]
-        # Spread over several records: gather the pieces (callers ask for bounded sizes).
-        j = int(np.searchsorted(self.start, offset + size, side="left"))
-        lo = np.maximum(self.start[i:j], offset)
-        hi = np.minimum(self.end[i:j], offset + size)
-        if size > self.ev.size or int((hi - lo).sum()) != size:
+        # Spread over several records: gather the pieces (callers ask for bounded sizes; a
+        # damaged header's offset may lie beyond any int64, so that is checked first).
+        beyond = offset < 0 or size > self.ev.size or offset + size > self.size
+        j = i if beyond else int(np.searchsorted(self.start, offset + size, side="left"))
+        lo = np.maximum(self.start[i:j], offset) if not beyond else self.start[:0]
+        hi = np.minimum(self.end[i:j], offset + size) if not beyond else self.end[:0]
+        if beyond or int((hi - lo).sum()) != size:
             raise ImageError(
                 self.path,
                 None,
