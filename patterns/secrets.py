@@ -26,7 +26,8 @@ Placeholders and published samples are not reported (issue 11), as the peers do 
   trufflehog's ``FalsePositiveSecretPat`` says);
 - a placeholder test (:func:`placeholder`) on the token's random part: one character repeated
   (gitleaks' global allowlist; its false positives ``AKIA`` followed by sixteen capital
-  X letters, and a ``xoxb-`` token of lower-case x letters), a word of trufflehog's ``DefaultFalsePositives`` (example, xxxxxx, aaaaaa, abcde,
+  X letters, and a ``xoxb-`` token of lower-case x letters),
+  a word of trufflehog's ``DefaultFalsePositives`` (example, xxxxxx, aaaaaa, abcde,
   00000, sample, *****), or six characters in alphabet order (gitleaks' stop word
   ``abcdefghijklmnopqrstuvwxyz``: ``AIza`` + the alphabet, ``github_pat_xxxx...``);
 - published samples (``SAMPLES``): the AWS documentation's example key pairs (gitleaks'
