@@ -728,15 +728,16 @@ class _EdgeSet:
 class _Pending:
     """Edges of one stage group waiting for a partner in a later segment, and the row blocks
     they use. Past ``limit`` bytes (rows, and ``EDGE_COST`` per edge) the oldest blocks are
-    forgotten (their edges stay as scanned, against zeros), their keys (``_edge_keys``, 8
-    bytes an edge) kept so that one meeting a partner later can be reported (``lost``)."""
+    forgotten (their edges stay as scanned, against zeros), their keys (``_edge_keys``: one
+    int each, ~60 bytes in a set) kept so that one meeting a partner later can be reported
+    (``lost``)."""
 
     limit: int
     blocks: dict[int, np.ndarray] = field(default_factory=dict)
     tails: _EdgeSet = field(init=False)
     heads: _EdgeSet = field(init=False)
-    gone_tails: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))  # sorted
-    gone_heads: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    gone_tails: set[int] = field(default_factory=set)
+    gone_heads: set[int] = field(default_factory=set)
     lost: bool = False
 
     def __post_init__(self) -> None:
@@ -744,10 +745,10 @@ class _Pending:
 
     def keep(self, tails: _EdgeSet, heads: _EdgeSet, sources: list) -> None:
         # an edge meeting one forgotten earlier: that seam was scanned unstitched
-        if self.gone_tails.size and len(heads):
-            self.lost |= bool(np.isin(_edge_keys(heads, sources), self.gone_tails).any())
-        if self.gone_heads.size and len(tails):
-            self.lost |= bool(np.isin(_edge_keys(tails, sources), self.gone_heads).any())
+        if self.gone_tails and len(heads):
+            self.lost |= not self.gone_tails.isdisjoint(_edge_keys(heads, sources).tolist())
+        if self.gone_heads and len(tails):
+            self.lost |= not self.gone_heads.isdisjoint(_edge_keys(tails, sources).tolist())
         used = set(np.unique(tails.blk).tolist()) | set(np.unique(heads.blk).tolist())
         for b in [b for b in self.blocks if b not in used]:
             del self.blocks[b]
@@ -761,8 +762,8 @@ class _Pending:
             rows = self.blocks.pop(b)
             t, h = tails.blk == b, heads.blk == b
             size -= rows.nbytes + EDGE_COST * int(t.sum() + h.sum())
-            self.gone_tails = _merged(self.gone_tails, tails.select(np.flatnonzero(t)), sources)
-            self.gone_heads = _merged(self.gone_heads, heads.select(np.flatnonzero(h)), sources)
+            self.gone_tails.update(_edge_keys(tails.select(np.flatnonzero(t)), sources).tolist())
+            self.gone_heads.update(_edge_keys(heads.select(np.flatnonzero(h)), sources).tolist())
             tails, heads = tails.select(np.flatnonzero(~t)), heads.select(np.flatnonzero(~h))
         self.tails, self.heads = tails, heads
 
@@ -778,13 +779,6 @@ def _edge_keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> np.nda
     snaps = sorted({str(s) for _, s in sources})
     group = np.array([snaps.index(str(s)) for _, s in sources], np.int64)
     return (group[edges.src] * 256 + edges.space) * (1 << 48) + edges.addr
-
-
-def _merged(keys: np.ndarray, edges: _EdgeSet, sources: list) -> np.ndarray:
-    """Sorted ``keys`` with the keys of ``edges`` added."""
-    if not len(edges):
-        return keys
-    return np.union1d(keys, _edge_keys(edges, sources))
 
 
 def _pair(
