@@ -435,6 +435,9 @@ def parse_block(ev: Evidence, at: int, size: int) -> tuple[list, str]:
     if size == BLOCK:
         return [(0, BLOCK_PAGES, _RAW, at, BLOCK, 0)], "raw"
     data = ev.data[at : at + size].tobytes()
+    # The tags are read from this copy: give the mapped pages back, or opening a .vmrs would
+    # leave every RamBlock resident (they stay in the page cache for the stream).
+    ev.release(at, size)
     first: _Bad | None = None
     partial = None
     for fd, fc in DIALECTS:
