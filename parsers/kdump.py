@@ -27,7 +27,6 @@ from parsers.base import (
     Extents,
     ImageError,
     MemoryImage,
-    Remark,
     Segment,
     file_regions,
 )
@@ -168,11 +167,6 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         if ev.read(0, 16) == FLAT_SIGNATURE:
             src = _Flat(ev, path, image)
             image.meta["container"] = "makedumpfile flattened"
-            # partial feature, said at run time: a plain dump's regions are mapped by file
-            # offset; the flattened records would first have to be mapped back to the file
-            image.warnings.append(Remark(path, None, "flattened kdump: only the memory pages "
-                                         "are scanned, not the header, notes, gaps or bytes "
-                                         "after the end (docs/formats.md §12)"))
         dump = _Dump.read(src, path, image)
     image.stream = lambda: _pages(dump, image)
     return image
@@ -197,6 +191,16 @@ class _Source(Protocol):
         """File positions of assembled ranges stored in one piece; -1 for the others."""
         ...
 
+    def place(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The file pieces storing the assembled ranges ``[lo, hi)`` (sorted, disjoint):
+        (first, end, index of the range each piece belongs to), in file order per range."""
+        ...
+
+    def container(self) -> list[tuple[str, int, int]]:
+        """(kind, first, end) file bytes outside the assembled file's data: the flattened
+        stream's own header, superseded record data and bytes after its end."""
+        ...
+
 
 class _Plain:
     """A plain kdump file: assembled offset == file offset."""
@@ -212,6 +216,14 @@ class _Plain:
     def locate(self, offset: np.ndarray, size: np.ndarray) -> np.ndarray:
         return np.where((offset >= 0) & (offset + size <= self.size), offset, -1)
 
+    def place(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        a, b = np.clip(lo, 0, self.size), np.clip(hi, 0, self.size)
+        keep = np.flatnonzero(b > a)
+        return a[keep], b[keep], keep
+
+    def container(self) -> list[tuple[str, int, int]]:
+        return []
+
 
 class _Flat:
     """A makedumpfile flattened stream, mapped as sorted non-overlapping intervals
@@ -223,10 +235,17 @@ class _Flat:
         _sig, ftype, version = FLAT_HEADER.unpack(ev.need(0, FLAT_HEADER.size, "flat header"))
         if ftype != 1 or version != 1:
             raise ImageError(path, 16, f"flattened header type {ftype} version {version} unknown")
-        starts, sizes, poss = _flat_records(ev, path, image)
+        starts, sizes, poss, tail = _flat_records(ev, path, image)
         self.start, self.end, self.pos = _resolve_overlaps(starts, sizes, poss)
         self.size = int(self.end[-1]) if self.end.size else 0
         image.meta["flat_records"] = int(starts.size)
+        # record headers and the end record (16 bytes each, fully decoded) are structure
+        won = np.argsort(self.pos, kind="stable")
+        wlo = self.pos[won]
+        whi = wlo + (self.end - self.start)[won]
+        self._outside = [("header", 0, FLAT_HEADER_SIZE)]
+        self._outside += [("superseded", a, b) for a, b in _minus(poss, poss + sizes, wlo, whi)]
+        self._outside.append(("trailing", tail, ev.size))
 
     def view(self, offset: int, size: int, what: str) -> np.ndarray:
         if size == 0:
@@ -264,12 +283,48 @@ class _Flat:
         ok = (i < self.start.size) & (self.start[j] <= offset) & (offset + size <= self.end[j])
         return np.where(ok, self.pos[j] + offset - self.start[j], -1)
 
+    def place(self, lo: np.ndarray, hi: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        # every interval a range overlaps, one piece each, without a Python loop
+        i = np.searchsorted(self.end, lo, side="right")
+        n = np.maximum(np.searchsorted(self.start, hi, side="left") - i, 0)
+        which = np.repeat(np.arange(lo.size), n)
+        k = i[which] + np.arange(int(n.sum())) - np.repeat(np.cumsum(n) - n, n)
+        a = np.maximum(self.start[k], lo[which])
+        b = np.minimum(self.end[k], hi[which])
+        first = self.pos[k] + a - self.start[k]
+        return first, first + b - a, which
+
+    def container(self) -> list[tuple[str, int, int]]:
+        return self._outside
+
+
+def _minus(
+    lo: np.ndarray, hi: np.ndarray, cut_lo: np.ndarray, cut_hi: np.ndarray
+) -> list[tuple[int, int]]:
+    """The ranges ``[lo, hi)`` (sorted, disjoint) less the ranges ``[cut_lo, cut_hi)``
+    (sorted, disjoint, each inside one of them), as merged (first, end) pairs."""
+    edges = np.unique(np.concatenate((lo, hi, cut_lo, cut_hi)))
+    if edges.size < 2:
+        return []
+    at = edges[:-1]
+
+    def inside(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return np.searchsorted(a, at, side="right") - np.searchsorted(b, at, side="right")
+
+    left = (inside(lo, hi) - inside(cut_lo, cut_hi)) > 0
+    # runs of consecutive kept edge intervals become one range
+    flip = np.diff(np.concatenate(([0], left.astype(np.int8), [0])))
+    return list(zip(at[flip[:-1] == 1].tolist(), edges[1:][flip[1:] == -1].tolist(),
+                    strict=True))  # fmt: skip
+
 
 def _flat_records(
     ev: Evidence, path: str, image: MemoryImage
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Walk the flattened records (headers only): assembled offset, size, file position.
-    Kept in typed arrays: a big dump has millions of records (QEMU writes 16 KiB ones)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, int]:
+    """Walk the flattened records (headers only): assembled offset, size, file position of
+    each, and the file offset where the stream ends (after its end record, or where the walk
+    stopped). Kept in typed arrays: a big dump has millions of records (QEMU writes 16 KiB
+    ones)."""
     starts, sizes, poss = array("q"), array("q"), array("q")
     pos = FLAT_HEADER_SIZE
     buf = memoryview(ev.data)  # struct reads a memoryview faster than an ndarray
@@ -287,6 +342,7 @@ def _flat_records(
             break
         offset, size = FLAT_RECORD.unpack_from(buf, pos)
         if offset == FLAT_END and size == FLAT_END:
+            pos += FLAT_RECORD.size
             break
         if offset < 0 or size < 0:
             image.warnings.append(
@@ -307,7 +363,7 @@ def _flat_records(
     if not starts:
         raise ImageError(path, FLAT_HEADER_SIZE, "flattened stream holds no data")
     return (np.frombuffer(starts, np.int64), np.frombuffer(sizes, np.int64),
-            np.frombuffer(poss, np.int64))  # fmt: skip
+            np.frombuffer(poss, np.int64), pos)  # fmt: skip
 
 
 def _resolve_overlaps(
@@ -650,7 +706,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     desc_dtype = PAGE_DESC.newbyteorder(dump.order)
     nbytes = -(-dump.max_mapnr // 8)
     k = 0  # descriptor index of the batch's first PFN
-    held, raw = _Spans(), _Spans()  # file bytes holding page data: all of it, raw pages
+    held, raw = _Spans(), _Spans()  # assembled bytes of page data: all of it, raw pages
     given = 0  # file offset below which the mapped pages were given back
 
     def in_order(
@@ -702,8 +758,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
         yield from in_order(*runs.add(np.zeros(0, np.int64), np.zeros(0, np.int64), True), [])
         if window.pfns:
             yield window.segment(path)
-        if isinstance(src, _Plain):
-            yield from _regions(dump, image, held, raw)
+        yield from _regions(dump, image, held, raw)
     except ImageError:
         _settle(dump, image, k)
         _add_warnings(image, dump.problems())
@@ -747,17 +802,38 @@ class _Spans:
 
 
 def _regions(dump: _Dump, image: MemoryImage, data: _Spans, raw: _Spans) -> Iterator[Segment]:
-    """The plain dump's bytes that are neither page data nor decoded structure, scanned as
-    ``region:*`` at their file offsets: the header and sub header blocks, VMCOREINFO and
-    notes (``metadata``), bytes between page data (``unreferenced``) and after the last page
-    (``trailing``). Bitmaps, descriptors and compressed page data (``data`` less ``raw``, the
-    raw pages: guest memory stored as it is) count as structure."""
-    ev = dump.src.ev
-    pieces = file_regions(ev.size, dump.parts, data.pairs())
-    regions = [(k, a, b) for k, a, b in pieces if k != "structure"]
+    """The file's bytes that are neither page data nor decoded structure, scanned as
+    ``region:*`` at their file offsets. Of the assembled dump: the header and sub header
+    blocks (``header``), VMCOREINFO, notes and erase info (``metadata``), bytes between page
+    data (``unreferenced``) and after the last page (``trailing``); of a flattened stream
+    (see _Source.container): its own header (``header``), record data a later record
+    overwrote (``superseded``), bytes after its end record (``trailing``). Bitmaps,
+    descriptors, compressed page data (``data`` less ``raw``, the raw pages: guest memory
+    stored as it is) and a flattened stream's 16-byte record headers count as structure."""
+    src, ev = dump.src, dump.src.ev
+    pieces = file_regions(src.size, dump.parts, data.pairs())
+    pieces = [(k, a, b) for k, a, b in pieces if k != "structure"]
+    first, end, which = src.place(np.array([a for _, a, _ in pieces], np.int64),
+                                  np.array([b for _, _, b in pieces], np.int64))  # fmt: skip
+    kinds = [pieces[w][0] for w in which.tolist()]
+    regions = _merged(list(zip(kinds, first.tolist(), end.tolist(), strict=True))
+                      + src.container())  # fmt: skip
     yield from image.region_segments(ev, regions)
-    stored = int((raw.hi - raw.lo).sum())
+    raw_first, raw_end, _ = src.place(raw.lo, raw.hi)
+    stored = int((raw_end - raw_first).sum())
     image.coverage.structure += ev.size - sum(b - a for _, a, b in regions) - stored
+
+
+def _merged(pieces: list[tuple[str, int, int]]) -> list[tuple[str, int, int]]:
+    """``pieces`` (kind, first, end; disjoint) sorted, neighbours of one kind joined, empty
+    ones dropped."""
+    out: list[tuple[str, int, int]] = []
+    for kind, a, b in sorted((p for p in pieces if p[2] > p[1]), key=lambda p: p[1]):
+        if out and out[-1][0] == kind and out[-1][2] == a:
+            out[-1] = (kind, out[-1][1], b)
+        else:
+            out.append((kind, a, b))
+    return out
 
 
 def _settle(dump: _Dump, image: MemoryImage, walked: int) -> None:
@@ -817,8 +893,8 @@ def _classify(
     no two share file bytes); raw pages that
     repeat earlier data (QEMU points every zero page at one shared zero page) are dropped
     when all zero; everything else is returned for copying/decoding. Bad descriptors are
-    counted in dump.tally. ``spans`` gathers the file ranges of the good pages' data (all,
-    raw)."""
+    counted in dump.tally. ``spans`` gathers the assembled ranges of the good pages' data
+    (all, raw)."""
     src, bs = dump.src, dump.block_size
     n = pfns.size
     dat = desc_at + np.arange(n, dtype=np.int64) * PAGE_DESC.itemsize
@@ -847,9 +923,8 @@ def _classify(
     fpos = np.full(n, -1, np.int64)
     if good.any():
         fpos[good] = src.locate(off[good], size[good])
-    placed = good & (fpos >= 0)
-    spans[0].add(fpos[placed], fpos[placed] + size[placed])
-    spans[1].add(fpos[placed & (codec == 0)], fpos[placed & (codec == 0)] + bs)
+    spans[0].add(off[good], off[good] + size[good])
+    spans[1].add(off[good & (codec == 0)], off[good & (codec == 0)] + bs)
     ri = np.flatnonzero(good & (codec == 0) & (fpos >= 0))
     sel = np.zeros(0, np.int64)
     taken = np.zeros(n, bool)

@@ -47,7 +47,7 @@ def test_real_qemu_kdump_planted_values_at_their_gpas(entry: dict, tmp_path: Pat
         got = read_ranges(image, [(p["gpa"], len(p["hex"]) // 2) for p in plants])
         for p, data in zip(plants, got, strict=True):
             assert data == bytes.fromhex(p["hex"]), p["name"]
-        assert not [w for w in image.warnings if is_damage(w)]  # a flattened dump: a remark
+        assert not [w for w in image.warnings if is_damage(w)]
 
 
 def test_long_raw_runs_are_zero_copy_views(tmp_path: Path) -> None:
@@ -112,7 +112,7 @@ def test_written_codecs_layouts(tmp_path: Path, codec: str, bits: int, order: st
         want = sorted(pfn for pfn, page in pages.items() if any(page))
         got = read_ranges(image, [(pfn * PAGE, PAGE) for pfn in want])
         assert got == [pages[pfn] for pfn in want]
-        assert not [w for w in image.warnings if is_damage(w)]  # a flattened dump: a remark
+        assert not [w for w in image.warnings if is_damage(w)]
 
 
 def test_zero_pages_share_one_stored_page_and_are_skipped(tmp_path: Path) -> None:
@@ -142,7 +142,7 @@ def test_flattened_overwrites_last_writer_wins(tmp_path: Path, read_ranges) -> N
     write_kdump(str(path), pages, flat=True, chunk=3000, overwrite=True)
     with registry.open_image(str(path)) as image:
         assert read_ranges(image, [(3 * PAGE, PAGE)]) == [pages[3]]
-        assert not [w for w in image.warnings if is_damage(w)]  # a flattened dump: a remark
+        assert not [w for w in image.warnings if is_damage(w)]
 
 
 def test_incomplete_dump_lost_pages_reported(tmp_path: Path, read_ranges) -> None:
