@@ -269,6 +269,15 @@ class Fills:
     start: np.ndarray
     end: np.ndarray
 
+    @classmethod
+    def pages(cls, addr: np.ndarray, size: int) -> Fills:
+        """Guest-physical pages of ``size`` bytes at ascending ``addr``, neighbours merged."""
+        new = np.ones(addr.size, bool)
+        new[1:] = addr[1:] != addr[:-1] + size
+        first = np.flatnonzero(new)
+        last = np.concatenate((first[1:], [addr.size]))[: first.size] - 1
+        return cls(np.full(first.size, GPA_SPACE, np.int64), addr[first], addr[last] + size)
+
 
 @dataclass
 class MemoryImage:
