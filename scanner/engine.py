@@ -54,7 +54,10 @@ from scanner.units import EDGES, Unit
 #: time with every detector on M, for ~13 MiB more peak RSS (benchmarks/README.md)
 DEFAULT_CHUNK = 8 * 1024 * 1024
 EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
-PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge rows kept across segments
+#: bytes of unmatched edges (their rows and per-edge arrays) kept across segments, all stage
+#: groups together: each group's share is in proportion to its row width, so every group
+#: keeps about as many edges, and the store stays this size however large the image
+PENDING_LIMIT = 64 * 1024 * 1024
 #: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
 #: (headers, device state, slack ...), addressed by their offset in the file or stream
 REGION_PREFIX = "region:"
@@ -505,7 +508,8 @@ class Engine:
         self, image: MemoryImage, result: ScanResult, progress: Callable[[int], None] | None
     ) -> None:
         """Segment by segment: main scan of each one's layout, edges kept until they meet."""
-        pending = {id(g): _Pending() for g in self.groups}
+        widths = sum(g.edge for g in self.groups) or 1
+        pending = {id(g): _Pending(PENDING_LIMIT * g.edge // widths) for g in self.groups}
         found: list[tuple[Finding, tuple[int, ...]]] = []
         seams: set[int] = set()  # serial numbers of edges that met another
         serial = 0
@@ -560,7 +564,8 @@ class Engine:
         pending: _Pending, seams: set[int],
     ) -> list[tuple[Finding, tuple[int, ...]]]:
         """Pair this segment's edges with each other and with those kept from earlier
-        segments; scan the seams; keep the unpaired for later (within PENDING_LIMIT)."""
+        segments; scan the seams; keep the unpaired for later (within the group's share of
+        PENDING_LIMIT)."""
         tails, heads = pending.tails.plus(edges[0]), pending.heads.plus(edges[1])
         ti, hi = _pair(tails, heads, self._sources)
         seams.update(tails.serial[ti].tolist())
@@ -740,14 +745,16 @@ class _EdgeSet:
 @dataclass
 class _Pending:
     """Edges of one stage group waiting for a partner in a later segment, and the row blocks
-    they use. Past PENDING_LIMIT bytes of rows the oldest blocks are forgotten (their edges
-    stay as scanned, against zeros), their keys kept so that one meeting a partner later can
-    be reported (``lost``)."""
+    they use. Past ``limit`` bytes (rows, and ``EDGE_COST`` per edge) the oldest blocks are
+    forgotten (their edges stay as scanned, against zeros), their keys (``_edge_keys``: one
+    int each, ~60 bytes in a set) kept so that one meeting a partner later can be reported
+    (``lost``)."""
 
+    limit: int
     blocks: dict[int, np.ndarray] = field(default_factory=dict)
     tails: _EdgeSet = field(init=False)
     heads: _EdgeSet = field(init=False)
-    gone_tails: set[int] = field(default_factory=set)  # _edge_keys of forgotten edges
+    gone_tails: set[int] = field(default_factory=set)
     gone_heads: set[int] = field(default_factory=set)
     lost: bool = False
 
@@ -767,28 +774,30 @@ class _Pending:
     def keep(self, tails: _EdgeSet, heads: _EdgeSet, sources: list) -> None:
         # an edge meeting one forgotten earlier: that seam was scanned unstitched
         if self.gone_tails and len(heads):
-            self.lost |= bool(_keys(heads, sources) & self.gone_tails)
+            self.lost |= not self.gone_tails.isdisjoint(_edge_keys(heads, sources).tolist())
         if self.gone_heads and len(tails):
-            self.lost |= bool(_keys(tails, sources) & self.gone_heads)
+            self.lost |= not self.gone_heads.isdisjoint(_edge_keys(tails, sources).tolist())
         used = set(np.unique(tails.blk).tolist()) | set(np.unique(heads.blk).tolist())
         for b in [b for b in self.blocks if b not in used]:
             del self.blocks[b]
         tails.compact()
         heads.compact()
         size = sum(rows.nbytes for rows in self.blocks.values())
+        size += EDGE_COST * (len(tails) + len(heads))
         for b in sorted(self.blocks):  # oldest first
-            if size <= PENDING_LIMIT:
+            if size <= self.limit:
                 break
-            size -= self.blocks.pop(b).nbytes
+            rows = self.blocks.pop(b)
             t, h = tails.blk == b, heads.blk == b
-            self.gone_tails |= _keys(tails.select(np.flatnonzero(t)), sources)
-            self.gone_heads |= _keys(heads.select(np.flatnonzero(h)), sources)
+            size -= rows.nbytes + EDGE_COST * int(t.sum() + h.sum())
+            self.gone_tails.update(_edge_keys(tails.select(np.flatnonzero(t)), sources).tolist())
+            self.gone_heads.update(_edge_keys(heads.select(np.flatnonzero(h)), sources).tolist())
             tails, heads = tails.select(np.flatnonzero(~t)), heads.select(np.flatnonzero(~h))
         self.tails, self.heads = tails, heads
 
 
-def _keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> set[int]:
-    return set(_edge_keys(edges, sources).tolist())
+#: bytes of an edge's per-edge arrays (``_EdgeSet``: eight int64 columns)
+EDGE_COST = 8 * 8
 
 
 def _pair(
@@ -828,6 +837,7 @@ def _key(group: np.ndarray | int, space: np.ndarray, addr: np.ndarray) -> np.nda
 
 
 def _edge_keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> np.ndarray:
+    """One int64 per edge (:func:`_key`): two edges meet when a tail's key equals a head's."""
     return _key(_snapshot_groups(sources)[edges.src], edges.space, edges.addr)
 
 
