@@ -7,7 +7,9 @@ and walked by :mod:`parsers.qemu` in bounded windows.
 Every snapshot with VM state is scanned in turn, or only the one named by
 ``options["snapshot"]`` (its name or id). The file's other bytes (guest disk data, cluster
 slack, unreferenced clusters, what follows the last cluster) are scanned as ``region:*`` at
-their file offsets (§7.5). All qcow2 integers are big-endian.
+their file offsets, and guest disk clusters stored compressed are inflated one at a time and
+scanned as ``region:disk`` at their virtual-disk address (§7.5). All qcow2 integers are
+big-endian.
 """
 
 from __future__ import annotations
@@ -20,7 +22,16 @@ from typing import Any
 import numpy as np
 
 from parsers import qemu
-from parsers.base import Coverage, Evidence, ImageError, MemoryImage, Remark, Segment, mib
+from parsers.base import (
+    REGION_WINDOW,
+    Coverage,
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+)
 
 FORMATS = ["qcow2-snapshot"]
 
@@ -78,6 +89,11 @@ UNREFERENCED, DISK, OTHER_STATE, SLACK, STRUCTURE = range(5)
 KINDS = {DISK: "disk", OTHER_STATE: "vmstate", SLACK: "slack", STRUCTURE: "structure"}
 MAX_MAP_CLUSTERS = 1 << 27  # a file of more clusters is not mapped (one code byte each)
 MAX_TABLE_READS = 1 << 20  # L2 tables read to map the file (a hostile L1 may repeat one)
+MAX_PACKED = 1 << 22  # compressed disk clusters listed for inflating (24 bytes each)
+#: inflated bytes allowed per file byte: deflate's own limit (a 258-byte match per ~2 bits),
+#: so only a hostile table (one compressed cluster named by many L2 entries) can exceed it
+MAX_RATIO = 1032
+MAX_CORRUPT_SHOWN = 8  # corrupt compressed disk clusters reported one by one
 
 
 def probe(head: bytes, path: str) -> str | None:
@@ -249,7 +265,10 @@ class _FileMap:
         self.img, self.ev, self.cb, self.cs = img, img.ev, img.cluster_bits, img.cluster_size
         self.code = np.zeros(-(-self.ev.size // self.cs), np.uint8)
         self.tails: dict[int, tuple[int, str]] = {}  # cluster -> (cut, kind of the rest)
-        self.packed = 0  # bytes of compressed disk clusters (structure, not decompressed)
+        #: compressed disk clusters: arrays of (L2 entry, guest offset, L2 entry file offset)
+        self.packed: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.npacked = 0  # entries in ``packed``
+        self.unlisted = 0  # compressed disk clusters past MAX_PACKED, not inflated
         self.reads = 0
         self.seen: set[tuple[int, int, int, int]] = set()
         self.scanned = {id(s) for s in scanned}
@@ -322,9 +341,15 @@ class _FileMap:
             e = int(entries[j])
             first = e & ((1 << x) - 1)
             stop = (first // 512 + ((e >> x) & ((1 << (self.cb - 8)) - 1)) + 1) * 512
-            self.claim(first, stop, STRUCTURE)  # scanned decompressed when vmstate
-            if not state[j]:
-                self.packed += stop - first
+            self.claim(first, stop, STRUCTURE)  # the content is scanned decompressed
+        disk = np.flatnonzero(packed & ~state)
+        room = MAX_PACKED - self.npacked
+        self.unlisted += max(0, disk.size - room)
+        disk = disk[:room]
+        if disk.size:
+            at = np.uint64(l2) + disk.astype(np.uint64) * np.uint64(img.l2_entry)
+            self.packed.append((entries[disk], guest[disk], at))
+            self.npacked += disk.size
 
     def pieces(self) -> list[tuple[str, int, int]]:
         """The file as (kind, first, end) byte ranges, ``structure`` included, in order."""
@@ -372,13 +397,68 @@ def _file_regions(img: Qcow2, scanned: list[dict[str, Any]], image: MemoryImage
         except ImageError as exc:  # what was mapped before is still scanned
             notes.append(exc)
         regions = [p for p in fmap.pieces() if p[0] != "structure"]
-    if fmap.packed:
-        notes.append(Remark(path, None, f"{mib(fmap.packed)} of compressed disk clusters are "
-                            "not decompressed: their content is not scanned"))
     known = {str(w) for w in image.warnings}
     image.warnings += [n for n in notes if str(n) not in known]
     yield from image.region_segments(ev, regions)
     image.coverage.structure += ev.size - sum(b - a for _, a, b in regions)
+    yield from _packed_disk(img, fmap, image)
+
+
+def _packed_disk(img: Qcow2, fmap: _FileMap, image: MemoryImage) -> Iterator[Segment]:
+    """The guest disk clusters stored compressed, each inflated into exactly one cluster, as
+    ``region:disk`` extents addressed by the cluster's virtual-disk offset (no file offset;
+    the stream offset of contract 1), in virtual-disk order so neighbours stitch. They are
+    gathered into one reused window of at most REGION_WINDOW bytes. A cluster named by several
+    tables is inflated once; a corrupt one is an error at its file offset, the rest still
+    scanned; inflating more than MAX_RATIO times the file's size stops with an error."""
+    path, cs = img.ev.path, img.cluster_size
+    problems: list[ImageError] = []
+    if fmap.unlisted:
+        problems.append(ImageError(path, None, f"{fmap.unlisted} compressed disk clusters past "
+                                   f"the first {MAX_PACKED} are not decompressed"))
+    if fmap.packed:
+        entries, guests, ats = (np.concatenate(a) for a in zip(*fmap.packed, strict=True))
+        _, once = np.unique(entries & np.uint64(2**62 - 1),
+                            return_index=True)
+        order = once[np.lexsort((entries[once], guests[once]))]
+        budget = max(MAX_RATIO * img.ev.size // cs, 1)
+        if order.size > budget:
+            problems.append(ImageError(path, None, f"{order.size - budget} compressed disk "
+                                       f"clusters not decompressed: more than {MAX_RATIO} times "
+                                       "the file's size (a hostile table repeats clusters)"))
+            order = order[:budget]
+        window = np.empty(max(cs, REGION_WINDOW // cs * cs), np.uint8)
+        bad: list[ImageError] = []
+        held: list[int] = []  # guest offsets of the clusters in ``window``
+        for k in order.tolist():
+            guest = int(guests[k])
+            if len(held) * cs == window.size or (held and held[-1] == guest):
+                yield _disk_window(image, window, held, cs, path)
+                held = []
+            try:
+                data = img._compressed(int(entries[k]), int(ats[k]))
+            except ImageError as exc:
+                bad.append(exc)
+                continue
+            window[len(held) * cs : (len(held) + 1) * cs] = np.frombuffer(data, np.uint8)
+            held.append(guest)
+        if held:
+            yield _disk_window(image, window, held, cs, path)
+        problems += bad[:MAX_CORRUPT_SHOWN]
+        if len(bad) > MAX_CORRUPT_SHOWN:
+            problems.append(ImageError(path, None, f"{len(bad) - MAX_CORRUPT_SHOWN} more "
+                                       "corrupt compressed disk clusters (not scanned)"))
+    image.warnings += problems
+
+
+def _disk_window(image: MemoryImage, window: np.ndarray, held: list[int], cs: int, path: str
+                 ) -> Segment:
+    """The first ``len(held)`` clusters (``cs`` bytes each) of ``window`` as a segment of
+    ``region:disk`` at virtual-disk offsets ``held``; counted in ``coverage.outside``."""
+    n = len(held)
+    image.coverage.outside += n * cs
+    ext = Extents.build(np.arange(n) * cs, held, np.full(n, cs), None, image.region_space("disk"))
+    return Segment(window[: n * cs], ext, path, reused=True)
 
 
 class _VmstateReader:
