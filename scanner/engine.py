@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
+from parsers.base import GPA_SPACE, Fills, ImageError, MemoryImage, Remark, Segment
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
@@ -214,16 +214,23 @@ class _Layout:
 
     def rows(self, starts: np.ndarray, w: int) -> np.ndarray:
         """``w``-byte rows of the virtual line from each of ``starts`` (zeros beyond it)."""
-        if self.line is not None:
-            pad = np.zeros(w, np.uint8)
-            win = sliding_window_view(np.concatenate((pad, self.line, pad)), w)
-            return win[np.clip(starts, -w, self.size) + w]
         out = np.zeros((starts.size, w), np.uint8)
-        for k, s in enumerate(starts.tolist()):
+        rest = np.arange(starts.size)
+        if self.line is not None and self.size >= w:
+            inside = (starts >= 0) & (starts + w <= self.size)
+            out[inside] = sliding_window_view(self.line, w)[starts[inside]]
+            rest = np.flatnonzero(~inside)  # rows reaching past either end of the line
+        for k, s in zip(rest.tolist(), starts[rest].tolist(), strict=True):
             a, b = max(s, 0), min(s + w, self.size)
             if b > a:
                 out[k, a - s : b - s] = self.read(a, b)[0]
         return out
+
+    def run_pieces(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per run: its first piece and its last piece (indices)."""
+        p0 = np.searchsorted(self.run, np.arange(self.run_vstart.size))
+        p1 = np.concatenate((p0[1:], [self.run.size])) - 1
+        return p0, p1
 
     def locate(self, v: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For matches at virtual offsets ``v``, ``n`` bytes long: (piece of the first byte,
@@ -506,10 +513,17 @@ class Engine:
         found: list[tuple[Finding, tuple[int, ...]]] = []
         seams: set[int] = set()  # serial numbers of edges that met another
         serial = 0
+        before = _FillKeys.none()  # the fill pages of the segment before
         try:
             for seg in image.segments():
                 layout = _Layout.of([seg], self.gap)
                 runs = layout.run_vstart.size
+                src = self._source_id(seg)
+                fills = _FillKeys.of(seg.fills, self._group_of(src))
+                for p in pending.values():
+                    p.settle(fills, self._sources)
+                known = fills.plus(before)
+                before = fills
                 if not runs:
                     continue
                 first = (serial, serial + runs)  # serials of tails, then heads
@@ -519,9 +533,9 @@ class Engine:
                 found += self._main(image, layout, [(0, layout.size)], progress, first)
                 result.bytes_scanned += layout.total()
                 result.region_bytes += layout.region_total(image)
-                src = self._source_id(seg)
+                need = known.need(layout, self._group_of(src))
                 for g in self.groups:
-                    edges = _EdgeSet.of(layout, g.edge, src, first, pending[id(g)].blocks)
+                    edges = _EdgeSet.of(layout, g.edge, src, first, pending[id(g)].blocks, need)
                     found += self._seams(image, g, edges, pending[id(g)], seams)
         except ImageError as err:
             result.errors.append(str(err))
@@ -540,6 +554,10 @@ class Engine:
         if key not in self._sources:
             self._sources.append(key)
         return self._sources.index(key)
+
+    def _group_of(self, src: int) -> int:
+        """The snapshot group of source ``src`` (as :func:`_edge_keys` numbers them)."""
+        return int(_snapshot_groups(self._sources)[src])
 
     def _seams(
         self, image: MemoryImage, group: _Group, edges: tuple[_EdgeSet, _EdgeSet],
@@ -656,29 +674,29 @@ class _EdgeSet:
     @classmethod
     def of(
         cls, layout: _Layout, w: int, src: int, first: tuple[int, int],
-        blocks: dict[int, np.ndarray],
+        blocks: dict[int, np.ndarray], need: tuple[np.ndarray, np.ndarray],
     ) -> tuple[_EdgeSet, _EdgeSet]:
-        """(tails, heads) of the runs of a segment's ``layout``, their rows added to
-        ``blocks``; ``first``: serial numbers of the first tail and head."""
-        n = layout.run_vstart.size
+        """(tails, heads) of the runs of a segment's ``layout`` that ``need`` one (a mask per
+        run for tails, one for heads), their rows added to ``blocks``; ``first``: serial
+        numbers of the first run's tail and head (a run's edges are numbered by its index)."""
         vs, ve = layout.run_vstart, layout.run_vend
         cols = np.arange(w)[None, :]
         held = np.minimum(ve - vs, w)
-        t_rows = layout.rows(ve - w, w)
-        t_rows[cols < (w - held)[:, None]] = 0  # bytes before the run
-        h_rows = layout.rows(vs, w)
-        h_rows[cols >= held[:, None]] = 0
-        blocks[first[0]], blocks[first[1]] = t_rows, h_rows
-        p0 = np.searchsorted(layout.run, np.arange(n))  # first piece of each run
-        p1 = np.concatenate((p0[1:], [layout.run.size])) - 1  # last piece
+        p0, p1 = layout.run_pieces()
         t_fo = np.where(layout.fo[p1] >= 0, layout.fo[p1] + layout.length[p1], -1)
-        srcs = np.full(n, src, np.int64)
         t_addr = layout.addr[p1] + layout.length[p1]
-        at = np.arange(n)
-        tails = cls(layout.space[p1], t_addr, t_fo, srcs, first[0] + at, held,
-                    np.full(n, first[0]), at, blocks)  # fmt: skip
-        heads = cls(layout.space[p0], layout.addr[p0], layout.fo[p0], srcs, first[1] + at,
-                    held, np.full(n, first[1]), at, blocks)  # fmt: skip
+        t, h = np.flatnonzero(need[0]), np.flatnonzero(need[1])
+        t_rows = layout.rows(ve[t] - w, w)
+        t_rows[cols < (w - held[t])[:, None]] = 0  # bytes before the run
+        h_rows = layout.rows(vs[h], w)
+        h_rows[cols >= held[h][:, None]] = 0
+        blocks[first[0]], blocks[first[1]] = t_rows, h_rows
+        tails = cls(layout.space[p1[t]], t_addr[t], t_fo[t], np.full(t.size, src),
+                    first[0] + t, held[t], np.full(t.size, first[0]), np.arange(t.size),
+                    blocks)  # fmt: skip
+        heads = cls(layout.space[p0[h]], layout.addr[p0[h]], layout.fo[p0[h]],
+                    np.full(h.size, src), first[1] + h, held[h], np.full(h.size, first[1]),
+                    np.arange(h.size), blocks)  # fmt: skip
         return tails, heads
 
     def __len__(self) -> int:
@@ -743,6 +761,16 @@ class _Pending:
     def __post_init__(self) -> None:
         self.tails = self.heads = _EdgeSet.empty(self.blocks)
 
+    def settle(self, fills: _FillKeys, sources: list[tuple[str, str | None]]) -> None:
+        """Forget the edges that border fill pages of a later segment: their neighbour is
+        known, and holds nothing."""
+        if fills.starts.size and len(self.tails):
+            self.tails = self.tails.select(
+                np.flatnonzero(~np.isin(_edge_keys(self.tails, sources), fills.starts)))
+        if fills.ends.size and len(self.heads):
+            self.heads = self.heads.select(
+                np.flatnonzero(~np.isin(_edge_keys(self.heads, sources), fills.ends)))
+
     def keep(self, tails: _EdgeSet, heads: _EdgeSet, sources: list) -> None:
         # an edge meeting one forgotten earlier: that seam was scanned unstitched
         if self.gone_tails and len(heads):
@@ -772,15 +800,6 @@ class _Pending:
 EDGE_COST = 8 * 8
 
 
-def _edge_keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> np.ndarray:
-    """One int64 per edge: snapshot group, address space and guest address (two edges meet
-    when a tail's key equals a head's: bytes of two snapshots are never one guest's memory).
-    Spaces and snapshots are few; addresses < 2**48."""
-    snaps = sorted({str(s) for _, s in sources})
-    group = np.array([snaps.index(str(s)) for _, s in sources], np.int64)
-    return (group[edges.src] * 256 + edges.space) * (1 << 48) + edges.addr
-
-
 def _pair(
     tails: _EdgeSet, heads: _EdgeSet, sources: list[tuple[str, str | None]]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -802,6 +821,55 @@ def _pair(
     _, last = np.unique(tail_idx[::-1], return_index=True)
     keep = np.sort(tail_idx.size - 1 - last)
     return tail_idx[keep], head_idx[keep]
+
+
+def _snapshot_groups(sources: list[tuple[str, str | None]]) -> np.ndarray:
+    """Per source (file, snapshot): the index of its snapshot among all sources' (bytes of two
+    snapshots are never one guest's memory; files of one snapshot are)."""
+    snaps = sorted({str(s) for _, s in sources})
+    return np.array([snaps.index(str(s)) for _, s in sources], np.int64)
+
+
+def _key(group: np.ndarray | int, space: np.ndarray, addr: np.ndarray) -> np.ndarray:
+    """One int64 per guest address: snapshot group, space and address (spaces and snapshots
+    are few; addresses < 2**48)."""
+    return (group * 256 + space) * (1 << 48) + addr
+
+
+def _edge_keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> np.ndarray:
+    """One int64 per edge (:func:`_key`): two edges meet when a tail's key equals a head's."""
+    return _key(_snapshot_groups(sources)[edges.src], edges.space, edges.addr)
+
+
+@dataclass
+class _FillKeys:
+    """Where fill pages (``Segment.fills``) begin and end, as :func:`_key` values."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def none(cls) -> _FillKeys:
+        z = np.zeros(0, np.int64)
+        return cls(z, z)
+
+    @classmethod
+    def of(cls, fills: Fills | None, group: int) -> _FillKeys:
+        if fills is None or not fills.start.size:
+            return cls.none()
+        return cls(_key(group, fills.space, fills.start), _key(group, fills.space, fills.end))
+
+    def plus(self, other: _FillKeys) -> _FillKeys:
+        return _FillKeys(np.concatenate((self.starts, other.starts)),
+                         np.concatenate((self.ends, other.ends)))
+
+    def need(self, layout: _Layout, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which runs of ``layout`` need a tail edge and which a head edge: those not
+        bordering a fill page (where memory goes on with nothing to find, no seam is left)."""
+        p0, p1 = layout.run_pieces()
+        tail = _key(group, layout.space[p1], layout.addr[p1] + layout.length[p1])
+        head = _key(group, layout.space[p0], layout.addr[p0])
+        return ~np.isin(tail, self.starts), ~np.isin(head, self.ends)
 
 
 # ------------------------------------------------------------------------------- squeeze
