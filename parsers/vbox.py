@@ -143,6 +143,7 @@ MAX_PAGE_RECORDS = 1 << 25  # page records kept (32 Mi pages = 128 GiB): a bound
 MAX_GPA = 1 << 52  # RAM pages above this are not physical addresses
 MAX_RANGES = 254  # range ids are u8, 0xFF ends the list
 WINDOW_PAGES = 1024  # pages per reused window (4 MiB)
+RELEASE_STEP = 8 << 20  # walked file bytes given back at a time (see _State.walked)
 
 # Page kinds in the record table (what a record's bytes are).
 _ZERO, _PLAIN, _LZF, _SPLIT = 0, 1, 2, 3
@@ -207,6 +208,16 @@ class _State:
     dev_len: array = field(default_factory=lambda: array("q"))
     dev_out: array = field(default_factory=lambda: array("i"))
     dev_soff: array = field(default_factory=lambda: array("q"))
+    released: int = 0  # file offset below which the walked pages were given back
+
+    def walked(self, ev: Evidence, pos: int) -> None:
+        """The walk has reached file offset ``pos``: give back the mapped pages before it,
+        RELEASE_STEP bytes at a time. Every page of a save holds a record header, so a walk
+        that kept them would leave the whole file resident (the pages stay in the page
+        cache: the stream reads them again at the cost of a page fault)."""
+        if pos - self.released >= RELEASE_STEP:
+            ev.release(self.released, pos - self.released)
+            self.released = pos
 
     def fail(self, offset: int | None, message: str) -> ImageError:
         return ImageError(self.path, offset, message)
@@ -282,6 +293,7 @@ class _Cursor:
     ``logical`` counts decoded bytes consumed (offset in the unit's data stream)."""
 
     def __init__(self, ev: Evidence, st: _State, pos: int) -> None:
+        self.ev = ev
         self.data = ev.data
         self.size = ev.size
         self.st = st
@@ -304,6 +316,7 @@ class _Cursor:
             if self.ended:
                 raise _Stop(self.st.fail(self.term_at, "pgm unit data ends before its END record"))
             start = self.rec_at = self.pos
+            self.st.walked(self.ev, start)
             rtype, p, n = read_record_header(self.data, start, self.size, self.st)
             if rtype == REC_TERM:
                 if p + n > self.size:
@@ -677,6 +690,7 @@ def _device_unit(ev: Evidence, st: _State, pos: int) -> tuple[int, int]:
     data = ev.data
     while True:
         start = pos
+        st.walked(ev, start)
         rtype, p, n = read_record_header(data, pos, ev.size, st)
         if p + n > ev.size:
             raise _Stop(st.fail(start, f"truncated: record of {n} bytes runs past end of file"))
@@ -748,6 +762,7 @@ def walk(ev: Evidence, st: _State) -> dict[str, Any]:
                 st.stream_base += decoded
     except _Stop as stop:
         st.problems.append(stop.err)
+    ev.release(st.released, ev.size - st.released)
     meta["units"] = sorted(set(names))
     return meta
 
