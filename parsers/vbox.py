@@ -99,6 +99,7 @@ FOOTER_MAGIC = b"\nFooter"
 # Data records: byte 0 = 0x80 | important(0x10) | type; then the size, UTF-8 style.
 REC_FIXED = 0x80
 REC_FLAGS_MASK = 0xE0  # bits 5 and 6 must be clear, bit 7 set
+REC_IMPORTANT = 0x10  # SSM_REC_FLAGS_IMPORTANT: set by SSM on every record; not checked
 REC_TERM = 1  # SSMRECTERM: 16 bytes in all, ends the unit
 REC_RAW = 2  # size bytes of unit data
 REC_LZF = 3  # u8 decompressed size in KiB, then size-1 bytes of LZF data
@@ -470,6 +471,8 @@ class _PgmReader:
         self.st = st
         self.unit = unit
         self.cur = _Cursor(ev, st, unit.data_offset)
+        self.ev = ev
+        self.mv = memoryview(ev.data)  # indexing a memoryview gives ints far faster than numpy
         self.last_ram = -1  # GPA of the previous RAM record (any RAM kind)
         self.last_idx: dict[int, tuple[int, int]] = {}  # kind group -> (range id, page index)
 
@@ -608,10 +611,84 @@ class _PgmReader:
         cur.logical += n
         self.last_ram = first + (n - 1) * PAGE
 
+    def _fast_pages(self, base: int) -> None:
+        """Add the usual run of page records in one tight loop: at a record boundary, a raw
+        record of type bytes (unflagged RAM zero pages, then one unflagged RAM raw page), then
+        that page as one 4 KiB LZF record, 4096-byte raw record or 4 KiB zero record (how SSM
+        writes a page: the small puts buffered, the page as a big write). A guest has one
+        such pair per stored page, and the general path's many Python steps per record cost
+        seconds per GiB. Stops, with the cursor at the record boundary, at anything else
+        (other page types, flagged addresses, truncation, bounds) for the general path, which
+        also reports every error; what it adds is what the general path would add."""
+        cur, st = self.cur, self.st
+        if cur.left or cur.ended or self.last_ram < 0:
+            return
+        mv, ev, size = self.mv, self.ev, cur.size
+        pos, gpa, logical, count = cur.pos, self.last_ram, cur.logical, len(st.key)
+        # records that may still be added: both bounds grow by one with each page record
+        limit = count + min(MAX_PAGE_RECORDS - count, (MAX_GPA - 1 - gpa) // PAGE)
+        release_at = st.released + RELEASE_STEP
+        keys, kinds, wheres, clens, soffs = st.key, st.kind, st.where, st.clen, st.soff
+        last_header = -1
+        while True:
+            if pos + 2 > size or (mv[pos] & ~REC_IMPORTANT) != REC_FIXED | REC_RAW:
+                break
+            n = mv[pos + 1]  # a type-byte record is short: one size byte (< 0x80)
+            q = pos + 2 + n
+            if not 0 < n < 0x80 or q + 5 > size or mv[q - 1] != PG_RAM_RAW:
+                break
+            m = n - 1  # unflagged RAM zero pages before the raw one: 0x00 type bytes
+            if count + n > limit or (m and int.from_bytes(mv[pos + 2 : q - 1], "little")):
+                break
+            h, b1 = (mv[q] & ~REC_IMPORTANT), mv[q + 1]
+            if b1 < 0x80:
+                n2, p2 = b1, q + 2
+            elif b1 & 0xE0 == 0xC0 and mv[q + 2] & 0xC0 == 0x80:
+                n2, p2 = ((b1 & 0x1F) << 6) | (mv[q + 2] & 0x3F), q + 3
+            elif b1 & 0xF0 == 0xE0 and mv[q + 2] & 0xC0 == 0x80 and mv[q + 3] & 0xC0 == 0x80:
+                n2 = ((b1 & 0x0F) << 12) | ((mv[q + 2] & 0x3F) << 6) | (mv[q + 3] & 0x3F)
+                p2 = q + 4
+            else:
+                break
+            end = p2 + n2
+            if end > size:
+                break
+            if h == REC_FIXED | REC_LZF and n2 >= 1 and mv[p2] == PAGE // 1024:
+                kind, where, clen = _LZF, p2 + 1, n2 - 1
+            elif h == REC_FIXED | REC_RAW and n2 == PAGE:
+                kind, where, clen = _PLAIN, p2, 0
+            elif h == REC_FIXED | REC_ZERO and n2 == 1 and mv[p2] == PAGE // 1024:
+                kind, where, clen = _ZERO, 0, 0
+            else:
+                break
+            if m:
+                keys.extend(range(gpa + PAGE, gpa + n * PAGE, PAGE))
+                kinds.frombytes(bytes(m))  # _ZERO, where/clen/soff 0 as _record adds them
+                wheres.frombytes(bytes(8 * m))
+                clens.frombytes(bytes(4 * m))
+                soffs.frombytes(bytes(8 * m))
+            gpa += n * PAGE
+            logical += n
+            keys.append(gpa)
+            kinds.append(kind)
+            wheres.append(where)
+            clens.append(clen)
+            soffs.append(base + logical)
+            logical += PAGE
+            count += n
+            last_header = q
+            pos = end
+            if pos >= release_at:
+                st.walked(ev, pos)
+                release_at = st.released + RELEASE_STEP
+        if last_header >= 0:
+            cur.pos, cur.rec_at, cur.logical, self.last_ram = pos, last_header, logical, gpa
+
     def _pages(self) -> None:
         cur, st = self.cur, self.st
         base = st.stream_base
         while True:
+            self._fast_pages(base)
             rtype = cur.u8()
             at = cur.rec_at
             if rtype == PG_END:
