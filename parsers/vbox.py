@@ -45,7 +45,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment, union_bytes
 
 FORMATS = ["vbox-sav"]
 
@@ -1013,6 +1013,13 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
     path = st.path
     read = account(st, image)
     image.coverage.outside = int(dev_out.sum()) + int(old.size) * PAGE
+    # file bytes not stored plainly (raw pages, raw device records) are the saved state's
+    # records, LZF data and headers: structure
+    plain = rec[kind[rec] == _PLAIN]
+    image.coverage.structure = ev.size - union_bytes(
+        np.concatenate((where[plain], fo)),
+        np.concatenate((where[plain] + PAGE, fo + dev_len[dev_raw])),
+    )
     # a page's bytes in the file, for the plain ones (a view: rows are copied when indexed)
     pages_in_file = (
         sliding_window_view(ev.data, PAGE) if ev.size >= PAGE else np.zeros((0, PAGE), np.uint8)

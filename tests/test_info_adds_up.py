@@ -97,19 +97,7 @@ KINDS: dict[str, Callable[[Path], Path]] = {
 }
 
 
-# Kinds whose parser does not yet give info what it needs; strict: the mark must go once the
-# parser is fixed. kdump copies short runs of raw pages (4 KiB pages stored plainly) into its
-# decode windows without their file offsets, so they read as decoded memory while its
-# structure figure leaves them out. The VirtualBox and Hyper-V parsers count no structure
-# bytes (record headers, range tables, compressed pages) at all.
-PARSER_GAPS = {
-    "virtualbox-sav": "parsers/vbox.py fills no coverage.structure",
-}
-
-
-@pytest.mark.parametrize("kind", [
-    pytest.param(k, marks=pytest.mark.xfail(reason=PARSER_GAPS[k], strict=True))
-    if k in PARSER_GAPS else k for k in KINDS])
+@pytest.mark.parametrize("kind", list(KINDS))
 def test_info_figures_add_up_to_the_files(kind: str, tmp_path: Path, vmleak) -> None:
     path = KINDS[kind](tmp_path)
     run = vmleak("info", "--format", "json", str(path))
