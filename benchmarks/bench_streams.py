@@ -16,9 +16,14 @@ with the ratio to the raw file, whether its findings in guest-physical memory eq
 file's, and two peak RSS figures: the largest one process reached (``ru_maxrss`` of the
 reaped command, which on Linux covers the worker it reaped: ``-j 1`` still scans in a worker
 process), and the whole tree's (the sum of every process's RSS, sampled every 20 ms).
-Usage::
 
-    python benchmarks/bench_streams.py --image /tmp/vmleak-bench/m-1G.img --dir /tmp/vmleak-bench
+``--sizes`` runs the whole comparison for guests of several sizes in one run (each a prefix of
+``--image``, its files made by QEMU like the full one) and ends with one line per file: the
+scanning worker's peak RSS at each size, and by how much it grows from the smallest to the
+largest (flat: the same few MiB whatever the guest's size). Usage::
+
+    python benchmarks/bench_streams.py --image /tmp/vmleak-bench/m-1G.img --dir /tmp/vmleak-bench \
+        --sizes 256M,1G --kdump kdump-zlib
 """
 
 from __future__ import annotations
@@ -41,6 +46,29 @@ import bytecode  # noqa: E402
 import gen_qemu  # noqa: E402  (QMP client and QEMU launcher of the fixtures)
 
 KDUMP_FORMATS = ("kdump-snappy", "kdump-lzo", "kdump-zlib")
+
+
+def prefix_image(image: Path, size: int, out: Path) -> Path:
+    """``image`` itself, or its first ``size`` bytes as a file under ``out`` (made once)."""
+    if size >= image.stat().st_size:
+        return image
+    path = out / f"{image.stem}-{size >> 20}M.img"
+    if not path.exists() or path.stat().st_size != size:
+        out.mkdir(parents=True, exist_ok=True)
+        with open(image, "rb") as src, open(path, "wb") as dst:
+            left = size
+            while left:
+                block = src.read(min(left, 64 << 20))
+                dst.write(block)
+                left -= len(block)
+    return path
+
+
+def parse_size(text: str) -> int:
+    """Bytes of ``256M`` / ``1G`` / ``4096``."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
+    text = text.strip().upper()
+    return int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
 
 
 def qemu_guest(work: Path, image: Path, extra: list[str] | None = None):
@@ -140,6 +168,37 @@ def scan(path: Path, detectors: str) -> tuple[float, int, int, list[tuple]]:
     return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * 1024, tree[0], found
 
 
+def compare(image: Path, out: Path, args: argparse.Namespace) -> dict[str, int]:
+    """Print the table of one guest; return each file's peak RSS (largest process), bytes."""
+    files = make_files(image, out, tuple(f for f in args.kdump.split(",") if f))
+    ram = image.stat().st_size
+    cpu: dict[str, list[float]] = {name: [] for name in files}
+    rss: dict[str, list[int]] = {name: [] for name in files}
+    tree: dict[str, int] = {}
+    found: dict[str, list[tuple]] = {}
+    t0 = time.time()
+    for _ in range(args.runs):
+        for name, path in files.items():  # alternate: every file sees the same machine load
+            sec, peak, whole, hits = scan(path, args.detectors)
+            cpu[name].append(sec)
+            rss[name].append(peak)
+            tree[name] = max(tree.get(name, 0), whole)
+            found[name] = hits
+    print(f"\nevery detector ({args.detectors}), one job, guest RAM {ram / 1e6:,.0f} MB, "
+          f"median CPU (user+sys) of {args.runs} runs, whole process; {time.time() - t0:.0f} s")
+    print("| file | size MB | CPU s | MB/s of guest per CPU s | x raw | peak RSS MiB, largest "
+          "process (median) | peak RSS MiB, process tree (max) | findings (GPA) | = raw |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    ref = statistics.median(cpu["raw (extract)"])
+    for name, path in files.items():
+        med = statistics.median(cpu[name])
+        same = "yes" if found[name] == found["raw (extract)"] else "NO"
+        print(f"| {name} | {path.stat().st_size / 1e6:,.0f} | {med:.2f} | {ram / med / 1e6:,.0f} | "
+              f"{ref / med:.2f} | {statistics.median(rss[name]) / 2**20:.0f} | "
+              f"{tree[name] / 2**20:.0f} | {len(found[name])} | {same} |")
+    return {name: int(statistics.median(v)) for name, v in rss.items()}
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--image", type=Path, required=True, help="raw guest memory (e.g. M, 1 GiB)")
@@ -148,35 +207,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--detectors", default="all")
     ap.add_argument("--kdump", default=",".join(KDUMP_FORMATS),
                     help="kdump formats to make (comma-separated, '' for none)")
+    ap.add_argument("--sizes", default="",
+                    help="guest sizes to compare, prefixes of --image (e.g. 256M,1G; "
+                    "default: the whole image only)")
     args = ap.parse_args(argv)
     bytecode.compile_package()
-    files = make_files(args.image.resolve(), args.dir,
-                       tuple(f for f in args.kdump.split(",") if f))
-    ram = args.image.stat().st_size
-    cpu: dict[str, list[float]] = {name: [] for name in files}
-    rss: dict[str, int] = {}
-    tree: dict[str, int] = {}
-    found: dict[str, list[tuple]] = {}
-    t0 = time.time()
-    for _ in range(args.runs):
-        for name, path in files.items():  # alternate: every file sees the same machine load
-            sec, peak, whole, hits = scan(path, args.detectors)
-            cpu[name].append(sec)
-            rss[name] = max(rss.get(name, 0), peak)
-            tree[name] = max(tree.get(name, 0), whole)
-            found[name] = hits
-    print(f"every detector ({args.detectors}), one job, guest RAM {ram / 1e6:,.0f} MB, "
-          f"median CPU (user+sys) of {args.runs} runs, whole process; {time.time() - t0:.0f} s")
-    print("| file | size MB | CPU s | MB/s of guest per CPU s | x raw | peak RSS MiB, largest "
-          "process | peak RSS MiB, process tree | findings (GPA) | = raw |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    ref = statistics.median(cpu["raw (extract)"])
-    for name, path in files.items():
-        med = statistics.median(cpu[name])
-        same = "yes" if found[name] == found["raw (extract)"] else "NO"
-        print(f"| {name} | {path.stat().st_size / 1e6:,.0f} | {med:.2f} | {ram / med / 1e6:,.0f} | "
-              f"{ref / med:.2f} | {rss[name] / 2**20:.0f} | {tree[name] / 2**20:.0f} | "
-              f"{len(found[name])} | {same} |")
+    image = args.image.resolve()
+    sizes = [parse_size(t) for t in args.sizes.split(",") if t] or [image.stat().st_size]
+    peaks = {size: compare(prefix_image(image, size, args.dir), args.dir, args)
+             for size in sorted(sizes)}
+    if len(peaks) > 1:
+        lo, hi = min(peaks), max(peaks)
+        names = " -> ".join(f"{s >> 20} MiB" for s in peaks)
+        print(f"\npeak RSS of the scanning process (median), guest {names}:")
+        for name in peaks[lo]:
+            steps = " -> ".join(f"{p[name] / 2**20:.0f}" for p in peaks.values())
+            grow = (peaks[hi][name] - peaks[lo][name]) / 2**20
+            print(f"  {name}: {steps} MiB (grows {grow:+.0f})")
     return 0
 
 

@@ -254,6 +254,29 @@ class Segment:
     #: which snapshot these bytes belong to when an image holds several (qcow2): bytes of
     #: different snapshots are never stitched together, findings say ``details.snapshot``
     snapshot: str | None = None
+    #: guest ranges this segment's records declare as filled with one byte (a stream's zero
+    #: pages) and so holds no data for: nothing to scan, but known memory — the engine keeps
+    #: no seam at a run of stored pages that borders one
+    fills: Fills | None = None
+
+
+@dataclass
+class Fills:
+    """Guest ranges ``[start, end)`` (bytes) in address space ``space`` (int64 arrays, one
+    entry per range of consecutive pages)."""
+
+    space: np.ndarray
+    start: np.ndarray
+    end: np.ndarray
+
+    @classmethod
+    def pages(cls, addr: np.ndarray, size: int) -> Fills:
+        """Guest-physical pages of ``size`` bytes at ascending ``addr``, neighbours merged."""
+        new = np.ones(addr.size, bool)
+        new[1:] = addr[1:] != addr[:-1] + size
+        first = np.flatnonzero(new)
+        last = np.concatenate((first[1:], [addr.size]))[: first.size] - 1
+        return cls(np.full(first.size, GPA_SPACE, np.int64), addr[first], addr[last] + size)
 
 
 @dataclass

@@ -11,6 +11,7 @@ snappy or zstd (decoded one page at a time into bounded windows). GPA = PFN * bl
 
 from __future__ import annotations
 
+import functools
 import heapq
 import struct
 import zlib
@@ -25,6 +26,7 @@ from parsers import clock
 from parsers.base import (
     Evidence,
     Extents,
+    Fills,
     ImageError,
     MemoryImage,
     Segment,
@@ -709,27 +711,44 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     held, raw = _Spans(), _Spans()  # assembled bytes of page data: all of it, raw pages
     given = 0  # file offset below which the mapped pages were given back
 
+    zeros: list[int] = []  # PFNs of all-zero pages met since the last segment yielded
+
+    def with_fills(seg: Segment) -> Segment:
+        """``seg`` with the all-zero pages met since the last one as its fills (the engine
+        keeps no seam beside them)."""
+        if zeros:
+            seg.fills = Fills.pages(np.array(zeros, np.int64) * bs, bs)
+            zeros.clear()
+        return seg
+
     def in_order(
-        segments: list[tuple[int, Segment]], short: list[tuple[int, int]], copy: list[_Page]
+        segments: list[tuple[int, Segment]], short: list[tuple[int, int]], copy: list[_Page],
+        zero: np.ndarray,
     ) -> Iterator[Segment]:
-        """Raw runs, short raw pages and pages to decode of a batch, merged in PFN order
-        (each list is): a run yielded ahead of the compressed pages before it would leave
-        all their edges waiting for each other in the engine (seams), and their file pages
-        mapped until those pages are decoded."""
+        """Raw runs, short raw pages, pages to decode and all-zero pages of a batch, merged
+        in PFN order (each list is): a run yielded ahead of the compressed pages before it
+        would leave all their edges waiting for each other in the engine (seams), and their
+        file pages mapped until those pages are decoded."""
         nonlocal given
         runs_at = ((pfn, 0, seg) for pfn, seg in segments)
         short_at = ((pfn, 1, fp) for pfn, fp in short)
         copy_at = ((page[0], 2, page) for page in copy)
-        for pfn, kind, item in heapq.merge(runs_at, short_at, copy_at, key=lambda e: e[0]):
+        zero_at = ((pfn, 3, None) for pfn in zero.tolist())
+        for pfn, kind, item in heapq.merge(runs_at, short_at, copy_at, zero_at,
+                                           key=lambda e: e[0]):
             if kind == 0:
-                yield item
+                yield with_fills(item)
             elif kind == 1:
                 if window.put(pfn, src.ev.data[item : item + bs]):
-                    yield window.segment(path)
+                    yield with_fills(window.segment(path))
+            elif kind == 3:
+                zeros.append(pfn)
             else:
                 data = _decode(dump, codecs, item)
-                if data is not None and window.put(pfn, data):
-                    yield window.segment(path)
+                if data is ALL_ZERO:
+                    zeros.append(pfn)
+                elif data is not None and window.put(pfn, data):
+                    yield with_fills(window.segment(path))
                     # page data lies in PFN order: what precedes this page was decoded (or
                     # scanned in place): give its mapped pages back, or the whole dump
                     # stays resident
@@ -749,15 +768,17 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                           at + have * PAGE_DESC.itemsize, dump.ndesc - k - have)  # fmt: skip
             table = src.view(at, have * PAGE_DESC.itemsize, "page descriptors")
             desc = np.frombuffer(table, desc_dtype)
-            raw_fp, raw_pfn, copy = _classify(dump, desc, pfns[:have], at, state, (held, raw))
+            raw_fp, raw_pfn, copy, zero = _classify(dump, desc, pfns[:have], at, state,
+                                                    (held, raw))  # fmt: skip
             last = have < pfns.size or lo + BATCH_BYTES >= nbytes
-            yield from in_order(*runs.add(raw_fp, raw_pfn, last), copy)
+            yield from in_order(*runs.add(raw_fp, raw_pfn, last), copy, zero)
             if have < pfns.size:
                 break
             k += have
-        yield from in_order(*runs.add(np.zeros(0, np.int64), np.zeros(0, np.int64), True), [])
+        none = np.zeros(0, np.int64)
+        yield from in_order(*runs.add(none, none, True), [], none)
         if window.pfns:
-            yield window.segment(path)
+            yield with_fills(window.segment(path))
         yield from _regions(dump, image, held, raw)
     except ImageError:
         _settle(dump, image, k)
@@ -849,9 +870,12 @@ def _add_warnings(image: MemoryImage, problems: list[ImageError]) -> None:
     image.warnings += [p for p in problems if str(p) not in seen]
 
 
+ALL_ZERO = object()  # _decode's answer for a page of zeros: nothing to scan, but known memory
+
+
 def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
-    """The bytes of one page (a view for raw pages); None for an all-zero page, or after
-    counting why the page is unreadable."""
+    """The bytes of one page (a view for raw pages); ALL_ZERO for an all-zero page; None
+    after counting why the page is unreadable."""
     _pfn, fpos, size, codec, asm_off, desc_at = page
     src, bs = dump.src, dump.block_size
     try:
@@ -860,7 +884,7 @@ def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
         dump.warn("whose data is missing from the flattened stream", desc_at)
         return None
     if codec == 0:
-        return data if data.any() else None  # an all-zero page holds nothing to find
+        return data if data.any() else ALL_ZERO  # an all-zero page holds nothing to find
     fn, reason = codecs[codec]
     if fn is None:
         dump.warn(f"compressed with {CODEC_NAMES[codec]} not readable: {reason}", desc_at)
@@ -872,7 +896,12 @@ def _decode(dump: _Dump, codecs: dict, page: _Page) -> Any:
     if len(out) != bs:
         dump.warn(f"whose {CODEC_NAMES[codec]} data does not decode to one page", desc_at)
         return None
-    return out if out.count(0) != bs else None
+    return ALL_ZERO if out == _zeros(bs) else out  # (a memcmp: far cheaper than counting)
+
+
+@functools.cache
+def _zeros(n: int) -> bytes:
+    return bytes(n)
 
 
 @dataclass
@@ -887,14 +916,14 @@ class _RawState:
 def _classify(
     dump: _Dump, desc: np.ndarray, pfns: np.ndarray, desc_at: int, state: _RawState,
     spans: tuple[_Spans, _Spans],
-) -> tuple[np.ndarray, np.ndarray, list[_Page]]:
+) -> tuple[np.ndarray, np.ndarray, list[_Page], np.ndarray]:
     """Split a batch of descriptors: raw pages stored in one piece at increasing file
     positions are returned as (file positions, PFNs) for zero-copy reading (increasing, so
     no two share file bytes); raw pages that
     repeat earlier data (QEMU points every zero page at one shared zero page) are dropped
     when all zero; everything else is returned for copying/decoding. Bad descriptors are
-    counted in dump.tally. ``spans`` gathers the assembled ranges of the good pages' data
-    (all, raw)."""
+    counted in dump.tally; the PFNs of the all-zero repeats come last. ``spans`` gathers the
+    assembled ranges of the good pages' data (all, raw)."""
     src, bs = dump.src, dump.block_size
     n = pfns.size
     dat = desc_at + np.arange(n, dtype=np.int64) * PAGE_DESC.itemsize
@@ -954,7 +983,10 @@ def _classify(
             strict=True,
         )
     )
-    return fpos[sel], pfns[sel], copy
+    zero = np.zeros(n, bool)
+    zero[ri] = taken[ri]
+    zero[sel] = False  # (of the raw pages taken: the repeats of an all-zero page)
+    return fpos[sel], pfns[sel], copy, pfns[zero]
 
 
 class _Runs:

@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from parsers import clock, qemu_gpa
-from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Segment
+from parsers.base import GPA_SPACE, Evidence, Extents, Fills, ImageError, MemoryImage, Segment
 
 FORMATS = ["qemu-migration"]
 
@@ -87,7 +87,9 @@ RUN_MAX = 1 << 16  # records decoded per numpy batch
 MAP_MAX = 256 << 20  # bytes of page bitmap per RAM block (8 TiB of 4 KiB pages); past it, count
 BLOCK_LIST = "the stream's RAM block list"  # what declares guest RAM in a stream (coverage)
 SIGN_BIT = 1 << 63  # record words at or above this hold no page offset (array("q") bound)
-NO_EXTENT = -1  # page_pos of a page accounted for but not mapped from the buffer (fill, zlib)
+# page_pos of a page accounted for but not mapped from the buffer: a fill page (one byte
+# repeated, e.g. a zero page), a zlib-compressed one (inflated in a window of its own)
+FILL, INFLATED = -1, -2
 
 
 @dataclass
@@ -184,6 +186,7 @@ class Walker:
     devices_at: int | None = None  # stream offset where device state begins
     stopped: int | None = None  # stream offset of the item the walk failed in
     payload_end: int = 0  # stream offset just past the last page payload taken
+    fills: Fills | None = None  # the fill pages of the last take_extents
 
     # ---- driving -------------------------------------------------------------------------
 
@@ -371,7 +374,7 @@ class Walker:
                 if p + size > n:
                     break
                 # a fill page holds no secret: accounted for, not scanned
-                pos_append(p + 8 if f == page_cont else NO_EXTENT)
+                pos_append(p + 8 if f == page_cont else FILL)
                 addr_append(w - f)
                 if f == zero_cont:
                     self.zero_pages += 1
@@ -401,7 +404,7 @@ class Walker:
             if code & F_PAGE:
                 pos = np.arange(p + 8, p + 8 + m * size, size, dtype=np.int64)
             else:
-                pos = np.full(m, NO_EXTENT, np.int64)
+                pos = np.full(m, FILL, np.int64)
                 self.zero_pages += m
             self.page_pos.frombytes(pos.tobytes())
             self.page_addr.frombytes((words[:m] - np.uint64(code)).astype(np.int64).tobytes())
@@ -457,7 +460,7 @@ class Walker:
         elif kind == F_COMPRESS_PAGE:
             self.compressed.append((q + 4, clen, blk, addr))
             self.compressed_pages += 1
-        self.page_pos.append(q if kind == F_PAGE else NO_EXTENT)
+        self.page_pos.append(q if kind == F_PAGE else FILL if kind == F_ZERO else INFLATED)
         self.page_addr.append(addr)
         return end
 
@@ -582,12 +585,31 @@ class Walker:
             pos, addr, blk = pos[ok], addr[ok], blk[ok]
         if self.seen is not None:
             self.seen.mark(blk, addr)
-        mapped = pos != NO_EXTENT
+        fill = pos == FILL
+        self.fills = self._fills(blk[fill], addr[fill])
+        mapped = pos >= 0
         pos, addr, blk = pos[mapped], addr[mapped], blk[mapped]
         addr_out, space = self.addresses(blk, addr)
         self.pages += pos.size
         fo = None if file_offset_base is None else pos + file_offset_base
         return Extents.build(pos, addr_out, np.full(pos.size, self.page_size), fo, space)
+
+    def _fills(self, blk: np.ndarray, addr: np.ndarray) -> Fills:
+        """The fill pages at block offsets ``addr`` of blocks ``blk`` (stream order) as guest
+        ranges: pages continuing each other in a block are one range, a page sent again at
+        once is counted once (a hostile stream repeating one zero page stays one range), and
+        a range whose last page is not where its first one's address says (it crosses into
+        another piece of the machine's memory map) is left out: it only spares seams."""
+        ps = self.page_size
+        new = np.ones(addr.size, bool)
+        step = addr[1:] - addr[:-1]
+        new[1:] = (blk[1:] != blk[:-1]) | ((step != ps) & (step != 0))
+        first = np.flatnonzero(new)
+        last = np.concatenate((first[1:], [addr.size]))[: first.size] - 1
+        a0, space = self.addresses(blk[first], addr[first])
+        a1, _ = self.addresses(blk[last], addr[last])
+        ok = a1 - a0 == addr[last] - addr[first]
+        return Fills(space[ok], a0[ok], a1[ok] + ps)
 
     def mapped_extents(self, data: np.ndarray, warn: Callable[[str], None]) -> Extents:
         """Extents of the pages a mapped-ram file stores (bitmap bit set), in file offsets."""
@@ -861,7 +883,7 @@ def stream_segments(
     machine: str | None,
     options: dict[str, Any],
     limit: Callable[[int], int],
-    window: int = WINDOW,
+    window: int | None = None,
 ) -> Iterator[Segment]:
     """Walk the stream ``src`` in bounded windows, yielding one reused segment per window (its
     extents point at page payloads inside it) plus inflated windows for compressed pages,
@@ -874,7 +896,7 @@ def stream_segments(
     walker = Walker(src.fail, machine=machine)
     walker.max_ram_below_4g = options.get("max_ram_below_4g")
     slack = 1 << 20  # one record larger than this is refused
-    arr = np.zeros(window + slack, np.uint8)
+    arr = np.zeros((window or WINDOW) + slack, np.uint8)
     buf = memoryview(arr)
     fill = p = 0
     eof = False
@@ -922,7 +944,7 @@ def stream_segments(
                 image.coverage.outside += sum(b - a for _, a, b in head)
                 ext = Extents.concat(ext, image.region_extents(head, walker.base, None))
             if len(ext):
-                yield Segment(arr[:fill], ext, image.path, reused=True)
+                yield Segment(arr[:fill], ext, image.path, reused=True, fills=walker.fills)
             if walker.compressed:
                 yield from walker.inflate(buf, walker.compressed, image.path)
                 walker.compressed = []

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import GPA_SPACE, ImageError, MemoryImage, Remark, Segment
+from parsers.base import GPA_SPACE, Fills, ImageError, MemoryImage, Remark, Segment
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
@@ -54,7 +54,10 @@ from scanner.units import EDGES, Unit
 #: time with every detector on M, for ~13 MiB more peak RSS (benchmarks/README.md)
 DEFAULT_CHUNK = 8 * 1024 * 1024
 EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
-PENDING_LIMIT = 64 * 1024 * 1024  # bytes of unmatched edge rows kept across segments
+#: bytes of unmatched edges (their rows and per-edge arrays) kept across segments, all stage
+#: groups together: each group's share is in proportion to its row width, so every group
+#: keeps about as many edges, and the store stays this size however large the image
+PENDING_LIMIT = 64 * 1024 * 1024
 #: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
 #: (headers, device state, slack ...), addressed by their offset in the file or stream
 REGION_PREFIX = "region:"
@@ -211,16 +214,23 @@ class _Layout:
 
     def rows(self, starts: np.ndarray, w: int) -> np.ndarray:
         """``w``-byte rows of the virtual line from each of ``starts`` (zeros beyond it)."""
-        if self.line is not None:
-            pad = np.zeros(w, np.uint8)
-            win = sliding_window_view(np.concatenate((pad, self.line, pad)), w)
-            return win[np.clip(starts, -w, self.size) + w]
         out = np.zeros((starts.size, w), np.uint8)
-        for k, s in enumerate(starts.tolist()):
+        rest = np.arange(starts.size)
+        if self.line is not None and self.size >= w:
+            inside = (starts >= 0) & (starts + w <= self.size)
+            out[inside] = sliding_window_view(self.line, w)[starts[inside]]
+            rest = np.flatnonzero(~inside)  # rows reaching past either end of the line
+        for k, s in zip(rest.tolist(), starts[rest].tolist(), strict=True):
             a, b = max(s, 0), min(s + w, self.size)
             if b > a:
                 out[k, a - s : b - s] = self.read(a, b)[0]
         return out
+
+    def run_pieces(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per run: its first piece and its last piece (indices)."""
+        p0 = np.searchsorted(self.run, np.arange(self.run_vstart.size))
+        p1 = np.concatenate((p0[1:], [self.run.size])) - 1
+        return p0, p1
 
     def locate(self, v: np.ndarray, n: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """For matches at virtual offsets ``v``, ``n`` bytes long: (piece of the first byte,
@@ -498,14 +508,22 @@ class Engine:
         self, image: MemoryImage, result: ScanResult, progress: Callable[[int], None] | None
     ) -> None:
         """Segment by segment: main scan of each one's layout, edges kept until they meet."""
-        pending = {id(g): _Pending() for g in self.groups}
+        widths = sum(g.edge for g in self.groups) or 1
+        pending = {id(g): _Pending(PENDING_LIMIT * g.edge // widths) for g in self.groups}
         found: list[tuple[Finding, tuple[int, ...]]] = []
         seams: set[int] = set()  # serial numbers of edges that met another
         serial = 0
+        before = _FillKeys.none()  # the fill pages of the segment before
         try:
             for seg in image.segments():
                 layout = _Layout.of([seg], self.gap)
                 runs = layout.run_vstart.size
+                src = self._source_id(seg)
+                fills = _FillKeys.of(seg.fills, self._group_of(src))
+                for p in pending.values():
+                    p.settle(fills, self._sources)
+                known = fills.plus(before)
+                before = fills
                 if not runs:
                     continue
                 first = (serial, serial + runs)  # serials of tails, then heads
@@ -515,9 +533,9 @@ class Engine:
                 found += self._main(image, layout, [(0, layout.size)], progress, first)
                 result.bytes_scanned += layout.total()
                 result.region_bytes += layout.region_total(image)
-                src = self._source_id(seg)
+                need = known.need(layout, self._group_of(src))
                 for g in self.groups:
-                    edges = _EdgeSet.of(layout, g.edge, src, first, pending[id(g)].blocks)
+                    edges = _EdgeSet.of(layout, g.edge, src, first, pending[id(g)].blocks, need)
                     found += self._seams(image, g, edges, pending[id(g)], seams)
         except ImageError as err:
             result.errors.append(str(err))
@@ -537,12 +555,17 @@ class Engine:
             self._sources.append(key)
         return self._sources.index(key)
 
+    def _group_of(self, src: int) -> int:
+        """The snapshot group of source ``src`` (as :func:`_edge_keys` numbers them)."""
+        return int(_snapshot_groups(self._sources)[src])
+
     def _seams(
         self, image: MemoryImage, group: _Group, edges: tuple[_EdgeSet, _EdgeSet],
         pending: _Pending, seams: set[int],
     ) -> list[tuple[Finding, tuple[int, ...]]]:
         """Pair this segment's edges with each other and with those kept from earlier
-        segments; scan the seams; keep the unpaired for later (within PENDING_LIMIT)."""
+        segments; scan the seams; keep the unpaired for later (within the group's share of
+        PENDING_LIMIT)."""
         tails, heads = pending.tails.plus(edges[0]), pending.heads.plus(edges[1])
         ti, hi = _pair(tails, heads, self._sources)
         seams.update(tails.serial[ti].tolist())
@@ -651,29 +674,29 @@ class _EdgeSet:
     @classmethod
     def of(
         cls, layout: _Layout, w: int, src: int, first: tuple[int, int],
-        blocks: dict[int, np.ndarray],
+        blocks: dict[int, np.ndarray], need: tuple[np.ndarray, np.ndarray],
     ) -> tuple[_EdgeSet, _EdgeSet]:
-        """(tails, heads) of the runs of a segment's ``layout``, their rows added to
-        ``blocks``; ``first``: serial numbers of the first tail and head."""
-        n = layout.run_vstart.size
+        """(tails, heads) of the runs of a segment's ``layout`` that ``need`` one (a mask per
+        run for tails, one for heads), their rows added to ``blocks``; ``first``: serial
+        numbers of the first run's tail and head (a run's edges are numbered by its index)."""
         vs, ve = layout.run_vstart, layout.run_vend
         cols = np.arange(w)[None, :]
         held = np.minimum(ve - vs, w)
-        t_rows = layout.rows(ve - w, w)
-        t_rows[cols < (w - held)[:, None]] = 0  # bytes before the run
-        h_rows = layout.rows(vs, w)
-        h_rows[cols >= held[:, None]] = 0
-        blocks[first[0]], blocks[first[1]] = t_rows, h_rows
-        p0 = np.searchsorted(layout.run, np.arange(n))  # first piece of each run
-        p1 = np.concatenate((p0[1:], [layout.run.size])) - 1  # last piece
+        p0, p1 = layout.run_pieces()
         t_fo = np.where(layout.fo[p1] >= 0, layout.fo[p1] + layout.length[p1], -1)
-        srcs = np.full(n, src, np.int64)
         t_addr = layout.addr[p1] + layout.length[p1]
-        at = np.arange(n)
-        tails = cls(layout.space[p1], t_addr, t_fo, srcs, first[0] + at, held,
-                    np.full(n, first[0]), at, blocks)  # fmt: skip
-        heads = cls(layout.space[p0], layout.addr[p0], layout.fo[p0], srcs, first[1] + at,
-                    held, np.full(n, first[1]), at, blocks)  # fmt: skip
+        t, h = np.flatnonzero(need[0]), np.flatnonzero(need[1])
+        t_rows = layout.rows(ve[t] - w, w)
+        t_rows[cols < (w - held[t])[:, None]] = 0  # bytes before the run
+        h_rows = layout.rows(vs[h], w)
+        h_rows[cols >= held[h][:, None]] = 0
+        blocks[first[0]], blocks[first[1]] = t_rows, h_rows
+        tails = cls(layout.space[p1[t]], t_addr[t], t_fo[t], np.full(t.size, src),
+                    first[0] + t, held[t], np.full(t.size, first[0]), np.arange(t.size),
+                    blocks)  # fmt: skip
+        heads = cls(layout.space[p0[h]], layout.addr[p0[h]], layout.fo[p0[h]],
+                    np.full(h.size, src), first[1] + h, held[h], np.full(h.size, first[1]),
+                    np.arange(h.size), blocks)  # fmt: skip
         return tails, heads
 
     def __len__(self) -> int:
@@ -722,48 +745,59 @@ class _EdgeSet:
 @dataclass
 class _Pending:
     """Edges of one stage group waiting for a partner in a later segment, and the row blocks
-    they use. Past PENDING_LIMIT bytes of rows the oldest blocks are forgotten (their edges
-    stay as scanned, against zeros), their keys kept so that one meeting a partner later can
-    be reported (``lost``)."""
+    they use. Past ``limit`` bytes (rows, and ``EDGE_COST`` per edge) the oldest blocks are
+    forgotten (their edges stay as scanned, against zeros), their keys (``_edge_keys``: one
+    int each, ~60 bytes in a set) kept so that one meeting a partner later can be reported
+    (``lost``)."""
 
+    limit: int
     blocks: dict[int, np.ndarray] = field(default_factory=dict)
     tails: _EdgeSet = field(init=False)
     heads: _EdgeSet = field(init=False)
-    gone_tails: set[tuple[int, int, int]] = field(default_factory=set)
-    gone_heads: set[tuple[int, int, int]] = field(default_factory=set)
+    gone_tails: set[int] = field(default_factory=set)
+    gone_heads: set[int] = field(default_factory=set)
     lost: bool = False
 
     def __post_init__(self) -> None:
         self.tails = self.heads = _EdgeSet.empty(self.blocks)
 
+    def settle(self, fills: _FillKeys, sources: list[tuple[str, str | None]]) -> None:
+        """Forget the edges that border fill pages of a later segment: their neighbour is
+        known, and holds nothing."""
+        if fills.starts.size and len(self.tails):
+            self.tails = self.tails.select(
+                np.flatnonzero(~np.isin(_edge_keys(self.tails, sources), fills.starts)))
+        if fills.ends.size and len(self.heads):
+            self.heads = self.heads.select(
+                np.flatnonzero(~np.isin(_edge_keys(self.heads, sources), fills.ends)))
+
     def keep(self, tails: _EdgeSet, heads: _EdgeSet, sources: list) -> None:
         # an edge meeting one forgotten earlier: that seam was scanned unstitched
         if self.gone_tails and len(heads):
-            self.lost |= bool(_keys(heads, sources) & self.gone_tails)
+            self.lost |= not self.gone_tails.isdisjoint(_edge_keys(heads, sources).tolist())
         if self.gone_heads and len(tails):
-            self.lost |= bool(_keys(tails, sources) & self.gone_heads)
+            self.lost |= not self.gone_heads.isdisjoint(_edge_keys(tails, sources).tolist())
         used = set(np.unique(tails.blk).tolist()) | set(np.unique(heads.blk).tolist())
         for b in [b for b in self.blocks if b not in used]:
             del self.blocks[b]
         tails.compact()
         heads.compact()
         size = sum(rows.nbytes for rows in self.blocks.values())
+        size += EDGE_COST * (len(tails) + len(heads))
         for b in sorted(self.blocks):  # oldest first
-            if size <= PENDING_LIMIT:
+            if size <= self.limit:
                 break
-            size -= self.blocks.pop(b).nbytes
+            rows = self.blocks.pop(b)
             t, h = tails.blk == b, heads.blk == b
-            self.gone_tails |= _keys(tails.select(np.flatnonzero(t)), sources)
-            self.gone_heads |= _keys(heads.select(np.flatnonzero(h)), sources)
+            size -= rows.nbytes + EDGE_COST * int(t.sum() + h.sum())
+            self.gone_tails.update(_edge_keys(tails.select(np.flatnonzero(t)), sources).tolist())
+            self.gone_heads.update(_edge_keys(heads.select(np.flatnonzero(h)), sources).tolist())
             tails, heads = tails.select(np.flatnonzero(~t)), heads.select(np.flatnonzero(~h))
         self.tails, self.heads = tails, heads
 
 
-def _keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> set[tuple[int, int, int]]:
-    snaps = sorted({str(s) for _, s in sources})
-    group = [snaps.index(str(s)) for _, s in sources]
-    return {(group[s], sp, a) for s, sp, a in zip(
-        edges.src.tolist(), edges.space.tolist(), edges.addr.tolist(), strict=True)}
+#: bytes of an edge's per-edge arrays (``_EdgeSet``: eight int64 columns)
+EDGE_COST = 8 * 8
 
 
 def _pair(
@@ -775,11 +809,7 @@ def _pair(
     if len(tails) == 0 or len(heads) == 0:
         z = np.zeros(0, np.int64)
         return z, z
-    snaps = sorted({str(s) for _, s in sources})
-    group = np.array([snaps.index(str(s)) for _, s in sources], np.int64)
-    # spaces and snapshots are few; addresses < 2**48
-    tk = (group[tails.src] * 256 + tails.space) * (1 << 48) + tails.addr
-    hk = (group[heads.src] * 256 + heads.space) * (1 << 48) + heads.addr
+    tk, hk = _edge_keys(tails, sources), _edge_keys(heads, sources)
     t_order = np.argsort(tk, kind="stable")
     tks = tk[t_order]
     # last tail with that key: searchsorted right - 1
@@ -791,6 +821,55 @@ def _pair(
     _, last = np.unique(tail_idx[::-1], return_index=True)
     keep = np.sort(tail_idx.size - 1 - last)
     return tail_idx[keep], head_idx[keep]
+
+
+def _snapshot_groups(sources: list[tuple[str, str | None]]) -> np.ndarray:
+    """Per source (file, snapshot): the index of its snapshot among all sources' (bytes of two
+    snapshots are never one guest's memory; files of one snapshot are)."""
+    snaps = sorted({str(s) for _, s in sources})
+    return np.array([snaps.index(str(s)) for _, s in sources], np.int64)
+
+
+def _key(group: np.ndarray | int, space: np.ndarray, addr: np.ndarray) -> np.ndarray:
+    """One int64 per guest address: snapshot group, space and address (spaces and snapshots
+    are few; addresses < 2**48)."""
+    return (group * 256 + space) * (1 << 48) + addr
+
+
+def _edge_keys(edges: _EdgeSet, sources: list[tuple[str, str | None]]) -> np.ndarray:
+    """One int64 per edge (:func:`_key`): two edges meet when a tail's key equals a head's."""
+    return _key(_snapshot_groups(sources)[edges.src], edges.space, edges.addr)
+
+
+@dataclass
+class _FillKeys:
+    """Where fill pages (``Segment.fills``) begin and end, as :func:`_key` values."""
+
+    starts: np.ndarray
+    ends: np.ndarray
+
+    @classmethod
+    def none(cls) -> _FillKeys:
+        z = np.zeros(0, np.int64)
+        return cls(z, z)
+
+    @classmethod
+    def of(cls, fills: Fills | None, group: int) -> _FillKeys:
+        if fills is None or not fills.start.size:
+            return cls.none()
+        return cls(_key(group, fills.space, fills.start), _key(group, fills.space, fills.end))
+
+    def plus(self, other: _FillKeys) -> _FillKeys:
+        return _FillKeys(np.concatenate((self.starts, other.starts)),
+                         np.concatenate((self.ends, other.ends)))
+
+    def need(self, layout: _Layout, group: int) -> tuple[np.ndarray, np.ndarray]:
+        """Which runs of ``layout`` need a tail edge and which a head edge: those not
+        bordering a fill page (where memory goes on with nothing to find, no seam is left)."""
+        p0, p1 = layout.run_pieces()
+        tail = _key(group, layout.space[p1], layout.addr[p1] + layout.length[p1])
+        head = _key(group, layout.space[p0], layout.addr[p0])
+        return ~np.isin(tail, self.starts), ~np.isin(head, self.ends)
 
 
 # ------------------------------------------------------------------------------- squeeze
