@@ -61,6 +61,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
 
 from parsers.base import Evidence, Extents, ImageError, MemoryImage, Remark, Segment
 
@@ -435,6 +436,9 @@ def parse_block(ev: Evidence, at: int, size: int) -> tuple[list, str]:
     if size == BLOCK:
         return [(0, BLOCK_PAGES, _RAW, at, BLOCK, 0)], "raw"
     data = ev.data[at : at + size].tobytes()
+    # The tags are read from this copy: give the mapped pages back, or opening a .vmrs would
+    # leave every RamBlock resident (they stay in the page cache for the stream).
+    ev.release(at, size)
     first: _Bad | None = None
     partial = None
     for fd, fc in DIALECTS:
@@ -628,51 +632,63 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
     dev_space = image.space_id("region:device-state") if state else 0
     main = Extents.build(dev_at, dev_at, dev_n, dev_at, dev_space)
     image.meta["block_encodings"] = readings
-    held = np.repeat(np.asarray(p_first, np.int64), p_count) + _within(list(p_count)) // PAGE
+    first, count, kind, at, size = (
+        np.frombuffer(col, np.int64) if len(col) else np.zeros(0, np.int64)
+        for col in (p_first, p_count, p_kind, p_at, p_size)
+    )  # fmt: skip
+    pattern = np.frombuffer(p_pattern, np.uint64) if len(p_pattern) else np.zeros(0, np.uint64)
+    start = np.cumsum(count) - count  # each piece's first slot in the stream of held pages
+    total = int(count.sum())
+    held = np.repeat(first, count) + _within(list(p_count)) // PAGE
     image.coverage.read = int(layout.gpa(held)[1].sum()) * PAGE  # pages with a guest address
 
     def stream() -> Iterator[Segment]:
-        buf = np.zeros(WINDOW_PAGES * PAGE, np.uint8)
-        idx = np.zeros(WINDOW_PAGES, np.int64)  # global RAM page of each slot
-        fo = np.zeros(WINDOW_PAGES, np.int64)  # its file offset (-1: decoded or filled)
-        used = 0
-        lo, hi, stored = ev.size, 0, 0  # file bytes the window's pages came from
+        buf = np.zeros(min(WINDOW_PAGES, total) * PAGE, np.uint8)
+        rows, words = buf.reshape(-1, PAGE), buf.view("<u8").reshape(-1, PAGE // 8)
+        # a page's bytes in the file, for the raw ones (a view: rows are copied when indexed)
+        in_file = (
+            sliding_window_view(ev.data, PAGE) if ev.size >= PAGE else np.zeros((0, PAGE), np.uint8)
+        )
         problems: list[ImageError] = []
         lost = 0  # pages that could not be decoded
-        for i in range(len(p_first)):
-            g, count, kind, at, size = p_first[i], p_count[i], p_kind[i], p_at[i], p_size[i]
-            if kind == _PACKED:
-                try:
-                    out, _ = decode_page(ev.data[at : at + size].tobytes(), count * PAGE)
-                except ValueError as exc:
-                    problems.append(ImageError(path, at, f"compressed page: {exc}"))
-                    lost += count
-                    continue
-                pages = np.frombuffer(out, np.uint8)
-            elif kind == _RAW:
-                pages = ev.data[at : at + count * PAGE]
-            else:
-                pattern = np.frombuffer(p_pattern[i].to_bytes(8, "little"), np.uint8)
-                pages = np.tile(pattern, count * PAGE // 8)
-            if kind != _FILL:
-                lo, hi, stored = min(lo, at), max(hi, at + size), stored + size
-            done = 0
-            while done < count:
-                take = min(count - done, WINDOW_PAGES - used)
-                buf[used * PAGE : (used + take) * PAGE] = pages[done * PAGE : (done + take) * PAGE]
-                pos = np.arange(done, done + take, dtype=np.int64)
-                idx[used : used + take] = g + pos
-                fo[used : used + take] = at + pos * PAGE if kind == _RAW else -1
-                used += take
-                done += take
-                if used == WINDOW_PAGES:
-                    yield _window(buf, idx[:used], fo[:used], layout, image, path)
-                    used = 0
-                    if hi - lo <= 2 * stored + 2 * PAGE:  # the pages lay together in the file
-                        ev.release(lo, hi - lo)  # resident memory does not grow with the file
-                    lo, hi, stored = ev.size, 0, 0
-        if used:
-            yield _window(buf, idx[:used], fo[:used], layout, image, path)
+        last: tuple[int, np.ndarray | None] = (-1, None)  # the last compressed piece decoded
+        for lo in range(0, total, WINDOW_PAGES):
+            hi = min(lo + WINDOW_PAGES, total)
+            js = np.arange(np.searchsorted(start, lo, "right") - 1, np.searchsorted(start, hi))
+            pj = np.repeat(js, np.minimum(start[js] + count[js], hi) - np.maximum(start[js], lo))
+            within = np.arange(lo, hi) - start[pj]  # page number inside its piece
+            k = kind[pj]
+            fo = np.where(k == _RAW, at[pj] + within * PAGE, -1)
+            raw = np.flatnonzero(k == _RAW)
+            rows[raw] = in_file[fo[raw]]
+            fill = np.flatnonzero(k == _FILL)
+            words[fill] = pattern[pj[fill], None]
+            ok = np.ones(hi - lo, bool)
+            for j in js[kind[js] == _PACKED].tolist():
+                a, b = max(int(start[j]), lo), min(int(start[j] + count[j]), hi)
+                if last[0] != j:
+                    try:
+                        data = ev.data[at[j] : at[j] + size[j]].tobytes()
+                        last = (j, np.frombuffer(decode_page(data, int(count[j]) * PAGE)[0],
+                                                 np.uint8))  # fmt: skip
+                    except ValueError as exc:
+                        problems.append(ImageError(path, int(at[j]), f"compressed page: {exc}"))
+                        lost += int(count[j])
+                        last = (j, None)
+                if last[1] is None:
+                    ok[a - lo : b - lo] = False
+                    rows[a - lo : b - lo] = 0
+                else:
+                    s = int(start[j])
+                    rows[a - lo : b - lo] = last[1].reshape(-1, PAGE)[a - s : b - s]
+            slots = np.flatnonzero(ok)
+            idx = (first[pj] + within)[slots]
+            yield _window(buf[: (hi - lo) * PAGE], slots, idx, fo[slots], layout, image, path)
+            stored = js[kind[js] != _FILL]
+            if stored.size:
+                f_lo, f_hi = int(at[stored].min()), int((at + size)[stored].max())
+                if f_hi - f_lo <= 2 * int(size[stored].sum()) + 2 * PAGE:  # they lay together
+                    ev.release(f_lo, f_hi - f_lo)  # resident memory does not grow with the file
         yield Segment(ev.data, main, path)
         if problems:
             image.coverage.read -= lost * PAGE
@@ -693,18 +709,17 @@ def _within(counts: list[int]) -> np.ndarray:
     return (np.arange(total, dtype=np.int64) - starts) * PAGE
 
 
-def _window(buf: np.ndarray, idx: np.ndarray, fo: np.ndarray, layout: _Layout,
-            image: MemoryImage, path: str) -> Segment:  # fmt: skip
-    """The reused-window segment of pages ``idx`` (global RAM page numbers, page k of the
-    window at ``buf`` offset k * PAGE; ``fo``: file offsets, -1 for decoded pages)."""
+def _window(buf: np.ndarray, slots: np.ndarray, idx: np.ndarray, fo: np.ndarray,
+            layout: _Layout, image: MemoryImage, path: str) -> Segment:  # fmt: skip
+    """The reused-window segment of pages ``idx`` (global RAM page numbers) at pages ``slots``
+    of ``buf`` (offset slot * PAGE; ``fo``: file offsets, -1 for decoded or filled pages)."""
     gpa, ok = layout.gpa(idx)
     space = np.zeros(idx.size, np.int64)
     if (~ok).any():
         space[~ok] = image.space_id("block:RamBlocks past the memory runs")
     addr = np.where(ok, gpa, idx * PAGE)
-    n = idx.size
-    ext = Extents.build(np.arange(n, dtype=np.int64) * PAGE, addr, np.full(n, PAGE), fo, space)
-    return Segment(buf[: n * PAGE], ext, path, reused=True)
+    ext = Extents.build(slots * PAGE, addr, np.full(idx.size, PAGE), fo, space)
+    return Segment(buf, ext, path, reused=True)
 
 
 # ---------------------------------------------------------------------------------------------

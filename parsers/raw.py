@@ -28,7 +28,7 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
     if ev.size == 0:
         raise ImageError(path, 0, "empty file")
     seg = Segment(ev.data, Extents.single(ev.size, addr=0, file_offset=0), path)
-    return MemoryImage(
+    image = MemoryImage(
         path=path,
         format="raw",
         files=[path],
@@ -36,3 +36,6 @@ def open_image(path: str, fmt: str, options: dict[str, Any]) -> MemoryImage:
         fixed_segments=[seg],
         closers=[ev.close],
     )
+    image.coverage.read = ev.size  # every byte is guest memory; the format declares no size
+    image.check_coverage()
+    return image

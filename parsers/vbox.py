@@ -99,6 +99,7 @@ FOOTER_MAGIC = b"\nFooter"
 # Data records: byte 0 = 0x80 | important(0x10) | type; then the size, UTF-8 style.
 REC_FIXED = 0x80
 REC_FLAGS_MASK = 0xE0  # bits 5 and 6 must be clear, bit 7 set
+REC_IMPORTANT = 0x10  # SSM_REC_FLAGS_IMPORTANT: set by SSM on every record; not checked
 REC_TERM = 1  # SSMRECTERM: 16 bytes in all, ends the unit
 REC_RAW = 2  # size bytes of unit data
 REC_LZF = 3  # u8 decompressed size in KiB, then size-1 bytes of LZF data
@@ -143,6 +144,7 @@ MAX_PAGE_RECORDS = 1 << 25  # page records kept (32 Mi pages = 128 GiB): a bound
 MAX_GPA = 1 << 52  # RAM pages above this are not physical addresses
 MAX_RANGES = 254  # range ids are u8, 0xFF ends the list
 WINDOW_PAGES = 1024  # pages per reused window (4 MiB)
+RELEASE_STEP = 8 << 20  # walked file bytes given back at a time (see _State.walked)
 
 # Page kinds in the record table (what a record's bytes are).
 _ZERO, _PLAIN, _LZF, _SPLIT = 0, 1, 2, 3
@@ -207,6 +209,16 @@ class _State:
     dev_len: array = field(default_factory=lambda: array("q"))
     dev_out: array = field(default_factory=lambda: array("i"))
     dev_soff: array = field(default_factory=lambda: array("q"))
+    released: int = 0  # file offset below which the walked pages were given back
+
+    def walked(self, ev: Evidence, pos: int) -> None:
+        """The walk has reached file offset ``pos``: give back the mapped pages before it,
+        RELEASE_STEP bytes at a time. Every page of a save holds a record header, so a walk
+        that kept them would leave the whole file resident (the pages stay in the page
+        cache: the stream reads them again at the cost of a page fault)."""
+        if pos - self.released >= RELEASE_STEP:
+            ev.release(self.released, pos - self.released)
+            self.released = pos
 
     def fail(self, offset: int | None, message: str) -> ImageError:
         return ImageError(self.path, offset, message)
@@ -282,6 +294,7 @@ class _Cursor:
     ``logical`` counts decoded bytes consumed (offset in the unit's data stream)."""
 
     def __init__(self, ev: Evidence, st: _State, pos: int) -> None:
+        self.ev = ev
         self.data = ev.data
         self.size = ev.size
         self.st = st
@@ -304,6 +317,7 @@ class _Cursor:
             if self.ended:
                 raise _Stop(self.st.fail(self.term_at, "pgm unit data ends before its END record"))
             start = self.rec_at = self.pos
+            self.st.walked(self.ev, start)
             rtype, p, n = read_record_header(self.data, start, self.size, self.st)
             if rtype == REC_TERM:
                 if p + n > self.size:
@@ -457,6 +471,8 @@ class _PgmReader:
         self.st = st
         self.unit = unit
         self.cur = _Cursor(ev, st, unit.data_offset)
+        self.ev = ev
+        self.mv = memoryview(ev.data)  # indexing a memoryview gives ints far faster than numpy
         self.last_ram = -1  # GPA of the previous RAM record (any RAM kind)
         self.last_idx: dict[int, tuple[int, int]] = {}  # kind group -> (range id, page index)
 
@@ -595,10 +611,84 @@ class _PgmReader:
         cur.logical += n
         self.last_ram = first + (n - 1) * PAGE
 
+    def _fast_pages(self, base: int) -> None:
+        """Add the usual run of page records in one tight loop: at a record boundary, a raw
+        record of type bytes (unflagged RAM zero pages, then one unflagged RAM raw page), then
+        that page as one 4 KiB LZF record, 4096-byte raw record or 4 KiB zero record (how SSM
+        writes a page: the small puts buffered, the page as a big write). A guest has one
+        such pair per stored page, and the general path's many Python steps per record cost
+        seconds per GiB. Stops, with the cursor at the record boundary, at anything else
+        (other page types, flagged addresses, truncation, bounds) for the general path, which
+        also reports every error; what it adds is what the general path would add."""
+        cur, st = self.cur, self.st
+        if cur.left or cur.ended or self.last_ram < 0:
+            return
+        mv, ev, size = self.mv, self.ev, cur.size
+        pos, gpa, logical, count = cur.pos, self.last_ram, cur.logical, len(st.key)
+        # records that may still be added: both bounds grow by one with each page record
+        limit = count + min(MAX_PAGE_RECORDS - count, (MAX_GPA - 1 - gpa) // PAGE)
+        release_at = st.released + RELEASE_STEP
+        keys, kinds, wheres, clens, soffs = st.key, st.kind, st.where, st.clen, st.soff
+        last_header = -1
+        while True:
+            if pos + 2 > size or (mv[pos] & ~REC_IMPORTANT) != REC_FIXED | REC_RAW:
+                break
+            n = mv[pos + 1]  # a type-byte record is short: one size byte (< 0x80)
+            q = pos + 2 + n
+            if not 0 < n < 0x80 or q + 5 > size or mv[q - 1] != PG_RAM_RAW:
+                break
+            m = n - 1  # unflagged RAM zero pages before the raw one: 0x00 type bytes
+            if count + n > limit or (m and int.from_bytes(mv[pos + 2 : q - 1], "little")):
+                break
+            h, b1 = (mv[q] & ~REC_IMPORTANT), mv[q + 1]
+            if b1 < 0x80:
+                n2, p2 = b1, q + 2
+            elif b1 & 0xE0 == 0xC0 and mv[q + 2] & 0xC0 == 0x80:
+                n2, p2 = ((b1 & 0x1F) << 6) | (mv[q + 2] & 0x3F), q + 3
+            elif b1 & 0xF0 == 0xE0 and mv[q + 2] & 0xC0 == 0x80 and mv[q + 3] & 0xC0 == 0x80:
+                n2 = ((b1 & 0x0F) << 12) | ((mv[q + 2] & 0x3F) << 6) | (mv[q + 3] & 0x3F)
+                p2 = q + 4
+            else:
+                break
+            end = p2 + n2
+            if end > size:
+                break
+            if h == REC_FIXED | REC_LZF and n2 >= 1 and mv[p2] == PAGE // 1024:
+                kind, where, clen = _LZF, p2 + 1, n2 - 1
+            elif h == REC_FIXED | REC_RAW and n2 == PAGE:
+                kind, where, clen = _PLAIN, p2, 0
+            elif h == REC_FIXED | REC_ZERO and n2 == 1 and mv[p2] == PAGE // 1024:
+                kind, where, clen = _ZERO, 0, 0
+            else:
+                break
+            if m:
+                keys.extend(range(gpa + PAGE, gpa + n * PAGE, PAGE))
+                kinds.frombytes(bytes(m))  # _ZERO, where/clen/soff 0 as _record adds them
+                wheres.frombytes(bytes(8 * m))
+                clens.frombytes(bytes(4 * m))
+                soffs.frombytes(bytes(8 * m))
+            gpa += n * PAGE
+            logical += n
+            keys.append(gpa)
+            kinds.append(kind)
+            wheres.append(where)
+            clens.append(clen)
+            soffs.append(base + logical)
+            logical += PAGE
+            count += n
+            last_header = q
+            pos = end
+            if pos >= release_at:
+                st.walked(ev, pos)
+                release_at = st.released + RELEASE_STEP
+        if last_header >= 0:
+            cur.pos, cur.rec_at, cur.logical, self.last_ram = pos, last_header, logical, gpa
+
     def _pages(self) -> None:
         cur, st = self.cur, self.st
         base = st.stream_base
         while True:
+            self._fast_pages(base)
             rtype = cur.u8()
             at = cur.rec_at
             if rtype == PG_END:
@@ -677,6 +767,7 @@ def _device_unit(ev: Evidence, st: _State, pos: int) -> tuple[int, int]:
     data = ev.data
     while True:
         start = pos
+        st.walked(ev, start)
         rtype, p, n = read_record_header(data, pos, ev.size, st)
         if p + n > ev.size:
             raise _Stop(st.fail(start, f"truncated: record of {n} bytes runs past end of file"))
@@ -748,6 +839,7 @@ def walk(ev: Evidence, st: _State) -> dict[str, Any]:
                 st.stream_base += decoded
     except _Stop as stop:
         st.problems.append(stop.err)
+    ev.release(st.released, ev.size - st.released)
     meta["units"] = sorted(set(names))
     return meta
 

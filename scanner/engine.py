@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import bisect
 import mmap
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -68,6 +69,25 @@ REGION_PREFIX = "region:"
 GAP_MIN = 256
 PAGE = 4096
 SQUEEZE_MIN = 8  # squeeze a chunk when at least 1 in this many of its pages is all zero
+#: gathered bytes (a streamed segment's whole line, a chunk of pieces) go into scratch arrays
+#: kept per thread up to this size: a fresh array per segment or chunk is a large block
+#: freed again, which glibc keeps in the heap rather than giving back, so peak RSS crept up
+#: with the image's length; a larger one (no parser makes one) comes and goes
+SCRATCH_KEEP = 64 << 20
+_local = threading.local()
+
+
+def _scratch(name: str, n: int) -> np.ndarray:
+    """``n`` bytes of the scratch array ``name`` of this thread (contents garbage; grown in
+    whole MiB, so segments of slightly different sizes share one)."""
+    if n > SCRATCH_KEEP:
+        return np.empty(n, np.uint8)
+    pool: dict[str, np.ndarray] = getattr(_local, "pool", None) or {}
+    _local.pool = pool
+    arr = pool.get(name)
+    if arr is None or arr.size < n:
+        arr = pool[name] = np.empty(-(-n >> 20) << 20, np.uint8)
+    return arr[:n]
 
 
 @dataclass
@@ -177,9 +197,10 @@ class _Layout:
         span = np.minimum(self.vend[i:j], b) - np.maximum(self.vstart[i:j], a)
         return int(np.clip(span, 0, None).sum())
 
-    def read(self, a: int, b: int) -> tuple[np.ndarray, bool]:
+    def read(self, a: int, b: int, scratch: str | None = None) -> tuple[np.ndarray, bool]:
         """Bytes ``[a, b)`` of the virtual line, and whether they were copied: a view of a
-        buffer when one piece holds them all, else a copy with zeros in the gaps."""
+        buffer when one piece holds them all, else a copy with zeros in the gaps (into the
+        thread's scratch array ``scratch`` if named: valid until it is next used)."""
         if self.line is not None:
             return self.line[a:b], True
         i = int(np.searchsorted(self.vend, a, side="right"))  # first piece ending past a
@@ -187,7 +208,11 @@ class _Layout:
         if j - i == 1 and self.vstart[i] <= a and self.vend[i] >= b:
             at = int(self.buf[i] + (a - self.vstart[i]))
             return self.segs[int(self.seg[i])].data[at : at + (b - a)], False
-        out = np.zeros(b - a, np.uint8)
+        if scratch is None:
+            out = np.zeros(b - a, np.uint8)
+        else:
+            out = _scratch(scratch, b - a)
+            _zero_between(out, self.vstart[i:j] - a, self.vend[i:j] - a)
         lo = self.vstart[i:j] - a  # destination of each piece
         cut_lo = np.maximum(0, -lo)  # bytes of a piece before a / past b
         cut_hi = np.maximum(0, lo + self.length[i:j] - (b - a))
@@ -258,6 +283,19 @@ class _Layout:
             else:
                 out.append([x, y])
         return [(x, y) for x, y in out]
+
+
+def _zero_between(out: np.ndarray, starts: np.ndarray, ends: np.ndarray) -> None:
+    """Zero the bytes of ``out`` outside the ascending, non-overlapping ``[starts, ends)``
+    (a layout's gaps: mostly ``gap`` bytes each, zeroed in one vectorized store per size)."""
+    lo = np.clip(np.concatenate(([0], ends)), 0, out.size)
+    n = np.clip(np.concatenate((starts, [out.size])), 0, out.size) - lo
+    for m in np.unique(n[n > 0]).tolist():
+        at = lo[n == m]
+        if at.size == 1:
+            out[int(at[0]) : int(at[0]) + m] = 0
+        else:
+            sliding_window_view(out, m, writeable=True)[at] = 0
 
 
 # ------------------------------------------------------------------------------- groups
@@ -381,7 +419,7 @@ class Engine:
             for cs in range(lo, hi, step):
                 ce = min(cs + step, hi)
                 a, b = max(0, cs - m), min(layout.size, ce + m)
-                buf, copied = layout.read(a, b)
+                buf, copied = layout.read(a, b, "chunk")
                 # a gathered chunk holds a stream's pages, which are never all zero
                 sq = _Squeezed.of(buf, self.gap) if self.squeeze and not copied else None
                 chunk = sq.chunk if sq else Chunk(buf)
@@ -529,7 +567,7 @@ class Engine:
                 first = (serial, serial + runs)  # serials of tails, then heads
                 serial += 2 * runs
                 if runs > 64:  # many pieces: gather the segment (a bounded window) once
-                    layout.line = layout.read(0, layout.size)[0]
+                    layout.line = layout.read(0, layout.size, "line")[0]
                 found += self._main(image, layout, [(0, layout.size)], progress, first)
                 result.bytes_scanned += layout.total()
                 result.region_bytes += layout.region_total(image)

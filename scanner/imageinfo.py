@@ -46,43 +46,101 @@ def info_lines(img: MemoryImage) -> Iterator[str]:
         yield f"{'error:' if is_damage(w) else 'warning:':<9} {w}"
 
 
+DECOMPRESSED = " (decompressed)"  # suffix of a kind counted in decoded bytes, not file bytes
+
+
+class _FileRanges:
+    """The union of file byte ranges [first, end) added in batches: bytes that several
+    extents share (a page two GPAs point at) count once. Batches are merged when they
+    outgrow the ranges kept, so the work stays linear in the extents added."""
+
+    def __init__(self) -> None:
+        self.lo = np.zeros(0, np.int64)
+        self.hi = np.zeros(0, np.int64)
+        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self.npending = 0
+
+    def add(self, first: np.ndarray, end: np.ndarray) -> None:
+        self.pending.append((first, end))
+        self.npending += first.size
+        if self.npending > max(1 << 16, 2 * self.lo.size):
+            self._merge()
+
+    def _merge(self) -> None:
+        lo = np.concatenate([self.lo] + [a for a, _ in self.pending])
+        hi = np.concatenate([self.hi] + [b for _, b in self.pending])
+        self.pending, self.npending = [], 0
+        if lo.size == 0:
+            return
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], np.maximum.accumulate(hi[order])
+        starts = np.flatnonzero(np.concatenate(([True], lo[1:] > hi[:-1])))
+        self.lo = lo[starts]
+        self.hi = hi[np.concatenate((starts[1:] - 1, [lo.size - 1]))]
+
+    def total(self) -> int:
+        """Bytes covered, each once."""
+        self._merge()
+        return int((self.hi - self.lo).sum())
+
+
 def file_bytes(img: MemoryImage) -> dict[str, dict[str, int]]:
-    """Per file of ``img``: bytes of guest memory (``"guest"``) and of each ``region:<kind>``
-    (by kind) in its segments. A stream is read through (its region bytes are then bytes of
-    the decompressed stream); an error that stops the reading joins ``img.warnings``."""
-    per: dict[str, dict[str, int]] = {}
+    """Per file of ``img``, in bytes: ``"guest"``, the file bytes holding guest memory
+    stored plainly (``file_offset`` set; bytes shared by several pages once); ``"guest
+    (decompressed)"``, guest memory decoded from compressed data (decoded bytes, not file
+    bytes); each region kind likewise, ``"<kind>"`` file bytes, ``"<kind> (decompressed)"``
+    bytes of a decompressed stream. The plain figures of all files and the image's structure
+    bytes (``coverage.structure``) add up to the files' sizes. A stream is read through; an
+    error that stops the reading joins ``img.warnings``."""
+    plain: dict[str, dict[str, _FileRanges]] = {}
+    decoded: dict[str, dict[str, int]] = {}
     try:
         for seg in img.segments():
-            row = per.setdefault(seg.file or img.path, {})
+            path = seg.file or img.path
             ext = seg.extents
-            for sp, plain in {(s, f >= 0) for s, f in zip(
-                    ext.space.tolist(), ext.file_offset.tolist(), strict=True)}:
+            plain.setdefault(path, {})
+            decoded.setdefault(path, {})
+            stored = ext.file_offset >= 0
+            for sp in np.unique(ext.space).tolist():
                 name = img.spaces[sp]
                 kind = name[len(REGION_PREFIX):] if name.startswith(REGION_PREFIX) else "guest"
-                if kind != "guest" and not plain:
-                    kind += " (decompressed)"  # bytes of the stream, not of the file
-                pick = (ext.space == sp) & ((ext.file_offset >= 0) == plain)
-                row[kind] = row.get(kind, 0) + int(ext.length[pick].sum())
+                here = ext.space == sp
+                pick = here & stored
+                if pick.any():
+                    first = ext.file_offset[pick]
+                    plain[path].setdefault(kind, _FileRanges()).add(
+                        first, first + ext.length[pick])
+                n = int(ext.length[here & ~stored].sum())
+                if n:
+                    row = decoded[path]
+                    row[kind + DECOMPRESSED] = row.get(kind + DECOMPRESSED, 0) + n
     except ImageError as err:  # damaged further on: what came before is still shown
         img.warnings.append(err)
-    return per
+    return {path: {**{k: r.total() for k, r in kinds.items()}, **decoded[path]}
+            for path, kinds in plain.items()}
 
 
 def coverage_lines(img: MemoryImage, per_file: dict[str, dict[str, int]]) -> Iterator[str]:
-    """Declared against read guest memory, what the format leaves out on purpose, and per
-    file the bytes of guest memory and those outside it that are scanned anyway."""
+    """Declared against read guest memory, what the format leaves out on purpose, per file
+    the bytes of guest memory stored plainly, decoded from compressed data, and those outside
+    it scanned anyway, then the structure bytes: the plain figures and the structure add up
+    to the files' sizes."""
     cov = img.coverage
     if img.meta.get("unrecognised"):
         yield ("scanned:  as raw memory only because no known format was recognised "
                "(addresses are file offsets)")
     yield f"memory:   {coverage_text(cov.to_dict())}"
     for path, row in per_file.items():
-        outside = {k: n for k, n in row.items() if k != "guest"}
+        outside = {k: n for k, n in row.items() if not k.startswith("guest")}
         kinds = ", ".join(f"{k} {n:,}" for k, n in sorted(outside.items()))
-        yield (f"file:     {path}: guest memory stored {mib(row.get('guest', 0))}; outside it, "
-               f"scanned anyway: {mib(sum(outside.values()))}" + (f" ({kinds})" if kinds else ""))
+        unpacked = row.get("guest" + DECOMPRESSED, 0)
+        yield (f"file:     {path}: guest memory stored plainly {mib(row.get('guest', 0))}"
+               + (f"; decoded from compressed data {mib(unpacked)}" if unpacked else "")
+               + f"; outside it, scanned anyway: {mib(sum(outside.values()))}"
+               + (f" ({kinds})" if kinds else ""))
     if cov.structure:
-        yield f"structure: {mib(cov.structure)} decoded as the format's structure, not scanned"
+        yield (f"structure: {mib(cov.structure)} of the format's structure and compressed data,"
+               " decoded, not scanned as stored")
 
 
 def coverage_text(cov: dict[str, Any]) -> str:

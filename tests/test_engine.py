@@ -339,3 +339,24 @@ def test_ssn_keyword_up_to_24_characters_before_the_number():
             image = memory_image(bytes(mem), list(range(len(mem) // PAGE)), 0x37)
             hits = Engine(ScanConfig(select("ssn"), key=b"k" * 32)).scan_image(image).findings
             assert len(hits) == found, (enc, gap)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 40), st.sampled_from([1, 7, 64, 100])), min_size=1,
+                max_size=30), st.data())
+def test_layout_read_into_scratch_equals_fresh(pages: list[tuple[int, int]], data) -> None:
+    """A gathered read into a reused scratch array (left holding garbage by an earlier use)
+    is byte for byte the read into a fresh zeroed array: every gap is zeroed."""
+    from parsers.base import Extents, Segment
+    from scanner.engine import _Layout, _scratch
+
+    buf = np.random.default_rng(len(pages)).integers(1, 256, 128 * len(pages), np.uint8)
+    ext = Extents.build([128 * k for k in range(len(pages))], [128 * a for a, _ in pages],
+                        [n for _, n in pages])  # fmt: skip
+    layout = _Layout.of([Segment(buf, ext, "f")], 256)
+    a = data.draw(st.integers(0, layout.size - 1))
+    b = data.draw(st.integers(a + 1, layout.size))
+    _scratch("test", layout.size).fill(0xAA)
+    fresh, _ = layout.read(a, b)
+    into, copied = layout.read(a, b, "test")
+    assert np.array_equal(into, fresh)

@@ -470,3 +470,79 @@ def test_pan_across_pages_is_found_among_many_pages_beside_zero_pages(
     result = scan_result(path)
     assert result.errors == [] and result.warnings == []
     assert pans(result) == [(top + PAGE - 8 + 6, None, "555555******4444")]
+
+
+# --- the fast path of the page-record walk -----------------------------------------------------
+
+
+def walked_table(path: str, fast: bool = True) -> tuple:
+    """Everything the walk of ``path`` fills in (page table, device records, problems), with the
+    page-record fast path on or off (off: every record through the general path)."""
+    saved = vbox._PgmReader._fast_pages
+    if not fast:
+        vbox._PgmReader._fast_pages = lambda self, base: None
+    try:
+        ev = Evidence(path)
+        s = vbox._State(path, ev.size)
+        meta = vbox.walk(ev, s)
+        ev.close()
+    finally:
+        vbox._PgmReader._fast_pages = saved
+    arrays = tuple(getattr(s, f).tobytes() for f in ("key", "kind", "where", "clen", "soff",
+                   "dev_type", "dev_at", "dev_len", "dev_out", "dev_soff"))  # fmt: skip
+    return arrays, s.split, meta, s.stream_base, s.passes, [str(p) for p in s.problems]
+
+
+@st.composite
+def page_runs(draw):
+    """A RAM run with every kind of page a guest has: memory-like, incompressible (raw),
+    all-zero data (a zero record), zero-page records and ballooned pages, with gaps."""
+    ram: dict[int, bytes | str | None] = {}
+    gpa = draw(st.sampled_from([0, LOW_END - 30 * PAGE, HIGH]))
+    for i in range(draw(st.integers(1, 30))):
+        gpa += PAGE * draw(st.sampled_from([1, 1, 1, 2, 9]))
+        page = draw(st.sampled_from(["filler", "random", "zeros", "none", "balloon"]))
+        ram[gpa] = {"filler": filler(i), "random": random.Random(i).randbytes(PAGE),
+                    "zeros": bytes(PAGE), "none": None, "balloon": "balloon"}[page]  # fmt: skip
+    return ram
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    runs=st.lists(page_runs(), min_size=1, max_size=3),
+    codec=st.sampled_from(["ssm", "raw", "small", "mix"]),
+    flips=st.lists(st.tuples(st.integers(64, 1 << 20), st.integers(0, 255)), max_size=3),
+    cut=st.integers(64, 1 << 20),
+)
+def test_fast_page_walk_equals_the_general_one(tmp_path, runs, codec, flips, cut):
+    """The fast path fills exactly what the record-by-record path does, for saves of every
+    record mix, live saves (later passes), and damaged or truncated ones."""
+    mix = ["ssm", "raw", "small"] if codec == "mix" else codec
+    plist = [w.Pass(ram=r, mmio2={(1, 0): filler(9)} if k == 0 else {}) for k, r in enumerate(runs)]
+    data = bytearray(w.SavFile(plist, mmio2=mmio2(), codec=mix, complete=False).to_bytes())
+    for at, v in flips:
+        if at < len(data):
+            data[at] = v
+    path = tmp_path / "f.sav"
+    path.write_bytes(bytes(data[:cut]))
+    assert walked_table(str(path)) == walked_table(str(path), fast=False)
+
+
+def test_fast_page_walk_takes_the_usual_records(tmp_path, monkeypatch):
+    """A save written as SSM writes one (type bytes, then each page as one LZF, raw or zero
+    record) goes through the fast path: the general path reads a handful of type bytes, not
+    one per page."""
+    rng = random.Random(3)
+    ram: dict[int, bytes | str | None] = {}
+    for k in range(400):
+        ram[k * PAGE] = [filler(k), rng.randbytes(PAGE), bytes(PAGE), None][k % 4]
+    path = w.SavFile([w.Pass(ram=ram)], codec="ssm").write(str(tmp_path / "u.sav"))
+    calls = []
+    u8 = vbox._Cursor.u8
+    monkeypatch.setattr(vbox._Cursor, "u8", lambda self: calls.append(1) or u8(self))
+    table = walked_table(path)
+    monkeypatch.setattr(vbox._Cursor, "u8", u8)
+    assert table == walked_table(path, fast=False)
+    assert len(table[0][0]) // 8 >= 400 and len(calls) < 40
