@@ -148,6 +148,17 @@ def file_regions(
     return out
 
 
+def union_bytes(lo: np.ndarray, hi: np.ndarray) -> int:
+    """Bytes covered by the ranges ``[lo, hi)`` (int64 arrays), each byte once."""
+    if lo.size == 0:
+        return 0
+    order = np.argsort(lo, kind="stable")
+    lo, hi = lo[order], hi[order]
+    reach = np.maximum.accumulate(hi)
+    before = np.concatenate(([lo[0]], reach[:-1]))  # the farthest end of the ranges before
+    return int(np.clip(hi - np.maximum(lo, before), 0, None).sum())
+
+
 def is_damage(problem: ImageError) -> bool:
     """Whether ``problem`` means part of an image went unread (exit status 2), not a remark."""
     return not isinstance(problem, Remark)

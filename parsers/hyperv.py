@@ -63,7 +63,15 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Remark, Segment
+from parsers.base import (
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    union_bytes,
+)
 
 FORMATS = ["hyperv-vmrs", "hyperv-bin"]
 
@@ -641,6 +649,13 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
     total = int(count.sum())
     held = np.repeat(first, count) + _within(list(p_count)) // PAGE
     image.coverage.read = int(layout.gpa(held)[1].sum()) * PAGE  # pages with a guest address
+    # the file bytes not stored plainly as guest memory or device state are the container's
+    # (headers, tables, keys) or compressed pages: structure
+    raw = kind == _RAW
+    image.coverage.structure = ev.size - union_bytes(
+        np.concatenate((at[raw], dev_at)),
+        np.concatenate((at[raw] + count[raw] * PAGE, dev_at + dev_n)),
+    )
 
     def stream() -> Iterator[Segment]:
         buf = np.zeros(min(WINDOW_PAGES, total) * PAGE, np.uint8)

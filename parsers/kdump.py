@@ -670,12 +670,14 @@ class _Window:
         self.slots = max(1, WINDOW_BYTES // bs)
         self.buf = np.zeros(self.slots * bs, np.uint8)
         self.pfns: list[int] = []
+        self.fpos: list[int] = []
 
-    def put(self, pfn: int, page: Any) -> bool:
+    def put(self, pfn: int, page: Any, fpos: int = -1) -> bool:
         """Store one page; True when the window is full."""
         k = len(self.pfns)
         self.buf[k * self.bs : (k + 1) * self.bs] = np.frombuffer(page, np.uint8)
         self.pfns.append(pfn)
+        self.fpos.append(fpos)
         return len(self.pfns) == self.slots
 
     def segment(self, path: str) -> Segment:
@@ -684,8 +686,9 @@ class _Window:
             np.arange(n, dtype=np.int64) * self.bs,
             np.asarray(self.pfns, np.int64) * self.bs,
             np.full(n, self.bs, np.int64),
+            file_offset=np.asarray(self.fpos, np.int64),
         )
-        self.pfns = []
+        self.pfns, self.fpos = [], []
         return Segment(self.buf, ext, path, reused=True)
 
 
@@ -739,7 +742,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
             if kind == 0:
                 yield with_fills(item)
             elif kind == 1:
-                if window.put(pfn, src.ev.data[item : item + bs]):
+                if window.put(pfn, src.ev.data[item : item + bs], item):
                     yield with_fills(window.segment(path))
             elif kind == 3:
                 zeros.append(pfn)
@@ -747,7 +750,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
                 data = _decode(dump, codecs, item)
                 if data is ALL_ZERO:
                     zeros.append(pfn)
-                elif data is not None and window.put(pfn, data):
+                elif data is not None and window.put(pfn, data, item[1] if item[3] == 0 else -1):
                     yield with_fills(window.segment(path))
                     # page data lies in PFN order: what precedes this page was decoded (or
                     # scanned in place): give its mapped pages back, or the whole dump

@@ -103,11 +103,7 @@ KINDS: dict[str, Callable[[Path], Path]] = {
 # structure figure leaves them out. The VirtualBox and Hyper-V parsers count no structure
 # bytes (record headers, range tables, compressed pages) at all.
 PARSER_GAPS = {
-    "kdump": "parsers/kdump.py: raw pages copied into a decode window lose their file offset",
-    "kdump-flattened": "parsers/kdump.py: raw pages copied into a decode window lose their "
-                       "file offset",
     "virtualbox-sav": "parsers/vbox.py fills no coverage.structure",
-    "hyperv-vmrs": "parsers/hyperv.py fills no coverage.structure",
 }
 
 
