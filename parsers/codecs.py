@@ -25,7 +25,9 @@ import shutil
 import struct
 import subprocess
 import tempfile
+import threading
 import zlib
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -77,6 +79,12 @@ KINDS = tuple(PAYLOAD_MAGICS)
 # The programs libvirt itself runs to restore: the fallback when a binding cannot load.
 PROGRAMS = {"lzop": ["lzop", "-dc", "--ignore-warn"], "zstd": ["zstd", "-dcq"]}
 READ_CHUNK = 1 << 20  # compressed bytes read at a time
+# Read-ahead: the decoding thread asks for at most BLOCK decompressed bytes at a time and stops
+# while AHEAD bytes are waiting to be taken; until the caller took that much, it stays only as
+# far ahead as the caller took (at least FIRST), so that a short peek decodes little more.
+BLOCK = 8 << 20
+AHEAD = 32 << 20
+FIRST = 1 << 20
 
 
 class CodecError(Exception):
@@ -334,13 +342,13 @@ class _Payload:
         return out
 
 
-class StreamDecoder(_Payload):
-    """The decompressed bytes of the ``kind`` payload at file offset ``start`` of ``ev``,
-    in-process: ``read(n)`` gives at most ``n`` bytes (b"" at the end or at the first
+class _Decoder(_Payload):
+    """The decompressed bytes of the ``kind`` payload at file offset ``start`` of ``ev``, in
+    the calling thread: ``read(n)`` gives at most ``n`` bytes (b"" at the end or at the first
     unreadable byte; ``problem`` then says why), at most ``max_output`` bytes in all (None:
     no bound) before a decompression-bomb error. Concatenated members are read in turn;
     bytes after the last one that do not start another are not decoded (``end`` says where
-    they begin; the caller scans them as they are)."""
+    they begin). :class:`StreamDecoder` runs one in a background thread."""
 
     def __init__(self, ev: Evidence, start: int, kind: str, max_output: int | None = None,
                  new: Callable[[], Any] | None = None) -> None:
@@ -403,6 +411,97 @@ class StreamDecoder(_Payload):
 
     def close(self) -> None:
         self.dec = None
+
+
+class StreamDecoder(_Payload):
+    """The decompressed bytes of the ``kind`` payload at file offset ``start`` of ``ev``,
+    in-process and read ahead: a background thread (started by the first ``read``) decodes
+    while the caller scans, keeping at most ``AHEAD`` bytes (plus one piece of at most
+    ``BLOCK``) decoded and not yet taken. ``read(n)`` gives at most ``n`` bytes (b"" at the
+    end or at the first unreadable byte; ``problem`` then says why), at most ``max_output``
+    bytes in all (None: no bound) before a decompression-bomb error, exactly the bytes,
+    errors and offsets of :class:`_Decoder`: ``problem`` and ``end`` are set when the bytes
+    before them were taken, and an unexpected exception of the thread is raised here at that
+    point. ``close()`` stops the thread and waits for it. Concatenated members are read in
+    turn; bytes after the last one that do not start another are not decoded (``end`` says
+    where they begin; the caller scans them as they are)."""
+
+    def __init__(self, ev: Evidence, start: int, kind: str, max_output: int | None = None,
+                 new: Callable[[], Any] | None = None) -> None:
+        self.ev, self.start, self.kind, self.max_output = ev, start, kind, max_output
+        self.source = _Decoder(ev, start, kind, max_output, new)
+        self.problem: ImageError | None = None
+        self.done = False
+        self.produced = 0
+        self.cond = threading.Condition()
+        # Pieces decoded and not yet taken, each with the decoder's state after it: done,
+        # problem, end, and any unexpected exception (the last piece may be empty).
+        self.pieces: deque[tuple[bytes, bool, ImageError | None, int | None,
+                                 BaseException | None]] = deque()
+        self.taken = 0  # bytes of pieces[0] already handed out
+        self.held = 0  # bytes in pieces not yet handed out
+        self.stopping = False
+        self.thread: threading.Thread | None = None
+
+    def _ahead(self) -> int:
+        """How far the thread may run ahead: it grows with what the caller took, so that a
+        caller reading only a prefix (the metadata peek) does not pay for decoding more."""
+        return min(AHEAD, max(FIRST, self.produced))
+
+    def _run(self) -> None:
+        src = self.source
+        failure: BaseException | None = None
+        while failure is None and not src.done:
+            with self.cond:
+                while self.held >= self._ahead() and not self.stopping:
+                    self.cond.wait()
+                if self.stopping:
+                    return
+                step = min(BLOCK, self._ahead())
+            try:
+                out = src.read(step)
+            except BaseException as exc:  # raised in the caller's thread, at this point
+                out, failure = b"", exc
+            with self.cond:
+                self.pieces.append((out, src.done, src.problem, src.end, failure))
+                self.held += len(out)
+                self.cond.notify_all()
+
+    def read(self, n: int) -> bytes:
+        if self.done:
+            return b""
+        if self.thread is None:
+            # a daemon, so that a caller that never closes cannot keep the process alive
+            self.thread = threading.Thread(target=self._run, name="vmleak-decode", daemon=True)
+            self.thread.start()
+        with self.cond:
+            while not self.pieces:
+                self.cond.wait()
+            piece, done, problem, end, failure = self.pieces[0]
+            out = piece[self.taken : self.taken + n] if self.taken or len(piece) > n else piece
+            self.taken += len(out)
+            self.held -= len(out)
+            if self.taken == len(piece):
+                self.pieces.popleft()
+                self.taken = 0
+                self.problem, self.end = problem, end
+                self.done = done or failure is not None
+            self.produced += len(out)
+            self.cond.notify_all()
+        if failure is not None:
+            raise failure
+        return out
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopping = True
+            self.pieces.clear()
+            self.held = 0
+            self.cond.notify_all()
+        if self.thread is not None:
+            self.thread.join()
+        self.done = True
+        self.source.close()
 
 
 class ProgramDecoder(_Payload):
