@@ -140,7 +140,10 @@ CODEC_BITS = PAGE_ZLIB | PAGE_LZO | PAGE_SNAPPY | PAGE_ZSTD
 
 BITS32_MACHINES = ("i386", "i486", "i586", "i686", "arm", "armv7l", "ppc", "mips", "s390")
 MAX_NOTES = 16 << 20  # notes and VMCOREINFO are read for metadata only, up to this size
-BATCH_BYTES = 64 << 10  # 2nd-bitmap bytes per batch = 512 Ki PFNs, 12 MiB of descriptors
+#: 2nd-bitmap bytes per batch = 64 Ki PFNs (256 MiB of 4 KiB pages), 1.5 MiB of descriptors:
+#: a batch's page lists are held while it is decoded, so peak memory stops growing with the
+#: dump past one batch
+BATCH_BYTES = 8 << 10
 WINDOW_BYTES = 4 << 20  # decompression window, bytes
 WALK_RELEASE = 64 << 20  # bytes of a flattened stream walked between giving pages back
 # Raw pages stored back to back form zero-copy segments of the mmap when at least MIN_RUN

@@ -498,8 +498,10 @@ class _VmstateReader:
     def _release(self) -> None:
         """Give back the mapped file pages read so far (the clusters were copied out): the
         vmstate lies in the file in increasing order, as savevm appended it, so without this
-        the whole of it would stay resident while it is walked."""
-        ev, end = self.img.ev, self.img.read_end
+        the whole of it would stay resident while it is walked. The last cluster read is kept:
+        a read ends inside it, and the next one reads its rest (given back then, its pages
+        would be mapped again and stay)."""
+        ev, end = self.img.ev, self.img.read_end - self.img.cluster_size
         if end > self.released:
             ev.release(self.released, end - self.released)
             self.released = end
