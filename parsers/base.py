@@ -159,6 +159,13 @@ def union_bytes(lo: np.ndarray, hi: np.ndarray) -> int:
     return int(np.clip(hi - np.maximum(lo, before), 0, None).sum())
 
 
+def printable(raw: bytes) -> str:
+    """A name from the file, safe in a one-line message: non-printable bytes as \\xNN."""
+    if raw.isascii() and raw.decode().isprintable() and b"\\" not in raw:
+        return raw.decode()
+    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in raw)
+
+
 def is_damage(problem: ImageError) -> bool:
     """Whether ``problem`` means part of an image went unread (exit status 2), not a remark."""
     return not isinstance(problem, Remark)

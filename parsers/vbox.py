@@ -45,7 +45,15 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import Evidence, Extents, ImageError, MemoryImage, Segment, union_bytes
+from parsers.base import (
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Segment,
+    printable,
+    union_bytes,
+)
 
 FORMATS = ["vbox-sav"]
 
@@ -399,7 +407,7 @@ class _Cursor:
         at = self.rec_at
         if n > limit:
             raise _Stop(self.st.fail(at, f"string of {n} bytes in the pgm unit"))
-        return self.read(n).decode("utf-8", "replace")
+        return printable(self.read(n))  # (shown in messages and space names: one line)
 
     def page(self) -> tuple[int, int, int]:
         """Consume one 4 KiB page: (kind, where, LZF length) for the record table."""

@@ -45,6 +45,7 @@ from parsers.base import (
     Remark,
     Segment,
     file_regions,
+    printable,
 )
 
 FORMATS = ["vmware-vmss", "vmware-vmsn", "vmware-vmem"]
@@ -246,7 +247,7 @@ def read_checkpoint(path: str, ev: Evidence | None = None) -> Checkpoint:
         table = ev.data[HEADER.size : HEADER.size + numgroups * GROUP.size].tobytes()
         for k in range(numgroups):
             raw, position, size = GROUP.unpack_from(table, k * GROUP.size)
-            gname = _printable(raw.split(b"\0", 1)[0])
+            gname = printable(raw.split(b"\0", 1)[0])
             ck.groups.append(Group(gname, position, size, HEADER.size + k * GROUP.size))
         # The memory group first, so a tag budget spent on device groups cannot hide it.
         order = sorted(ck.groups, key=lambda g: g.name != "memory")
@@ -270,13 +271,6 @@ def read_checkpoint(path: str, ev: Evidence | None = None) -> Checkpoint:
     finally:
         if own:
             ev.close()
-
-
-def _printable(raw: bytes) -> str:
-    """A name from the file, safe in a one-line message: non-printable bytes as \\xNN."""
-    if raw.isascii() and raw.decode().isprintable() and b"\\" not in raw:
-        return raw.decode()
-    return "".join(chr(b) if 32 <= b < 127 and b != 92 else f"\\x{b:02x}" for b in raw)
 
 
 def _walk_group(
@@ -343,7 +337,7 @@ def _walk_group(
                 ImageError(path, pos, f"group {group.name!r}: tag runs past the group's end"),
             )
             return
-        name = _printable(data[p : p + namelen].tobytes())
+        name = printable(data[p : p + namelen].tobytes())
         p += namelen
         indices = struct.unpack_from(f"<{nindx}I", data[p : p + nindx * INDEX].tobytes())
         p += nindx * INDEX
