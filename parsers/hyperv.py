@@ -479,6 +479,8 @@ class _Layout:
 
     def gpa(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(GPA or -1, mapped mask) for global page indexes."""
+        if self.starts.size == 0:  # a damaged file may declare no memory run at all
+            return np.full(idx.shape, -1, np.int64), np.zeros(idx.shape, bool)
         k = np.searchsorted(self.starts, idx, side="right") - 1
         k = np.maximum(k, 0)
         ok = (idx >= self.starts[k]) & (idx < self.starts[k] + self.pages[k])
