@@ -148,15 +148,63 @@ def file_regions(
     return out
 
 
-def union_bytes(lo: np.ndarray, hi: np.ndarray) -> int:
-    """Bytes covered by the ranges ``[lo, hi)`` (int64 arrays), each byte once."""
-    if lo.size == 0:
-        return 0
-    order = np.argsort(lo, kind="stable")
-    lo, hi = lo[order], hi[order]
-    reach = np.maximum.accumulate(hi)
-    before = np.concatenate(([lo[0]], reach[:-1]))  # the farthest end of the ranges before
-    return int(np.clip(hi - np.maximum(lo, before), 0, None).sum())
+class Ranges:
+    """The union of byte ranges ``[first, end)`` added in batches (int64 arrays): bytes that
+    several ranges share count once. Batches are merged when they outgrow the ranges kept,
+    so the work stays linear in the ranges added; ``lo``/``hi`` are the merged ranges,
+    sorted and disjoint."""
+
+    def __init__(self) -> None:
+        self._lo = np.zeros(0, np.int64)
+        self._hi = np.zeros(0, np.int64)
+        self._pending: list[tuple[np.ndarray, np.ndarray]] = []
+        self._npending = 0
+
+    @classmethod
+    def of(cls, first: np.ndarray, end: np.ndarray) -> Ranges:
+        out = cls()
+        out.add(first, end)
+        return out
+
+    def add(self, first: np.ndarray, end: np.ndarray) -> None:
+        self._pending.append((np.asarray(first, np.int64), np.asarray(end, np.int64)))
+        self._npending += self._pending[-1][0].size
+        if self._npending > max(1 << 16, 2 * self._lo.size):
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
+            return
+        lo = np.concatenate([self._lo] + [a for a, _ in self._pending])
+        hi = np.concatenate([self._hi] + [b for _, b in self._pending])
+        self._pending, self._npending = [], 0
+        keep = hi > lo
+        lo, hi = lo[keep], hi[keep]
+        if lo.size == 0:
+            self._lo, self._hi = lo, hi
+            return
+        order = np.argsort(lo, kind="stable")
+        lo, hi = lo[order], np.maximum.accumulate(hi[order])
+        starts = np.flatnonzero(np.concatenate(([True], lo[1:] > hi[:-1])))
+        self._lo = lo[starts]
+        self._hi = hi[np.concatenate((starts[1:] - 1, [lo.size - 1]))]
+
+    @property
+    def lo(self) -> np.ndarray:
+        self._merge()
+        return self._lo
+
+    @property
+    def hi(self) -> np.ndarray:
+        self._merge()
+        return self._hi
+
+    def pairs(self) -> list[tuple[int, int]]:
+        return list(zip(self.lo.tolist(), self.hi.tolist(), strict=True))
+
+    def total(self) -> int:
+        """Bytes covered, each once."""
+        return int((self.hi - self.lo).sum())
 
 
 def printable(raw: bytes) -> str:

@@ -68,9 +68,9 @@ from parsers.base import (
     Extents,
     ImageError,
     MemoryImage,
+    Ranges,
     Remark,
     Segment,
-    union_bytes,
 )
 
 FORMATS = ["hyperv-vmrs", "hyperv-bin"]
@@ -654,10 +654,10 @@ def _build(ev: Evidence, image: MemoryImage, blocks: dict[int, _Key], layout: _L
     # the file bytes not stored plainly as guest memory or device state are the container's
     # (headers, tables, keys) or compressed pages: structure
     raw = kind == _RAW
-    image.coverage.structure = ev.size - union_bytes(
+    image.coverage.structure = ev.size - Ranges.of(
         np.concatenate((at[raw], dev_at)),
         np.concatenate((at[raw] + count[raw] * PAGE, dev_at + dev_n)),
-    )
+    ).total()
 
     def stream() -> Iterator[Segment]:
         buf = np.zeros(min(WINDOW_PAGES, total) * PAGE, np.uint8)

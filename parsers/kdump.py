@@ -29,6 +29,7 @@ from parsers.base import (
     Fills,
     ImageError,
     MemoryImage,
+    Ranges,
     Segment,
     file_regions,
 )
@@ -714,7 +715,7 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     desc_dtype = PAGE_DESC.newbyteorder(dump.order)
     nbytes = -(-dump.max_mapnr // 8)
     k = 0  # descriptor index of the batch's first PFN
-    held, raw = _Spans(), _Spans()  # assembled bytes of page data: all of it, raw pages
+    held, raw = Ranges(), Ranges()  # assembled bytes of page data: all of it, raw pages
     given = 0  # file offset below which the mapped pages were given back
 
     zeros: list[int] = []  # PFNs of all-zero pages met since the last segment yielded
@@ -806,29 +807,9 @@ def _give_back(ev: Evidence, given: int, upto: int) -> int:
     return given
 
 
-class _Spans:
-    """File byte ranges [first, end), merged as they are added (page data is written in
-    PFN order, back to back, so a real dump keeps one or a few ranges)."""
-
-    def __init__(self) -> None:
-        self.lo = np.zeros(0, np.int64)
-        self.hi = np.zeros(0, np.int64)
-
-    def add(self, first: np.ndarray, end: np.ndarray) -> None:
-        lo, hi = np.concatenate((self.lo, first)), np.concatenate((self.hi, end))
-        order = np.argsort(lo, kind="stable")
-        lo, hi = lo[order], hi[order]
-        reach = np.maximum.accumulate(hi)
-        new = np.concatenate(([True], lo[1:] > reach[:-1])) if lo.size else lo.astype(bool)
-        starts = np.flatnonzero(new)
-        self.lo = lo[starts]
-        self.hi = reach[np.concatenate((starts[1:] - 1, [lo.size - 1]))] if lo.size else hi
-
-    def pairs(self) -> list[tuple[int, int]]:
-        return list(zip(self.lo.tolist(), self.hi.tolist(), strict=True))
-
-
-def _regions(dump: _Dump, image: MemoryImage, data: _Spans, raw: _Spans) -> Iterator[Segment]:
+def _regions(
+    dump: _Dump, image: MemoryImage, data: Ranges, raw: Ranges
+) -> Iterator[Segment]:
     """The file's bytes that are neither page data nor decoded structure, scanned as
     ``region:*`` at their file offsets. Of the assembled dump: the header and sub header
     blocks (``header``), VMCOREINFO, notes and erase info (``metadata``), bytes between page
@@ -921,7 +902,7 @@ class _RawState:
 
 def _classify(
     dump: _Dump, desc: np.ndarray, pfns: np.ndarray, desc_at: int, state: _RawState,
-    spans: tuple[_Spans, _Spans],
+    spans: tuple[Ranges, Ranges],
 ) -> tuple[np.ndarray, np.ndarray, list[_Page], np.ndarray]:
     """Split a batch of descriptors: raw pages stored in one piece at increasing file
     positions are returned as (file positions, PFNs) for zero-copy reading (increasing, so

@@ -50,9 +50,9 @@ from parsers.base import (
     Extents,
     ImageError,
     MemoryImage,
+    Ranges,
     Segment,
     printable,
-    union_bytes,
 )
 
 FORMATS = ["vbox-sav"]
@@ -1024,10 +1024,10 @@ def build(ev: Evidence, st: _State, image: MemoryImage) -> None:
     # file bytes not stored plainly (raw pages, raw device records) are the saved state's
     # records, LZF data and headers: structure
     plain = rec[kind[rec] == _PLAIN]
-    image.coverage.structure = ev.size - union_bytes(
+    image.coverage.structure = ev.size - Ranges.of(
         np.concatenate((where[plain], fo)),
         np.concatenate((where[plain] + PAGE, fo + dev_len[dev_raw])),
-    )
+    ).total()
     # a page's bytes in the file, for the plain ones (a view: rows are copied when indexed)
     pages_in_file = (
         sliding_window_view(ev.data, PAGE) if ev.size >= PAGE else np.zeros((0, PAGE), np.uint8)

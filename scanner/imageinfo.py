@@ -9,7 +9,15 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import GPA_SPACE, REGION_PREFIX, ImageError, MemoryImage, is_damage, mib
+from parsers.base import (
+    GPA_SPACE,
+    REGION_PREFIX,
+    ImageError,
+    MemoryImage,
+    Ranges,
+    is_damage,
+    mib,
+)
 from scanner.dormant import file_mtime
 from scanner.units import merged
 
@@ -49,41 +57,6 @@ def info_lines(img: MemoryImage) -> Iterator[str]:
 DECOMPRESSED = " (decompressed)"  # suffix of a kind counted in decoded bytes, not file bytes
 
 
-class _FileRanges:
-    """The union of file byte ranges [first, end) added in batches: bytes that several
-    extents share (a page two GPAs point at) count once. Batches are merged when they
-    outgrow the ranges kept, so the work stays linear in the extents added."""
-
-    def __init__(self) -> None:
-        self.lo = np.zeros(0, np.int64)
-        self.hi = np.zeros(0, np.int64)
-        self.pending: list[tuple[np.ndarray, np.ndarray]] = []
-        self.npending = 0
-
-    def add(self, first: np.ndarray, end: np.ndarray) -> None:
-        self.pending.append((first, end))
-        self.npending += first.size
-        if self.npending > max(1 << 16, 2 * self.lo.size):
-            self._merge()
-
-    def _merge(self) -> None:
-        lo = np.concatenate([self.lo] + [a for a, _ in self.pending])
-        hi = np.concatenate([self.hi] + [b for _, b in self.pending])
-        self.pending, self.npending = [], 0
-        if lo.size == 0:
-            return
-        order = np.argsort(lo, kind="stable")
-        lo, hi = lo[order], np.maximum.accumulate(hi[order])
-        starts = np.flatnonzero(np.concatenate(([True], lo[1:] > hi[:-1])))
-        self.lo = lo[starts]
-        self.hi = hi[np.concatenate((starts[1:] - 1, [lo.size - 1]))]
-
-    def total(self) -> int:
-        """Bytes covered, each once."""
-        self._merge()
-        return int((self.hi - self.lo).sum())
-
-
 def file_bytes(img: MemoryImage) -> dict[str, dict[str, int]]:
     """Per file of ``img``, in bytes: ``"guest"``, the file bytes holding guest memory
     stored plainly (``file_offset`` set; bytes shared by several pages once); ``"guest
@@ -92,7 +65,7 @@ def file_bytes(img: MemoryImage) -> dict[str, dict[str, int]]:
     bytes of a decompressed stream. The plain figures of all files and the image's structure
     bytes (``coverage.structure``) add up to the files' sizes. A stream is read through; an
     error that stops the reading joins ``img.warnings``."""
-    plain: dict[str, dict[str, _FileRanges]] = {}
+    plain: dict[str, dict[str, Ranges]] = {}
     decoded: dict[str, dict[str, int]] = {}
     try:
         for seg in img.segments():
@@ -108,7 +81,7 @@ def file_bytes(img: MemoryImage) -> dict[str, dict[str, int]]:
                 pick = here & stored
                 if pick.any():
                     first = ext.file_offset[pick]
-                    plain[path].setdefault(kind, _FileRanges()).add(
+                    plain[path].setdefault(kind, Ranges()).add(
                         first, first + ext.length[pick])
                 n = int(ext.length[here & ~stored].sum())
                 if n:
