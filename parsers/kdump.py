@@ -718,13 +718,13 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
     held, raw = Ranges(), Ranges()  # assembled bytes of page data: all of it, raw pages
     given = 0  # file offset below which the mapped pages were given back
 
-    zeros: list[int] = []  # PFNs of all-zero pages met since the last segment yielded
+    zeros: list[np.ndarray] = []  # PFNs of all-zero pages met since the last segment yielded
 
     def with_fills(seg: Segment) -> Segment:
         """``seg`` with the all-zero pages met since the last one as its fills (the engine
         keeps no seam beside them)."""
         if zeros:
-            seg.fills = Fills.pages(np.array(zeros, np.int64) * bs, bs)
+            seg.fills = Fills.pages(np.sort(np.concatenate(zeros)) * bs, bs)
             zeros.clear()
         return seg
 
@@ -732,34 +732,45 @@ def _pages(dump: _Dump, image: MemoryImage) -> Iterator[Segment]:
         segments: list[tuple[int, Segment]], short: list[tuple[int, int]], copy: list[_Page],
         zero: np.ndarray,
     ) -> Iterator[Segment]:
-        """Raw runs, short raw pages, pages to decode and all-zero pages of a batch, merged
-        in PFN order (each list is): a run yielded ahead of the compressed pages before it
-        would leave all their edges waiting for each other in the engine (seams), and their
-        file pages mapped until those pages are decoded."""
+        """Raw runs, short raw pages and pages to decode of a batch, merged in PFN order
+        (each list is): a run yielded ahead of the compressed pages before it would leave
+        all their edges waiting for each other in the engine (seams), and their file pages
+        mapped until those pages are decoded. The batch's all-zero pages (``zero``, sorted)
+        below a segment's last PFN go with it as fills, taken by slices, not page by page."""
         nonlocal given
+        taken = 0  # of ``zero``, how many went into ``zeros``
+
+        def met(pfn: int) -> None:
+            nonlocal taken
+            upto = int(np.searchsorted(zero, pfn))
+            if upto > taken:
+                zeros.append(zero[taken:upto])
+                taken = upto
+
         runs_at = ((pfn, 0, seg) for pfn, seg in segments)
         short_at = ((pfn, 1, fp) for pfn, fp in short)
         copy_at = ((page[0], 2, page) for page in copy)
-        zero_at = ((pfn, 3, None) for pfn in zero.tolist())
-        for pfn, kind, item in heapq.merge(runs_at, short_at, copy_at, zero_at,
-                                           key=lambda e: e[0]):
+        for pfn, kind, item in heapq.merge(runs_at, short_at, copy_at, key=lambda e: e[0]):
             if kind == 0:
+                met(pfn)
                 yield with_fills(item)
             elif kind == 1:
                 if window.put(pfn, src.ev.data[item : item + bs], item):
+                    met(pfn)
                     yield with_fills(window.segment(path))
-            elif kind == 3:
-                zeros.append(pfn)
             else:
                 data = _decode(dump, codecs, item)
                 if data is ALL_ZERO:
-                    zeros.append(pfn)
+                    zeros.append(np.array([pfn], np.int64))
                 elif data is not None and window.put(pfn, data, item[1] if item[3] == 0 else -1):
+                    met(pfn)
                     yield with_fills(window.segment(path))
                     # page data lies in PFN order: what precedes this page was decoded (or
                     # scanned in place): give its mapped pages back, or the whole dump
                     # stays resident
                     given = _give_back(src.ev, given, item[1])
+        if taken < zero.size:
+            zeros.append(zero[taken:])
 
     try:
         for lo in range(0, nbytes, BATCH_BYTES):
