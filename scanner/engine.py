@@ -557,7 +557,8 @@ class Engine:
                 layout = _Layout.of([seg], self.gap)
                 runs = layout.run_vstart.size
                 src = self._source_id(seg)
-                fills = _FillKeys.of(seg.fills, self._group_of(src))
+                group = self._group_of(src)
+                fills = _FillKeys.of(seg.fills, group)
                 for p in pending.values():
                     p.settle(fills, self._sources)
                 known = fills.plus(before)
@@ -571,7 +572,7 @@ class Engine:
                 found += self._main(image, layout, [(0, layout.size)], progress, first)
                 result.bytes_scanned += layout.total()
                 result.region_bytes += layout.region_total(image)
-                need = known.need(layout, self._group_of(src))
+                need = known.need(layout, group)
                 for g in self.groups:
                     edges = _EdgeSet.of(layout, g.edge, src, first, pending[id(g)].blocks, need)
                     found += self._seams(image, g, edges, pending[id(g)], seams)
