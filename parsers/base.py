@@ -260,8 +260,13 @@ class Extents:
         sp = np.zeros(n, np.int64) if space is None else np.asarray(space, np.int64)
         fo = np.broadcast_to(fo, (n,))
         sp = np.broadcast_to(sp, (n,))
-        order = np.argsort(b, kind="stable")
-        order = order[ln[order] > 0]
+        # Sorted already (a parser's pages in file order): no sort, and one copy per column,
+        # not two (a stream's table has one extent per page; issue 12's peak RSS).
+        if b.size > 1 and not (b[1:] >= b[:-1]).all():
+            order = np.argsort(b, kind="stable")
+            order = order[ln[order] > 0]
+        else:
+            order = np.flatnonzero(ln > 0)
         b, a, ln, fo, sp = b[order], a[order], ln[order], fo[order], sp[order]
         # Coalesce neighbours that continue each other in buffer, address space and file, so
         # a run of consecutive pages is one extent (fewer seams, fewer boundary checks).
@@ -277,7 +282,7 @@ class Extents:
                 end = np.concatenate((b[first[1:] - 1] + ln[first[1:] - 1], [b[-1] + ln[-1]]))
                 ln = end - b[first]
                 b, a, fo, sp = b[first], a[first], fo[first], sp[first]
-        return cls(b.copy(), a.copy(), ln.copy(), fo.copy(), sp.copy())
+        return cls(b, a, ln, fo, sp)  # fancy indexing made them: owned, not views
 
     @classmethod
     def concat(cls, *parts: Extents) -> Extents:
