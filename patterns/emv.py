@@ -25,13 +25,13 @@ anchor pass of patterns/scratch.py, read from it when a key or secret detector a
 on the chunk (every detector: no extra pass); otherwise per 512 KiB block two compares for the
 two tag bytes (0x5A, 0x57), and only the 8-byte words holding one are looked into, a word at a
 time for the length byte after each tag. Headers whose value does not start with six bytes of
-decimal digits are dropped; the nibbles, month, Luhn and IIN checks run on the rest as arrays. Hex text: the digit
-chains of the digit detectors' text views (patterns/digits.py, memoized on the chunk: a
-record's PAN digits make its region hot and form a chain) — a 5A's PAN starts a chain right
-after the letter A of its tag or length, a 57's ends one right before its separator D — then
-the same checks on the text. No Python loop per byte or candidate. A hex-text record whose PAN
-is glued into a run of more than 64 decimal digits (the longest chain the digit stage keeps) is
-not found. Masked like a PAN: at most the first six and last four digits.
+decimal digits are dropped; the nibbles, month, Luhn and IIN checks run on the rest as arrays.
+Hex text: the digit chains of the digit detectors' text views (patterns/digits.py, memoized
+on the chunk: a record's PAN digits make its region hot and form a chain) — a 5A's PAN starts
+a chain right after the letter A of its tag or length, a 57's ends one right before its
+separator D — then the same checks on the text. No Python loop per byte or candidate. A
+hex-text record whose PAN is glued into a run of more than 64 decimal digits (the longest chain
+the digit stage keeps) is not found. Masked like a PAN: at most the first six and last four digits.
 """
 
 from __future__ import annotations
