@@ -45,7 +45,15 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import GPA_SPACE, Fills, ImageError, MemoryImage, Remark, Segment
+from parsers.base import (
+    GPA_SPACE,
+    Fills,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    region_kind,
+)
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
@@ -59,9 +67,6 @@ EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
 #: groups together: each group's share is in proportion to its row width, so every group
 #: keeps about as many edges, and the store stays this size however large the image
 PENDING_LIMIT = 64 * 1024 * 1024
-#: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
-#: (headers, device state, slack ...), addressed by their offset in the file or stream
-REGION_PREFIX = "region:"
 #: least zero bytes between two pieces that are not guest neighbours: more than any detector
 #: reads outside a match (the digit family looks up to 43 UTF-16LE characters back for a
 #: keyword; AES reads a crypto_aes_ctx's 244 bytes past a schedule); a detector's own
@@ -560,8 +565,9 @@ class Engine:
         if self.config.unmask:
             details["value"] = d.value.decode("latin-1")
         name = image.spaces[where.space]
-        if name.startswith(REGION_PREFIX):  # not guest memory: a part of the file itself
-            details["region"] = name[len(REGION_PREFIX) :]
+        region = region_kind(name)  # not guest memory: a part of the file itself
+        if region is not None:
+            details["region"] = region
             if where.offset is None:
                 details["stream_offset"] = where.addr
         elif where.space != GPA_SPACE:
