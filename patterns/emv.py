@@ -82,6 +82,8 @@ def _check(nib: np.ndarray, count: np.ndarray, tag: int) -> tuple[np.ndarray, np
         ok = (nbig == 1) & (nib[rows, ndig] == SEP) & (ndat - ndig - 1 >= AFTER_SEP)
     ok &= (ndig >= PAN_MIN) & (ndig <= PAN_MAX)
     idx = np.flatnonzero(ok)
+    if idx.size == 0:  # the usual chunk: nothing well formed, no Luhn or IIN work
+        return ok, np.full(n, -1, np.int64)
     if tag == TAG_TRACK2 and idx.size:
         month = nib[idx, ndig[idx] + 3] * 10 + nib[idx, ndig[idx] + 4]
         idx = idx[(month >= 1) & (month <= 12)]
@@ -215,10 +217,12 @@ def _hex(view: TextView, out: dict[int, list[_Candidates]]) -> None:
         if t == TAG_PAN:  # the length 07-09 begins the chain, or 0A stands before it
             start = np.concatenate((start - 2, start - 4))
         else:  # 13-19 PAN digits before the D
-            start = np.unique(start[:, None] - np.arange(PAN_MIN + 4, PAN_MAX + 5)[None, :])
+            start = (start[:, None] - np.arange(PAN_MIN + 4, PAN_MAX + 5)[None, :]).ravel()
         second = ord("a") if t == TAG_PAN else ord("7")
         start = start[((view.byte_at(start + 1) | 0x20) == second)
                       & (view.byte_at(start) == ord("5"))]
+        if t == TAG_TRACK2:  # two separators 13-19 digits after one tag: one candidate
+            start = np.unique(start)
         ln = _HEX_VALUE[view.byte_at(start + 2)] * 16 + _HEX_VALUE[view.byte_at(start + 3)]
         keep = (ln >= MIN_VALUE[t]) & (ln <= MAX_VALUE[t])
         if keep.any():
