@@ -56,7 +56,8 @@ class Chains:
     separator's byte (0 if none); ``same_sep``: every separator is that byte; ``key``: the
     lengths of its first MAX_GROUPS digit groups packed 5 bits each, first group lowest
     (-1 when it has more groups, mixed separators, or a first group of other than
-    FIRST_GROUP digits).
+    FIRST_GROUP digits); ``bits``: uint64 whose bit k is set when text ``start + 1 + k`` is
+    a separator (0 for a chain of all glued groups, which no detector reads).
     """
 
     start: np.ndarray
@@ -64,6 +65,7 @@ class Chains:
     links: np.ndarray
     sep: np.ndarray
     key: np.ndarray
+    bits: np.ndarray
 
 
 def group_key(groups: tuple[int, ...]) -> int:
@@ -194,7 +196,7 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     n = t.size
     if n < MIN_CHAIN:
         z = np.zeros(0, np.int64)
-        return Chains(z, z, z, np.zeros(0, np.uint8), z)
+        return Chains(z, z, z, np.zeros(0, np.uint8), z, np.zeros(0, np.uint64))
     link, edge, first, last = _chain_masks(t, d)
     # only the long runs' edges: far fewer than all runs' in dense digit text
     edges = np.flatnonzero(edge) + 1
@@ -213,7 +215,7 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     # At most MAX_GROUPS groups count, plus one glued to a word at each end.
     # ... and only those with the 9 digits the shortest such match (an SSN) has
     sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1) & (end - start - links >= 9))
-    pos = start[sub, None] + 1 + _set_bits(bits[sub], MAX_GROUPS + 1)  # their links
+    pos = start[sub, None] + 1 + set_bits(bits[sub], MAX_GROUPS + 1)  # their links
     # ... whose first group has FIRST_GROUP digits, unless an end group is glued to a word
     fit = (
         is_in(pos[:, 0] - start[sub], FIRST_GROUP)
@@ -224,8 +226,11 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     key[links > 0] = -1  # unless set below
     if sub.size:
         s, e, k, ln, sp = _group_keys(t, pos, start[sub], end[sub], links[sub])
+        # the separators of what is left when a glued group was dropped (none if nothing is)
+        b = bits[sub] >> (s - start[sub]).astype(np.uint64)
+        bits[sub] = b & (~np.uint64(0) >> (np.uint64(65) - np.clip(e - s, 1, 64).astype(np.uint64)))
         start[sub], end[sub], key[sub], links[sub], sep[sub] = s, e, k, ln, sp
-    return Chains(start, end, links, sep, key)
+    return Chains(start, end, links, sep, key, bits)
 
 
 def _link_bits(link: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
@@ -240,14 +245,19 @@ def _link_bits(link: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarr
     return x & (~np.uint64(0) >> (np.uint64(65) - (end - start).astype(np.uint64)))
 
 
-def _set_bits(x: np.ndarray, k: int) -> np.ndarray:
+def bit_index(x: np.ndarray) -> np.ndarray:
+    """Index of the set bit of each uint64 power of two (-1 for 0)."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1  # a power of two is exact
+
+
+def set_bits(x: np.ndarray, k: int) -> np.ndarray:
     """(len(x), k): positions of the lowest ``k`` set bits of each uint64 (-1 past the
     last)."""
     out = np.empty((x.size, k), np.int64)
     x = x.copy()
     for j in range(k):
         low = x & (~x + np.uint64(1))
-        out[:, j] = np.frexp(low.astype(np.float64))[1] - 1  # a power of two is exact
+        out[:, j] = bit_index(low)
         x ^= low
     return out
 

@@ -30,7 +30,7 @@ def chains_of(text: bytes, block: int) -> digits.Chains:
 def test_chains_in_blocks_equal_chains_in_one_piece(text, block):
     whole = chains_of(text, 1 << 20)
     parts = chains_of(text, block)
-    for name in ("start", "end", "links", "sep", "key"):
+    for name in ("start", "end", "links", "sep", "key", "bits"):
         assert np.array_equal(getattr(whole, name), getattr(parts, name)), name
 
 
@@ -82,3 +82,17 @@ def test_grouped_chains_read_like_the_text(text, block):
                 and 2 <= len(groups) <= digits.MAX_GROUPS and len(groups[0]) in (3, 4)
                 and not letter_around):
             assert got.get((s, e)) == digits.group_key(tuple(len(g) for g in groups))
+
+
+@settings(max_examples=300)
+@given(text=TEXT, block=st.integers(1, 40))
+def test_chain_bits_are_its_separators(text, block):
+    """``Chains.bits`` marks exactly the spaces and dashes inside each chain (after a glued
+    group was dropped); none in what is left of a chain that was all glued groups."""
+    c = chains_of(text, block)
+    for s, e, b in zip(c.start.tolist(), c.end.tolist(), c.bits.tolist(), strict=True):
+        if e - s < 1:
+            assert b == 0
+            continue
+        want = sum(1 << (p - s - 1) for p in range(s, e) if text[p] in b" -")
+        assert b == want, (text[s:e], bin(b), bin(want))
