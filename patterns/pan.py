@@ -226,6 +226,7 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
 
 
 _GROUP_KEYS = np.array(sorted(group_key(g) for g in GROUPINGS))
+_FIRST_GROUPS = np.array(sorted({g[0] for g in GROUPINGS}))
 
 
 #: longest grouped PAN in characters: 19 digits in 5 groups
@@ -244,7 +245,8 @@ def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # the chain analysis gives no grouping key to mixed separators: work theirs out here
     mixed = np.flatnonzero((c.key == -1) & (c.links >= 2) & (c.links <= 4) & (span >= 15)
                            & (span <= GROUPED_MAX))
-    ok[mixed[is_in(_mixed_keys(view, c.start[mixed], span[mixed]), _GROUP_KEYS)]] = True
+    key = _prefix_keys(c.bits[mixed], span[mixed], c.links[mixed])[0]
+    ok[mixed[is_in(key[np.arange(mixed.size), c.links[mixed]], _GROUP_KEYS)]] = True
     s2, n2, l2 = _inside_chains(view, c)
     return (np.concatenate((c.start[ok], s2)), np.concatenate((span[ok], n2)),
             np.concatenate((c.links[ok], l2)))
@@ -269,7 +271,7 @@ def _inside_chains(view: TextView, c: Chains) -> tuple[np.ndarray, np.ndarray, n
     sel = np.flatnonzero((c.links > 0) & (span >= MIN_DIGITS + 1))
     s, n = c.start[sel], span[sel]
     digit = ~(c.bits[sel] << _U(1)) & (_ONES >> (_U(64) - n.astype(_U)))  # bit k: text s+k
-    out = [_runs(s, digit), _leading_groups(s, c.bits[sel], c.links[sel]), _glued_group(view, c)]
+    out = [_runs(s, digit), _leading_groups(s, n, c.bits[sel], c.links[sel]), _glued_group(view, c)]
     return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
             np.concatenate([o[2] for o in out]))
 
@@ -302,18 +304,31 @@ def _runs(start: np.ndarray, digit: np.ndarray) -> tuple[np.ndarray, ...]:
 
 
 def _leading_groups(
-    start: np.ndarray, bits: np.ndarray, links: np.ndarray
+    start: np.ndarray, span: np.ndarray, bits: np.ndarray, links: np.ndarray
 ) -> tuple[np.ndarray, ...]:
     """(start, span, separators) of the first 2..MAX_GROUPS groups of each chain that form an
     accepted grouping with at least one more group after them."""
     sel = np.flatnonzero(links >= 2)
+    sel = sel[is_in(bit_index(bits[sel] & (~bits[sel] + _U(1))) + 1, _FIRST_GROUPS)]
     start, links = start[sel], links[sel]
-    sep = 1 + set_bits(bits[sel], MAX_GROUPS)  # offsets of the first separators, from start
-    groups = np.diff(sep, axis=1, prepend=-1) - 1  # group j ends at separator j
-    key = np.cumsum(np.minimum(groups, 31) << (5 * np.arange(MAX_GROUPS))[None, :], axis=1)
+    key, sep = _prefix_keys(bits[sel], span[sel], links)
     rank = np.arange(MAX_GROUPS)[None, :]
     row, j = np.nonzero((rank >= 1) & (rank < links[:, None]) & is_in(key, _GROUP_KEYS))
     return start[row], sep[row, j], j.astype(np.int64)
+
+
+def _prefix_keys(
+    bits: np.ndarray, span: np.ndarray, links: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two (chains, MAX_GROUPS) arrays read from each chain's separator bits: in column j,
+    the ``group_key`` of its first j+1 groups, and the chain offset where group j ends
+    (columns past ``links`` are meaningless)."""
+    sep = 1 + set_bits(bits, MAX_GROUPS)  # offsets of the first separators, from the start
+    rank = np.arange(MAX_GROUPS)[None, :]
+    sep = np.where(rank == links[:, None], span[:, None], sep)  # the chain's end after its last
+    groups = np.diff(sep, axis=1, prepend=-1) - 1  # group j ends at separator j
+    key = np.cumsum(np.minimum(groups, 31) << (5 * rank), axis=1)
+    return key, sep
 
 
 #: characters read before a chain for a dropped glued group: its 13-19 digits and the
@@ -343,22 +358,6 @@ def longest_per_start(start: np.ndarray, span: np.ndarray) -> np.ndarray:
     first = np.ones(order.size, bool)
     first[1:] = start[order][1:] != start[order][:-1]
     return order[first]
-
-
-def _mixed_keys(view: TextView, start: np.ndarray, span: np.ndarray) -> np.ndarray:
-    """``group_key`` of the chains ``[start, start+span)`` (a few; at most GROUPED_MAX
-    characters and 5 groups each) from their text."""
-    if start.size == 0:
-        return np.zeros(0, np.int64)
-    cols = np.arange(GROUPED_MAX)
-    inside = cols[None, :] < span[:, None]
-    chars = view.byte_at(start[:, None] + cols[None, :])
-    digit = (np.subtract(chars, 48, dtype=np.uint8) < 10) & inside
-    group = np.cumsum(~digit & inside, axis=1)  # the group each character is in
-    key = np.zeros(start.size, np.int64)
-    for g in range(5):
-        key += np.count_nonzero(digit & (group == g), axis=1).astype(np.int64) << (5 * g)
-    return key
 
 
 def validate(
