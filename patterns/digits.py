@@ -134,6 +134,14 @@ class TextView:
         out[(idx < 0) | (idx >= n)] = BREAK
         return out
 
+    def rows_at(self, first: np.ndarray, width: int) -> np.ndarray:
+        """(len(first), width): the characters from each text index in ``first`` on (BREAK
+        outside the text); rows within the text are one gather of strided windows."""
+        t = self.text
+        if t.size < width or first.size == 0 or first.min() < 0 or first.max() > t.size - width:
+            return self.byte_at(first[:, None] + np.arange(width)[None, :])
+        return np.lib.stride_tricks.sliding_window_view(t, width)[first]
+
     def has_word_before(
         self, pos: np.ndarray, words: re.Pattern[bytes], within: int, longest: int
     ) -> np.ndarray:
@@ -215,14 +223,15 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     # At most MAX_GROUPS groups count, plus one glued to a word at each end.
     # ... and only those with the 9 digits the shortest such match (an SSN) has
     sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1) & (end - start - links >= 9))
-    pos = start[sub, None] + 1 + set_bits(bits[sub], MAX_GROUPS + 1)  # their links
     # ... whose first group has FIRST_GROUP digits, unless an end group is glued to a word
+    b = bits[sub]
     fit = (
-        is_in(pos[:, 0] - start[sub], FIRST_GROUP)
+        is_in(bit_index(b & (~b + np.uint64(1))) + 1, FIRST_GROUP)
         | _is_letter(t, start[sub] - 1)
         | _is_letter(t, end[sub])
     )
-    sub, pos = sub[fit], pos[fit]
+    sub = sub[fit]
+    pos = start[sub, None] + 1 + set_bits(bits[sub], MAX_GROUPS + 1)  # their links
     key[links > 0] = -1  # unless set below
     if sub.size:
         s, e, k, ln, sp = _group_keys(t, pos, start[sub], end[sub], links[sub])
@@ -531,7 +540,7 @@ def gather_digits(
     p = np.flatnonzero(plain)
     if p.size:  # the last ``width`` characters, the ones before the span zeroed
         cols = np.arange(width)
-        chars = view.byte_at((start[p] + span[p] - width)[:, None] + cols[None, :])
+        chars = view.rows_at(start[p] + span[p] - width, width)
         out[p] = np.where(cols[None, :] >= (width - span[p])[:, None], chars - 48, 0)
     g = np.flatnonzero(~plain)
     if g.size:
