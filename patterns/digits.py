@@ -88,7 +88,6 @@ class TextView:
         # compact-buffer byte offset where each region starts, and its chunk byte offset
         self._cstart, self._start = regions
         self._chains: Chains | None = None
-        self._digit: np.ndarray | None = None
 
     @property
     def width(self) -> int:
@@ -112,17 +111,10 @@ class TextView:
             raw = np.where(raw[1 : 2 * m : 2] == 0, raw[0 : 2 * m : 2], BREAK).astype(np.uint8)
         return raw.tobytes()
 
-    @property
-    def digit(self) -> np.ndarray:
-        """Boolean digit mask of ``text``."""
-        if self._digit is None:
-            self._digit = np.less(np.subtract(self.text, 48, dtype=np.uint8), 10)
-        return self._digit
-
     def chains(self) -> Chains:
         """Digit chains of the view (memoized; see :class:`Chains`)."""
         if self._chains is None:
-            self._chains = _chains(self.text, self.digit)
+            self._chains = _chains(self.text)
         return self._chains
 
     def byte_at(self, idx: np.ndarray) -> np.ndarray:
@@ -166,56 +158,64 @@ class TextView:
 CHAIN_BLOCK = 256 * 1024  # bytes of text per pass of _chain_masks: temporaries stay in L2
 
 
-def _chain_masks(t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-    """For text ``t`` (n >= MIN_CHAIN) and its digit mask ``d``: ``link`` (n-2): text p+1 is
-    a space or dash between two digits; ``edge`` (n-7): the chain mask (digits and links)
-    eroded to runs of MIN_CHAIN (7) — set at p when all of p .. p+6 are chain characters —
-    changes between p and p+1; and that eroded mask at 0 and at n-7. Worked out in blocks
-    of CHAIN_BLOCK, each from its own text plus 8 characters around."""
+def _chain_masks(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For text ``t`` (n >= MIN_CHAIN): its links packed into uint64 words (bit p, counted
+    from the first word's lowest: text p+1 is a space or dash between two digits), and the
+    edges of its chain mask (digits and links) eroded to runs of MIN_CHAIN (7) — set at p
+    when all of p .. p+6 are chain characters: each such run's first p and its last p + 1,
+    ascending. Worked out in blocks of CHAIN_BLOCK, each from its own text plus 8
+    characters around, so no text-sized temporary is made."""
     n = t.size
-    link, edge = buffer("digits.link", n - 2, bool), buffer("digits.edge", n - 7, bool)
-    first = last = False
-    for lo in range(0, max(n - 7, 1), CHAIN_BLOCK):
-        hi = min(n - 7, lo + CHAIN_BLOCK)  # edge[lo:hi] needs chain characters lo .. hi+6
+    words = np.zeros((n - 2) // 64 + 3, np.uint64)
+    packed = words.view(np.uint8)
+    parts = []
+    step = max(CHAIN_BLOCK & ~7, 8)  # whole bytes of packed links per block
+    for lo in range(0, max(n - 7, 1), step):
+        hi = min(n - 7, lo + step)  # eroded mask at lo .. hi: chain characters lo .. hi+6
         a, b = max(lo - 1, 0), min(hi + 6, n - 2)
-        lk, sp = link[a:b], buffer("digits.space", b - a, bool)
+        z = min(hi + 8, n)  # digits a .. z-1: the links' neighbours and chain characters
+        d = buffer("digits.d", z - a, bool)
+        np.less(np.subtract(t[a:z], 48, out=buffer("digits.sub", z - a, np.uint8)), 10, out=d)
+        lk, sp = buffer("digits.link", b - a, bool), buffer("digits.space", b - a, bool)
         np.equal(t[a + 1 : b + 1], SPACE, out=lk)
         np.equal(t[a + 1 : b + 1], DASH, out=sp)
         np.logical_or(lk, sp, out=lk)
-        np.logical_and(lk, d[a:b], out=lk)
-        np.logical_and(lk, d[a + 2 : b + 2], out=lk)
+        np.logical_and(lk, d[: b - a], out=lk)
+        np.logical_and(lk, d[2 : b - a + 2], out=lk)  # link p - a: text p+1
+        pe = hi if hi < n - 7 else n - 2  # this block's links (the last block's go to the end)
+        bits = np.packbits(lk[lo - a : pe - a], bitorder="little")
+        packed[lo // 8 : lo // 8 + bits.size] = bits  # lo is a multiple of 8
         m = hi + 7 - lo
         c = buffer("digits.c", m, bool)  # chain characters lo .. hi+6
-        np.copyto(c, d[lo : lo + m])
+        np.copyto(c, d[lo - a : lo - a + m])
         q0, q1 = max(lo, 1), min(lo + m, n - 1)
-        np.logical_or(c[q0 - lo : q1 - lo], link[q0 - 1 : q1 - 1], out=c[q0 - lo : q1 - lo])
+        np.logical_or(c[q0 - lo : q1 - lo], lk[q0 - 1 - a : q1 - 1 - a], out=c[q0 - lo : q1 - lo])
         e2, e4 = buffer("digits.erode2", m - 1, bool), buffer("digits.erode4", m - 3, bool)
         np.logical_and(c[:-1], c[1:], out=e2)  # c[p .. p+1]
         np.logical_and(e2[:-2], e2[2:], out=e4)  # c[p .. p+3]
         e = e2[: m - 6]
         np.logical_and(e4[:-3], e4[3:], out=e)  # c[p .. p+6], p = lo .. hi
-        np.not_equal(e[1:], e[:-1], out=edge[lo:hi])
-        first = first or (lo == 0 and bool(e[0]))
-        last = bool(e[-1])
-    return link, edge, first, last
+        if lo == 0 and e[0]:
+            parts.append(np.zeros(1, np.int64))
+        edge = buffer("digits.edge", hi - lo, bool)
+        np.not_equal(e[1:], e[:-1], out=edge)
+        parts.append(np.flatnonzero(edge) + (lo + 1))
+        if hi == n - 7 and e[-1]:
+            parts.append(np.full(1, n - 6, np.int64))
+    return words, np.concatenate(parts)
 
 
-def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
+def _chains(t: np.ndarray) -> Chains:
     n = t.size
     if n < MIN_CHAIN:
         z = np.zeros(0, np.int64)
         return Chains(z, z, z, np.zeros(0, np.uint8), z, np.zeros(0, np.uint64))
-    link, edge, first, last = _chain_masks(t, d)
     # only the long runs' edges: far fewer than all runs' in dense digit text
-    edges = np.flatnonzero(edge) + 1
-    if first:
-        edges = np.concatenate(([0], edges))
-    if last:
-        edges = np.concatenate((edges, [n - 6]))
+    words, edges = _chain_masks(t)
     start, end = edges[0::2], edges[1::2] + (MIN_CHAIN - 1)
     keep = end - start <= MAX_CHAIN
     start, end = start[keep], end[keep]
-    bits = _link_bits(link, start, end)
+    bits = _link_bits(words, start, end)
     links = np.bitwise_count(bits).astype(np.int64)
     sep = np.zeros(start.size, np.uint8)
     key = end - start  # one group: its length
@@ -242,13 +242,10 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     return Chains(start, end, links, sep, key, bits)
 
 
-def _link_bits(link: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+def _link_bits(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """Per chain ``[start, end)`` (<= 64 characters), a uint64 whose bit k is set when text
-    ``start + 1 + k`` is a link (``link[p]`` is text p+1; a chain's first and last
-    characters are digits)."""
-    packed = np.packbits(link, bitorder="little")
-    words = np.zeros(packed.size // 8 + 2, np.uint64)
-    words.view(np.uint8)[: packed.size] = packed
+    ``start + 1 + k`` is a link (``words``: the packed links of :func:`_chain_masks`; a
+    chain's first and last characters are digits)."""
     j, r = start >> 6, (start & 63).astype(np.uint64)
     x = (words[j] >> r) | ((words[j + 1] << (np.uint64(63) - r)) << np.uint64(1))
     return x & (~np.uint64(0) >> (np.uint64(65) - (end - start).astype(np.uint64)))
