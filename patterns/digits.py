@@ -8,7 +8,9 @@ small *compact* buffer — typically a few percent of the chunk — with a break
 regions that were not adjacent. Stage 2 then works only on that buffer, through
 :class:`TextView`s: one ASCII view and two UTF-16LE views (characters at even and at odd
 byte offsets, non-ASCII characters turned into a break byte), so every detector's logic is
-written once, for ASCII text.
+written once, for ASCII text. Their common ground is the view's digit chains
+(:class:`Chains`), worked out block by block over the text: each chain's separator positions
+are one uint64 word, so detectors read its groups with a few integer operations per chain.
 
 Everything here is memoized on the :class:`~patterns.base.Chunk`, so PAN, track and SSN
 detectors share one stage 1 and one run analysis per view.
