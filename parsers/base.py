@@ -38,6 +38,17 @@ REGION_KINDS = (
     "vmstate",  # a qcow2 snapshot's VM state clusters when --snapshot chose another one
 )
 REGION_WINDOW = 4 << 20  # most file bytes one region segment spans, bytes
+#: suffix of a region space addressed by offsets in decoded data (a decompressed stream, a
+#: qcow2 image's virtual disk) rather than in the file: a space of its own, so those addresses
+#: never meet the file's (no false neighbours laid side by side, no duplicate merged away)
+DECODED = "~decoded"
+
+
+def region_kind(space_name: str) -> str | None:
+    """The region kind (REGION_KINDS) of an address space's name, None for guest memory."""
+    if not space_name.startswith(REGION_PREFIX):
+        return None
+    return space_name[len(REGION_PREFIX) :].removesuffix(DECODED)
 
 
 class ImageError(Exception):
@@ -260,8 +271,13 @@ class Extents:
         sp = np.zeros(n, np.int64) if space is None else np.asarray(space, np.int64)
         fo = np.broadcast_to(fo, (n,))
         sp = np.broadcast_to(sp, (n,))
-        order = np.argsort(b, kind="stable")
-        order = order[ln[order] > 0]
+        # Sorted already (a parser's pages in file order): no sort, and one copy per column,
+        # not two (a stream's table has one extent per page; issue 12's peak RSS).
+        if b.size > 1 and not (b[1:] >= b[:-1]).all():
+            order = np.argsort(b, kind="stable")
+            order = order[ln[order] > 0]
+        else:
+            order = np.flatnonzero(ln > 0)
         b, a, ln, fo, sp = b[order], a[order], ln[order], fo[order], sp[order]
         # Coalesce neighbours that continue each other in buffer, address space and file, so
         # a run of consecutive pages is one extent (fewer seams, fewer boundary checks).
@@ -277,7 +293,7 @@ class Extents:
                 end = np.concatenate((b[first[1:] - 1] + ln[first[1:] - 1], [b[-1] + ln[-1]]))
                 ln = end - b[first]
                 b, a, fo, sp = b[first], a[first], fo[first], sp[first]
-        return cls(b.copy(), a.copy(), ln.copy(), fo.copy(), sp.copy())
+        return cls(b, a, ln, fo, sp)  # fancy indexing made them: owned, not views
 
     @classmethod
     def concat(cls, *parts: Extents) -> Extents:
@@ -386,12 +402,13 @@ class MemoryImage:
             self.spaces.append(name)
         return self.spaces.index(name)
 
-    def region_space(self, kind: str) -> int:
+    def region_space(self, kind: str, decoded: bool = False) -> int:
         """Index of the ``region:<kind>`` space (contract 1: file bytes outside guest memory,
-        addressed by their offset in the file or in the decompressed stream)."""
+        addressed by their offset in the file), or with ``decoded`` of the one addressed by
+        offsets in decoded data (a decompressed stream, a qcow2 virtual disk)."""
         if kind not in REGION_KINDS:
             raise ValueError(f"unknown region kind {kind!r}")
-        return self.space_id(REGION_PREFIX + kind)
+        return self.space_id(REGION_PREFIX + kind + (DECODED if decoded else ""))
 
     def region_extents(
         self, pieces: list[tuple[str, int, int]], buf_base: int = 0, file_base: int | None = 0
@@ -403,7 +420,8 @@ class MemoryImage:
         pieces = [(k, a, b) for k, a, b in pieces if b > a]
         first = np.array([a for _, a, _ in pieces], np.int64)
         length = np.array([b - a for _, a, b in pieces], np.int64)
-        space = np.array([self.region_space(k) for k, _, _ in pieces], np.int64)
+        space = np.array([self.region_space(k, file_base is None) for k, _, _ in pieces],
+                         np.int64)
         fo = None if file_base is None else first + file_base
         return Extents.build(first - buf_base, first, length, fo, space)
 

@@ -568,12 +568,11 @@ class Walker:
         if pos.size:
             self.payload_end = max(self.payload_end, self.base + int(pos.max()) + self.page_size)
         # Block of each page: the block current when the buffer began, then each switch.
-        blk = np.full(pos.size, self.carried_block, np.int64)
-        if self.block_marks and pos.size:
-            first = np.array([m[0] for m in self.block_marks], np.int64)
-            value = np.array([m[1] for m in self.block_marks], np.int64)
-            owner = np.searchsorted(first, np.arange(pos.size), side="right") - 1
-            blk = np.where(owner >= 0, value[np.maximum(owner, 0)], blk)
+        # (repeated per stretch between switches: no per-page temporaries; a later switch at
+        # the same page wins, its earlier one repeating 0 times)
+        first = np.array([0] + [m[0] for m in self.block_marks] + [pos.size], np.int64)
+        value = np.array([self.carried_block] + [m[1] for m in self.block_marks], np.int32)
+        blk = np.repeat(value, np.diff(np.minimum(first, pos.size)))
         self.page_pos = array("q")
         self.page_addr = array("q")
         self.block_marks = []

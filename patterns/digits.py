@@ -345,8 +345,9 @@ def views(chunk: Chunk) -> list[TextView]:
 SUB = 512 * 1024  # stage-1 block: with its temporaries within L2 (2 MiB); measured best
 
 
-_EVEN = np.uint64(0x0001000100010001)  # bytes 0, 2, 4, 6 of a little-endian word
-_ODD = np.uint64(0x0100010001000100)  # bytes 1, 3, 5, 7
+#: the digit mask packed 8 bytes to a bit-byte (np.packbits: byte 0 is the top bit):
+#: the bits of bytes 0, 2, 4, 6 and of bytes 1, 3, 5, 7
+_EVEN, _ODD = 0xAA, 0x55
 
 
 class _Stage1:
@@ -357,7 +358,7 @@ class _Stage1:
         self.dig = np.empty(SUB, bool)
         self.dc = np.empty(SUB // 8, np.uint8)
         self.dp = np.empty(SUB // 8, np.uint8)
-        self.w = np.empty(SUB // 8, np.uint64)
+        self.w = np.empty(SUB // 8, np.uint8)
         self.even = np.empty(SUB // 8, np.uint8)
         self.odd = np.empty(SUB // 8, np.uint8)
         self.pe = np.empty(SUB // 8, np.uint8)
@@ -368,8 +369,9 @@ class _Stage1:
         digit text (None when they lie 8 blocks apart or closer: the whole block is text),
         and those that look like UTF-16LE digits (digits on one parity only).
 
-        Full width: the digit mask and its popcount per 8-byte block (the mask seen as
-        uint64 words). A pair of blocks with >= 8 digits is ASCII-hot; pairs with >= 5
+        Full width: the digit mask, packed to bits (one byte per 8-byte block: a SIMD pass,
+        measured a third faster than a popcount of the mask seen as uint64 words), and its
+        popcount per block. A pair of blocks with >= 8 digits is ASCII-hot; pairs with >= 5
         are looked at closer: >= 5 digits on one byte parity and at most one on the other
         is UTF-16LE-hot (zeros between are checked in stage 2)."""
         n = a.size
@@ -379,8 +381,8 @@ class _Stage1:
             return z, z
         t, dig, dc, dp = self.t[:n], self.dig[:n], self.dc[:nw], self.dp[: nw - 1]
         np.less(np.subtract(a, 48, out=t), 10, out=dig)
-        words = dig.view(np.uint64)
-        np.bitwise_count(words, out=dc)
+        bits = np.packbits(dig)
+        np.bitwise_count(bits, out=dc)
         np.add(dc[:-1], dc[1:], out=dp)
         hot = self.hot[: nw - 1]
         np.greater_equal(dp, 5, out=hot)
@@ -388,14 +390,14 @@ class _Stage1:
             some = np.flatnonzero(hot)
             if some.size == 0:
                 return some, some
-            w0, w1 = words[some], words[some + 1]
+            w0, w1 = bits[some], bits[some + 1]
             even = np.bitwise_count(w0 & _EVEN) + np.bitwise_count(w1 & _EVEN)
             odd = np.bitwise_count(w0 & _ODD) + np.bitwise_count(w1 & _ODD)
             par = np.maximum(even, odd)
             return some[dp[some] >= 8], some[(par >= 5) & (dp[some] - par <= 1)]
         # dense digit text: parities at full width too (cheaper than gathering most pairs)
         even, odd, pe = self.even[:nw], self.odd[:nw], self.pe[: nw - 1]
-        np.bitwise_count(np.bitwise_and(words, _EVEN, out=self.w[:nw]), out=even)
+        np.bitwise_count(np.bitwise_and(bits, _EVEN, out=self.w[:nw]), out=even)
         np.subtract(dc, even, out=odd)
         np.add(even[:-1], even[1:], out=pe)  # even digits per pair
         np.add(odd[:-1], odd[1:], out=odd[: nw - 1])  # odd digits per pair

@@ -45,7 +45,15 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import GPA_SPACE, Fills, ImageError, MemoryImage, Remark, Segment
+from parsers.base import (
+    GPA_SPACE,
+    Fills,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    region_kind,
+)
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
@@ -59,9 +67,6 @@ EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
 #: groups together: each group's share is in proportion to its row width, so every group
 #: keeps about as many edges, and the store stays this size however large the image
 PENDING_LIMIT = 64 * 1024 * 1024
-#: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
-#: (headers, device state, slack ...), addressed by their offset in the file or stream
-REGION_PREFIX = "region:"
 #: least zero bytes between two pieces that are not guest neighbours: more than any detector
 #: reads outside a match (the digit family looks up to 43 UTF-16LE characters back for a
 #: keyword; AES reads a crypto_aes_ctx's 244 bytes past a schedule); a detector's own
@@ -125,10 +130,15 @@ class ScanResult:
 @dataclass
 class _Layout:
     """Pieces of guest memory in guest-address order on a virtual line (module docstring).
-    Per piece (int64 arrays, ascending ``vstart``): its segment (index into ``segs``), buffer
-    offset, length, address space, address, file offset (-1: not stored plainly), virtual
-    offset and run. Per run: virtual start and end. ``size``: length of the line, a gap of
-    zeros at each end included."""
+    Per piece (ascending ``vstart``): its segment (index into ``segs``), buffer offset,
+    length, address space, address, file offset (-1: not stored plainly), virtual offset and
+    run. Per run: virtual start and end. ``size``: length of the line, a gap of zeros at each
+    end included. Offsets and addresses are int64; ``seg`` and ``run`` are int32 (indexes).
+
+    A stream stores one piece per page, so these tables are the scan's only memory that
+    grows with the image: when a segment's extents already come in layout order (a stream
+    walked in address order), the piece columns are its extent arrays themselves, not copies,
+    and a piece's end is worked out where needed rather than kept."""
 
     segs: list[Segment]
     seg: np.ndarray
@@ -146,35 +156,72 @@ class _Layout:
     #: the whole virtual line, when a caller made it (then ``read`` slices it)
     line: np.ndarray | None = None
 
-    @property
-    def vend(self) -> np.ndarray:
-        return self.vstart + self.length
+    def vend(self, i: int, j: int) -> np.ndarray:
+        """Virtual ends of pieces ``[i, j)``."""
+        return self.vstart[i:j] + self.length[i:j]
+
+    def first_past(self, v: int) -> int:
+        """Index of the first piece ending after virtual offset ``v`` (pieces do not overlap,
+        so it is the last one starting at or before ``v``, or the one after it)."""
+        i = int(np.searchsorted(self.vstart, v, side="right")) - 1
+        if i < 0:
+            return 0
+        return i if self.vstart[i] + self.length[i] > v else i + 1
 
     @classmethod
     def of(cls, segs: list[Segment], gap: int) -> _Layout:
         """The layout of ``segs``' extents. Pieces continue each other when they are guest
         neighbours in the same space and snapshot; of a page stored twice, the copy stored
-        last (the newer one) is the one its successor continues."""
+        last (the newer one) is the one its successor continues. Address spaces lie on the
+        line in the order they first appear in the buffers (any order would do: a gap lies
+        between two)."""
         parts = [(k, s.extents) for k, s in enumerate(segs) if len(s.extents)]
         if not parts:
             z = np.zeros(0, np.int64)
             return cls(segs, z, z, z, z, z, z, z, z, z, z, gap, 2 * gap)
         snaps = sorted({str(s.snapshot) for s in segs})
         group = [snaps.index(str(s.snapshot)) for s in segs]
-        cat = [np.concatenate(a) for a in zip(*[
-            (np.full(len(e), k), e.buf_offset, e.length, e.space, e.addr, e.file_offset,
-             np.full(len(e), group[k]))
-            for k, e in parts], strict=True)]  # fmt: skip
-        seg, buf, length, space, addr, fo, grp = cat
-        order = np.lexsort((buf, seg, addr, space, grp))
-        seg, buf, length, space, addr, fo, grp = (a[order] for a in cat)
+
+        def col(name: str) -> np.ndarray:  # one part: its own array, no copy
+            cols = [getattr(e, name) for _, e in parts]
+            return cols[0] if len(cols) == 1 else np.concatenate(cols)
+
+        buf, length, space, addr, fo = (
+            col(n) for n in ("buf_offset", "length", "space", "addr", "file_offset")
+        )
+        seg = np.concatenate([np.full(len(e), k, np.int32) for k, e in parts])
+        grp = np.concatenate([np.full(len(e), group[k], np.int32) for k, e in parts])
+        # spaces ranked by first appearance: a stream's header region (stored first, in a
+        # space numbered after guest memory's) then does not put the pieces out of order
+        change = np.flatnonzero(np.concatenate(([True], space[1:] != space[:-1])))
+        ids, first = np.unique(space[change], return_index=True)
+        rank = np.empty(ids.size, np.int32)
+        rank[np.argsort(first, kind="stable")] = np.arange(ids.size, dtype=np.int32)
+        key = rank[np.searchsorted(ids, space)]
+        same_key = (key[1:] == key[:-1]) & (addr[1:] >= addr[:-1])
+        same_grp = (grp[1:] == grp[:-1]) & ((key[1:] > key[:-1]) | same_key)
+        later = (grp[1:] > grp[:-1]) | same_grp
+        del same_key, same_grp
+        if not later.all():  # (concatenation order already breaks ties by segment, offset)
+            order = np.lexsort((buf, seg, addr, key, grp))
+            seg, buf, length, space, addr, fo, grp, key = (
+                a[order] for a in (seg, buf, length, space, addr, fo, grp, key)
+            )
+            del order
+        del later
         new = np.ones(seg.size, bool)
-        new[1:] = (grp[1:] != grp[:-1]) | (space[1:] != space[:-1])
+        new[1:] = (grp[1:] != grp[:-1]) | (key[1:] != key[:-1])
+        del grp, key
         new[1:] |= addr[1:] != addr[:-1] + length[:-1]
-        run = np.cumsum(new) - 1
+        run = np.cumsum(new, dtype=np.int32)
+        run -= 1
         # a piece's virtual offset: the lengths before it, plus a gap before each run
-        vstart = np.cumsum(length) - length + gap * (run + 1)
+        vstart = np.cumsum(length)
+        vstart -= length
+        vstart += np.multiply(run, gap, dtype=np.int64)
+        vstart += gap
         first = np.flatnonzero(new)
+        del new
         run_vstart = vstart[first]
         last = np.concatenate((first[1:], [seg.size])) - 1
         run_vend = vstart[last] + length[last]
@@ -192,9 +239,8 @@ class _Layout:
 
     def guest_bytes(self, a: int, b: int) -> int:
         """Guest bytes in virtual ``[a, b)``."""
-        i, j = np.searchsorted(self.vend, [a, b], side="right")
-        j = min(int(j) + 1, self.vstart.size)
-        span = np.minimum(self.vend[i:j], b) - np.maximum(self.vstart[i:j], a)
+        i, j = self.first_past(a), min(self.first_past(b) + 1, self.vstart.size)
+        span = np.minimum(self.vend(i, j), b) - np.maximum(self.vstart[i:j], a)
         return int(np.clip(span, 0, None).sum())
 
     def read(self, a: int, b: int, scratch: str | None = None) -> tuple[np.ndarray, bool]:
@@ -203,16 +249,16 @@ class _Layout:
         thread's scratch array ``scratch`` if named: valid until it is next used)."""
         if self.line is not None:
             return self.line[a:b], True
-        i = int(np.searchsorted(self.vend, a, side="right"))  # first piece ending past a
+        i = self.first_past(a)
         j = int(np.searchsorted(self.vstart, b, side="left"))
-        if j - i == 1 and self.vstart[i] <= a and self.vend[i] >= b:
+        if j - i == 1 and self.vstart[i] <= a and self.vstart[i] + self.length[i] >= b:
             at = int(self.buf[i] + (a - self.vstart[i]))
             return self.segs[int(self.seg[i])].data[at : at + (b - a)], False
         if scratch is None:
             out = np.zeros(b - a, np.uint8)
         else:
             out = _scratch(scratch, b - a)
-            _zero_between(out, self.vstart[i:j] - a, self.vend[i:j] - a)
+            _zero_between(out, self.vstart[i:j] - a, self.vend(i, j) - a)
         lo = self.vstart[i:j] - a  # destination of each piece
         cut_lo = np.maximum(0, -lo)  # bytes of a piece before a / past b
         cut_hi = np.maximum(0, lo + self.length[i:j] - (b - a))
@@ -412,6 +458,9 @@ class Engine:
         edges it depends on (a seam there would replace it), else with none."""
         step, m = self.config.chunk_size, self.margin
         release = _Releaser(layout)
+        # one squeeze buffer for every chunk of this scan: a fresh one per chunk costs a page
+        # fault per 4 KiB (about a third of the squeeze's time on memory-like images)
+        squeezed = np.empty(min(step + 2 * m, layout.size) if self.squeeze else 0, np.uint8)
         out: list[tuple[Finding, tuple[int, ...]]] = []
         lo_data = int(layout.run_vstart[0]) if layout.run_vstart.size else 0
         hi_data = int(layout.run_vend[-1]) if layout.run_vend.size else 0
@@ -421,7 +470,8 @@ class Engine:
                 a, b = max(0, cs - m), min(layout.size, ce + m)
                 buf, copied = layout.read(a, b, "chunk")
                 # a gathered chunk holds a stream's pages, which are never all zero
-                sq = _Squeezed.of(buf, self.gap) if self.squeeze and not copied else None
+                sq = (_Squeezed.of(buf, self.gap, squeezed)
+                      if self.squeeze and not copied else None)
                 chunk = sq.chunk if sq else Chunk(buf)
                 for det in self.config.detectors:
                     hits = det.find(chunk)
@@ -515,8 +565,9 @@ class Engine:
         if self.config.unmask:
             details["value"] = d.value.decode("latin-1")
         name = image.spaces[where.space]
-        if name.startswith(REGION_PREFIX):  # not guest memory: a part of the file itself
-            details["region"] = name[len(REGION_PREFIX) :]
+        region = region_kind(name)  # not guest memory: a part of the file itself
+        if region is not None:
+            details["region"] = region
             if where.offset is None:
                 details["stream_offset"] = where.addr
         elif where.space != GPA_SPACE:
@@ -930,14 +981,17 @@ class _Squeezed:
     length: np.ndarray
 
     @classmethod
-    def of(cls, data: np.ndarray, gap: int) -> _Squeezed | None:
-        """``data`` squeezed, or None when under 1 in SQUEEZE_MIN of its pages is zero."""
+    def of(cls, data: np.ndarray, gap: int, out: np.ndarray) -> _Squeezed | None:
+        """``data`` squeezed into ``out`` (a reused buffer at least ``data.size`` bytes; its
+        previous chunk is overwritten), or None when under 1 in SQUEEZE_MIN of its pages is
+        zero."""
         keep = -(-gap // 2)
         p0 = (-data.ctypes.data) % PAGE  # whole memory pages: a mapping's page-cache pages
         npages = (data.size - p0) // PAGE
         if npages < SQUEEZE_MIN:
             return None
-        zero = ~data[p0 : p0 + npages * PAGE].view(np.uint64).reshape(-1, PAGE // 8).any(axis=1)
+        words = data[p0 : p0 + npages * PAGE].view(np.uint64).reshape(-1, PAGE // 8)
+        zero = np.bitwise_or.reduce(words, axis=1) == 0  # measured: a third faster than any()
         if np.count_nonzero(zero) * SQUEEZE_MIN < zero.size:
             return None
         edges = np.flatnonzero(zero[1:] != zero[:-1]) + 1
@@ -947,8 +1001,9 @@ class _Squeezed:
         bstart = np.concatenate(([0], out_hi))
         length = np.concatenate((out_lo, [data.size])) - bstart
         qstart = np.concatenate(([0], np.cumsum(length)[:-1]))
-        buf = np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
-                                                               strict=True)])
+        buf = out[: int(length.sum())]
+        np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
+                                                        strict=True)], out=buf)
         return cls(Chunk(buf), qstart, bstart, length)
 
     def _range(self, q: np.ndarray) -> np.ndarray:
@@ -997,10 +1052,10 @@ class _Releaser:
         lay = self.layout
         if not self.maps or v <= self.done:
             return
-        i = int(np.searchsorted(lay.vend, self.done, side="right"))
+        i = lay.first_past(self.done)
         j = int(np.searchsorted(lay.vstart, v, side="left"))
         cut_lo = np.maximum(0, self.done - lay.vstart[i:j])
-        cut_hi = np.maximum(0, lay.vend[i:j] - v)
+        cut_hi = np.maximum(0, lay.vend(i, j) - v)
         self.done = v
         for k, (mm, origin) in list(self.maps.items()):
             mine = lay.seg[i:j] == k

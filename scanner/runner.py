@@ -286,13 +286,16 @@ def open_task(token: str, spec: ImageSpec, pieces: int) -> Opened:
     with image:
         files = list(image.files) or [spec.path]
         total = sum(s.extents.total() for s in image.fixed_segments or [])
-        opened = Opened(files, total or os.path.getsize(spec.path), gpa_ranges(image))
+        opened = Opened(files, total or os.path.getsize(spec.path))
         units = plan(image, pieces)
         layout = Layout.of(image) if units else None
         if layout is None:
             opened.result = _engine(token).scan_image(image)
         else:
             opened.layout, opened.units = layout, units
+        # after the scan: a stream's ranges (one per run of stored pages) are not held
+        # through it, so they do not add to its peak RSS
+        opened.coverage = gpa_ranges(image)
     return opened
 
 

@@ -18,7 +18,16 @@ from typing import Any
 
 import numpy as np
 
-from parsers.base import GPA_SPACE, Evidence, Extents, ImageError, MemoryImage, Remark, Segment
+from parsers.base import (
+    GPA_SPACE,
+    Evidence,
+    Extents,
+    ImageError,
+    MemoryImage,
+    Ranges,
+    Remark,
+    Segment,
+)
 
 OPEN, RANGE, EDGES = "open", "range", "edges"
 #: guest bytes around a RANGE unit's own memory that the engine reads (a chunk's margins: the
@@ -178,19 +187,17 @@ def _mapped_at(data: np.ndarray) -> tuple[int, int] | None:
 
 def gpa_ranges(image: MemoryImage) -> list[tuple[int, int]] | None:
     """Guest-physical ranges [start, end) a random-access image holds, merged (from its extent
-    tables; None for a streamed image, whose extents are known only while decompressing)."""
+    tables; None for a streamed image, whose extents are known only while decompressing).
+    Merged as arrays: a stream's table has one extent per stored page, and a Python pair per
+    extent cost more memory than the scan itself (issue 12)."""
     if not image.random_access:
         return None
-    rows = [
-        (int(a), int(a) + int(n))
-        for seg in image.fixed_segments or []
-        for a, n in zip(
-            seg.extents.addr[seg.extents.space == GPA_SPACE],
-            seg.extents.length[seg.extents.space == GPA_SPACE],
-            strict=True,
-        )
-    ]
-    return merged(rows)
+    ranges = Ranges()
+    for seg in image.fixed_segments or []:
+        e = seg.extents
+        gpa = e.space == GPA_SPACE
+        ranges.add(e.addr[gpa], e.addr[gpa] + e.length[gpa])
+    return ranges.pairs()
 
 
 def merged(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
