@@ -38,6 +38,17 @@ REGION_KINDS = (
     "vmstate",  # a qcow2 snapshot's VM state clusters when --snapshot chose another one
 )
 REGION_WINDOW = 4 << 20  # most file bytes one region segment spans, bytes
+#: suffix of a region space addressed by offsets in decoded data (a decompressed stream, a
+#: qcow2 image's virtual disk) rather than in the file: a space of its own, so those addresses
+#: never meet the file's (no false neighbours laid side by side, no duplicate merged away)
+DECODED = "~decoded"
+
+
+def region_kind(space_name: str) -> str | None:
+    """The region kind (REGION_KINDS) of an address space's name, None for guest memory."""
+    if not space_name.startswith(REGION_PREFIX):
+        return None
+    return space_name[len(REGION_PREFIX) :].removesuffix(DECODED)
 
 
 class ImageError(Exception):
@@ -391,12 +402,13 @@ class MemoryImage:
             self.spaces.append(name)
         return self.spaces.index(name)
 
-    def region_space(self, kind: str) -> int:
+    def region_space(self, kind: str, decoded: bool = False) -> int:
         """Index of the ``region:<kind>`` space (contract 1: file bytes outside guest memory,
-        addressed by their offset in the file or in the decompressed stream)."""
+        addressed by their offset in the file), or with ``decoded`` of the one addressed by
+        offsets in decoded data (a decompressed stream, a qcow2 virtual disk)."""
         if kind not in REGION_KINDS:
             raise ValueError(f"unknown region kind {kind!r}")
-        return self.space_id(REGION_PREFIX + kind)
+        return self.space_id(REGION_PREFIX + kind + (DECODED if decoded else ""))
 
     def region_extents(
         self, pieces: list[tuple[str, int, int]], buf_base: int = 0, file_base: int | None = 0
@@ -408,7 +420,8 @@ class MemoryImage:
         pieces = [(k, a, b) for k, a, b in pieces if b > a]
         first = np.array([a for _, a, _ in pieces], np.int64)
         length = np.array([b - a for _, a, b in pieces], np.int64)
-        space = np.array([self.region_space(k) for k, _, _ in pieces], np.int64)
+        space = np.array([self.region_space(k, file_base is None) for k, _, _ in pieces],
+                         np.int64)
         fo = None if file_base is None else first + file_base
         return Extents.build(first - buf_base, first, length, fo, space)
 

@@ -457,7 +457,8 @@ def _disk_window(image: MemoryImage, window: np.ndarray, held: list[int], cs: in
     ``region:disk`` at virtual-disk offsets ``held``; counted in ``coverage.outside``."""
     n = len(held)
     image.coverage.outside += n * cs
-    ext = Extents.build(np.arange(n) * cs, held, np.full(n, cs), None, image.region_space("disk"))
+    space = image.region_space("disk", decoded=True)
+    ext = Extents.build(np.arange(n) * cs, held, np.full(n, cs), None, space)
     return Segment(window[: n * cs], ext, path, reused=True)
 
 

@@ -29,6 +29,9 @@ HEX_LETTER = re.compile(r"[a-fA-F]")
 # a neighbouring hex word (hex dumps: "c0be 4819 1956 ...")
 HEX_WORD_BEFORE = re.compile(r"(?:^|[\s:])(?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{2,16}[ :]$")
 HEX_WORD_AFTER = re.compile(r"^[ :](?=[0-9a-fA-F]*[a-fA-F])[0-9a-fA-F]{2,16}(?:$|[\s:])")
+# a number glued on with punctuation, before or after the match
+NUMBER_BEFORE = re.compile(r"\d[.,:/_+]")
+NUMBER_AFTER = re.compile(r"[.,:/_+]\d")
 # an identifier, counter or timestamp field: "id=", "uuid: ", "seq=", "ts=" ...
 ID_FIELD = re.compile(
     r"(?:\b|_)(?:id|uid|uuid|guid|seq|nonce|ts|time|timestamp|offset|size|count|"
@@ -55,7 +58,7 @@ def _glued(before: str, after: str) -> tuple[bool, bool]:
     hexy = bool(HEX_LETTER.match(b1) or HEX_LETTER.match(a1)) or b2.lower() == "0x"
     hexy = hexy or (len(b2) == 2 and HEXISH.fullmatch(b2) is not None and b1 in "0123456789")
     hexy = hexy or bool(HEX_WORD_BEFORE.search(before[-18:]) or HEX_WORD_AFTER.match(after))
-    numeric = bool(re.fullmatch(r"\d[.,:/_+]", b2) or re.fullmatch(r"[.,:/_+]\d", a2))
+    numeric = bool(NUMBER_BEFORE.fullmatch(b2) or NUMBER_AFTER.fullmatch(a2))
     numeric = numeric or bool(ID_FIELD.search(before[-24:]))
     return hexy, numeric
 

@@ -8,7 +8,9 @@ small *compact* buffer — typically a few percent of the chunk — with a break
 regions that were not adjacent. Stage 2 then works only on that buffer, through
 :class:`TextView`s: one ASCII view and two UTF-16LE views (characters at even and at odd
 byte offsets, non-ASCII characters turned into a break byte), so every detector's logic is
-written once, for ASCII text.
+written once, for ASCII text. Their common ground is the view's digit chains
+(:class:`Chains`), worked out block by block over the text: each chain's separator positions
+are one uint64 word, so detectors read its groups with a few integer operations per chain.
 
 Everything here is memoized on the :class:`~patterns.base.Chunk`, so PAN, track and SSN
 detectors share one stage 1 and one run analysis per view.
@@ -56,7 +58,8 @@ class Chains:
     separator's byte (0 if none); ``same_sep``: every separator is that byte; ``key``: the
     lengths of its first MAX_GROUPS digit groups packed 5 bits each, first group lowest
     (-1 when it has more groups, mixed separators, or a first group of other than
-    FIRST_GROUP digits).
+    FIRST_GROUP digits); ``bits``: uint64 whose bit k is set when text ``start + 1 + k`` is
+    a separator (0 for a chain of all glued groups, which no detector reads).
     """
 
     start: np.ndarray
@@ -64,6 +67,7 @@ class Chains:
     links: np.ndarray
     sep: np.ndarray
     key: np.ndarray
+    bits: np.ndarray
 
 
 def group_key(groups: tuple[int, ...]) -> int:
@@ -86,7 +90,6 @@ class TextView:
         # compact-buffer byte offset where each region starts, and its chunk byte offset
         self._cstart, self._start = regions
         self._chains: Chains | None = None
-        self._digit: np.ndarray | None = None
 
     @property
     def width(self) -> int:
@@ -110,17 +113,10 @@ class TextView:
             raw = np.where(raw[1 : 2 * m : 2] == 0, raw[0 : 2 * m : 2], BREAK).astype(np.uint8)
         return raw.tobytes()
 
-    @property
-    def digit(self) -> np.ndarray:
-        """Boolean digit mask of ``text``."""
-        if self._digit is None:
-            self._digit = np.less(np.subtract(self.text, 48, dtype=np.uint8), 10)
-        return self._digit
-
     def chains(self) -> Chains:
         """Digit chains of the view (memoized; see :class:`Chains`)."""
         if self._chains is None:
-            self._chains = _chains(self.text, self.digit)
+            self._chains = _chains(self.text)
         return self._chains
 
     def byte_at(self, idx: np.ndarray) -> np.ndarray:
@@ -131,6 +127,14 @@ class TextView:
         out = self.text.take(idx, mode="clip")
         out[(idx < 0) | (idx >= n)] = BREAK
         return out
+
+    def rows_at(self, first: np.ndarray, width: int) -> np.ndarray:
+        """(len(first), width): the characters from each text index in ``first`` on (BREAK
+        outside the text); rows within the text are one gather of strided windows."""
+        t = self.text
+        if t.size < width or first.size == 0 or first.min() < 0 or first.max() > t.size - width:
+            return self.byte_at(first[:, None] + np.arange(width)[None, :])
+        return np.lib.stride_tricks.sliding_window_view(t, width)[first]
 
     def has_word_before(
         self, pos: np.ndarray, words: re.Pattern[bytes], within: int, longest: int
@@ -156,56 +160,64 @@ class TextView:
 CHAIN_BLOCK = 256 * 1024  # bytes of text per pass of _chain_masks: temporaries stay in L2
 
 
-def _chain_masks(t: np.ndarray, d: np.ndarray) -> tuple[np.ndarray, np.ndarray, bool, bool]:
-    """For text ``t`` (n >= MIN_CHAIN) and its digit mask ``d``: ``link`` (n-2): text p+1 is
-    a space or dash between two digits; ``edge`` (n-7): the chain mask (digits and links)
-    eroded to runs of MIN_CHAIN (7) — set at p when all of p .. p+6 are chain characters —
-    changes between p and p+1; and that eroded mask at 0 and at n-7. Worked out in blocks
-    of CHAIN_BLOCK, each from its own text plus 8 characters around."""
+def _chain_masks(t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For text ``t`` (n >= MIN_CHAIN): its links packed into uint64 words (bit p, counted
+    from the first word's lowest: text p+1 is a space or dash between two digits), and the
+    edges of its chain mask (digits and links) eroded to runs of MIN_CHAIN (7) — set at p
+    when all of p .. p+6 are chain characters: each such run's first p and its last p + 1,
+    ascending. Worked out in blocks of CHAIN_BLOCK, each from its own text plus 8
+    characters around, so no text-sized temporary is made."""
     n = t.size
-    link, edge = buffer("digits.link", n - 2, bool), buffer("digits.edge", n - 7, bool)
-    first = last = False
-    for lo in range(0, max(n - 7, 1), CHAIN_BLOCK):
-        hi = min(n - 7, lo + CHAIN_BLOCK)  # edge[lo:hi] needs chain characters lo .. hi+6
+    words = np.zeros((n - 2) // 64 + 3, np.uint64)
+    packed = words.view(np.uint8)
+    parts = []
+    step = max(CHAIN_BLOCK & ~7, 8)  # whole bytes of packed links per block
+    for lo in range(0, max(n - 7, 1), step):
+        hi = min(n - 7, lo + step)  # eroded mask at lo .. hi: chain characters lo .. hi+6
         a, b = max(lo - 1, 0), min(hi + 6, n - 2)
-        lk, sp = link[a:b], buffer("digits.space", b - a, bool)
+        z = min(hi + 8, n)  # digits a .. z-1: the links' neighbours and chain characters
+        d = buffer("digits.d", z - a, bool)
+        np.less(np.subtract(t[a:z], 48, out=buffer("digits.sub", z - a, np.uint8)), 10, out=d)
+        lk, sp = buffer("digits.link", b - a, bool), buffer("digits.space", b - a, bool)
         np.equal(t[a + 1 : b + 1], SPACE, out=lk)
         np.equal(t[a + 1 : b + 1], DASH, out=sp)
         np.logical_or(lk, sp, out=lk)
-        np.logical_and(lk, d[a:b], out=lk)
-        np.logical_and(lk, d[a + 2 : b + 2], out=lk)
+        np.logical_and(lk, d[: b - a], out=lk)
+        np.logical_and(lk, d[2 : b - a + 2], out=lk)  # link p - a: text p+1
+        pe = hi if hi < n - 7 else n - 2  # this block's links (the last block's go to the end)
+        bits = np.packbits(lk[lo - a : pe - a], bitorder="little")
+        packed[lo // 8 : lo // 8 + bits.size] = bits  # lo is a multiple of 8
         m = hi + 7 - lo
         c = buffer("digits.c", m, bool)  # chain characters lo .. hi+6
-        np.copyto(c, d[lo : lo + m])
+        np.copyto(c, d[lo - a : lo - a + m])
         q0, q1 = max(lo, 1), min(lo + m, n - 1)
-        np.logical_or(c[q0 - lo : q1 - lo], link[q0 - 1 : q1 - 1], out=c[q0 - lo : q1 - lo])
+        np.logical_or(c[q0 - lo : q1 - lo], lk[q0 - 1 - a : q1 - 1 - a], out=c[q0 - lo : q1 - lo])
         e2, e4 = buffer("digits.erode2", m - 1, bool), buffer("digits.erode4", m - 3, bool)
         np.logical_and(c[:-1], c[1:], out=e2)  # c[p .. p+1]
         np.logical_and(e2[:-2], e2[2:], out=e4)  # c[p .. p+3]
         e = e2[: m - 6]
         np.logical_and(e4[:-3], e4[3:], out=e)  # c[p .. p+6], p = lo .. hi
-        np.not_equal(e[1:], e[:-1], out=edge[lo:hi])
-        first = first or (lo == 0 and bool(e[0]))
-        last = bool(e[-1])
-    return link, edge, first, last
+        if lo == 0 and e[0]:
+            parts.append(np.zeros(1, np.int64))
+        edge = buffer("digits.edge", hi - lo, bool)
+        np.not_equal(e[1:], e[:-1], out=edge)
+        parts.append(np.flatnonzero(edge) + (lo + 1))
+        if hi == n - 7 and e[-1]:
+            parts.append(np.full(1, n - 6, np.int64))
+    return words, np.concatenate(parts)
 
 
-def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
+def _chains(t: np.ndarray) -> Chains:
     n = t.size
     if n < MIN_CHAIN:
         z = np.zeros(0, np.int64)
-        return Chains(z, z, z, np.zeros(0, np.uint8), z)
-    link, edge, first, last = _chain_masks(t, d)
+        return Chains(z, z, z, np.zeros(0, np.uint8), z, np.zeros(0, np.uint64))
     # only the long runs' edges: far fewer than all runs' in dense digit text
-    edges = np.flatnonzero(edge) + 1
-    if first:
-        edges = np.concatenate(([0], edges))
-    if last:
-        edges = np.concatenate((edges, [n - 6]))
+    words, edges = _chain_masks(t)
     start, end = edges[0::2], edges[1::2] + (MIN_CHAIN - 1)
     keep = end - start <= MAX_CHAIN
     start, end = start[keep], end[keep]
-    bits = _link_bits(link, start, end)
+    bits = _link_bits(words, start, end)
     links = np.bitwise_count(bits).astype(np.int64)
     sep = np.zeros(start.size, np.uint8)
     key = end - start  # one group: its length
@@ -213,41 +225,47 @@ def _chains(t: np.ndarray, d: np.ndarray) -> Chains:
     # At most MAX_GROUPS groups count, plus one glued to a word at each end.
     # ... and only those with the 9 digits the shortest such match (an SSN) has
     sub = np.flatnonzero((links > 0) & (links <= MAX_GROUPS + 1) & (end - start - links >= 9))
-    pos = start[sub, None] + 1 + _set_bits(bits[sub], MAX_GROUPS + 1)  # their links
     # ... whose first group has FIRST_GROUP digits, unless an end group is glued to a word
+    b = bits[sub]
     fit = (
-        is_in(pos[:, 0] - start[sub], FIRST_GROUP)
+        is_in(bit_index(b & (~b + np.uint64(1))) + 1, FIRST_GROUP)
         | _is_letter(t, start[sub] - 1)
         | _is_letter(t, end[sub])
     )
-    sub, pos = sub[fit], pos[fit]
+    sub = sub[fit]
+    pos = start[sub, None] + 1 + set_bits(bits[sub], MAX_GROUPS + 1)  # their links
     key[links > 0] = -1  # unless set below
     if sub.size:
         s, e, k, ln, sp = _group_keys(t, pos, start[sub], end[sub], links[sub])
+        # the separators of what is left when a glued group was dropped (none if nothing is)
+        b = bits[sub] >> (s - start[sub]).astype(np.uint64)
+        bits[sub] = b & (~np.uint64(0) >> (np.uint64(65) - np.clip(e - s, 1, 64).astype(np.uint64)))
         start[sub], end[sub], key[sub], links[sub], sep[sub] = s, e, k, ln, sp
-    return Chains(start, end, links, sep, key)
+    return Chains(start, end, links, sep, key, bits)
 
 
-def _link_bits(link: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+def _link_bits(words: np.ndarray, start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """Per chain ``[start, end)`` (<= 64 characters), a uint64 whose bit k is set when text
-    ``start + 1 + k`` is a link (``link[p]`` is text p+1; a chain's first and last
-    characters are digits)."""
-    packed = np.packbits(link, bitorder="little")
-    words = np.zeros(packed.size // 8 + 2, np.uint64)
-    words.view(np.uint8)[: packed.size] = packed
+    ``start + 1 + k`` is a link (``words``: the packed links of :func:`_chain_masks`; a
+    chain's first and last characters are digits)."""
     j, r = start >> 6, (start & 63).astype(np.uint64)
     x = (words[j] >> r) | ((words[j + 1] << (np.uint64(63) - r)) << np.uint64(1))
     return x & (~np.uint64(0) >> (np.uint64(65) - (end - start).astype(np.uint64)))
 
 
-def _set_bits(x: np.ndarray, k: int) -> np.ndarray:
+def bit_index(x: np.ndarray) -> np.ndarray:
+    """Index of the set bit of each uint64 power of two (-1 for 0)."""
+    return np.frexp(x.astype(np.float64))[1].astype(np.int64) - 1  # a power of two is exact
+
+
+def set_bits(x: np.ndarray, k: int) -> np.ndarray:
     """(len(x), k): positions of the lowest ``k`` set bits of each uint64 (-1 past the
     last)."""
     out = np.empty((x.size, k), np.int64)
     x = x.copy()
     for j in range(k):
         low = x & (~x + np.uint64(1))
-        out[:, j] = np.frexp(low.astype(np.float64))[1] - 1  # a power of two is exact
+        out[:, j] = bit_index(low)
         x ^= low
     return out
 
@@ -327,8 +345,9 @@ def views(chunk: Chunk) -> list[TextView]:
 SUB = 512 * 1024  # stage-1 block: with its temporaries within L2 (2 MiB); measured best
 
 
-_EVEN = np.uint64(0x0001000100010001)  # bytes 0, 2, 4, 6 of a little-endian word
-_ODD = np.uint64(0x0100010001000100)  # bytes 1, 3, 5, 7
+#: the digit mask packed 8 bytes to a bit-byte (np.packbits: byte 0 is the top bit):
+#: the bits of bytes 0, 2, 4, 6 and of bytes 1, 3, 5, 7
+_EVEN, _ODD = 0xAA, 0x55
 
 
 class _Stage1:
@@ -339,7 +358,7 @@ class _Stage1:
         self.dig = np.empty(SUB, bool)
         self.dc = np.empty(SUB // 8, np.uint8)
         self.dp = np.empty(SUB // 8, np.uint8)
-        self.w = np.empty(SUB // 8, np.uint64)
+        self.w = np.empty(SUB // 8, np.uint8)
         self.even = np.empty(SUB // 8, np.uint8)
         self.odd = np.empty(SUB // 8, np.uint8)
         self.pe = np.empty(SUB // 8, np.uint8)
@@ -350,8 +369,9 @@ class _Stage1:
         digit text (None when they lie 8 blocks apart or closer: the whole block is text),
         and those that look like UTF-16LE digits (digits on one parity only).
 
-        Full width: the digit mask and its popcount per 8-byte block (the mask seen as
-        uint64 words). A pair of blocks with >= 8 digits is ASCII-hot; pairs with >= 5
+        Full width: the digit mask, packed to bits (one byte per 8-byte block: a SIMD pass,
+        measured a third faster than a popcount of the mask seen as uint64 words), and its
+        popcount per block. A pair of blocks with >= 8 digits is ASCII-hot; pairs with >= 5
         are looked at closer: >= 5 digits on one byte parity and at most one on the other
         is UTF-16LE-hot (zeros between are checked in stage 2)."""
         n = a.size
@@ -361,8 +381,8 @@ class _Stage1:
             return z, z
         t, dig, dc, dp = self.t[:n], self.dig[:n], self.dc[:nw], self.dp[: nw - 1]
         np.less(np.subtract(a, 48, out=t), 10, out=dig)
-        words = dig.view(np.uint64)
-        np.bitwise_count(words, out=dc)
+        bits = np.packbits(dig)
+        np.bitwise_count(bits, out=dc)
         np.add(dc[:-1], dc[1:], out=dp)
         hot = self.hot[: nw - 1]
         np.greater_equal(dp, 5, out=hot)
@@ -370,14 +390,14 @@ class _Stage1:
             some = np.flatnonzero(hot)
             if some.size == 0:
                 return some, some
-            w0, w1 = words[some], words[some + 1]
+            w0, w1 = bits[some], bits[some + 1]
             even = np.bitwise_count(w0 & _EVEN) + np.bitwise_count(w1 & _EVEN)
             odd = np.bitwise_count(w0 & _ODD) + np.bitwise_count(w1 & _ODD)
             par = np.maximum(even, odd)
             return some[dp[some] >= 8], some[(par >= 5) & (dp[some] - par <= 1)]
         # dense digit text: parities at full width too (cheaper than gathering most pairs)
         even, odd, pe = self.even[:nw], self.odd[:nw], self.pe[: nw - 1]
-        np.bitwise_count(np.bitwise_and(words, _EVEN, out=self.w[:nw]), out=even)
+        np.bitwise_count(np.bitwise_and(bits, _EVEN, out=self.w[:nw]), out=even)
         np.subtract(dc, even, out=odd)
         np.add(even[:-1], even[1:], out=pe)  # even digits per pair
         np.add(odd[:-1], odd[1:], out=odd[: nw - 1])  # odd digits per pair
@@ -521,7 +541,7 @@ def gather_digits(
     p = np.flatnonzero(plain)
     if p.size:  # the last ``width`` characters, the ones before the span zeroed
         cols = np.arange(width)
-        chars = view.byte_at((start[p] + span[p] - width)[:, None] + cols[None, :])
+        chars = view.rows_at(start[p] + span[p] - width, width)
         out[p] = np.where(cols[None, :] >= (width - span[p])[:, None], chars - 48, 0)
     g = np.flatnonzero(~plain)
     if g.size:

@@ -46,12 +46,15 @@ from patterns.digits import (
     DASH,
     MAX_GROUPS,
     SPACE,
+    Chains,
     DigitDetector,
     TextView,
+    bit_index,
     gather_digits,
     group_key,
     is_in,
     luhn_ok,
+    set_bits,
     views,
 )
 
@@ -223,6 +226,7 @@ def brand_of(digits: np.ndarray, ndig: np.ndarray) -> np.ndarray:
 
 
 _GROUP_KEYS = np.array(sorted(group_key(g) for g in GROUPINGS))
+_FIRST_GROUPS = np.array(sorted({g[0] for g in GROUPINGS}))
 
 
 #: longest grouped PAN in characters: 19 digits in 5 groups
@@ -241,79 +245,111 @@ def candidates(view: TextView) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     # the chain analysis gives no grouping key to mixed separators: work theirs out here
     mixed = np.flatnonzero((c.key == -1) & (c.links >= 2) & (c.links <= 4) & (span >= 15)
                            & (span <= GROUPED_MAX))
-    ok[mixed[is_in(_mixed_keys(view, c.start[mixed], span[mixed]), _GROUP_KEYS)]] = True
-    s2, n2, l2 = _inside_chains(view, c.start, c.end, c.links)
+    key = _prefix_keys(c.bits[mixed], span[mixed], c.links[mixed])[0]
+    ok[mixed[is_in(key[np.arange(mixed.size), c.links[mixed]], _GROUP_KEYS)]] = True
+    s2, n2, l2 = _inside_chains(view, c)
     return (np.concatenate((c.start[ok], s2)), np.concatenate((span[ok], n2)),
             np.concatenate((c.links[ok], l2)))
 
 
-#: how far back a chain's first group may lie when the chain analysis dropped it for being
-#: glued to a word ("a4111111111111111 12"): a PAN's 19 digits and the separator
-_BACK = MAX_DIGITS + 1
+_U = np.uint64  # chain bit words
+_ONES = ~_U(0)
 
 
-def _inside_chains(
-    view: TextView, start: np.ndarray, end: np.ndarray, links: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _inside_chains(view: TextView, c: Chains) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """PAN candidates a separated chain holds although the whole chain is none: a PAN
     followed or preceded by more digits after a space or dash ("4111111111111111 12/25",
     "4111 1111 1111 1111 12/25", "1225 5105105105105100"). Every unbroken run of 13-19
     digits in the chain (a run bounded by separators is a number of its own; a PAN-looking
-    part of an unbroken longer run still is none), and the chain's first 2-5 groups when
-    they form an accepted grouping and more groups follow."""
-    # a separator just before the chain means the chain analysis dropped a first group
-    # glued to a word: read from there
-    before = view.byte_at(start - 1)
-    lead = (before == SPACE) | (before == DASH)
-    at = np.flatnonzero(lead)  # few: most chains follow a byte that is no separator
-    # ... and a digit (the dropped group's last) and 12 characters earlier another (its
-    # first if it is long enough for a PAN: a cheap necessary test)
-    lead[at] = (np.subtract(view.byte_at(start[at] - 2), 48, dtype=np.uint8) < 10) & (
-        np.subtract(view.byte_at(start[at] - 1 - MIN_DIGITS), 48, dtype=np.uint8) < 10)
-    sel = np.flatnonzero(((links > 0) & (end - start >= MIN_DIGITS + 1)) | lead)
-    if sel.size == 0:
-        z = np.zeros(0, np.int64)
-        return z, z, z
-    s, e, back = start[sel], end[sel], np.where(lead[sel], _BACK, 0)
-    ws = np.maximum(s - back, 0)  # window start
-    width = int((e - ws).max())
-    cols = np.arange(width)
-    inside = cols[None, :] < (e - ws)[:, None]
-    chars = view.byte_at(ws[:, None] + cols[None, :])
-    d = np.zeros((sel.size, width + 2), bool)  # digit mask, a non-digit column each side
-    d[:, 1:-1] = (np.subtract(chars, 48, dtype=np.uint8) < 10) & inside
-    flip = np.flatnonzero(d[:, 1:] != d[:, :-1])  # runs never cross rows (the pad columns)
-    row, c0 = np.divmod(flip[0::2], width + 1)
-    c1 = flip[1::2] % (width + 1)  # run end, exclusive
-    # in a row read from before the chain: only the dropped group (ending just before the
-    # chain's first separator) and what follows, and no run the window may have cut
-    first = (s - ws)[row] - 1  # end of the dropped group, or -1
-    keep = (c1 >= first) & ((c0 > 0) | (back[row] == 0))
-    row, c0, c1 = row[keep], c0[keep], c1[keep]
-    n = c1 - c0
-    runs = (n >= MIN_DIGITS) & (n <= MAX_DIGITS)
-    out_s, out_n = [ws[row[runs]] + c0[runs]], [n[runs]]
-    out_l = [np.zeros(int(runs.sum()), np.int64)]
-    # leading groups: the chain's runs in order (not a dropped glued group)
-    g = c0 >= (s - ws)[row]
-    row, c0, c1, n = row[g], c0[g], c1[g], n[g]
-    if row.size:
-        head = np.flatnonzero(np.concatenate(([True], row[1:] != row[:-1])))
-        rank = np.arange(row.size) - np.repeat(head, np.diff(np.append(head, row.size)))
-        more = np.bincount(row, minlength=sel.size)[row] - 1 - rank  # groups after this one
-        key = np.zeros(row.size, np.int64)
-        acc = np.zeros(sel.size, np.int64)
-        for j in range(MAX_GROUPS):
-            at = rank == j
-            acc[row[at]] += np.minimum(n[at], 31) << (5 * j)
-            key[at] = acc[row[at]]
-        at = np.flatnonzero((rank >= 1) & (rank < MAX_GROUPS) & (more > 0)
-                            & is_in(key, _GROUP_KEYS))
-        b = ws[row[at]] + c0[at - rank[at]]
-        out_s.append(b)
-        out_n.append(ws[row[at]] + c1[at] - b)
-        out_l.append(rank[at])
-    return np.concatenate(out_s), np.concatenate(out_n), np.concatenate(out_l)
+    part of an unbroken longer run still is none), the chain's first 2-5 groups when they
+    form an accepted grouping and more groups follow, and a group of 13-19 digits the chain
+    analysis dropped before the chain for being glued to a word ("a4111111111111111 12").
+
+    Worked out on each chain's separator bits (``Chains.bits``, <= 64 characters): a few
+    uint64 operations per chain instead of reading its characters."""
+    span = c.end - c.start
+    sel = np.flatnonzero((c.links > 0) & (span >= MIN_DIGITS + 1))
+    s, n = c.start[sel], span[sel]
+    digit = ~(c.bits[sel] << _U(1)) & (_ONES >> (_U(64) - n.astype(_U)))  # bit k: text s+k
+    out = [_runs(s, digit), _leading_groups(s, n, c.bits[sel], c.links[sel]), _glued_group(view, c)]
+    return (np.concatenate([o[0] for o in out]), np.concatenate([o[1] for o in out]),
+            np.concatenate([o[2] for o in out]))
+
+
+def _runs(start: np.ndarray, digit: np.ndarray) -> tuple[np.ndarray, ...]:
+    """(start, length, 0) of the runs of MIN_DIGITS..MAX_DIGITS set bits of ``digit`` (one
+    uint64 per chain, bit k for text ``start + k``)."""
+    first = digit & ~(digit << _U(1))  # a run's first bit
+    last = digit & ~(digit >> _U(1))  # a run's last bit
+    e2 = digit & (digit >> _U(1))  # bit p: bits p .. p+1 all set
+    e4 = e2 & (e2 >> _U(2))
+    e8 = e4 & (e4 >> _U(4))
+    e13 = e8 & (e4 >> _U(8)) & (digit >> _U(12))
+    e20 = e8 & (e8 >> _U(8)) & (e4 >> _U(16))
+    todo = first & e13 & ~e20  # first bits of runs of 13-19
+    row = np.flatnonzero(todo)
+    todo, last, out_s, out_n = todo[row], last[row], [], []
+    while row.size:  # a chain holds at most 4 such runs
+        low = todo & (~todo + _U(1))
+        end = last & (~low + _U(1))  # last bits from the run's first on
+        p0, p1 = bit_index(low), bit_index(end & (~end + _U(1)))
+        out_s.append(start[row] + p0)
+        out_n.append(p1 - p0 + 1)
+        todo ^= low
+        more = todo != 0
+        row, todo, last = row[more], todo[more], last[more]
+    s = np.concatenate(out_s) if out_s else np.zeros(0, np.int64)
+    n = np.concatenate(out_n) if out_n else np.zeros(0, np.int64)
+    return s, n, np.zeros(s.size, np.int64)
+
+
+def _leading_groups(
+    start: np.ndarray, span: np.ndarray, bits: np.ndarray, links: np.ndarray
+) -> tuple[np.ndarray, ...]:
+    """(start, span, separators) of the first 2..MAX_GROUPS groups of each chain that form an
+    accepted grouping with at least one more group after them."""
+    sel = np.flatnonzero(links >= 2)
+    sel = sel[is_in(bit_index(bits[sel] & (~bits[sel] + _U(1))) + 1, _FIRST_GROUPS)]
+    start, links = start[sel], links[sel]
+    key, sep = _prefix_keys(bits[sel], span[sel], links)
+    rank = np.arange(MAX_GROUPS)[None, :]
+    row, j = np.nonzero((rank >= 1) & (rank < links[:, None]) & is_in(key, _GROUP_KEYS))
+    return start[row], sep[row, j], j.astype(np.int64)
+
+
+def _prefix_keys(
+    bits: np.ndarray, span: np.ndarray, links: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Two (chains, MAX_GROUPS) arrays read from each chain's separator bits: in column j,
+    the ``group_key`` of its first j+1 groups, and the chain offset where group j ends
+    (columns past ``links`` are meaningless)."""
+    sep = 1 + set_bits(bits, MAX_GROUPS)  # offsets of the first separators, from the start
+    rank = np.arange(MAX_GROUPS)[None, :]
+    sep = np.where(rank == links[:, None], span[:, None], sep)  # the chain's end after its last
+    groups = np.diff(sep, axis=1, prepend=-1) - 1  # group j ends at separator j
+    key = np.cumsum(np.minimum(groups, 31) << (5 * rank), axis=1)
+    return key, sep
+
+
+#: characters read before a chain for a dropped glued group: its 13-19 digits and the
+#: character before them
+_BACK = MAX_DIGITS + 1
+
+
+def _glued_group(view: TextView, c: Chains) -> tuple[np.ndarray, ...]:
+    """(start, length, 0) of the 13-19 digit groups just before a chain and its separator,
+    bounded by a non-digit before them: the chain analysis dropped them as glued to a word
+    ("a4111111111111111 12/25": the chain is "12")."""
+    before = view.byte_at(c.start - 1)
+    at = np.flatnonzero((before == SPACE) | (before == DASH))  # few chains follow one
+    # ... and a digit before it and 13 digits back (a cheap necessary test)
+    at = at[(np.subtract(view.byte_at(c.start[at] - 2), 48, dtype=np.uint8) < 10)
+            & (np.subtract(view.byte_at(c.start[at] - 1 - MIN_DIGITS), 48, dtype=np.uint8) < 10)]
+    end = c.start[at] - 1  # the group's end (exclusive)
+    chars = view.byte_at(end[:, None] - 1 - np.arange(_BACK)[None, :])  # backwards
+    n = np.argmin(np.subtract(chars, 48, dtype=np.uint8) < 10, axis=1)  # digits before end
+    ok = n >= MIN_DIGITS  # n <= MAX_DIGITS: a non-digit was found within _BACK
+    return end[ok] - n[ok], n[ok], np.zeros(int(ok.sum()), np.int64)
 
 
 def longest_per_start(start: np.ndarray, span: np.ndarray) -> np.ndarray:
@@ -322,22 +358,6 @@ def longest_per_start(start: np.ndarray, span: np.ndarray) -> np.ndarray:
     first = np.ones(order.size, bool)
     first[1:] = start[order][1:] != start[order][:-1]
     return order[first]
-
-
-def _mixed_keys(view: TextView, start: np.ndarray, span: np.ndarray) -> np.ndarray:
-    """``group_key`` of the chains ``[start, start+span)`` (a few; at most GROUPED_MAX
-    characters and 5 groups each) from their text."""
-    if start.size == 0:
-        return np.zeros(0, np.int64)
-    cols = np.arange(GROUPED_MAX)
-    inside = cols[None, :] < span[:, None]
-    chars = view.byte_at(start[:, None] + cols[None, :])
-    digit = (np.subtract(chars, 48, dtype=np.uint8) < 10) & inside
-    group = np.cumsum(~digit & inside, axis=1)  # the group each character is in
-    key = np.zeros(start.size, np.int64)
-    for g in range(5):
-        key += np.count_nonzero(digit & (group == g), axis=1).astype(np.int64) << (5 * g)
-    return key
 
 
 def validate(

@@ -45,7 +45,15 @@ from typing import Any
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from parsers.base import GPA_SPACE, Fills, ImageError, MemoryImage, Remark, Segment
+from parsers.base import (
+    GPA_SPACE,
+    Fills,
+    ImageError,
+    MemoryImage,
+    Remark,
+    Segment,
+    region_kind,
+)
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
@@ -59,9 +67,6 @@ EDGE_BATCH = 4096  # seam windows scanned per batch (bounded memory)
 #: groups together: each group's share is in proportion to its row width, so every group
 #: keeps about as many edges, and the store stays this size however large the image
 PENDING_LIMIT = 64 * 1024 * 1024
-#: address spaces named ``region:<kind>`` hold bytes of the file that are not guest memory
-#: (headers, device state, slack ...), addressed by their offset in the file or stream
-REGION_PREFIX = "region:"
 #: least zero bytes between two pieces that are not guest neighbours: more than any detector
 #: reads outside a match (the digit family looks up to 43 UTF-16LE characters back for a
 #: keyword; AES reads a crypto_aes_ctx's 244 bytes past a schedule); a detector's own
@@ -453,6 +458,9 @@ class Engine:
         edges it depends on (a seam there would replace it), else with none."""
         step, m = self.config.chunk_size, self.margin
         release = _Releaser(layout)
+        # one squeeze buffer for every chunk of this scan: a fresh one per chunk costs a page
+        # fault per 4 KiB (about a third of the squeeze's time on memory-like images)
+        squeezed = np.empty(min(step + 2 * m, layout.size) if self.squeeze else 0, np.uint8)
         out: list[tuple[Finding, tuple[int, ...]]] = []
         lo_data = int(layout.run_vstart[0]) if layout.run_vstart.size else 0
         hi_data = int(layout.run_vend[-1]) if layout.run_vend.size else 0
@@ -462,7 +470,8 @@ class Engine:
                 a, b = max(0, cs - m), min(layout.size, ce + m)
                 buf, copied = layout.read(a, b, "chunk")
                 # a gathered chunk holds a stream's pages, which are never all zero
-                sq = _Squeezed.of(buf, self.gap) if self.squeeze and not copied else None
+                sq = (_Squeezed.of(buf, self.gap, squeezed)
+                      if self.squeeze and not copied else None)
                 chunk = sq.chunk if sq else Chunk(buf)
                 for det in self.config.detectors:
                     hits = det.find(chunk)
@@ -556,8 +565,9 @@ class Engine:
         if self.config.unmask:
             details["value"] = d.value.decode("latin-1")
         name = image.spaces[where.space]
-        if name.startswith(REGION_PREFIX):  # not guest memory: a part of the file itself
-            details["region"] = name[len(REGION_PREFIX) :]
+        region = region_kind(name)  # not guest memory: a part of the file itself
+        if region is not None:
+            details["region"] = region
             if where.offset is None:
                 details["stream_offset"] = where.addr
         elif where.space != GPA_SPACE:
@@ -971,14 +981,17 @@ class _Squeezed:
     length: np.ndarray
 
     @classmethod
-    def of(cls, data: np.ndarray, gap: int) -> _Squeezed | None:
-        """``data`` squeezed, or None when under 1 in SQUEEZE_MIN of its pages is zero."""
+    def of(cls, data: np.ndarray, gap: int, out: np.ndarray) -> _Squeezed | None:
+        """``data`` squeezed into ``out`` (a reused buffer at least ``data.size`` bytes; its
+        previous chunk is overwritten), or None when under 1 in SQUEEZE_MIN of its pages is
+        zero."""
         keep = -(-gap // 2)
         p0 = (-data.ctypes.data) % PAGE  # whole memory pages: a mapping's page-cache pages
         npages = (data.size - p0) // PAGE
         if npages < SQUEEZE_MIN:
             return None
-        zero = ~data[p0 : p0 + npages * PAGE].view(np.uint64).reshape(-1, PAGE // 8).any(axis=1)
+        words = data[p0 : p0 + npages * PAGE].view(np.uint64).reshape(-1, PAGE // 8)
+        zero = np.bitwise_or.reduce(words, axis=1) == 0  # measured: a third faster than any()
         if np.count_nonzero(zero) * SQUEEZE_MIN < zero.size:
             return None
         edges = np.flatnonzero(zero[1:] != zero[:-1]) + 1
@@ -988,8 +1001,9 @@ class _Squeezed:
         bstart = np.concatenate(([0], out_hi))
         length = np.concatenate((out_lo, [data.size])) - bstart
         qstart = np.concatenate(([0], np.cumsum(length)[:-1]))
-        buf = np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
-                                                               strict=True)])
+        buf = out[: int(length.sum())]
+        np.concatenate([data[x : x + m] for x, m in zip(bstart.tolist(), length.tolist(),
+                                                        strict=True)], out=buf)
         return cls(Chunk(buf), qstart, bstart, length)
 
     def _range(self, q: np.ndarray) -> np.ndarray:

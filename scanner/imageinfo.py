@@ -11,12 +11,12 @@ import numpy as np
 
 from parsers.base import (
     GPA_SPACE,
-    REGION_PREFIX,
     ImageError,
     MemoryImage,
     Ranges,
     is_damage,
     mib,
+    region_kind,
 )
 from scanner.dormant import file_mtime
 from scanner.units import merged
@@ -76,7 +76,7 @@ def file_bytes(img: MemoryImage) -> dict[str, dict[str, int]]:
             stored = ext.file_offset >= 0
             for sp in np.unique(ext.space).tolist():
                 name = img.spaces[sp]
-                kind = name[len(REGION_PREFIX):] if name.startswith(REGION_PREFIX) else "guest"
+                kind = region_kind(name) or "guest"
                 here = ext.space == sp
                 pick = here & stored
                 if pick.any():

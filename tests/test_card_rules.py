@@ -4,13 +4,16 @@ the default threshold, the Track 1 alphabet, every IIN table row, mixed separato
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from patterns.base import ENCODINGS, Chunk, Described, Detector, Hit
-from patterns.pan import IIN_TABLE, PanDetector
+from patterns import pan
+from patterns.base import ASCII, ENCODINGS, Chunk, Described, Detector, Hit
+from patterns.digits import TextView
+from patterns.pan import GROUPINGS, IIN_TABLE, PanDetector
 from patterns.ssn import PUBLISHED, SsnDetector
 from patterns.track import Track1Detector
 from tests.plant import encode, first_brand, make_pan
@@ -169,3 +172,40 @@ def test_uatp_needs_a_card_keyword():
     ((_, keyed),) = detect(PanDetector(), "UATP card number 110260821123863")
     assert bare.details["brand"] == keyed.details["brand"] == "uatp"
     assert bare.details["confidence"] < DEFAULT_MIN_CONFIDENCE <= keyed.details["confidence"]
+
+
+# ---- PANs inside longer chains ------------------------------------------------------------------
+
+#: digit groups of lengths near the groupings' and the PAN lengths' edges, and separators
+GROUP = st.sampled_from([1, 2, 3, 4, 4, 4, 5, 6, 12, 13, 16, 19, 20]).flatmap(
+    lambda n: st.text("0123456789", min_size=n, max_size=n))
+DIGIT_TEXT = st.lists(st.one_of(GROUP, st.sampled_from([" ", " ", "-", "a", "/"])),
+                      max_size=40).map(lambda parts: "".join(parts).encode())
+
+
+@settings(max_examples=300)
+@given(text=DIGIT_TEXT)
+@example(text=b"a4111111111111111111 12 3456789")  # a 19-digit group glued to a word
+@example(text=b"x4111111111111-1234567 4111 1111 1111 1111 1 2")
+def test_pans_inside_chains_read_like_the_text(text):
+    """The bit-level reading of chains finds what a plain reading of each chain's text does:
+    13-19 digit groups of a chain with separators, its first 2-5 groups when they form an
+    accepted grouping and more follow, and a 13-19 digit group glued to a word just before
+    it and its separator."""
+    data = np.frombuffer(text, np.uint8)
+    zero = np.zeros(1, np.int64)
+    view = TextView(data, ASCII, 0, (zero, zero), data)
+    t, c = text, view.chains()
+    want = set()
+    for s, e, links in zip(c.start.tolist(), c.end.tolist(), c.links.tolist(), strict=True):
+        if links > 0 and e - s >= 14:
+            groups = [(m.start() + s, len(m.group())) for m in re.finditer(rb"\d+", t[s:e])]
+            want |= {(a, n, 0) for a, n in groups if 13 <= n <= 19}
+            for j in range(1, min(len(groups) - 1, 5)):
+                if tuple(n for _, n in groups[: j + 1]) in GROUPINGS:
+                    want.add((s, groups[j][0] + groups[j][1] - s, j))
+        glued = re.search(rb"(?<!\d)\d{13,19}$", t[: max(s - 1, 0)])
+        if s >= 2 and t[s - 1 : s] in (b" ", b"-") and glued:
+            want.add((glued.start(), len(glued.group()), 0))
+    got = pan._inside_chains(view, c)
+    assert set(zip(*(a.tolist() for a in got), strict=True)) == want

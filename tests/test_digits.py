@@ -20,22 +20,22 @@ def chains_of(text: bytes, block: int) -> digits.Chains:
     saved, digits.CHAIN_BLOCK = digits.CHAIN_BLOCK, block
     try:
         t = np.frombuffer(text, np.uint8)
-        return digits._chains(t, (t >= 48) & (t <= 57))
+        return digits._chains(t)
     finally:
         digits.CHAIN_BLOCK = saved
 
 
 @settings(max_examples=300)
-@given(text=TEXT, block=st.integers(1, 40))
+@given(text=TEXT, block=st.integers(1, 40).map(lambda k: 8 * k))
 def test_chains_in_blocks_equal_chains_in_one_piece(text, block):
     whole = chains_of(text, 1 << 20)
     parts = chains_of(text, block)
-    for name in ("start", "end", "links", "sep", "key"):
+    for name in ("start", "end", "links", "sep", "key", "bits"):
         assert np.array_equal(getattr(whole, name), getattr(parts, name)), name
 
 
 @settings(max_examples=300)
-@given(text=TEXT, block=st.integers(1, 40))
+@given(text=TEXT, block=st.integers(1, 40).map(lambda k: 8 * k))
 def test_plain_chains_are_the_lone_digit_runs(text, block):
     """Every 7..64-digit run with no space or dash joining it to another digit is a chain
     without separators; every such chain is a whole digit run (more of them where a group
@@ -57,7 +57,7 @@ def test_plain_chains_are_the_lone_digit_runs(text, block):
 
 
 @settings(max_examples=300)
-@given(text=TEXT, block=st.integers(1, 40))
+@given(text=TEXT, block=st.integers(1, 40).map(lambda k: 8 * k))
 def test_grouped_chains_read_like_the_text(text, block):
     """Digit groups joined by single spaces or dashes: every chain with a group key spells
     that key in the text, and every such run of 7..64 characters with 9+ digits, one kind of
@@ -82,3 +82,17 @@ def test_grouped_chains_read_like_the_text(text, block):
                 and 2 <= len(groups) <= digits.MAX_GROUPS and len(groups[0]) in (3, 4)
                 and not letter_around):
             assert got.get((s, e)) == digits.group_key(tuple(len(g) for g in groups))
+
+
+@settings(max_examples=300)
+@given(text=TEXT, block=st.integers(1, 40).map(lambda k: 8 * k))
+def test_chain_bits_are_its_separators(text, block):
+    """``Chains.bits`` marks exactly the spaces and dashes inside each chain (after a glued
+    group was dropped); none in what is left of a chain that was all glued groups."""
+    c = chains_of(text, block)
+    for s, e, b in zip(c.start.tolist(), c.end.tolist(), c.bits.tolist(), strict=True):
+        if e - s < 1:
+            assert b == 0
+            continue
+        want = sum(1 << (p - s - 1) for p in range(s, e) if text[p] in b" -")
+        assert b == want, (text[s:e], bin(b), bin(want))

@@ -199,3 +199,23 @@ def test_both_binary_stage1_paths_give_the_same_headers():
     assert shared.has("scratch.anchors")
     assert emv._header_offsets(shared).tolist() == pos[ok].tolist()
     assert {1000, 4095} <= set(pos[ok].tolist())
+
+
+@settings(max_examples=200)
+@given(data=st.lists(st.sampled_from([0x00, 0x06, 0x07, 0x0A, 0x0B, 0x13, 0x14, 0x56, 0x57, 0x58,
+                                      0x5A, 0x5B, 0x80, 0x87, 0x93, 0xD7, 0xFF]),
+                     max_size=300),
+       block=st.sampled_from([8, 16, 64, 1 << 19]))
+def test_header_pass_finds_every_tag_and_length_pair(data, block):
+    """The binary header pass (block loop, 8-byte words, bytewise last word and tail) finds
+    exactly the offsets of a tag byte 0x57 or 0x5A followed by a byte 7-19, at any size and any
+    block size."""
+    from unittest import mock
+
+    from patterns import emv
+
+    a = np.array(data, np.uint8)
+    want = [p for p in range(a.size - 1)
+            if a[p] in (0x57, 0x5A) and emv.LEN_LO <= a[p + 1] <= emv.LEN_HI]
+    with mock.patch.object(emv, "BLOCK", block):
+        assert emv._headers(a).tolist() == want

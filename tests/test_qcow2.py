@@ -214,7 +214,7 @@ def test_pan_in_compressed_disk_clusters_is_found_at_its_disk_offset(
         decompressed = plain = 0
         for seg in image.segments():
             e = seg.extents
-            disk_sp = e.space == image.space_id("region:disk")
+            disk_sp = e.space == image.region_space("disk", decoded=True)
             decompressed += int(e.length[disk_sp & (e.file_offset < 0)].sum())
             plain += int(e.length[image.in_region(e.space) & (e.file_offset >= 0)].sum())
         assert decompressed == 3 * cs

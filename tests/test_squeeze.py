@@ -62,8 +62,10 @@ def test_squeeze_keeps_zero_edges_and_drops_hits_across_a_gap():
     data = base[at : at + 16 * PAGE]
     data[:PAGE] = 1
     data[5 * PAGE : 6 * PAGE] = 2  # pages 1-4 and 6-15 are zero
-    sq = _Squeezed.of(data, gap)
+    out = np.full(data.size, 7, np.uint8)  # a reused buffer: whatever it held is overwritten
+    sq = _Squeezed.of(data, gap, out)
     assert sq is not None
+    assert np.shares_memory(sq.chunk.data, out)
     assert sq.bstart.tolist() == [0, 5 * PAGE - keep, 16 * PAGE - keep]
     assert sq.length.tolist() == [PAGE + keep, PAGE + 2 * keep, keep]
     buf = sq.chunk.data
@@ -73,7 +75,7 @@ def test_squeeze_keeps_zero_edges_and_drops_hits_across_a_gap():
     hits = Hits.of([10, first_end - 4, first_end + 3], [8, 8, 8], 0)
     assert sq.inside(hits).tolist() == [True, False, True]  # the straddling one left out
     assert sq.unsqueeze(hits.start[[0, 2]]).tolist() == [10, 5 * PAGE - keep + 3]
-    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), gap) is None  # no zero page
+    assert _Squeezed.of(np.ones(16 * PAGE, np.uint8), gap, out) is None  # no zero page
 
 
 def test_zeros_kept_cover_every_read_past_a_match():
