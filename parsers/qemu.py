@@ -84,6 +84,8 @@ INFLATE_BATCH = 4096  # compressed pages inflated per segment
 PEEK = 1 << 20  # decompressed prefix read at open time for the metadata
 RUN_PROBE = 16  # same-kind records in a row before a run is decoded with numpy
 RUN_MAX = 1 << 16  # records decoded per numpy batch
+MIN_PAGE = 1 << 9  # smallest target page size a stream may declare (target page bits 9)
+TABLE_RESERVE = 8  # spare extent rows on each side of a mapped stream's pages, for its regions
 MAP_MAX = 256 << 20  # bytes of page bitmap per RAM block (8 TiB of 4 KiB pages); past it, count
 BLOCK_LIST = "the stream's RAM block list"  # what declares guest RAM in a stream (coverage)
 SIGN_BIT = 1 << 63  # record words at or above this hold no page offset (array("q") bound)
@@ -187,6 +189,7 @@ class Walker:
     stopped: int | None = None  # stream offset of the item the walk failed in
     payload_end: int = 0  # stream offset just past the last page payload taken
     fills: Fills | None = None  # the fill pages of the last take_extents
+    beyond: int = 0  # page records refused for lying beyond their RAM block
 
     # ---- driving -------------------------------------------------------------------------
 
@@ -580,7 +583,7 @@ class Walker:
         sizes = np.array([b.size for b in self.blocks] or [0], np.int64)
         ok = (blk >= 0) & (addr >= 0) & (addr + self.page_size <= sizes[np.maximum(blk, 0)])
         if not ok.all():
-            self.warnings.append(f"{int((~ok).sum())} page records lie beyond their RAM block")
+            self.beyond += int((~ok).sum())
             pos, addr, blk = pos[ok], addr[ok], blk[ok]
         if self.seen is not None:
             self.seen.mark(blk, addr)
@@ -592,6 +595,11 @@ class Walker:
         self.pages += pos.size
         fo = None if file_offset_base is None else pos + file_offset_base
         return Extents.build(pos, addr_out, np.full(pos.size, self.page_size), fo, space)
+
+    def notes(self) -> list[str]:
+        """The walk's warnings (messages), the pages refused by every take_extents included."""
+        beyond = [f"{self.beyond} page records lie beyond their RAM block"] if self.beyond else []
+        return self.warnings + beyond
 
     def _fills(self, blk: np.ndarray, addr: np.ndarray) -> Fills:
         """The fill pages at block offsets ``addr`` of blocks ``blk`` (stream order) as guest
@@ -769,6 +777,53 @@ def stream_regions(
     return [(k, a, b) for k, a, b in out if b > a]
 
 
+class _PageTable:
+    """A mapped stream's page extents, added window by window to columns made once for the
+    most pages ``nbytes`` of stream can hold (a stored page takes its payload and an 8-byte
+    record word, at the smallest page size): rows never written cost no memory, the per-page
+    temporaries of :meth:`Walker.take_extents` stay one window's, and the table is not copied
+    when done (issue 12: built in one go, a 1 GiB guest's table peaked ~21 MiB at open, which
+    the heap kept). TABLE_RESERVE rows before and after the pages take the stream's regions."""
+
+    def __init__(self, nbytes: int) -> None:
+        rows = 2 * TABLE_RESERVE + max(nbytes, 0) // (MIN_PAGE + 8) + 1
+        self.cols = [np.empty(rows, np.int64) for _ in range(5)]
+        self.n = 0  # page rows written (from row TABLE_RESERVE on)
+
+    def add(self, ext: Extents) -> None:
+        """Append ``ext`` (extents after every one added so far)."""
+        at = TABLE_RESERVE + self.n
+        for col, part in zip(self.cols, _columns(ext), strict=True):
+            col[at : at + len(ext)] = part
+        self.n += len(ext)
+
+    def total(self) -> int:
+        """Bytes of the pages added."""
+        return int(self.cols[2][TABLE_RESERVE : TABLE_RESERVE + self.n].sum())
+
+    def finish(self, regions: Extents) -> Extents:
+        """The pages and ``regions`` (sorted) as one table, views of the columns when the
+        regions lie before and after the pages and fit the reserve, else a sorted copy."""
+        lo, hi = TABLE_RESERVE, TABLE_RESERVE + self.n
+        head = int(np.searchsorted(regions.buf_offset, self.cols[0][lo] if self.n else 0))
+        tail = len(regions) - head
+        if head > TABLE_RESERVE or tail > TABLE_RESERVE:
+            pages = Extents(*(c[lo:hi] for c in self.cols))
+            return Extents.concat(pages, regions)
+        for col, part in zip(self.cols, _columns(regions), strict=True):
+            col[lo - head : lo] = part[:head]
+            col[hi : hi + tail] = part[head:]
+        out = Extents(*(c[lo - head : hi + tail] for c in self.cols))
+        if not (out.buf_offset[1:] >= out.buf_offset[:-1]).all():  # a region among the pages
+            return Extents.build(*_columns(out))
+        return out
+
+
+def _columns(ext: Extents) -> tuple[np.ndarray, ...]:
+    """The columns of ``ext`` in the order Extents takes them."""
+    return ext.buf_offset, ext.addr, ext.length, ext.file_offset, ext.space
+
+
 # ---- the two ways to feed the walker ---------------------------------------------------------
 
 
@@ -796,21 +851,26 @@ def open_mapped(
     buf = memoryview(ev.data)
     stop = None
     walker.base = 0
+    table = _PageTable(ev.size - start)
+
+    def take() -> None:  # the pages of the window just walked
+        walker.assign_spaces(image)
+        table.add(walker.take_extents(0))
+
     try:
-        end = _walk_released(walker, ev, buf, start)
+        end = _walk_released(walker, ev, buf, start, take)
     except ImageError as err:
         if not walker.blocks:
             raise
         image.warnings.append(err)
         end = ev.size
-    walker.assign_spaces(image)
-    if "mapped-ram" in walker.capabilities:
+    take()  # (what the window that failed held before its failure)
+    mapped = "mapped-ram" in walker.capabilities
+    if mapped:
         ext = walker.mapped_extents(
             ev.data, lambda m: image.warnings.append(ImageError(path, None, m))
         )
-    else:
-        ext = walker.take_extents(0)
-    for note in walker.warnings:
+    for note in walker.notes():
         image.warnings.append(ImageError(path, None, note))
     desc, desc_end = (None, None)
     if walker.phase == "devices":
@@ -826,8 +886,9 @@ def open_mapped(
     regions = image.region_extents(pieces, 0, 0)
     account(walker, image, stop)
     image.coverage.outside += image.region_bytes(regions)
-    image.coverage.structure += ev.size - ext.total() - image.region_bytes(regions)
-    main = Segment(ev.data, Extents.concat(ext, regions), path)
+    pages = ext.total() if mapped else table.total()
+    image.coverage.structure += ev.size - pages - image.region_bytes(regions)
+    main = Segment(ev.data, Extents.concat(ext, regions) if mapped else table.finish(regions), path)
     if walker.compressed:
         records = walker.compressed
 
@@ -844,14 +905,18 @@ def open_mapped(
     image.meta["zero_pages"] = walker.zero_pages
 
 
-def _walk_released(walker: Walker, ev: Evidence, buf: memoryview, start: int) -> int:
+def _walk_released(
+    walker: Walker, ev: Evidence, buf: memoryview, start: int, take: Callable[[], None]
+) -> int:
     """``walker.walk`` over the mapped file from ``start`` to its end, WINDOW bytes at a
-    time, giving back the pages walked: every page of a stream holds a record header, so
-    walking it in one go would leave the whole file resident. Returns where the walk ended."""
+    time, calling ``take()`` after each window and giving back the pages walked: every page
+    of a stream holds a record header, so walking it in one go would leave the whole file
+    resident. Returns where the walk ended."""
     p, window, released = start, WINDOW, start
     while True:
         n = min(ev.size, p + window)
         q = walker.walk(buf, p, n, final=n == ev.size)
+        take()
         ev.release(released, q - released)
         if n == ev.size or walker.phase == "devices":
             return q
@@ -958,7 +1023,7 @@ def stream_segments(
             fill -= p
         carry = arr[max(0, rest_at - walker.base) : fill].tobytes()
         err = yield from _stream_rest(src, image, walker, carry, rest_at, eof, err, bomb, limit)
-        for note in walker.warnings:
+        for note in walker.notes():
             image.warnings.append(ImageError(image.path, None, note))
         account(walker, image, None)
         if err is not None:
