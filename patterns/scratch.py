@@ -40,19 +40,25 @@ TEXT_LO, TEXT_SPAN = 0x2D, 0x4E  # '-' .. 'z': the bytes of every token we ancho
 ASCII_WORD, UTF16_WORDS = 0x01010101, (0x02010201, 0x01020102)
 
 
-def buffer(name: str, n: int, dtype: type | np.dtype) -> np.ndarray:
-    """A scratch array of ``n`` elements, reused between calls in this thread.
+def buffer(
+    name: str, n: int, dtype: type | np.dtype, keep: int = POOL_LIMIT
+) -> np.ndarray:
+    """A scratch array of ``n`` elements, reused between calls in this thread while it is at
+    most ``keep`` bytes (a larger one comes and goes). Past 1 MiB grown to whole MiB, so calls
+    of slightly different sizes share one.
 
     The contents are garbage; the caller overwrites them (``out=``). One buffer per name, so
     two live uses need two names."""
     dt = np.dtype(dtype)
-    if n * dt.itemsize > POOL_LIMIT:  # a rare big batch: not worth keeping around
+    if n * dt.itemsize > keep:  # a rare big batch: not worth keeping around
         return np.empty(n, dt)
     pool: dict[str, np.ndarray] = getattr(_local, "pool", None) or {}
     _local.pool = pool
     arr = pool.get(name)
     if arr is None or arr.dtype != dt or arr.size < n:
-        arr = pool[name] = np.empty(max(n, 1 << 16), dt)
+        nbytes = n * dt.itemsize
+        size = (-(-nbytes >> 20) << 20) // dt.itemsize if nbytes > 1 << 20 else max(n, 1 << 16)
+        arr = pool[name] = np.empty(size, dt)
     return arr[:n]
 
 

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import bisect
 import mmap
-import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -55,6 +54,7 @@ from parsers.base import (
     region_kind,
 )
 from patterns.base import ENCODINGS, Chunk, Detector, Hit, Hits
+from patterns.scratch import buffer
 from scanner.findings import Finding, fingerprint
 from scanner.units import EDGES, Unit
 
@@ -75,24 +75,11 @@ GAP_MIN = 256
 PAGE = 4096
 SQUEEZE_MIN = 8  # squeeze a chunk when at least 1 in this many of its pages is all zero
 #: gathered bytes (a streamed segment's whole line, a chunk of pieces) go into scratch arrays
-#: kept per thread up to this size: a fresh array per segment or chunk is a large block
-#: freed again, which glibc keeps in the heap rather than giving back, so peak RSS crept up
-#: with the image's length; a larger one (no parser makes one) comes and goes
+#: (the detectors' pool, patterns.scratch.buffer) kept per thread up to this size: a fresh
+#: array per segment or chunk is a large block freed again, which glibc keeps in the heap
+#: rather than giving back, so peak RSS crept up with the image's length; a larger one (no
+#: parser makes one) comes and goes
 SCRATCH_KEEP = 64 << 20
-_local = threading.local()
-
-
-def _scratch(name: str, n: int) -> np.ndarray:
-    """``n`` bytes of the scratch array ``name`` of this thread (contents garbage; grown in
-    whole MiB, so segments of slightly different sizes share one)."""
-    if n > SCRATCH_KEEP:
-        return np.empty(n, np.uint8)
-    pool: dict[str, np.ndarray] = getattr(_local, "pool", None) or {}
-    _local.pool = pool
-    arr = pool.get(name)
-    if arr is None or arr.size < n:
-        arr = pool[name] = np.empty(-(-n >> 20) << 20, np.uint8)
-    return arr[:n]
 
 
 @dataclass
@@ -257,7 +244,7 @@ class _Layout:
         if scratch is None:
             out = np.zeros(b - a, np.uint8)
         else:
-            out = _scratch(scratch, b - a)
+            out = buffer("engine." + scratch, b - a, np.uint8, keep=SCRATCH_KEEP)
             _zero_between(out, self.vstart[i:j] - a, self.vend(i, j) - a)
         lo = self.vstart[i:j] - a  # destination of each piece
         cut_lo = np.maximum(0, -lo)  # bytes of a piece before a / past b

@@ -348,7 +348,8 @@ def test_layout_read_into_scratch_equals_fresh(pages: list[tuple[int, int]], dat
     """A gathered read into a reused scratch array (left holding garbage by an earlier use)
     is byte for byte the read into a fresh zeroed array: every gap is zeroed."""
     from parsers.base import Extents, Segment
-    from scanner.engine import _Layout, _scratch
+    from patterns.scratch import buffer
+    from scanner.engine import SCRATCH_KEEP, _Layout
 
     buf = np.random.default_rng(len(pages)).integers(1, 256, 128 * len(pages), np.uint8)
     ext = Extents.build([128 * k for k in range(len(pages))], [128 * a for a, _ in pages],
@@ -356,7 +357,7 @@ def test_layout_read_into_scratch_equals_fresh(pages: list[tuple[int, int]], dat
     layout = _Layout.of([Segment(buf, ext, "f")], 256)
     a = data.draw(st.integers(0, layout.size - 1))
     b = data.draw(st.integers(a + 1, layout.size))
-    _scratch("test", layout.size).fill(0xAA)
+    buffer("engine.test", layout.size, np.uint8, keep=SCRATCH_KEEP).fill(0xAA)
     fresh, _ = layout.read(a, b)
     into, copied = layout.read(a, b, "test")
     assert np.array_equal(into, fresh)
