@@ -19,7 +19,6 @@ from parsers.base import (
     region_kind,
 )
 from scanner.dormant import file_mtime
-from scanner.units import merged
 
 RANGES_SHOWN = 16  # merged address ranges listed per address space by info
 
@@ -161,20 +160,18 @@ def extent_lines(img: MemoryImage) -> Iterator[str]:
     ``RANGES_SHOWN`` listed)."""
     segs = img.fixed_segments or []
     for space_id, space in enumerate(img.spaces):
-        rows = [
-            (int(a), int(n))
-            for seg in segs
-            for a, n, sp in zip(
-                seg.extents.addr, seg.extents.length, seg.extents.space, strict=True
-            )
-            if sp == space_id
-        ]
-        if not rows:
+        ranges, count, total = Ranges(), 0, 0
+        for seg in segs:
+            e = seg.extents
+            here = e.space == space_id
+            ranges.add(e.addr[here], e.addr[here] + e.length[here])
+            count += int(np.count_nonzero(here))
+            total += int(e.length[here].sum())
+        if not count:
             continue
-        runs = merged([(a, a + n) for a, n in rows])
-        total = sum(n for _, n in rows)
+        runs = ranges.pairs()
         label = "GPA" if space_id == GPA_SPACE else space
-        yield f"extents:  {label}: {len(rows)} extents, {total:,} bytes, {len(runs)} ranges"
+        yield f"extents:  {label}: {count} extents, {total:,} bytes, {len(runs)} ranges"
         for a, b in runs[:RANGES_SHOWN]:
             yield f"          {a:#014x}-{b:#014x}  {(b - a) / 2**20:,.1f} MiB"
         if len(runs) > RANGES_SHOWN:

@@ -162,14 +162,8 @@ def _merged_spans(
     space: np.ndarray, lo: np.ndarray, hi: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
     """Spans ``[lo, hi)`` of (space, address) keys, sorted and joined where they overlap."""
-    a = space * (1 << 56) + lo
-    b = space * (1 << 56) + hi
-    order = np.argsort(a, kind="stable")
-    a, b = a[order], np.maximum.accumulate(b[order]) if b.size else b
-    new = np.ones(a.size, bool)
-    new[1:] = a[1:] > b[:-1]
-    ends = np.concatenate((np.flatnonzero(new)[1:] - 1, [a.size - 1])) if a.size else a
-    return a[new], b[ends]
+    spans = Ranges.of(space * (1 << 56) + lo, space * (1 << 56) + hi)
+    return spans.lo, spans.hi
 
 
 def _mapped_at(data: np.ndarray) -> tuple[int, int] | None:
@@ -198,14 +192,3 @@ def gpa_ranges(image: MemoryImage) -> list[tuple[int, int]] | None:
         gpa = e.space == GPA_SPACE
         ranges.add(e.addr[gpa], e.addr[gpa] + e.length[gpa])
     return ranges.pairs()
-
-
-def merged(rows: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    """Ranges [start, end) sorted and joined where they touch or overlap."""
-    runs: list[list[int]] = []
-    for a, b in sorted(rows):
-        if runs and a <= runs[-1][1]:
-            runs[-1][1] = max(runs[-1][1], b)
-        else:
-            runs.append([a, b])
-    return [(a, b) for a, b in runs]
