@@ -36,6 +36,7 @@ given back once scanned, so peak RSS does not grow with the image.
 from __future__ import annotations
 
 import bisect
+import functools
 import mmap
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -284,8 +285,10 @@ class _Layout:
                 out[k, a - s : b - s] = self.read(a, b)[0]
         return out
 
+    @functools.cached_property
     def run_pieces(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per run: its first piece and its last piece (indices)."""
+        """Per run: its first piece and its last piece (indices; read once per stage group
+        and once for the fill pages of a streamed segment, so kept)."""
         p0 = np.searchsorted(self.run, np.arange(self.run_vstart.size))
         p1 = np.concatenate((p0[1:], [self.run.size])) - 1
         return p0, p1
@@ -759,7 +762,7 @@ class _EdgeSet:
         vs, ve = layout.run_vstart, layout.run_vend
         cols = np.arange(w)[None, :]
         held = np.minimum(ve - vs, w)
-        p0, p1 = layout.run_pieces()
+        p0, p1 = layout.run_pieces
         t_fo = np.where(layout.fo[p1] >= 0, layout.fo[p1] + layout.length[p1], -1)
         t_addr = layout.addr[p1] + layout.length[p1]
         t, h = np.flatnonzero(need[0]), np.flatnonzero(need[1])
@@ -943,7 +946,7 @@ class _FillKeys:
     def need(self, layout: _Layout, group: int) -> tuple[np.ndarray, np.ndarray]:
         """Which runs of ``layout`` need a tail edge and which a head edge: those not
         bordering a fill page (where memory goes on with nothing to find, no seam is left)."""
-        p0, p1 = layout.run_pieces()
+        p0, p1 = layout.run_pieces
         tail = _key(group, layout.space[p1], layout.addr[p1] + layout.length[p1])
         head = _key(group, layout.space[p0], layout.addr[p0])
         return ~np.isin(tail, self.starts), ~np.isin(head, self.ends)
