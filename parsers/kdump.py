@@ -970,13 +970,18 @@ def _classify(
         state.last_end = max(state.last_end, int(ends.max()))
         sel = ri[ok]
         taken[sel] = True
-        for i in ri[~ok]:
-            p = int(fpos[i])
-            if p not in state.zero:
-                if len(state.zero) >= 4096:
-                    state.zero.clear()
-                state.zero[p] = not src.ev.data[p : p + bs].any()
-            taken[i] = state.zero[p]  # a repeat of an all-zero page: nothing to scan
+        again = ri[~ok]  # pages repeating stored data: QEMU's zero pages share one
+        if again.size:
+            where, which = np.unique(fpos[again], return_inverse=True)
+            zero_at = np.empty(where.size, bool)
+            for k, p in enumerate(where.tolist()):  # few: one per distinct repeated page
+                z = state.zero.get(p)
+                if z is None:
+                    if len(state.zero) >= 4096:
+                        state.zero.clear()
+                    z = state.zero[p] = not src.ev.data[p : p + bs].any()
+                zero_at[k] = z
+            taken[again] = zero_at[which]  # a repeat of an all-zero page: nothing to scan
     rest = np.flatnonzero(good & ~taken)
     copy = _page_rows((pfns[rest], fpos[rest], size[rest], codec[rest], off[rest], dat[rest]))
     zero = np.zeros(n, bool)
